@@ -1,0 +1,153 @@
+"""Architecture config of the nested (Matryoshka) GPT, saved beside every checkpoint as config.json."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+WidthSpec = str | int | Sequence[str | int]
+"""A width as a name (``"s"``), an FFN hidden size (``384``) or one of those per layer."""
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 architecture whose FFN hidden units are nested: width m uses the first m units.
+
+    ``widths`` maps names to FFN hidden sizes in strictly ascending order; the last one is
+    the full (TA) width that the weights are stored at, the first one is the Student.
+    """
+
+    vocab_size: int = 2048
+    n_ctx: int = 256
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 2
+    widths: dict[str, int] = field(default_factory=lambda: {"s": 128, "m": 256, "l": 512, "ta": 1024})
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 0
+    name: str = "matta"
+
+    def __post_init__(self) -> None:
+        for attr in ("vocab_size", "n_ctx", "d_model", "n_layer", "n_head"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{attr} must be a positive int, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if not isinstance(self.widths, dict) or not self.widths:
+            raise ValueError(f"widths must be a non-empty mapping of name -> FFN size, got {self.widths!r}")
+        previous = 0
+        for width_name, size in self.widths.items():
+            if not isinstance(width_name, str) or not _NAME_RE.match(width_name):
+                raise ValueError(
+                    f"width name {width_name!r} is invalid; use a letter then letters, digits, '_' or '-'"
+                )
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise ValueError(f"width {width_name!r} must be a positive int, got {size!r}")
+            if size <= previous:
+                raise ValueError(
+                    f"widths must be strictly ascending; {width_name!r}={size} follows {previous} in {self.widths}"
+                )
+            previous = size
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id {self.eos_token_id!r} is outside the vocabulary 0..{self.vocab_size - 1}")
+        if not isinstance(self.layer_norm_eps, float) or self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """FFN hidden size the weights are stored at: the widest named width."""
+        return max(self.widths.values())
+
+    @property
+    def width_names(self) -> list[str]:
+        """Width names from narrowest (Student) to widest (TA)."""
+        return list(self.widths)
+
+    @property
+    def student_width(self) -> str:
+        return self.width_names[0]
+
+    @property
+    def full_width(self) -> str:
+        return self.width_names[-1]
+
+    def resolve_width(self, width: WidthSpec | None) -> tuple[int, ...]:
+        """Turn a width name, FFN size, or per-layer list into one FFN size per layer.
+
+        ``None`` means the full width. Any size in 1..ffn_dim is accepted, not only the named
+        ones: every leading slice of the FFN is a valid model (MatFormer Mix'n'Match).
+        """
+        if width is None:
+            return (self.ffn_dim,) * self.n_layer
+        if isinstance(width, (str, int)) and not isinstance(width, bool):
+            return (self._resolve_one(width),) * self.n_layer
+        if isinstance(width, Sequence):
+            if len(width) != self.n_layer:
+                raise ValueError(f"per-layer width {list(width)!r} has {len(width)} entries; the model has {self.n_layer} layers")
+            return tuple(self._resolve_one(w) for w in width)
+        raise ValueError(f"width must be a name, an int or a per-layer list, got {width!r}")
+
+    def _resolve_one(self, width: str | int) -> int:
+        if isinstance(width, str):
+            if width in self.widths:
+                return self.widths[width]
+            if width.isdigit():
+                return self._resolve_one(int(width))
+            raise ValueError(f"unknown width {width!r}; known: {self.width_names}")
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.ffn_dim:
+            raise ValueError(f"width {width!r} is out of range 1..{self.ffn_dim}")
+        return width
+
+    def width_label(self, width: WidthSpec | None) -> str:
+        """A short stable label for a width spec: its name when it has one, else the sizes."""
+        sizes = self.resolve_width(width)
+        if len(set(sizes)) == 1:
+            for width_name, size in self.widths.items():
+                if size == sizes[0]:
+                    return width_name
+            return str(sizes[0])
+        return "-".join(str(s) for s in sizes)
+
+    def param_count(self, width: WidthSpec | None = None) -> int:
+        """Parameters a forward at this width touches (tied LM head counted once)."""
+        d = self.d_model
+        embeddings = self.vocab_size * d + self.n_ctx * d
+        per_layer_fixed = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d)  # 2 LayerNorms + attention
+        ffn = sum(2 * d * m + m + d for m in self.resolve_width(width))
+        return embeddings + self.n_layer * per_layer_fixed + ffn + 2 * d
+
+    def flops_per_token(self, width: WidthSpec | None = None, context: int | None = None) -> int:
+        """Forward FLOPs per token: 2 x matmul weights used (incl. the LM head) + attention scores.
+
+        ``context`` is the attended length (default: half the context window, the average over
+        a full window). Embedding lookups, LayerNorms, biases and softmax are not counted.
+        """
+        d = self.d_model
+        context = self.n_ctx // 2 if context is None else context
+        attention_weights = 4 * d * d
+        attention_scores = 2 * context * d  # q.k and attn.v, per layer
+        ffn = sum(2 * d * m for m in self.resolve_width(width))
+        matmul_weights = self.n_layer * attention_weights + ffn + d * self.vocab_size
+        return 2 * matmul_weights + 2 * self.n_layer * attention_scores
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build from a config.json mapping; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"model config must be a JSON object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)

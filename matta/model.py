@@ -1,0 +1,205 @@
+"""The nested (Matryoshka) GPT: GPT-2 whose FFN widths are leading slices of one weight matrix.
+
+Pure torch. Architecture follows GPT-2 exactly (pre-LayerNorm, GELU-tanh, learned positions,
+tied input/output embeddings, biases everywhere) so any uniform width exports to a plain HF
+``GPT2LMHeadModel`` with ``n_inner`` = that width.
+
+Both FFN matrices are stored hidden-unit-major, shape (ffn_dim, d_model): row i belongs to
+hidden unit i. Width m is then ``weight[:m]`` for both, a contiguous view, so slicing copies
+nothing and the matmuls run on the same BLAS path as a dense model of width m.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matta.config import ModelConfig, WidthSpec
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each (B, n_head, T_cached, head_dim)."""
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    past_key_values: KVCache | None = None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)
+        self.c_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, nh, Tp+T, hs)
+            v = torch.cat((past[1], v), dim=2)
+        if attn_mask is None:
+            # No padding and no cache: the plain causal fast path.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y), (k, v)
+
+
+class NestedMLP(nn.Module):
+    """GPT-2 FFN whose hidden units are nested: width m runs on the first m units only."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, m = config.d_model, config.ffn_dim
+        self.fc_weight = nn.Parameter(torch.empty(m, d))  # W_in^T: row i feeds hidden unit i
+        self.fc_bias = nn.Parameter(torch.zeros(m))
+        self.proj_weight = nn.Parameter(torch.empty(m, d))  # W_out: row i is hidden unit i's output
+        self.proj_bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        h = F.linear(x, self.fc_weight[:width], self.fc_bias[:width])  # (B, T, m)
+        h = F.gelu(h, approximate="tanh")
+        return torch.matmul(h, self.proj_weight[:width]) + self.proj_bias  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = NestedMLP(config)
+
+    def forward(self, x, width, attn_mask, past):
+        attn_out, present = self.attn(self.ln_1(x), attn_mask, past)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x), width)
+        return x, present
+
+
+class NestedGPT(nn.Module):
+    """GPT-2 language model servable at every FFN width up to ``config.ffn_dim``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.n_ctx, config.d_model)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.h:
+            nn.init.normal_(block.mlp.fc_weight, 0.0, std, generator=generator)
+            nn.init.zeros_(block.mlp.fc_bias)
+            nn.init.normal_(block.mlp.proj_weight, 0.0, residual_std, generator=generator)
+            nn.init.zeros_(block.mlp.proj_bias)
+            nn.init.normal_(block.attn.c_proj.weight, 0.0, residual_std, generator=generator)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        width: WidthSpec | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> GPTOutput:
+        """Logits for ``input_ids`` (B, T) at ``width`` (name, FFN size, or one per layer).
+
+        ``attention_mask`` (B, T_past + T) marks real tokens with 1 and padding with 0; with
+        it, positions count only real tokens, so a left- or right-padded row computes exactly
+        what the unpadded sequence would. ``past_key_values`` continues from a cache returned
+        by an earlier call with ``use_cache=True``.
+        """
+        widths = self.config.resolve_width(width)
+        B, T = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if past_len + T > self.config.n_ctx:
+            raise ValueError(f"sequence length {past_len + T} exceeds the context window {self.config.n_ctx}")
+        if attention_mask is not None and attention_mask.shape != (B, past_len + T):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != (batch, past + new) = {(B, past_len + T)}"
+            )
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        attn_mask = None
+        if attention_mask is not None or (past_key_values is not None and T > 1):
+            attn_mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device)
+
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, d)
+        presents: KVCache = []
+        for i, block in enumerate(self.h):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = block(x, widths[i], attn_mask, past)
+            presents.append(present)
+        x = self.ln_f(x)
+        logits = F.linear(x, self.wte.weight)  # (B, T, vocab), tied embeddings
+        return GPTOutput(logits=logits, past_key_values=presents if use_cache else None)
+
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor | None, B: int, T: int, past_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """Boolean (B, 1, T, T_past + T) mask: causal and over real tokens only."""
+        total = past_len + T
+        query_pos = torch.arange(past_len, total, device=device)[:, None]
+        key_pos = torch.arange(total, device=device)[None, :]
+        mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            # A padding query would see no key at all (softmax of nothing = NaN); let it see
+            # itself. Its output is never used.
+            mask = mask | (key_pos == query_pos)[None, None]
+        return mask.expand(B, 1, T, total)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.inference_mode()
+    def generate_greedy(self, input_ids: Sequence[int], max_new_tokens: int, width: WidthSpec | None = None) -> list[int]:
+        """Reference greedy decode of one sequence with the KV cache; stops at end-of-text."""
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.wte.weight.device)
+        out = self(ids, width=width, use_cache=True)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            next_id = int(out.logits[0, -1].argmax())
+            generated.append(next_id)
+            if next_id == self.config.eos_token_id or len(input_ids) + len(generated) >= self.config.n_ctx:
+                break
+            step = torch.tensor([[next_id]], device=ids.device)
+            out = self(step, width=width, past_key_values=out.past_key_values, use_cache=True)
+        return generated

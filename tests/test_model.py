@@ -1,0 +1,158 @@
+"""The nested GPT against references: HF GPT-2, explicit slices, full recomputation."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matta.model import NestedGPT
+from tests.conftest import tiny_config
+
+TOL = dict(atol=1e-4, rtol=0)
+
+
+def ids(config, B=2, T=20, seed=1):
+    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def sliced_reference(model: NestedGPT, input_ids: torch.Tensor, widths) -> torch.Tensor:
+    """An explicit, naive forward: each layer's FFN weights copied out at its own width."""
+    x = model.wte(input_ids) + model.wpe(torch.arange(input_ids.shape[1]))
+    T = input_ids.shape[1]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for block, m in zip(model.h, widths, strict=True):
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).split(model.config.d_model, dim=2)
+        B, nh, hs = x.shape[0], model.config.n_head, model.config.head_dim
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / hs**0.5
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + block.attn.c_proj(y)
+        w_in = block.mlp.fc_weight[:m].clone()
+        b_in = block.mlp.fc_bias[:m].clone()
+        w_out = block.mlp.proj_weight[:m].clone()
+        hidden = torch.nn.functional.gelu(block.ln_2(x) @ w_in.T + b_in, approximate="tanh")
+        x = x + hidden @ w_out + block.mlp.proj_bias
+    return model.ln_f(x) @ model.wte.weight.T
+
+
+@pytest.mark.parametrize("width", ["s", "m", "l", "ta", 100, ["s", "ta", 77], [256, 32, 32]])
+def test_every_width_and_mix_equals_an_explicitly_sliced_reference(model, config, width):
+    x = ids(config)
+    with torch.no_grad():
+        got = model(x, width=width).logits
+        want = sliced_reference(model, x, config.resolve_width(width))
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_widths_are_views_of_one_weight_not_copies(model):
+    mlp = model.h[0].mlp
+    captured = {}
+    original_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        captured.setdefault("fc_weight", weight)
+        return original_linear(x, weight, bias)
+
+    torch.nn.functional.linear = spy
+    try:
+        mlp(torch.randn(1, 3, model.config.d_model), 32)
+    finally:
+        torch.nn.functional.linear = original_linear
+    weight = captured["fc_weight"]
+    assert weight.shape == (32, model.config.d_model)
+    assert weight.data_ptr() == mlp.fc_weight.data_ptr() and weight.is_contiguous()
+    assert mlp.proj_weight[:32].data_ptr() == mlp.proj_weight.data_ptr() and mlp.proj_weight[:32].is_contiguous()
+
+
+def test_narrower_width_ignores_units_beyond_it(model, config):
+    """Changing hidden units past width m must not change the output at width m."""
+    x = ids(config)
+    with torch.no_grad():
+        before = model(x, width="m").logits
+        for block in model.h:
+            block.mlp.fc_weight[64:] += 1.0
+            block.mlp.proj_weight[64:] -= 1.0
+        after = model(x, width="m").logits
+        wider = model(x, width="l").logits
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+    assert (wider - before).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("width", ["s", "ta", ["s", "m", "ta"]])
+def test_kv_cache_incremental_decoding_equals_full_recomputation(model, config, width):
+    x = ids(config, B=2, T=24)
+    with torch.no_grad():
+        full = model(x, width=width).logits
+        out = model(x[:, :10], width=width, use_cache=True)  # prefill
+        pieces = [out.logits]
+        out = model(x[:, 10:17], width=width, past_key_values=out.past_key_values, use_cache=True)  # a chunk
+        pieces.append(out.logits)
+        for t in range(17, 24):  # then one token at a time
+            out = model(x[:, t : t + 1], width=width, past_key_values=out.past_key_values, use_cache=True)
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_unpadded_single_sequences(model, config, side):
+    lengths = [5, 12, 9]
+    seqs = [ids(config, B=1, T=n, seed=n)[0] for n in lengths]
+    T = max(lengths)
+    batch = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        batch[i, sl], mask[i, sl] = s, 1
+    with torch.no_grad():
+        padded = model(batch, width="m", attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            single = model(s[None], width="m").logits[0]
+            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            torch.testing.assert_close(padded[i, sl], single, **TOL)
+
+
+def test_padded_batch_with_cache_continues_each_sequence_exactly(model, config):
+    """Left-padded prefill then cached decode: what a batching server does."""
+    a, b = ids(config, B=1, T=6, seed=3)[0], ids(config, B=1, T=11, seed=4)[0]
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    batch[0, 5:], mask[0, 5:] = a, 1
+    batch[1], mask[1] = b, 1
+    nxt = torch.tensor([[7], [9]])
+    with torch.no_grad():
+        out = model(batch, width="s", attention_mask=mask, use_cache=True)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = model(nxt, width="s", attention_mask=step_mask, past_key_values=out.past_key_values).logits
+        ref_a = model(torch.cat([a, nxt[0]])[None], width="s").logits[0, -1]
+        ref_b = model(torch.cat([b, nxt[1]])[None], width="s").logits[0, -1]
+    torch.testing.assert_close(step[0, -1], ref_a, **TOL)
+    torch.testing.assert_close(step[1, -1], ref_b, **TOL)
+
+
+def test_context_overflow_and_bad_mask_are_clear_errors(model, config):
+    with pytest.raises(ValueError, match="exceeds the context window 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5))
+
+
+def test_greedy_reference_decode_matches_argmax_of_full_forward(model, config):
+    prompt = [3, 17, 42, 5]
+    out = model.generate_greedy(prompt, max_new_tokens=6, width="l")
+    seq = list(prompt)
+    for token in out:
+        with torch.no_grad():
+            assert token == int(model(torch.tensor([seq]), width="l").logits[0, -1].argmax())
+        seq.append(token)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(1, 256), min_size=3, max_size=3), T=st.integers(1, 12))
+def test_any_per_layer_mix_matches_reference_property(widths, T):
+    torch.manual_seed(0)
+    m = NestedGPT(tiny_config()).eval()
+    x = ids(m.config, B=1, T=T, seed=T)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, width=widths).logits, sliced_reference(m, x, widths), **TOL)
