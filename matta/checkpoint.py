@@ -181,12 +181,10 @@ def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tens
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{_more(missing)}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected tensor {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-        )
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{_more(unexpected)}")
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
@@ -195,3 +193,7 @@ def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tens
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}, expected a float type")
     model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
+
+
+def _more(names: list[str]) -> str:
+    return f" (+{len(names) - 1} more)" if len(names) > 1 else ""

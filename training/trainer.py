@@ -176,8 +176,12 @@ def middle_width_choices(config: ModelConfig) -> list[int]:
     return [config.widths[n] for n in config.width_names[1:-1]]
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run ``cfg`` to completion (training its teacher first when asked) and write ``cfg.out``."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run ``cfg`` to completion (training its teacher first when asked) and write ``cfg.out``.
+
+    ``stop_after`` ends the run early at that step with its resume state saved (a time-sliced
+    run, or a test of ``resume``) and returns None; ``resume=True`` continues it.
+    """
     if cfg.teacher is not None and cfg.teacher.train is not None and not (cfg.teacher.path / "manifest.json").exists():
         teacher_cfg = cfg.teacher.train.model_copy(update={"out": cfg.teacher.path})
         train(teacher_cfg, resume=resume, progress=progress)
@@ -261,13 +265,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{parts['total']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if info.is_main and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        stopping = stop_after is not None and step + 1 == stop_after < cfg.steps
+        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps
+        if info.is_main and (periodic or stopping):
             save_state(state_dir, {
                 "config": json.loads(cfg.model_dump_json()), "step": step + 1, "tokens_seen": tokens_seen,
                 "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "sampler_rng": sampler.generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "width_rng": list(width_rng.getstate()),
             })
+        if stopping:
+            bar.close()
+            if info.world_size > 1:
+                dist.barrier()
+            return None
     bar.close()
     train_seconds = time.perf_counter() - started
     if info.is_main:

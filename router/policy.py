@@ -1,0 +1,117 @@
+"""The width-choice seam: which nested width serves a request, given the request, the load and a clock.
+
+Pure Python (no torch): policies are unit-tested with fake loads and a fake clock, and the
+serving engine, the standalone router and the A/B layer all ask the same interface. A new
+policy (e.g. the SLO-aware one) implements :class:`WidthPolicy` and registers a factory with
+:func:`register_policy`; servers pick it by name, ``--policy kind:arg``.
+
+Pinned widths (``model: "<name>:<width>"`` or the body's ``width``) are not a policy's business:
+:func:`decide_width` serves them before any policy is asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy may know about one request (all prompts of a request share one width)."""
+
+    pinned_width: str | None = None
+    latency_slo_ms: float | None = None
+    max_tokens: int = 16
+    prompt_tokens: int = 0
+    user: str | None = None
+    n_prompts: int = 1
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """The serving engine's load when the request arrives."""
+
+    waiting: int = 0
+    running: int = 0
+    running_by_width: Mapping[str, int] = field(default_factory=dict)
+    waiting_by_width: Mapping[str, int] = field(default_factory=dict)
+    max_batch: int = 1
+    max_queue: int = 1
+
+
+@dataclass(frozen=True)
+class WidthDecision:
+    """The width to serve and why (``reason`` is logged and may become a metric label)."""
+
+    width: str
+    reason: str
+
+
+@runtime_checkable
+class WidthPolicy(Protocol):
+    """Chooses a width for an unpinned request. Must be cheap, pure and thread-safe."""
+
+    name: str
+
+    def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
+        """The width for ``request`` under ``load`` at time ``now`` (seconds, monotonic)."""
+        ...
+
+
+class FixedPolicy:
+    """Always the same width: the default, and the control arm of width experiments."""
+
+    def __init__(self, width: str) -> None:
+        self.width = width
+        self.name = f"fixed:{width}"
+
+    def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
+        return WidthDecision(self.width, "fixed")
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy({self.width!r})"
+
+
+def decide_width(policy: WidthPolicy, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
+    """A pinned width always wins; otherwise the policy chooses."""
+    if request.pinned_width is not None:
+        return WidthDecision(request.pinned_width, "pinned")
+    return policy.choose(request, load, now)
+
+
+PolicyFactory = Callable[[str, Sequence[str]], WidthPolicy]
+"""``factory(argument, width_names) -> policy``; ``argument`` is what follows ``kind:`` in the spec."""
+
+_FACTORIES: dict[str, PolicyFactory] = {}
+
+
+def register_policy(kind: str, factory: PolicyFactory) -> None:
+    """Make ``make_policy("<kind>:<arg>")`` build policies with ``factory``."""
+    _FACTORIES[kind] = factory
+
+
+def _fixed(argument: str, widths: Sequence[str]) -> WidthPolicy:
+    width = argument or widths[-1]
+    if width not in widths:
+        raise ValueError(f"fixed policy: unknown width {width!r}; known: {list(widths)}")
+    return FixedPolicy(width)
+
+
+register_policy("fixed", _fixed)
+
+
+def make_policy(spec: str | None, widths: Sequence[str]) -> WidthPolicy:
+    """Build a policy from ``"kind[:arg]"``, e.g. ``"fixed:s"``; ``None`` is the widest fixed width.
+
+    ``widths`` are the checkpoint's width names, narrowest first; a policy must only ever
+    answer one of them.
+    """
+    if not widths:
+        raise ValueError("make_policy needs at least one width name")
+    if spec is None:
+        return FixedPolicy(widths[-1])
+    kind, _, argument = spec.partition(":")
+    if kind not in _FACTORIES:
+        raise ValueError(f"unknown policy {spec!r}; known kinds: {sorted(_FACTORIES)} (spec is 'kind:arg')")
+    return _FACTORIES[kind](argument, list(widths))

@@ -1,0 +1,160 @@
+"""The HTTP app: ``build_app(settings)`` wires checkpoint, engine, policy, metrics and thin routes.
+
+Run it with :func:`serve` (what ``matta serve`` calls) or any ASGI server.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from matta.checkpoint import load_checkpoint
+from router.policy import make_policy
+from serving.engine import Engine
+from serving.metrics import ServingMetrics
+from serving.protocol import CompletionRequest, ErrorResponse, ModelList, error_body
+from serving.serving import APIError, CompletionService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    """Everything a server needs; tests build their own, ``matta serve`` fills it from flags."""
+
+    checkpoint: Path
+    policy: str | None = None  # "kind:arg", e.g. "fixed:s"; None serves the full width
+    max_batch: int = 32
+    max_queue: int = 256
+    device: str | None = None  # None: CUDA when present, else CPU
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0
+
+
+def build_app(settings: ServerSettings) -> FastAPI:
+    """Load the checkpoint once and build the app; the engine thread runs while the app's lifespan does."""
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(settings.checkpoint, device=device)
+    policy = make_policy(settings.policy, ckpt.config.width_names)
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    metrics = ServingMetrics(engine.stats)
+    service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        log.info("serving %s (widths %s, policy %s) on %s", ckpt.name, ckpt.config.width_names, policy.name, device)
+        yield
+        engine.stop()
+
+    app = FastAPI(title="matta", description="OpenAI-compatible completions at every nested width",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.checkpoint = ckpt
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.service = service
+    _install_error_handlers(app, metrics)
+
+    @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                            413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await service.create_completion(body, request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return service.models()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.accepting:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        stats = engine.stats()
+        return JSONResponse({"status": "ok", "model": ckpt.name, "running": stats.running, "waiting": stats.waiting})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
+    """Every error leaves in the OpenAI shape; client mistakes are 4xx, never 422 or 500."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+        elif where:
+            message = f"{where}: {message}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        if request.url.path == "/v1/completions":
+            metrics.requests.labels("none", "400").inc()
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("internal server error", "internal_server_error"), status_code=500)
+
+
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Run the server until SIGTERM/SIGINT, then drain: stop accepting, finish in-flight requests
+    within ``settings.shutdown_timeout_s``, stop the engine, return 0.
+
+    The bound address is printed on stdout (``port=0`` picks a free port) before requests are served.
+    """
+    import uvicorn
+
+    app = build_app(settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    # Listening now lets early clients queue in the backlog until uvicorn accepts them.
+    sock.listen(2048)
+    bound_port = sock.getsockname()[1]
+    print(f"matta serve: listening on http://{host}:{bound_port}", flush=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
+    # that re-raise is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    print("matta serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,586 @@
+"""The serving engine: one copy of the weights, every width, continuous batching on a background thread.
+
+Requests enter a bounded FIFO queue. A scheduler thread loops: admit waiting sequences into
+free slots and prefill them (one left-padded batch per width), then run one decode step per
+width group (one batched forward each), sample, emit, and drop finished or cancelled rows.
+Sequences therefore join and leave between decode steps.
+
+KV cache layout: each width group keeps one left-padded cache, per layer (B, n_head, L, head_dim),
+with an attention mask (B, L) marking real tokens. ``NestedGPT.forward`` derives positions from
+the mask, so a padded row computes exactly what it would alone. We chose padded group caches over
+preallocated per-slot buffers because the model's attention appends to its cache with
+``torch.cat``: a preallocated buffer would be copied by that cat anyway, so it would add a copy
+instead of saving one. The cat is O(B * L) per layer and step, the same order as attention's own
+read of the cache, and the per-step Python work is O(rows), independent of sequence length
+(sampling, and text decoding of the newest tokens only). Joins pad + concatenate once; leaves
+gather the surviving rows once and trim columns that became padding in every row, so L stays
+the longest live sequence.
+
+The asyncio side talks to the thread through :meth:`Engine.submit` (returns a
+:class:`RequestStream`, an async iterator of events) and :meth:`RequestStream.cancel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from matta.model import KVCache, NestedGPT
+from matta.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_MAX_PENDING_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue cannot take the request now; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is stopping or stopped and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # alternatives per token; None: no logprobs at all
+    prompt_logprobs: bool = False  # also score the prompt tokens (echo + logprobs)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one token under the model at the served width, and the best alternatives."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token: nothing precedes it
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class SequenceEvent:
+    """What one scheduler step produced for one sequence.
+
+    ``text`` is new completion text; text that could still become part of a stop string is
+    held back until it cannot. The last event of a sequence has ``finish_reason`` set
+    ("stop", "length", or "abort" when the engine stopped or failed) and the totals.
+    """
+
+    token_ids: list[int]
+    text: str
+    time: float  # time.monotonic() when the step finished
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # first event only
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0  # submit -> prefill start
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for the width policy, /metrics and tests."""
+
+    running: int
+    waiting: int
+    running_by_width: dict[str, int]
+    waiting_by_width: dict[str, int]
+    max_batch: int
+    max_queue: int
+    steps: int  # decode steps (one per width group) since start
+    finished: int
+    cancelled: int
+
+
+class _Detokenizer:
+    """Incremental text of a token stream: each call decodes only the newest tokens.
+
+    Byte-level BPE tokens may split a UTF-8 character; such tokens are held (at most 4) until
+    the character is complete, so the text pieces concatenate to the full decode.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < _MAX_PENDING_TOKENS:
+            return ""
+        self.pending.clear()
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending.clear()
+        return text
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One prompt being generated; touched by the scheduler thread only, except ``cancelled``."""
+
+    seq_id: int
+    prompt: list[int]
+    width: str
+    params: SamplingParams
+    emit: Callable[[SequenceEvent], None]
+    arrival: float
+    generator: torch.Generator | None = None
+    detok: _Detokenizer | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already emitted
+    queue_s: float = 0.0
+    cancelled: bool = False
+    running: bool = False  # holds a batch slot
+    finished: bool = False  # its final event is out (or nobody listens any more)
+
+
+@dataclass(eq=False)
+class _Group:
+    """The running sequences of one width, batched: row i of every tensor is ``seqs[i]``."""
+
+    width: str
+    seqs: list[_Sequence]
+    cache: KVCache  # per layer (B, nh, L, hs), left-padded
+    mask: torch.Tensor  # (B, L) long, 1 = real token
+    next_ids: torch.Tensor  # (B, 1) the last sampled token of each row, not yet in the cache
+
+
+class RequestStream:
+    """Events of one request's sequences for an asyncio consumer: ``async for index, event in stream``.
+
+    Iteration ends after every sequence's final event. :meth:`cancel` (idempotent) frees the
+    request's slots at the next step boundary.
+    """
+
+    def __init__(self, engine: Engine, seqs: list[_Sequence], queue: asyncio.Queue) -> None:
+        self._engine = engine
+        self._seqs = seqs
+        self._queue = queue
+        self._open = len(seqs)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, SequenceEvent]:
+        if self._open == 0:
+            raise StopAsyncIteration
+        index, event = await self._queue.get()
+        if event.finish_reason is not None:
+            self._open -= 1
+        return index, event
+
+    @property
+    def done(self) -> bool:
+        return self._open == 0
+
+    def cancel(self) -> None:
+        self._engine.cancel(self._seqs)
+
+
+class Engine:
+    """Continuous-batching generation over one :class:`NestedGPT`, at any of its named widths."""
+
+    def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._groups: dict[str, _Group] = {}
+        self._running_by_width = dict.fromkeys(self.config.width_names, 0)
+        self._waiting_by_width = dict.fromkeys(self.config.width_names, 0)
+        self._ids = itertools.count()
+        self._steps = self._finished = self._cancelled = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="matta-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking requests, abort what is left, and join the scheduler thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> RequestStream:
+        """Queue one sequence per prompt, all or none; call from the asyncio loop that will consume them.
+
+        Raises ValueError for a prompt the model cannot take, :class:`QueueFullError` when the
+        queue has no room for all prompts, :class:`EngineStoppedError` when stopping.
+        """
+        if width not in self.config.widths:
+            raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if len(prompt) > self.config.n_ctx:
+                raise ValueError(f"prompt has {len(prompt)} tokens; the context window is {self.config.n_ctx}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        now = time.monotonic()
+        seqs = [
+            _Sequence(seq_id=next(self._ids), prompt=list(p), width=width, params=params, arrival=now,
+                      emit=_threadsafe_emit(loop, queue, index))
+            for index, p in enumerate(prompts)
+        ]
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFullError(
+                    f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue}); retry later"
+                )
+            self._waiting.extend(seqs)
+            self._waiting_by_width[width] += len(seqs)
+            self._cond.notify_all()
+        return RequestStream(self, seqs, queue)
+
+    def cancel(self, seqs: Sequence[_Sequence]) -> None:
+        """Cancel sequences: waiting ones leave the queue now, running ones at the next step boundary."""
+        with self._cond:
+            for seq in seqs:
+                if seq.finished or seq.cancelled:
+                    continue
+                seq.cancelled = True
+                self._cancelled += 1
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                    self._waiting_by_width[seq.width] -= 1
+                    seq.finished = True
+            self._cond.notify_all()
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the load (cheap; called per request and per scrape)."""
+        with self._cond:
+            return EngineStats(
+                running=sum(self._running_by_width.values()),
+                waiting=len(self._waiting),
+                running_by_width=dict(self._running_by_width),
+                waiting_by_width=dict(self._waiting_by_width),
+                max_batch=self.max_batch,
+                max_queue=self.max_queue,
+                steps=self._steps,
+                finished=self._finished,
+                cancelled=self._cancelled,
+            )
+
+    # --- scheduler thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._groups:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._admit_locked()
+                try:
+                    self._drop_cancelled()
+                    self._prefill(admitted)
+                    self._decode()
+                except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
+                    log.exception("engine step failed; aborting the running sequences")
+                    self._abort(self._all_running() + admitted)
+        with self._cond:
+            leftover = list(self._waiting)
+            self._waiting.clear()
+            self._waiting_by_width = dict.fromkeys(self._waiting_by_width, 0)
+        self._abort(leftover + self._all_running())
+
+    def _admit_locked(self) -> list[_Sequence]:
+        free = self.max_batch - sum(self._running_by_width.values())
+        admitted = []
+        while self._waiting and free > 0:
+            seq = self._waiting.popleft()
+            self._waiting_by_width[seq.width] -= 1
+            self._running_by_width[seq.width] += 1
+            seq.running = True
+            admitted.append(seq)
+            free -= 1
+        return admitted
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free the sequence's batch slot (idempotent)."""
+        with self._cond:
+            if seq.running:
+                seq.running = False
+                self._running_by_width[seq.width] -= 1
+                if not seq.cancelled:
+                    self._finished += 1
+            seq.finished = True
+
+    def _abort(self, seqs: list[_Sequence]) -> None:
+        """End sequences the engine cannot finish, telling their consumers so."""
+        for seq in seqs:
+            if not seq.finished and not seq.cancelled:
+                self._finish_event(seq, [], None, "abort")
+            self._release(seq)
+        self._groups.clear()
+
+    def _all_running(self) -> list[_Sequence]:
+        return [s for g in self._groups.values() for s in g.seqs]
+
+    def _drop_cancelled(self) -> None:
+        for group in list(self._groups.values()):
+            keep = [i for i, s in enumerate(group.seqs) if not s.cancelled]
+            if len(keep) < len(group.seqs):
+                for s in group.seqs:
+                    if s.cancelled:
+                        self._release(s)
+                self._keep_rows(group, keep)
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Run the prompts of newly admitted sequences (one left-padded batch per width); sample token 1."""
+        by_width: dict[str, list[_Sequence]] = {}
+        now = time.monotonic()
+        for seq in admitted:
+            if seq.cancelled:
+                self._release(seq)
+                continue
+            seq.queue_s = now - seq.arrival
+            seq.detok = _Detokenizer(self.tokenizer)
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+            if seq.params.max_tokens == 0 and not seq.params.prompt_logprobs:
+                self._finish_event(seq, [], None, "length")
+                self._release(seq)
+                continue
+            by_width.setdefault(seq.width, []).append(seq)
+        for width, seqs in by_width.items():
+            lengths = [len(s.prompt) for s in seqs]
+            P = max(lengths)
+            ids = torch.zeros(len(seqs), P, dtype=torch.long)
+            mask = torch.zeros(len(seqs), P, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, P - len(s.prompt):] = torch.tensor(s.prompt)
+                mask[i, P - len(s.prompt):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            out = self.model(ids, width=width, attention_mask=mask, use_cache=True)  # logits (B, P, V)
+            prompt_lp = [self._prompt_logprobs(out.logits[i, P - n:], s) if s.params.prompt_logprobs else None
+                         for i, (s, n) in enumerate(zip(seqs, lengths, strict=True))]
+            rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > 0]
+            for i, s in enumerate(seqs):
+                if s.params.max_tokens == 0:
+                    self._finish_event(s, [], None, "length", prompt_logprobs=prompt_lp[i])
+                    self._release(s)
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=self.device)
+            live = [seqs[i] for i in rows]
+            next_ids = self._sample_and_emit(live, out.logits.index_select(0, index)[:, -1],
+                                             [prompt_lp[i] for i in rows])
+            cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values]
+            group = _Group(width, live, cache, mask.index_select(0, index), next_ids)
+            self._drop_finished(group, registered=False)
+            if group.seqs:
+                self._merge(group)
+
+    def _decode(self) -> None:
+        """One decode step per width group: feed each row's last token, sample the next."""
+        for width, group in list(self._groups.items()):
+            B = len(group.seqs)
+            mask = torch.cat([group.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
+            out = self.model(group.next_ids, width=width, attention_mask=mask,
+                             past_key_values=group.cache, use_cache=True)
+            group.cache, group.mask = out.past_key_values, mask
+            group.next_ids = self._sample_and_emit(group.seqs, out.logits[:, -1], None)
+            with self._cond:
+                self._steps += 1
+            self._drop_finished(group)
+
+    # --- sampling and bookkeeping ------------------------------------------------------------
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor,
+                         prompt_lp: list[list[TokenLogprob] | None] | None) -> torch.Tensor:
+        """Sample one token per row of ``logits`` (B, V) for ``seqs``, emit events; returns the tokens (B, 1)."""
+        logits = logits.float()
+        next_ids = logits.argmax(dim=-1)  # (B,) greedy rows are done here, in one call
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature > 0:
+                next_ids[i] = _sample_row(logits[i], p.temperature, p.top_p, seq.generator)
+        want_lp = any(s.params.logprobs is not None for s in seqs)
+        logprobs_all = F.log_softmax(logits, dim=-1) if want_lp else None
+        tokens = next_ids.tolist()
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            lp = None
+            if logprobs_all is not None and seq.params.logprobs is not None:
+                lp = [_token_logprob(logprobs_all[i], tokens[i], seq.params.logprobs)]
+            self._advance(seq, tokens[i], lp, now, prompt_lp[i] if prompt_lp else None)
+        return next_ids.view(-1, 1)
+
+    def _advance(self, seq: _Sequence, token: int, lp: list[TokenLogprob] | None, now: float,
+                 prompt_lp: list[TokenLogprob] | None) -> None:
+        """Append one token to ``seq``: detokenize, check stop conditions, emit."""
+        seq.tokens.append(token)
+        p = seq.params
+        finish = None
+        start = len(seq.text)
+        if token == self.config.eos_token_id:
+            finish = "stop"
+            seq.text += seq.detok.flush()
+        else:
+            seq.text += seq.detok.push(token)
+            if len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.config.n_ctx:
+                finish = "length"
+                seq.text += seq.detok.flush()
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            window = max(0, start - longest + 1)
+            hits = [pos for s in p.stop if (pos := seq.text.find(s, window)) != -1]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                finish = "stop"
+        if finish is None:
+            # Hold back a tail that could still grow into a stop string.
+            holdback = max((len(s) for s in p.stop), default=1) - 1
+            end = max(seq.emitted, len(seq.text) - holdback)
+        else:
+            end = len(seq.text)
+        text = seq.text[seq.emitted:end]
+        seq.emitted = end
+        if finish is None:
+            seq.emit(SequenceEvent([token], text, now, lp, prompt_lp))
+        else:
+            self._finish_event(seq, [token], lp, finish, text=text, prompt_logprobs=prompt_lp, now=now)
+            seq.finished = True  # _drop_finished releases the slot after this step
+
+    def _finish_event(self, seq: _Sequence, token_ids: list[int], lp, reason: str, text: str = "",
+                      prompt_logprobs=None, now: float | None = None) -> None:
+        seq.emit(SequenceEvent(token_ids, text, time.monotonic() if now is None else now, lp, prompt_logprobs,
+                               finish_reason=reason, prompt_tokens=len(seq.prompt),
+                               completion_tokens=len(seq.tokens), queue_s=seq.queue_s))
+
+    def _drop_finished(self, group: _Group, registered: bool = True) -> None:
+        keep = [i for i, s in enumerate(group.seqs) if not s.finished]
+        if len(keep) < len(group.seqs):
+            for s in group.seqs:
+                if s.finished:
+                    self._release(s)
+            self._keep_rows(group, keep, registered)
+
+    def _keep_rows(self, group: _Group, keep: list[int], registered: bool = True) -> None:
+        """Gather the surviving rows and trim leading columns that are padding in every row."""
+        if not keep:
+            group.seqs = []
+            if registered:
+                del self._groups[group.width]
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = group.mask.index_select(0, index)
+        lead = int(mask.any(dim=0).int().argmax())  # first column holding a real token
+        group.mask = mask[:, lead:]
+        group.cache = [(k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:])
+                       for k, v in group.cache]
+        group.next_ids = group.next_ids.index_select(0, index)
+        group.seqs = [group.seqs[i] for i in keep]
+
+    def _merge(self, new: _Group) -> None:
+        """Add freshly prefilled rows to the running group of their width (left-padding the shorter)."""
+        old = self._groups.get(new.width)
+        if old is None:
+            self._groups[new.width] = new
+            return
+        L, P = old.mask.shape[1], new.mask.shape[1]
+        T = max(L, P)
+        old.cache = [
+            (torch.cat([F.pad(ko, (0, 0, T - L, 0)), F.pad(kn, (0, 0, T - P, 0))]),
+             torch.cat([F.pad(vo, (0, 0, T - L, 0)), F.pad(vn, (0, 0, T - P, 0))]))
+            for (ko, vo), (kn, vn) in zip(old.cache, new.cache, strict=True)
+        ]
+        old.mask = torch.cat([F.pad(old.mask, (T - L, 0)), F.pad(new.mask, (T - P, 0))])
+        old.next_ids = torch.cat([old.next_ids, new.next_ids])
+        old.seqs = old.seqs + new.seqs
+
+    def _prompt_logprobs(self, logits: torch.Tensor, seq: _Sequence) -> list[TokenLogprob]:
+        """Logprob of every prompt token given the ones before it (the first has none)."""
+        lp = F.log_softmax(logits.float(), dim=-1)  # (P, V)
+        k = seq.params.logprobs or 0
+        return [TokenLogprob(seq.prompt[0], None)] + [_token_logprob(lp[t - 1], seq.prompt[t], k) for t in range(1, len(seq.prompt))]
+
+
+def _threadsafe_emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable:
+    def emit(event: SequenceEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
+    return emit
+
+
+def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Sample from softmax(logits / temperature) restricted to the top-p nucleus."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        values, ids = logprobs.topk(k)
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token_id, float(logprobs[token_id]), top)

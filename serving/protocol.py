@@ -1,0 +1,149 @@
+"""Wire models of the OpenAI-compatible API (the shapes the ``openai`` client and vLLM users expect)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # vLLM's default limit; OpenAI's is 5
+MAX_STOP_STRINGS = 4
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``. Unknown fields are ignored, as vLLM does, so newer clients still work."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="the checkpoint name (routed) or '<name>:<width>' (pinned)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, a list of texts, token ids, or a list of token-id lists"
+    )
+    max_tokens: int = Field(16, ge=0, description="0 with echo scores the prompt only")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    user: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    suffix: str | None = None
+    # matta extensions
+    latency_slo_ms: float | None = Field(None, gt=0, description="latency target the router tries to meet")
+    width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt list is empty")
+        if isinstance(prompt, list) and any(isinstance(p, list) and not p for p in prompt):
+            raise ValueError("a token-id prompt is empty")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.n != 1:
+            raise ValueError(f"n={self.n} is not supported; only n=1 (send the prompt several times instead)")
+        if self.best_of not in (None, 1):
+            raise ValueError(f"best_of={self.best_of} is not supported; only best_of=1")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI/vLLM error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "matta"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    width: str | None = Field(None, description="the pinned width; None for the routed model")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
+    """An error body as a plain dict, ready for a JSONResponse."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()

@@ -1,0 +1,326 @@
+"""Completion logic between the HTTP routes and the engine: validate, pick the width, generate, shape.
+
+Kept free of FastAPI routing (as vLLM's ``serving_completion.py``): routes in ``serving/app.py``
+call :meth:`CompletionService.create_completion`, which returns a response or raises
+:class:`APIError`, turned into the OpenAI error body by the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from matta.config import ModelConfig
+from matta.tokenizer import Tokenizer
+from router.policy import LoadSnapshot, RequestInfo, WidthPolicy, decide_width
+from serving.engine import (
+    Engine,
+    EngineStoppedError,
+    QueueFullError,
+    RequestStream,
+    SamplingParams,
+    SequenceEvent,
+    TokenLogprob,
+)
+from serving.metrics import ServingMetrics
+from serving.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    completion_id,
+    error_body,
+)
+
+log = logging.getLogger(__name__)
+
+WIDTH_HEADER = "x-matta-width"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status plus the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=self.headers)
+
+
+@dataclass
+class _Choice:
+    """What one prompt of a request has produced so far, plus its timings for the metrics."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    text_offset: int = 0  # characters already returned (for logprobs text_offset when streaming)
+
+
+class CompletionService:
+    """``/v1/completions`` and ``/v1/models`` over one engine."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, policy: WidthPolicy, metrics: ServingMetrics,
+                 retry_after_s: int = 1) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = engine.config
+        self.policy = policy
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    def models(self) -> ModelList:
+        """The routed model id plus one pinned id ``<name>:<width>`` per width."""
+        name, n_ctx = self.model_name, self.config.n_ctx
+        cards = [ModelCard(id=name, root=name, max_model_len=n_ctx)]
+        cards += [ModelCard(id=f"{name}:{w}", root=name, parent=name, max_model_len=n_ctx, width=w)
+                  for w in self.config.width_names]
+        return ModelList(data=cards)
+
+    # --- request handling ----------------------------------------------------------------------
+
+    async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
+        """Serve one completion request (streaming or not); raises :class:`APIError` for the client's errors."""
+        started = time.monotonic()
+        width = None
+        try:
+            pinned = self._pinned_width(body)
+            prompts = self._tokenize(body.prompt)
+            info = RequestInfo(pinned_width=pinned, latency_slo_ms=body.latency_slo_ms, max_tokens=body.max_tokens,
+                               prompt_tokens=sum(len(p) for p in prompts), user=body.user, n_prompts=len(prompts))
+            decision = decide_width(self.policy, info, self._load(), started)
+            width = decision.width
+            params = SamplingParams(
+                max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
+            )
+            stream = self._submit(prompts, width, params)
+        except APIError as exc:
+            if width is not None:
+                exc.headers[WIDTH_HEADER] = width
+            self.metrics.requests.labels(width or "none", str(exc.status)).inc()
+            raise
+        choices = [_Choice(p, self._prompt_text(body.prompt, i, p)) for i, p in enumerate(prompts)]
+        headers = {WIDTH_HEADER: width}
+        if body.stream:
+            return StreamingResponse(self._sse(body, stream, choices, width, started), media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+        return await self._complete(body, stream, choices, width, started, raw_request, headers)
+
+    def _pinned_width(self, body: CompletionRequest) -> str | None:
+        name, sep, model_width = body.model.partition(":")
+        if name != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; available: {self.model_name!r} or "
+                                f"'{self.model_name}:<width>' with width in {self.config.width_names}",
+                           param="model", code="model_not_found")
+        if sep and model_width not in self.config.widths:
+            raise APIError(404, f"unknown width {model_width!r} in model {body.model!r}; known: "
+                                f"{self.config.width_names}", param="model", code="width_not_found")
+        if body.width is not None and body.width not in self.config.widths:
+            raise APIError(404, f"unknown width {body.width!r}; known: {self.config.width_names}",
+                           param="width", code="width_not_found")
+        if sep and body.width is not None and body.width != model_width:
+            raise APIError(400, f"model pins width {model_width!r} but width is {body.width!r}", param="width")
+        return model_width if sep else body.width
+
+    def _tokenize(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif all(isinstance(p, str) for p in prompt):
+            prompts = self.tokenizer.encode_batch(prompt)
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [list(p) for p in prompt]
+        vocab, n_ctx = self.config.vocab_size, self.config.n_ctx
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise APIError(400, f"prompt {i} is empty (it has no tokens)", param="prompt")
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary 0..{vocab - 1}",
+                               param="prompt")
+            if len(ids) > n_ctx:
+                raise APIError(413, f"prompt {i} has {len(ids)} tokens; this model's context window is {n_ctx} "
+                                    "tokens", param="prompt", code="context_length_exceeded")
+        if len(prompts) > self.engine.max_queue:
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server queues at most "
+                                f"{self.engine.max_queue}", param="prompt")
+        return prompts
+
+    def _prompt_text(self, prompt, index: int, ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt[0], str):
+            return prompt[index]
+        return self.tokenizer.decode(ids)
+
+    def _load(self) -> LoadSnapshot:
+        s = self.engine.stats()
+        return LoadSnapshot(waiting=s.waiting, running=s.running, running_by_width=s.running_by_width,
+                            waiting_by_width=s.waiting_by_width, max_batch=s.max_batch, max_queue=s.max_queue)
+
+    def _submit(self, prompts: list[list[int]], width: str, params: SamplingParams) -> RequestStream:
+        retry = {"retry-after": str(self.retry_after_s)}
+        try:
+            return self.engine.submit(prompts, width, params)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full", headers=retry) from exc
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), type_="service_unavailable", code="shutting_down", headers=retry) from exc
+
+    # --- responses -------------------------------------------------------------------------------
+
+    async def _complete(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], width: str,
+                        started: float, raw_request: Request, headers: dict[str, str]) -> Response:
+        """Collect a whole response, cancelling generation if the client goes away meanwhile."""
+        consume = asyncio.ensure_future(self._consume(stream, choices, width))
+        try:
+            while not consume.done():
+                await asyncio.wait({consume}, timeout=DISCONNECT_POLL_S)
+                if not consume.done() and await raw_request.is_disconnected():
+                    self._finish_metrics(choices, width, started, CLIENT_CLOSED)
+                    return Response(status_code=CLIENT_CLOSED)
+            consume.result()
+        finally:
+            consume.cancel()
+            stream.cancel()
+        if any(c.finish_reason == "abort" for c in choices):
+            self._finish_metrics(choices, width, started, 503)
+            raise APIError(503, "the server stopped before the completion finished; retry", "service_unavailable",
+                           code="aborted", headers={"retry-after": str(self.retry_after_s), WIDTH_HEADER: width})
+        response = CompletionResponse(
+            model=body.model,
+            choices=[CompletionChoice(index=i, text=(c.prompt_text if body.echo else "") + c.text,
+                                      logprobs=self._logprobs(body, c.logprobs, 0),
+                                      finish_reason=c.finish_reason)
+                     for i, c in enumerate(choices)],
+            usage=self._usage(choices),
+        )
+        self._finish_metrics(choices, width, started, 200)
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    async def _consume(self, stream: RequestStream, choices: list[_Choice], width: str) -> None:
+        async for index, event in stream:
+            self._apply(choices[index], event, width)
+
+    async def _sse(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], width: str,
+                   started: float) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per step with new text, then usage (if asked) and ``[DONE]``."""
+        request_id, created = completion_id(), int(time.time())
+        status = CLIENT_CLOSED
+        echoed = [not body.echo] * len(choices)
+        try:
+            async for index, event in stream:
+                choice = choices[index]
+                before = len(choice.logprobs)
+                self._apply(choice, event, width)
+                text = event.text
+                new_from = before
+                if not echoed[index]:
+                    echoed[index] = True
+                    text = choice.prompt_text + text
+                    new_from = 0
+                logprobs = self._logprobs(body, choice.logprobs[new_from:], choice.text_offset)
+                choice.text_offset += len(text)
+                if not text and not event.finish_reason and not (logprobs and logprobs.tokens):
+                    continue
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=body.model,
+                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                              finish_reason=event.finish_reason)],
+                )
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            if body.stream_options is not None and body.stream_options.include_usage:
+                usage = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+                         "choices": [], "usage": self._usage(choices).model_dump()}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+            status = 503 if any(c.finish_reason == "abort" for c in choices) else 200
+        finally:
+            stream.cancel()  # a no-op when everything finished; frees the slots when the client left
+            self._finish_metrics(choices, width, started, status)
+
+    def _apply(self, choice: _Choice, event: SequenceEvent, width: str) -> None:
+        """Fold one engine event into ``choice``; per-token metrics are observed here."""
+        if event.prompt_logprobs is not None:
+            choice.logprobs += event.prompt_logprobs
+        choice.text += event.text
+        if event.token_ids:
+            if choice.first_token_at is None:
+                choice.first_token_at = event.time
+            else:
+                self.metrics.inter_token_latency.labels(width).observe(event.time - choice.last_token_at)
+            choice.last_token_at = event.time
+            choice.token_ids += event.token_ids
+        if event.logprobs:
+            choice.logprobs += event.logprobs
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
+            choice.completion_tokens = event.completion_tokens
+            self.metrics.queue_time.labels(width).observe(event.queue_s)
+
+    def _logprobs(self, body: CompletionRequest, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
+        """The OpenAI ``logprobs`` object for ``entries``, the first at character ``offset`` of the text.
+
+        When echoing, ``entries`` start with the prompt tokens; the very first has no logprob.
+        """
+        if body.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        for entry in entries:
+            token = self.tokenizer.token_bytes(entry.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append(None if entry.logprob is None else
+                                    {self.tokenizer.token_bytes(t): lp for t, lp in entry.top})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    @staticmethod
+    def _usage(choices: list[_Choice]) -> UsageInfo:
+        prompt = sum(len(c.prompt_ids) for c in choices)
+        completion = sum(c.completion_tokens for c in choices)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _finish_metrics(self, choices: list[_Choice], width: str, started: float, status: int) -> None:
+        m = self.metrics
+        m.requests.labels(width, str(status)).inc()
+        m.prompt_tokens.labels(width).inc(sum(len(c.prompt_ids) for c in choices))
+        m.generation_tokens.labels(width).inc(sum(len(c.token_ids) for c in choices))
+        for c in choices:
+            if c.first_token_at is not None:
+                m.time_to_first_token.labels(width).observe(c.first_token_at - started)
+        if status == 200:
+            m.e2e_latency.labels(width).observe(time.monotonic() - started)

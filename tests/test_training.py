@@ -1,0 +1,215 @@
+"""Trainer: loss terms, parameter sharing, recipes, resume equivalence, DDP, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from matta.checkpoint import load_checkpoint
+from matta.model import NestedGPT
+from tests.conftest import REPO, tiny_config
+from training.config import TrainConfig, load_train_config
+from training.losses import MattaWeights, cross_entropy, distill_ramp, label_loss, matta_loss, soft_kl
+from training.trainer import train
+
+V = 50
+
+
+def logits(seed, shape=(2, 5, V)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def targets(seed=9):
+    return torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(seed))
+
+
+def test_soft_kl_is_t_squared_times_kl_of_softened_distributions():
+    s, t = logits(1), logits(2)
+    for T in (1.0, 2.0, 4.0):
+        p = F.softmax(t / T, -1)
+        manual = (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1).mean() * T**2
+        torch.testing.assert_close(soft_kl(s, t, T), manual, atol=1e-5, rtol=1e-5)
+    assert soft_kl(s, s.clone(), 2.0).abs() < 1e-6
+
+
+def test_label_mix_interpolates_between_ground_truth_and_teacher():
+    s, t, y = logits(1), logits(2), targets()
+    torch.testing.assert_close(label_loss(s, y, t, 0.0, 2.0), cross_entropy(s, y))
+    torch.testing.assert_close(label_loss(s, y, t, 1.0, 2.0), soft_kl(s, t, 2.0))
+    mixed = label_loss(s, y, t, 0.25, 2.0)
+    torch.testing.assert_close(mixed, 0.75 * cross_entropy(s, y) + 0.25 * soft_kl(s, t, 2.0))
+
+
+def _weights(**kw):
+    base = dict(ta=1.0, student=1.0, distill=1.0, middle=1.0, temperature=2.0, label_mix=0.5)
+    return MattaWeights(**{**base, **kw})
+
+
+def test_matta_terms_are_zero_or_nonzero_when_they_should_be():
+    y, teacher, ta, student = targets(), logits(1), logits(2), logits(3)
+    _, parts = matta_loss(y, teacher, ta, student, [], _weights())
+    assert parts["distill"] > 0 and parts["ta"] > 0 and parts["student"] > 0
+    _, same = matta_loss(y, teacher, ta, ta.clone(), [], _weights())
+    assert abs(same["distill"]) < 1e-6  # a Student equal to the TA has nothing to distil
+    _, off = matta_loss(y, teacher, ta, student, [], _weights(distill=0.0))
+    assert off["distill"] == 0.0
+    assert off["total"] == pytest.approx(off["ta"] + off["student"], rel=1e-6)
+    _, with_middle = matta_loss(y, teacher, ta, student, [logits(4)], _weights())
+    assert with_middle["middle"] > 0
+    assert with_middle["total"] > parts["total"]
+
+
+def test_distillation_does_not_pull_the_ta_towards_the_student():
+    y, teacher = targets(), logits(1)
+    ta, student = logits(2).requires_grad_(), logits(3).requires_grad_()
+    total, _ = matta_loss(y, teacher, ta, student, [], _weights(ta=0.0, student=0.0, distill=1.0))
+    total.backward()
+    assert ta.grad is None or ta.grad.abs().max() == 0
+    assert student.grad.abs().max() > 0
+
+
+def test_distill_ramp_is_linear_then_flat():
+    assert distill_ramp(0, 2.0, 100) == 0.0
+    assert distill_ramp(50, 2.0, 100) == pytest.approx(1.0)
+    assert distill_ramp(500, 2.0, 100) == 2.0
+    assert distill_ramp(0, 2.0, 0) == 2.0
+
+
+def test_the_student_is_the_ta_s_leading_slice_and_its_gradient_stays_there():
+    torch.manual_seed(0)
+    model = NestedGPT(tiny_config())
+    x = torch.randint(0, 320, (2, 10))
+    loss = cross_entropy(model(x[:, :-1], width="s").logits, x[:, 1:])
+    loss.backward()
+    for block in model.h:
+        mlp = block.mlp
+        assert mlp.fc_weight.grad[:32].abs().sum() > 0
+        assert mlp.fc_weight.grad[32:].abs().sum() == 0  # units outside the Student are untouched
+        assert mlp.proj_weight.grad[32:].abs().sum() == 0
+    ps = {p.data_ptr() for p in model.parameters()}
+    assert len(ps) == len(list(model.parameters()))  # one set of weights; widths add no storage
+
+
+def tiny_run(tmp_path: Path, corpus_dir: Path, recipe: str, **overrides) -> dict:
+    cfg = {
+        "recipe": recipe, "data": str(corpus_dir), "out": str(tmp_path / f"{recipe}-ckpt"),
+        "run_dir": str(tmp_path / f"{recipe}-run"), "seed": 3, "steps": 8, "batch_size": 4, "seq_len": 32,
+        "eval_every": 0, "save_every": 0, "log_every": 1, "final_eval": False,
+        "model": {"n_ctx": 32, "d_model": 64, "n_layer": 2, "n_head": 1, "widths": {"s": 32, "m": 64, "ta": 128}},
+        "loss": {"distill_ramp_steps": 4, "middle_widths": 1},
+    }
+    if recipe in ("matta", "kd"):
+        cfg["teacher"] = {"path": str(tmp_path / "teacher-ckpt"), "train": {
+            "recipe": "teacher", "data": str(corpus_dir), "out": str(tmp_path / "teacher-ckpt"),
+            "run_dir": str(tmp_path / "teacher-run"), "steps": 4, "batch_size": 4, "seq_len": 32, "eval_every": 0,
+            "final_eval": False, "model": {"n_ctx": 32, "d_model": 64, "n_layer": 2, "n_head": 1,
+                                           "widths": {"full": 256}}}}
+    if recipe in ("student", "kd"):
+        cfg["model"]["widths"] = {"s": 32}
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", ["teacher", "student", "kd", "matta"])
+def test_every_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path, corpus_dir, recipe):
+    if recipe == "teacher":
+        cfg = tiny_run(tmp_path, corpus_dir, "teacher", model={"widths": {"full": 128}})
+    else:
+        cfg = tiny_run(tmp_path, corpus_dir, recipe)
+    out = train(TrainConfig.model_validate(cfg), progress=False)
+    ckpt = load_checkpoint(out)
+    assert ckpt.training["recipe"] == recipe and ckpt.training["steps"] == 8
+    history = _history(Path(cfg["run_dir"]))
+    assert len(history) == 8 and all(torch.isfinite(torch.tensor(h["loss_total"])) for h in history)
+    if recipe == "matta":
+        assert ckpt.training["teacher"]["kind"] == "matta"
+        assert {"loss_ta", "loss_student", "loss_distill", "loss_middle"} <= set(history[-1])
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, corpus_dir):
+    whole = tiny_run(tmp_path / "whole", corpus_dir, "matta")
+    train(TrainConfig.model_validate(whole), progress=False)
+    split = tiny_run(tmp_path / "split", corpus_dir, "matta")
+    assert train(TrainConfig.model_validate(split), progress=False, stop_after=5) is None
+    assert not Path(split["out"]).exists()
+    train(TrainConfig.model_validate(split), resume=True, progress=False)
+    a, b = _history(Path(whole["run_dir"])), _history(Path(split["run_dir"]))
+    assert [h["step"] for h in b] == list(range(1, 9))
+    for x, y in zip(a, b, strict=True):
+        assert x["loss_total"] == pytest.approx(y["loss_total"], rel=1e-6), x["step"]
+    wa, wb = load_checkpoint(whole["out"]).model.state_dict(), load_checkpoint(split["out"]).model.state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_state_from_a_different_config(tmp_path, corpus_dir):
+    cfg = tiny_run(tmp_path, corpus_dir, "student")
+    train(TrainConfig.model_validate(cfg), progress=False, stop_after=3)
+    changed = TrainConfig.model_validate({**cfg, "seed": 4})
+    with pytest.raises(ValueError, match="different config"):
+        train(changed, resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
+    """torchrun --nproc_per_node=2 (gloo) sees the same global batches and losses as one process."""
+    results = {}
+    for nproc in (1, 2):
+        cfg = tiny_run(tmp_path / f"p{nproc}", corpus_dir, "matta", steps=6)
+        cfg["teacher"]["path"] = str(tmp_path / "shared-teacher")
+        cfg["teacher"]["train"]["out"] = str(tmp_path / "shared-teacher")
+        path = tmp_path / f"p{nproc}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if nproc == 1:
+            train(load_train_config(path), progress=False)  # also trains the shared teacher
+        else:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "matta.cli", "train", str(path), "--no-progress"]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+            assert done.returncode == 0, done.stderr[-2000:]
+        results[nproc] = _history(Path(cfg["run_dir"]))
+    for one, two in zip(results[1], results[2], strict=True):
+        assert one["loss_total"] == pytest.approx(two["loss_total"], rel=1e-4), one["step"]
+    assert load_checkpoint(tmp_path / "p2" / "matta-ckpt").training["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"teacher": None}, "recipe 'matta' needs a `teacher:` section"),
+        ({"recipe": "distil"}, "recipe: Input should be"),
+        ({"steps": 0}, "steps: Input should be greater than 0"),
+        ({"seq_len": 64}, "seq_len 64 exceeds model.n_ctx 32"),
+        ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+        ({"model": {"widths": {"s": 64, "ta": 32}}}, "strictly ascending"),
+        ({"loss": {"label_mix": 1.5}}, "loss.label_mix: Input should be less than or equal to 1"),
+        ({"optim": {"name": "sgd"}}, "optim.name"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, corpus_dir, change, message):
+    cfg = tiny_run(tmp_path, corpus_dir, "matta")
+    for key, value in change.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    if cfg.get("teacher") is None:
+        cfg.pop("teacher")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(ValueError, match=message):
+        load_train_config(path)
+
+
+def test_presets_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_train_config(path)
