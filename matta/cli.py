@@ -175,6 +175,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API: every width from one copy of the weights."""
+    from serving.app import ServerSettings, serve
+
+    settings = ServerSettings(checkpoint=args.checkpoint, policy=args.policy, max_batch=args.max_batch,
+                              max_queue=args.max_queue, device=args.device,
+                              shutdown_timeout_s=args.shutdown_timeout)
+    return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -231,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--width", action="append", help="repeatable; default: every named width")
     p.add_argument("--max-tokens", type=int, default=40)
+
+    p = add("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--policy", help="width policy for unpinned requests, 'kind:arg' (default: fixed:<widest>)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting before 429")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 

@@ -104,10 +104,11 @@ def _install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = loc[0] if loc else None
         where = ".".join(loc)
-        message = first.get("msg", "invalid request")
+        param = loc[0] if loc else None
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
+            param = None
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
         elif where:
             message = f"{where}: {message}"

@@ -12,7 +12,7 @@ preallocated per-slot buffers because the model's attention appends to its cache
 ``torch.cat``: a preallocated buffer would be copied by that cat anyway, so it would add a copy
 instead of saving one. The cat is O(B * L) per layer and step, the same order as attention's own
 read of the cache, and the per-step Python work is O(rows), independent of sequence length
-(sampling, and text decoding of the newest tokens only). Joins pad + concatenate once; leaves
+(sampling, and incremental UTF-8 decoding of the newest token only). Joins pad + concatenate once; leaves
 gather the surviving rows once and trim columns that became padding in every row, so L stays
 the longest live sequence.
 
@@ -36,11 +36,9 @@ import torch.nn.functional as F
 
 from matta.model import KVCache, NestedGPT
 from matta.tokenizer import Tokenizer
+from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
-
-_MAX_PENDING_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
-
 
 class QueueFullError(RuntimeError):
     """The waiting queue cannot take the request now; retry after ``retry_after_s``."""
@@ -121,31 +119,6 @@ class EngineStats:
     cancelled: int
 
 
-class _Detokenizer:
-    """Incremental text of a token stream: each call decodes only the newest tokens.
-
-    Byte-level BPE tokens may split a UTF-8 character; such tokens are held (at most 4) until
-    the character is complete, so the text pieces concatenate to the full decode.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.pending: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < _MAX_PENDING_TOKENS:
-            return ""
-        self.pending.clear()
-        return text
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending.clear()
-        return text
-
-
 @dataclass(eq=False)
 class _Sequence:
     """One prompt being generated; touched by the scheduler thread only, except ``cancelled``."""
@@ -157,7 +130,7 @@ class _Sequence:
     emit: Callable[[SequenceEvent], None]
     arrival: float
     generator: torch.Generator | None = None
-    detok: _Detokenizer | None = None
+    detok: IncrementalDetokenizer | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already emitted
@@ -367,9 +340,10 @@ class Engine:
     def _abort(self, seqs: list[_Sequence]) -> None:
         """End sequences the engine cannot finish, telling their consumers so."""
         for seq in seqs:
-            if not seq.finished and not seq.cancelled:
-                self._finish_event(seq, [], None, "abort")
+            notify = not seq.finished and not seq.cancelled
             self._release(seq)
+            if notify:
+                self._finish_event(seq, [], None, "abort")
         self._groups.clear()
 
     def _all_running(self) -> list[_Sequence]:
@@ -393,12 +367,12 @@ class Engine:
                 self._release(seq)
                 continue
             seq.queue_s = now - seq.arrival
-            seq.detok = _Detokenizer(self.tokenizer)
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
             if seq.params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
             if seq.params.max_tokens == 0 and not seq.params.prompt_logprobs:
-                self._finish_event(seq, [], None, "length")
                 self._release(seq)
+                self._finish_event(seq, [], None, "length")
                 continue
             by_width.setdefault(seq.width, []).append(seq)
         for width, seqs in by_width.items():
@@ -416,8 +390,8 @@ class Engine:
             rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > 0]
             for i, s in enumerate(seqs):
                 if s.params.max_tokens == 0:
-                    self._finish_event(s, [], None, "length", prompt_logprobs=prompt_lp[i])
                     self._release(s)
+                    self._finish_event(s, [], None, "length", prompt_logprobs=prompt_lp[i])
             if not rows:
                 continue
             index = torch.tensor(rows, device=self.device)
@@ -498,8 +472,9 @@ class Engine:
         if finish is None:
             seq.emit(SequenceEvent([token], text, now, lp, prompt_lp))
         else:
+            # Count the slot free before the consumer hears of the end; _drop_finished removes the row.
+            self._release(seq)
             self._finish_event(seq, [token], lp, finish, text=text, prompt_logprobs=prompt_lp, now=now)
-            seq.finished = True  # _drop_finished releases the slot after this step
 
     def _finish_event(self, seq: _Sequence, token_ids: list[int], lp, reason: str, text: str = "",
                       prompt_logprobs=None, now: float | None = None) -> None:
@@ -550,9 +525,17 @@ class Engine:
 
     def _prompt_logprobs(self, logits: torch.Tensor, seq: _Sequence) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (the first has none)."""
-        lp = F.log_softmax(logits.float(), dim=-1)  # (P, V)
+        lp = F.log_softmax(logits[:-1].float(), dim=-1)  # (P-1, V): position t predicts token t+1
+        targets = torch.tensor(seq.prompt[1:], device=lp.device)
+        chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
         k = seq.params.logprobs or 0
-        return [TokenLogprob(seq.prompt[0], None)] + [_token_logprob(lp[t - 1], seq.prompt[t], k) for t in range(1, len(seq.prompt))]
+        tops: list[tuple] = [()] * len(chosen)
+        if k > 0:
+            values, ids = lp.topk(k, dim=-1)
+            tops = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return [TokenLogprob(seq.prompt[0], None)] + [
+            TokenLogprob(t, c, top) for t, c, top in zip(seq.prompt[1:], chosen, tops, strict=True)
+        ]
 
 
 def _threadsafe_emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable:

@@ -113,7 +113,7 @@ def tiny_run(tmp_path: Path, corpus_dir: Path, recipe: str, **overrides) -> dict
     if recipe in ("student", "kd"):
         cfg["model"]["widths"] = {"s": 32}
     for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
 
 
@@ -213,3 +213,12 @@ def test_config_errors_name_the_field(tmp_path, corpus_dir, change, message):
 def test_presets_validate():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_train_config(path)
+
+
+@pytest.mark.parametrize("optimizer", ["soap", pytest.param("shampoo", marks=pytest.mark.slow)])
+def test_shampoo_family_optimizers_from_pytorch_optimizer_train(tmp_path, corpus_dir, optimizer):
+    cfg = tiny_run(tmp_path, corpus_dir, "student", steps=4, optim={"name": optimizer, "lr": 1e-3})
+    train(TrainConfig.model_validate(cfg), progress=False)
+    history = _history(Path(cfg["run_dir"]))
+    assert all(h["loss_total"] == h["loss_total"] for h in history)  # finite, not NaN
+    assert history[-1]["loss_total"] < history[0]["loss_total"] + 0.5

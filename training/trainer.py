@@ -159,7 +159,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ImportError(f"optimizer {o.name!r} needs `pip install pytorch-optimizer`") from exc
     if o.name == "soap":
         return pytorch_optimizer.SOAP(groups, lr=o.lr, betas=(o.beta1, o.beta2))
-    return pytorch_optimizer.Shampoo(groups, lr=o.lr, momentum=o.beta1)
+    # Matrix roots every step dominate a small model's step time on CPU; refresh every 20 steps.
+    return pytorch_optimizer.Shampoo(groups, lr=o.lr, momentum=o.beta1, preconditioning_compute_steps=20)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

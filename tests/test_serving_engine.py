@@ -1,0 +1,206 @@
+"""The continuous-batching engine against the model itself: no HTTP, a real tiny model."""
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.detokenize import IncrementalDetokenizer
+from serving.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def sharpen(model):
+    """Scale a random model's weights up so its greedy text varies with the context and the width.
+
+    At GPT-2 init a tiny random model repeats one token forever, which would make "batched
+    equals alone" checks vacuous.
+    """
+    with torch.no_grad():
+        model.wte.weight.mul_(3)
+        model.wpe.weight.mul_(3)
+        for block in model.h:
+            for weight in (block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.fc_weight,
+                           block.mlp.proj_weight):
+                weight.mul_(8)
+    return model
+
+
+@pytest.fixture
+def model(model):
+    return sharpen(model)
+
+
+@pytest.fixture
+def engine(model, tokenizer):
+    e = Engine(model, tokenizer, max_batch=8, max_queue=16)
+    e.start()
+    yield e
+    e.stop()
+
+
+async def collect(stream):
+    """Token ids, text and final event of every sequence of a request stream."""
+    out = {}
+    async for index, event in stream:
+        tokens, text, _ = out.get(index, ([], "", None))
+        out[index] = (tokens + event.token_ids, text + event.text, event if event.finish_reason else None)
+    return [out[i] for i in sorted(out)]
+
+
+def run_request(engine, prompts, width, params):
+    """Submit from inside an event loop (as the HTTP server does) and collect everything."""
+
+    async def main():
+        return await collect(engine.submit(prompts, width, params))
+
+    return asyncio.run(main())
+
+
+def test_greedy_with_joins_and_leaves_equals_the_model_alone(engine, model, tokenizer):
+    prompts = [("Now is the winter", "s", 12), ("To be, or not to be", "ta", 5),
+               ("Friends, Romans", "s", 9), ("and all the clouds", "m", 12), ("the slings", "s", 1)]
+
+    async def main():
+        first = engine.submit([tokenizer.encode(prompts[0][0])], "s", GREEDY)
+        got = []
+        # Let the first sequence decode a few steps so the others join a running batch mid-way.
+        for _ in range(3):
+            got.append(await first.__anext__())
+        rest = [engine.submit([tokenizer.encode(p)], w, SamplingParams(max_tokens=n, temperature=0.0))
+                for p, w, n in prompts[1:]]
+        results = await asyncio.gather(collect(first), *(collect(s) for s in rest))
+        head = [t for _, e in got for t in e.token_ids]
+        return [head + results[0][0][0]] + [r[0][0] for r in results[1:]]
+
+    outputs = asyncio.run(main())
+    for (text, width, n), tokens in zip(prompts, outputs, strict=True):
+        assert tokens == model.generate_greedy(tokenizer.encode(text), n, width=width), (text, width)
+    assert engine.stats().running == 0
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(engine, tokenizer):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
+    ids = tokenizer.encode("Now is the winter")
+
+    async def alone():
+        return (await collect(engine.submit([ids], "m", params)))[0][0]
+
+    async def crowded():
+        others = [engine.submit([tokenizer.encode("To be")], "m", SamplingParams(max_tokens=10, seed=i))
+                  for i in range(5)]
+        mine = engine.submit([ids], "m", params)
+        results = await asyncio.gather(collect(mine), *(collect(o) for o in others))
+        return results[0][0][0]
+
+    first = asyncio.run(alone())
+    assert asyncio.run(crowded()) == first
+    other_seed = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=99)
+    assert run_request(engine, [ids], "m", other_seed)[0][0] != first
+
+
+def test_stop_string_truncates_and_is_never_streamed(engine, model, tokenizer):
+    ids = tokenizer.encode("Now is the winter")
+    full = tokenizer.decode(model.generate_greedy(ids, 30, width="l"))
+    # A two-character stop string whose first occurrence is a few characters in.
+    k = next(i for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i and full[i:i + 2].strip())
+    stop = full[k:k + 2]
+
+    async def main():
+        stream = engine.submit([ids], "l", SamplingParams(max_tokens=30, temperature=0.0, stop=(stop,)))
+        pieces, final = [], None
+        async for _, event in stream:
+            pieces.append(event.text)
+            final = event
+        return pieces, final
+
+    pieces, final = asyncio.run(main())
+    assert "".join(pieces) == full[:k]
+    assert final.finish_reason == "stop"
+
+
+def test_prompt_logprobs_equal_the_model_log_softmax(engine, model, tokenizer):
+    ids = tokenizer.encode("To be, or not to be, that is the question")
+    params = SamplingParams(max_tokens=0, temperature=0.0, logprobs=3, prompt_logprobs=True)
+    [(tokens, text, final)] = run_request(engine, [ids], "s", params)
+    assert tokens == [] and text == "" and final.finish_reason == "length"
+    want = torch.log_softmax(model(torch.tensor([ids]), width="s").logits[0], dim=-1)
+    lps = final.prompt_logprobs
+    assert [e.token_id for e in lps] == ids and lps[0].logprob is None
+    got = torch.tensor([e.logprob for e in lps[1:]])
+    torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
+    assert [t for t, _ in lps[1].top] == want[0].topk(3).indices.tolist()
+
+
+def test_generation_stops_at_the_context_window(engine, model, tokenizer, config):
+    for length in (config.n_ctx - 3, config.n_ctx):
+        ids = [random.Random(length).randrange(1, config.vocab_size) for _ in range(length)]
+        params = SamplingParams(max_tokens=10, temperature=0.0)
+        [(tokens, _, final)] = run_request(engine, [ids], "ta", params)
+        assert tokens == model.generate_greedy(ids, 10, width="ta")
+        assert final.finish_reason == "length" or tokens[-1] == config.eos_token_id
+    with pytest.raises(ValueError, match="context window"):
+        run_request(engine, [[1] * (config.n_ctx + 1)], "s", GREEDY)
+
+
+def test_a_full_queue_refuses_and_a_cancelled_waiter_frees_its_place_at_once(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+
+    async def main():
+        a = engine.submit([[5, 6]], "s", GREEDY)
+        engine.submit([[7]], "ta", GREEDY)
+        with pytest.raises(QueueFullError):
+            engine.submit([[8]], "s", GREEDY)
+        with pytest.raises(QueueFullError):
+            engine.submit([[8], [9]], "s", GREEDY)  # all or none: a 2-prompt request needs 2 places
+        a.cancel()
+        stats = engine.stats()
+        assert (stats.waiting, stats.waiting_by_width["s"], stats.cancelled) == (1, 0, 1)
+        engine.submit([[8]], "s", GREEDY)
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_running_sequence_frees_its_slot(engine, tokenizer):
+    async def main():
+        stream = engine.submit([tokenizer.encode("Now")], "ta", SamplingParams(max_tokens=60, temperature=0.0))
+        await stream.__anext__()
+        assert engine.stats().running == 1
+        stream.cancel()
+        deadline = time.monotonic() + 2
+        while engine.stats().running and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert (stats.running, stats.cancelled, stats.finished) == (0, 1, 0)
+
+
+def test_stopping_aborts_what_is_left_and_refuses_new_work(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=4)
+
+    async def main():
+        stream = engine.submit([[5, 6], [7]], "s", SamplingParams(max_tokens=50, temperature=0.0))
+        engine.start()
+        engine.stop()
+        results = await collect(stream)
+        with pytest.raises(EngineStoppedError):
+            engine.submit([[1]], "s", GREEDY)
+        return results
+
+    results = asyncio.run(main())
+    assert [final.finish_reason for _, _, final in results] in (["abort", "abort"], ["length", "abort"],
+                                                                 ["abort", "length"], ["length", "length"])
+    assert engine.stats().running == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 319), min_size=1, max_size=24))
+def test_incremental_detokenizer_equals_decoding_everything(tokenizer, ids):
+    detok = IncrementalDetokenizer(tokenizer)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == tokenizer.decode(ids)
