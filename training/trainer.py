@@ -256,10 +256,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             elapsed = time.perf_counter() - window_start
             record = {"step": step + 1, "tokens": tokens_seen, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": window_tokens / elapsed, **{f"loss_{k}": v for k, v in parts.items()}}
-            window_tokens, window_start = 0, time.perf_counter()
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 record["val_ppl"] = quick_eval(model, model_config, data, cfg, device)
                 module.train()
+            window_tokens, window_start = 0, time.perf_counter()  # eval time is not training throughput
             history.append(record)
             if info.is_main:
                 with open(metrics_path, "a") as f:
