@@ -25,7 +25,7 @@ class ModelConfig:
     d_model: int = 128
     n_layer: int = 4
     n_head: int = 2
-    widths: dict[str, int] = field(default_factory=lambda: {"s": 128, "m": 256, "l": 512, "ta": 1024})
+    widths: dict[str, int] = field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 0
     name: str = "matta"

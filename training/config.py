@@ -26,7 +26,7 @@ class ModelSpec(_Strict):
     d_model: int = Field(128, gt=0)
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(2, gt=0)
-    widths: dict[str, int] = Field(default_factory=lambda: {"s": 128, "m": 256, "l": 512, "ta": 1024})
+    widths: dict[str, int] = Field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
 
     def build(self, vocab_size: int, eos_token_id: int) -> ModelConfig:
         return ModelConfig(

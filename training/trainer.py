@@ -91,8 +91,13 @@ class Teacher:
             for p in ckpt.model.parameters():
                 p.requires_grad_(False)
             fn = width_logits_fn(ckpt.model, spec.width)
+            # The teacher's own held-out eval travels with the student's provenance, so "the
+            # teacher is clearly better than the TA" can be checked from the checkpoint alone.
+            label = ckpt.config.width_label(spec.width)
+            teacher_eval = (ckpt.training.get("eval") or {}).get("widths", {}).get(label)
             return cls(fn, {"kind": "matta", "path": str(path), "width": spec.width,
-                            "params": ckpt.config.param_count(spec.width)})
+                            "params": ckpt.config.param_count(spec.width),
+                            "flops_per_token": ckpt.config.flops_per_token(spec.width), "eval": teacher_eval})
         if (path / "config.json").is_file():
             from matta.hf import load_hf_causal_lm
 
