@@ -66,7 +66,10 @@ def make_runner(kind: str, model, width: str | None, work: dict):
 
         def run():
             with torch.inference_mode():
-                return model(ids, past_key_values=past, use_cache=past is not None).logits
+                logits = model(ids, past_key_values=past, use_cache=past is not None).logits
+            if past is not None:
+                past.crop(-ids.shape[1])  # HF's cache grows in place; drop the step to keep the measured context
+            return logits
         return run
     past = model(work["context"], width=width, use_cache=True).past_key_values if "context" in work else None
 
