@@ -222,3 +222,33 @@ def test_shampoo_family_optimizers_from_pytorch_optimizer_train(tmp_path, corpus
     history = _history(Path(cfg["run_dir"]))
     assert all(h["loss_total"] == h["loss_total"] for h in history)  # finite, not NaN
     assert history[-1]["loss_total"] < history[0]["loss_total"] + 0.5
+
+
+def test_a_local_hf_gpt2_directory_can_be_the_teacher(tmp_path, corpus_dir):
+    """Users with HF GPT-2 weights on disk distil from them as is (same vocabulary required)."""
+    import transformers
+
+    from training.data import TokenData
+
+    tokenizer = TokenData(corpus_dir).tokenizer()
+    hf_config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=64, n_layer=1, n_head=1,
+                                        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    teacher_dir = tmp_path / "hf-teacher"
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(teacher_dir, safe_serialization=True)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token="<|endoftext|>").save_pretrained(
+        teacher_dir)
+    cfg = tiny_run(tmp_path, corpus_dir, "kd", steps=3)
+    cfg["teacher"] = {"path": str(teacher_dir)}
+    out = train(TrainConfig.model_validate(cfg), progress=False)
+    assert load_checkpoint(out).training["teacher"]["kind"] == "hf"
+
+    other = tmp_path / "other-vocab"
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(other, safe_serialization=True)
+    from matta.tokenizer import Tokenizer
+    from tests.conftest import SAMPLE_TEXT
+
+    foreign = Tokenizer.train([SAMPLE_TEXT], vocab_size=300)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=foreign.backend, eos_token="<|endoftext|>").save_pretrained(other)
+    cfg["teacher"] = {"path": str(other)}
+    with pytest.raises(ValueError, match="different vocabulary"):
+        train(TrainConfig.model_validate(cfg), progress=False)
