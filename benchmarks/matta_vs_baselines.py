@@ -128,9 +128,10 @@ def summarise(runs: dict, student_name: str) -> dict:
                 b = summary[base]
                 spread = max(m["student_ppl_std"], b["student_ppl_std"])
                 diff = b["student_ppl_mean"] - m["student_ppl_mean"]
+                enough_seeds = min(m["seeds"], b["seeds"]) >= 2  # one seed has no spread to exceed
                 summary[f"matta_vs_{base}"] = {
                     "relative_ppl_improvement": diff / b["student_ppl_mean"],
-                    "exceeds_seed_spread": diff > 2 * spread,
+                    "exceeds_seed_spread": (abs(diff) > 2 * spread) if enough_seeds else None,
                     "every_seed_better": all(x < min(b["student_ppl"]) for x in m["student_ppl"]),
                 }
     return summary
