@@ -77,15 +77,18 @@ def save_checkpoint(path: str | Path, model: NestedGPT, tokenizer: Tokenizer, tr
         for name in (*REQUIRED_FILES, MANIFEST_FILE):
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        _replace_dir(staging, path)
+        replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is swapped out, then removed."""
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory ``new`` to ``target``; an existing ``target`` is swapped out, then removed.
+
+    Readers see the old directory or the new one, never a half-written mix.
+    """
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)

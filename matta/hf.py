@@ -9,14 +9,13 @@ package does not need it to train or serve.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from matta.checkpoint import Checkpoint, save_checkpoint, sha256_file
+from matta.checkpoint import Checkpoint, replace_dir, save_checkpoint, sha256_file
 from matta.config import ModelConfig
 from matta.model import NestedGPT
 from matta.tokenizer import END_OF_TEXT, Tokenizer
@@ -106,9 +105,7 @@ def export_width(ckpt: Checkpoint, width: str, out: str | Path) -> Path:
             "source_weights_sha256": sha256_file(ckpt.path / "model.safetensors"),
         }
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from matta.checkpoint import replace_dir
+
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 
@@ -56,12 +58,7 @@ def save_state(path: Path, state: dict) -> None:
         for name in (STATE_TENSORS, STATE_JSON):
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(staging, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
