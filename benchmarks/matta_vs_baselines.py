@@ -62,14 +62,21 @@ def variant_config(base: dict, variant: str, seed: int, steps: int, work: Path, 
 
 
 def measure_step_costs(base: dict, teacher_path: Path, data: TokenData, repeats: int = 8) -> dict:
-    """Median seconds per optimiser step for matta, dense TA (CE), KD at TA size and KD at Student size."""
+    """Median seconds per optimiser step, eager and under torch.compile (what `compile: true` runs).
+
+    Setups: matta (one middle width), matta without middle widths, dense TA on ground truth, KD
+    at TA size (the TA trained alone on the same teacher labels) and KD at Student size. Steps of
+    all setups are interleaved so drift in machine speed hits them alike.
+    """
     tokenizer = data.tokenizer()
-    teacher = Teacher.load(TrainConfig.model_validate({**base, "teacher": {"path": str(teacher_path)}}).teacher,
-                           tokenizer, torch.device("cpu"))
+    eager_teacher = Teacher.load(TrainConfig.model_validate({**base, "teacher": {"path": str(teacher_path)}}).teacher,
+                                 tokenizer, torch.device("cpu"))
+    compiled_teacher = Teacher(torch.compile(eager_teacher.logits_fn), eager_teacher.description)
     ta_name, ta_ffn = list(base["model"]["widths"].items())[-1]
     s_name, s_ffn = next(iter(base["model"]["widths"].items()))
     setups = {
         "matta": {**base, "teacher": {"path": str(teacher_path)}},
+        "matta_nomid": {**base, "teacher": {"path": str(teacher_path)}, "loss": {**base["loss"], "middle_widths": 0}},
         "dense_ta": {**base, "recipe": "student", "model": {**base["model"], "widths": {ta_name: ta_ffn}}},
         "kd_ta": {**base, "recipe": "kd", "teacher": {"path": str(teacher_path)},
                   "model": {**base["model"], "widths": {ta_name: ta_ffn}}},
@@ -77,36 +84,48 @@ def measure_step_costs(base: dict, teacher_path: Path, data: TokenData, repeats:
                        "model": {**base["model"], "widths": {s_name: s_ffn}}},
     }
     steppers = {}
-    for name, raw in setups.items():
-        raw = {k: v for k, v in raw.items() if not (k == "teacher" and raw["recipe"] in ("student", "teacher"))}
-        cfg = TrainConfig.model_validate(raw)
-        torch.manual_seed(0)
-        model = NestedGPT(cfg.model.build(tokenizer.vocab_size, tokenizer.eos_id))
-        module, opt = RecipeLoss(model, cfg), build_optimizer(model, cfg)
-        sampler = BatchSampler(data.tokens("train"), cfg.seq_len, cfg.batch_size, 0)
-        middle = [model.config.widths[n] for n in model.config.width_names[1:-1]][: cfg.loss.middle_widths]
-        uses_teacher = cfg.recipe in ("kd", "matta")
+    for mode in ("eager", "compiled"):
+        for name, raw in setups.items():
+            raw = {k: v for k, v in raw.items() if not (k == "teacher" and raw["recipe"] in ("student", "teacher"))}
+            cfg = TrainConfig.model_validate(raw)
+            torch.manual_seed(0)
+            model = NestedGPT(cfg.model.build(tokenizer.vocab_size, tokenizer.eos_id))
+            module, opt = RecipeLoss(model, cfg), build_optimizer(model, cfg)
+            if mode == "compiled":
+                module = torch.compile(module)
+            teacher = compiled_teacher if mode == "compiled" else eager_teacher
+            sampler = BatchSampler(data.tokens("train"), cfg.seq_len, cfg.batch_size, 0)
+            middle = [model.config.widths[n] for n in model.config.width_names[1:-1]][: cfg.loss.middle_widths]
+            uses_teacher = cfg.recipe in ("kd", "matta")
 
-        def step(module=module, opt=opt, sampler=sampler, middle=middle, uses_teacher=uses_teacher, recipe=cfg.recipe):
-            x, y = sampler.next()
-            t_logits = teacher(x) if uses_teacher else None
-            loss, _ = module(x, y, t_logits, 10_000, middle if recipe == "matta" else [])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step()
-        steppers[name] = step
+            def step(module=module, opt=opt, sampler=sampler, middle=middle, uses_teacher=uses_teacher,
+                     recipe=cfg.recipe, teacher=teacher):
+                x, y = sampler.next()
+                t_logits = teacher(x) if uses_teacher else None
+                loss, _ = module(x, y, t_logits, torch.tensor(1.0), middle if recipe == "matta" else [])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step()  # warm-up (and compilation)
+            step()
+            steppers[f"{mode}:{name}"] = step
     times = {name: [] for name in steppers}
     for r in range(repeats):
         for name in list(steppers)[r % len(steppers):] + list(steppers)[: r % len(steppers)]:
             start = time.perf_counter()
             steppers[name]()
             times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    return {"median_step_seconds": med,
-            "matta_over_dense_ta": med["matta"] / med["dense_ta"],
-            "matta_over_kd_ta": med["matta"] / med["kd_ta"],
-            "matta_over_kd_student": med["matta"] / med["kd_student"]}
+    result = {}
+    for mode in ("eager", "compiled"):
+        med = {name: statistics.median(times[f"{mode}:{name}"]) for name in setups}
+        result[mode] = {"median_step_seconds": med,
+                        "matta_over_dense_ta": med["matta"] / med["dense_ta"],
+                        "matta_over_kd_ta": med["matta"] / med["kd_ta"],
+                        "matta_nomid_over_kd_ta": med["matta_nomid"] / med["kd_ta"],
+                        "matta_over_kd_student": med["matta"] / med["kd_student"]}
+    result["compile_speedup_matta"] = result["eager"]["median_step_seconds"]["matta"] / result["compiled"][
+        "median_step_seconds"]["matta"]
+    return result
 
 
 def summarise(runs: dict, student_name: str) -> dict:
@@ -189,7 +208,9 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         cost_path.write_text(json.dumps(costs, indent=2))
     print(f"step costs: {json.dumps(costs)}", flush=True)
-    kd_compute_steps = round(args.steps * costs["matta_over_kd_student"])
+    # Runs use the config's compile setting, so kd_compute gets the step ratio of that mode.
+    mode = "compiled" if base.get("compile") else "eager"
+    kd_compute_steps = round(args.steps * costs[mode]["matta_over_kd_student"])
     runs = {}
     for seed in args.seeds:
         for variant in args.variants:

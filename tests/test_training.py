@@ -51,18 +51,32 @@ def _weights(**kw):
     return MattaWeights(**{**base, **kw})
 
 
+def _matta_parts(*args) -> dict[str, float]:
+    _, parts = matta_loss(*args)
+    return {k: float(v) for k, v in parts.items()}
+
+
 def test_matta_terms_are_zero_or_nonzero_when_they_should_be():
     y, teacher, ta, student = targets(), logits(1), logits(2), logits(3)
-    _, parts = matta_loss(y, teacher, ta, student, [], _weights())
+    parts = _matta_parts(y, teacher, ta, student, [], _weights())
     assert parts["distill"] > 0 and parts["ta"] > 0 and parts["student"] > 0
-    _, same = matta_loss(y, teacher, ta, ta.clone(), [], _weights())
+    same = _matta_parts(y, teacher, ta, ta.clone(), [], _weights())
     assert abs(same["distill"]) < 1e-6  # a Student equal to the TA has nothing to distil
-    _, off = matta_loss(y, teacher, ta, student, [], _weights(distill=0.0))
+    off = _matta_parts(y, teacher, ta, student, [], _weights(distill=0.0))
     assert off["distill"] == 0.0
     assert off["total"] == pytest.approx(off["ta"] + off["student"], rel=1e-6)
-    _, with_middle = matta_loss(y, teacher, ta, student, [logits(4)], _weights())
+    with_middle = _matta_parts(y, teacher, ta, student, [logits(4)], _weights())
     assert with_middle["middle"] > 0
     assert with_middle["total"] > parts["total"]
+
+
+def test_a_tensor_beta_gives_the_same_loss_as_a_float_beta():
+    # The trainer passes beta as a 0-d tensor so a compiled step never recompiles on its value.
+    y, teacher, ta, student = targets(), logits(1), logits(2), logits(3)
+    for beta in (0.0, 0.4, 1.0):
+        as_float, _ = matta_loss(y, teacher, ta, student, [logits(4)], _weights(distill=beta))
+        as_tensor, _ = matta_loss(y, teacher, ta, student, [logits(4)], _weights(distill=torch.tensor(beta)))
+        torch.testing.assert_close(as_float, as_tensor)
 
 
 def test_distillation_does_not_pull_the_ta_towards_the_student():
@@ -252,3 +266,16 @@ def test_a_local_hf_gpt2_directory_can_be_the_teacher(tmp_path, corpus_dir):
     cfg["teacher"] = {"path": str(other)}
     with pytest.raises(ValueError, match="different vocabulary"):
         train(TrainConfig.model_validate(cfg), progress=False)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, corpus_dir):
+    """`compile: true` changes speed, not maths: same losses as eager within float tolerance."""
+    eager = tiny_run(tmp_path / "eager", corpus_dir, "matta", steps=6)
+    train(TrainConfig.model_validate(eager), progress=False)
+    compiled = tiny_run(tmp_path / "compiled", corpus_dir, "matta", steps=6)
+    compiled["teacher"] = eager["teacher"]  # the same trained teacher
+    compiled["compile"] = True
+    train(TrainConfig.model_validate(compiled), progress=False)
+    for a, b in zip(_history(Path(eager["run_dir"])), _history(Path(compiled["run_dir"])), strict=True):
+        assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-3), a["step"]

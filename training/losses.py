@@ -45,7 +45,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def width_loss(
     logits: torch.Tensor, targets: torch.Tensor, teacher: SoftTarget | None, label_mix: float,
-    ta: SoftTarget | None = None, distill: float = 0.0,
+    ta: SoftTarget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss against teacher labels, TA -> this width distillation), sharing one log-softmax.
 
@@ -53,12 +53,12 @@ def width_loss(
     """
     zero = logits.new_zeros((), dtype=torch.float32)
     hard = cross_entropy(logits, targets) if (teacher is None or label_mix < 1) else zero
-    needs_soft = (teacher is not None and label_mix > 0) or (ta is not None and distill > 0)
+    needs_soft = (teacher is not None and label_mix > 0) or ta is not None
     log_probs = tempered_log_probs(logits, (teacher or ta).temperature) if needs_soft else None
     labels = hard
     if teacher is not None and label_mix > 0:
         labels = (1 - label_mix) * hard + label_mix * teacher.kl(log_probs)
-    distill_term = ta.kl(log_probs) if (ta is not None and distill > 0) else zero
+    distill_term = ta.kl(log_probs) if ta is not None else zero
     return labels, distill_term
 
 
@@ -75,7 +75,7 @@ def label_loss(
 class MattaWeights:
     ta: float
     student: float
-    distill: float  # beta at this step, ramp already applied
+    distill: float | torch.Tensor  # beta at this step, ramp applied; a tensor always computes the term
     middle: float
     temperature: float
     label_mix: float
@@ -95,26 +95,28 @@ def matta_loss(
     student_logits: torch.Tensor,
     middle_logits: list[torch.Tensor],
     w: MattaWeights,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The MatTA composite loss and its parts (for logging).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The MatTA composite loss and its parts (detached, for logging).
 
     TA and Student (and sampled middle widths) each learn from teacher labels; the Student and
     middle widths also distil from the TA's softened distribution. The TA side of that term is
     detached: the TA is taught by the teacher, not pulled towards its own sub-network.
     """
     teacher = SoftTarget(teacher_logits, w.temperature) if teacher_logits is not None and w.label_mix > 0 else None
-    ta = SoftTarget(ta_logits, w.temperature) if w.distill > 0 else None
+    distilling = isinstance(w.distill, torch.Tensor) or w.distill > 0
+    ta = SoftTarget(ta_logits, w.temperature) if distilling else None
     ta_term, _ = width_loss(ta_logits, targets, teacher, w.label_mix)
-    student_term, distill_term = width_loss(student_logits, targets, teacher, w.label_mix, ta, w.distill)
+    student_term, distill_term = width_loss(student_logits, targets, teacher, w.label_mix, ta)
     total = w.ta * ta_term + w.student * student_term + w.distill * distill_term
-    parts = {"ta": ta_term.item(), "student": student_term.item(), "distill": distill_term.item()}
+    # Parts stay tensors: an .item() here would sync and break a torch.compile graph in two.
+    parts = {"ta": ta_term.detach(), "student": student_term.detach(), "distill": distill_term.detach()}
     if middle_logits:
         middle_total = ta_term.new_zeros(())
         for logits in middle_logits:
-            labels, distill = width_loss(logits, targets, teacher, w.label_mix, ta, w.distill)
+            labels, distill = width_loss(logits, targets, teacher, w.label_mix, ta)
             middle_total = middle_total + labels + w.distill * distill
         middle_total = middle_total / len(middle_logits)
         total = total + w.middle * middle_total
-        parts["middle"] = middle_total.item()
-    parts["total"] = total.item()
+        parts["middle"] = middle_total.detach()
+    parts["total"] = total.detach()
     return total, parts

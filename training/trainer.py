@@ -115,21 +115,22 @@ class RecipeLoss(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, x, y, teacher_logits, step: int, middle: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, x, y, teacher_logits, beta: torch.Tensor, middle: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and its detached parts. ``beta`` (the ramped TA->Student weight) is a 0-d tensor,
+        not a float, so a compiled step does not specialise and recompile on every new value."""
         recipe, spec = self.cfg.recipe, self.cfg.loss
         if recipe in ("teacher", "student"):
             loss = cross_entropy(self.model(x).logits, y)
-            return loss, {"total": loss.item()}
+            return loss, {"total": loss.detach()}
         if recipe == "kd":
             loss = label_loss(self.model(x).logits, y, teacher_logits, spec.label_mix, spec.temperature)
-            return loss, {"total": loss.item()}
+            return loss, {"total": loss.detach()}
         config = self.model.config
         ta_logits = self.model(x, width=config.full_width).logits
         student_logits = self.model(x, width=config.student_width).logits
         middle_logits = [self.model(x, width=m).logits for m in middle]
         weights = MattaWeights(
-            ta=spec.ta_weight, student=spec.student_weight,
-            distill=distill_ramp(step, spec.distill_weight, spec.distill_ramp_steps),
+            ta=spec.ta_weight, student=spec.student_weight, distill=beta if spec.distill_weight > 0 else 0.0,
             middle=spec.middle_weight, temperature=spec.temperature, label_mix=spec.label_mix,
         )
         return matta_loss(y, teacher_logits, ta_logits, student_logits, middle_logits, weights)
@@ -207,6 +208,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     module: nn.Module = RecipeLoss(model, cfg)
     if info.world_size > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        module = torch.compile(module)
+        if teacher is not None:
+            teacher.logits_fn = torch.compile(teacher.logits_fn)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     sampler = BatchSampler(data.tokens("train"), cfg.seq_len, cfg.batch_size, cfg.seed)
@@ -246,7 +251,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                   if cfg.recipe == "matta" and middle_choices else [])
         with autocast:
             teacher_logits = teacher(x) if teacher is not None else None
-            loss, parts = module(x, y, teacher_logits, step, middle)
+            beta = torch.tensor(distill_ramp(step, cfg.loss.distill_weight, cfg.loss.distill_ramp_steps))
+            loss, parts = module(x, y, teacher_logits, beta, middle)
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -255,6 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += cfg.batch_size * cfg.seq_len
         window_tokens += cfg.batch_size * cfg.seq_len
+        parts = {k: float(v) for k, v in parts.items()}
         if info.world_size > 1:
             parts = _all_reduce_mean(parts, device)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
