@@ -181,8 +181,35 @@ def cmd_serve(args) -> int:
 
     settings = ServerSettings(checkpoint=args.checkpoint, policy=args.policy, max_batch=args.max_batch,
                               max_queue=args.max_queue, device=args.device,
-                              shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads)
+                              shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads,
+                              default_slo_ms=args.slo_ms, min_width=args.min_width, shed=args.shed,
+                              profile=args.profile, quality_metric=args.quality_metric)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def cmd_profile(args) -> int:
+    """Measure prefill and decode step times per width, batch size and context on this machine;
+    write the latency profile that `matta serve --policy slo --profile PATH` loads."""
+    import torch
+
+    from matta.checkpoint import load_checkpoint
+    from serving.profile import profile_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu")
+    latency = profile_model(ckpt.model, repeats=args.repeats)
+    out = latency.save(args.out)
+    print(f"{'width':>6} {'decode B=1 L=64':>16} {'decode B=32 L=160':>18} {'prefill 256 tok':>16} "
+          f"{'fit err (median)':>17} {'held-out err':>13}")
+    for width, cost in latency.costs.items():
+        err = latency.meta["relative_error"][width]
+        held = err["held_out_median"]
+        print(f"{width:>6} {1000 * cost.decode_s(1, 64):>13.2f} ms {1000 * cost.decode_s(32, 160):>15.2f} ms "
+              f"{1000 * cost.prefill_s(256):>13.2f} ms {err['fit_median']:>16.1%} "
+              f"{(f'{held:.1%}' if held is not None else '-'):>13}")
+    print(f"wrote {out} ({latency.meta['torch_threads']} torch threads, {latency.meta['device']})")
+    return 0
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -246,14 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--policy", help="width policy for unpinned requests, 'kind:arg' (default: fixed:<widest>)")
+    p.add_argument("--policy", help="width policy for unpinned requests: fixed:<width> or slo[:key=value,...] "
+                                    "(default: fixed:<widest>)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting before 429")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores but one, left to the HTTP loop)")
+    p.add_argument("--slo-ms", type=float, help="latency target (ms) for requests that give none (slo policy)")
+    p.add_argument("--min-width", help="slo policy: never serve unpinned requests below this width")
+    p.add_argument("--shed", action="store_true",
+                   help="slo policy: answer 429 + Retry-After when no width can meet the SLO (default: best effort)")
+    p.add_argument("--profile", type=Path, help="latency profile from `matta profile` (default: measured at start-up)")
+    p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
+                   help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = add("profile", cmd_profile, "measure per-width step times on this machine (latency profile for the router)")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
+    p.add_argument("--out", type=Path, default=Path("runs/latency-profile.json"))
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median is kept)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (profile with what the server will use)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
     return parser
 
 

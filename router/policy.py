@@ -1,9 +1,9 @@
 """The width-choice seam: which nested width serves a request, given the request, the load and a clock.
 
 Pure Python (no torch): policies are unit-tested with fake loads and a fake clock, and the
-serving engine, the standalone router and the A/B layer all ask the same interface. A new
-policy (e.g. the SLO-aware one) implements :class:`WidthPolicy` and registers a factory with
-:func:`register_policy`; servers pick it by name, ``--policy kind:arg``.
+serving engine, the standalone router and the A/B layer all ask the same interface. A policy
+implements :class:`WidthPolicy` and registers a factory with :func:`register_policy`; servers
+pick it by name, ``--policy kind[:arg]`` (``fixed:<width>``, ``slo`` from :mod:`router.slo`).
 
 Pinned widths (``model: "<name>:<width>"`` or the body's ``width``) are not a policy's business:
 :func:`decide_width` serves them before any policy is asked.
@@ -38,14 +38,41 @@ class LoadSnapshot:
     waiting_by_width: Mapping[str, int] = field(default_factory=dict)
     max_batch: int = 1
     max_queue: int = 1
+    # The running batch groups, {width: (rows, cache length in tokens)}, and the tokens each
+    # running sequence may still generate (ascending): what a latency prediction needs.
+    groups: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    remaining_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class WidthDecision:
-    """The width to serve and why (``reason`` is logged and may become a metric label)."""
+    """The width to serve and why (``reason`` is logged and becomes a metric label).
+
+    ``predicted_s`` is the policy's predicted end-to-end latency at that width, when it made
+    one; ``shed`` asks the server to refuse the request (429 + Retry-After) instead.
+    """
 
     width: str
     reason: str
+    predicted_s: float | None = None
+    shed: bool = False
+
+
+@runtime_checkable
+class LatencyPredictor(Protocol):
+    """Predicts a request's end-to-end seconds at a width under a load (engine profile or backends)."""
+
+    def predict_s(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float: ...
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a server knows that policies may need; each policy reads only its part."""
+
+    predictor: LatencyPredictor | None = None
+    default_slo_ms: float | None = None  # for requests that give no latency_slo_ms
+    min_width: str | None = None  # quality floor for load-adaptive policies
+    shed: bool = False  # refuse requests no width can serve in time (else best effort at the floor)
 
 
 @runtime_checkable
@@ -80,8 +107,8 @@ def decide_width(policy: WidthPolicy, request: RequestInfo, load: LoadSnapshot, 
     return policy.choose(request, load, now)
 
 
-PolicyFactory = Callable[[str, Sequence[str]], WidthPolicy]
-"""``factory(argument, width_names) -> policy``; ``argument`` is what follows ``kind:`` in the spec."""
+PolicyFactory = Callable[[str, Sequence[str], PolicyContext], WidthPolicy]
+"""``factory(argument, width_names, context) -> policy``; ``argument`` follows ``kind:`` in the spec."""
 
 _FACTORIES: dict[str, PolicyFactory] = {}
 
@@ -91,7 +118,7 @@ def register_policy(kind: str, factory: PolicyFactory) -> None:
     _FACTORIES[kind] = factory
 
 
-def _fixed(argument: str, widths: Sequence[str]) -> WidthPolicy:
+def _fixed(argument: str, widths: Sequence[str], context: PolicyContext) -> WidthPolicy:
     width = argument or widths[-1]
     if width not in widths:
         raise ValueError(f"fixed policy: unknown width {width!r}; known: {list(widths)}")
@@ -101,12 +128,14 @@ def _fixed(argument: str, widths: Sequence[str]) -> WidthPolicy:
 register_policy("fixed", _fixed)
 
 
-def make_policy(spec: str | None, widths: Sequence[str]) -> WidthPolicy:
-    """Build a policy from ``"kind[:arg]"``, e.g. ``"fixed:s"``; ``None`` is the widest fixed width.
+def make_policy(spec: str | None, widths: Sequence[str], context: PolicyContext | None = None) -> WidthPolicy:
+    """Build a policy from ``"kind[:arg]"``, e.g. ``"fixed:s"`` or ``"slo"``; ``None`` is the widest fixed width.
 
     ``widths`` are the checkpoint's width names, narrowest first; a policy must only ever
     answer one of them.
     """
+    import router.slo  # noqa: F401  (registers "slo"; imported here to keep the modules acyclic)
+
     if not widths:
         raise ValueError("make_policy needs at least one width name")
     if spec is None:
@@ -114,4 +143,4 @@ def make_policy(spec: str | None, widths: Sequence[str]) -> WidthPolicy:
     kind, _, argument = spec.partition(":")
     if kind not in _FACTORIES:
         raise ValueError(f"unknown policy {spec!r}; known kinds: {sorted(_FACTORIES)} (spec is 'kind:arg')")
-    return _FACTORIES[kind](argument, list(widths))
+    return _FACTORIES[kind](argument, list(widths), context or PolicyContext())

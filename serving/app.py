@@ -23,7 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matta.checkpoint import load_checkpoint
-from router.policy import make_policy
+from router.latency import LatencyModel
+from router.policy import PolicyContext, make_policy
+from router.quality import width_quality
+from router.slo import EnginePredictor
 from serving.engine import Engine
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionRequest, ErrorResponse, ModelList, error_body
@@ -44,16 +47,28 @@ class ServerSettings:
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
     torch_threads: int | None = None  # CPU intra-op threads; fewer than cores helps on a shared machine
+    default_slo_ms: float | None = None  # latency target of requests that give none (slo policy)
+    min_width: str | None = None  # quality floor of the slo policy
+    shed: bool = False  # slo policy: refuse (429) what no width can serve in time, instead of best effort
+    profile: Path | None = None  # latency profile from `matta profile`; None: measure one at start-up when needed
+    quality_metric: str = "cloze_acc"  # per-width quality for effective-quality metrics (training.json eval)
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
     """Load the checkpoint once and build the app; the engine thread runs while the app's lifespan does."""
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(settings.checkpoint, device=device)
-    policy = make_policy(settings.policy, ckpt.config.width_names)
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
-    metrics = ServingMetrics(engine.stats)
-    service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s)
+    widths = ckpt.config.width_names
+    latency = load_or_measure_profile(settings, ckpt.model)
+    context = PolicyContext(predictor=EnginePredictor(latency) if latency else None,
+                            default_slo_ms=settings.default_slo_ms, min_width=settings.min_width, shed=settings.shed)
+    policy = make_policy(settings.policy, widths, context)
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                    latency=latency)
+    metrics = ServingMetrics(engine.stats, corrections=latency.corrections if latency else None)
+    service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s,
+                                default_slo_ms=settings.default_slo_ms,
+                                quality=width_quality(ckpt.training, widths, settings.quality_metric))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +107,27 @@ def build_app(settings: ServerSettings) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | None:
+    """The latency model for this server: the given profile, or one measured now when the policy
+    needs predictions (a few seconds on CPU), or None."""
+    widths = model.config.width_names
+    if settings.profile is not None:
+        latency = LatencyModel.load(settings.profile)
+        missing = [w for w in widths if w not in latency.costs]
+        if missing:
+            raise ValueError(f"{settings.profile}: the profile has no costs for width(s) {missing} of this checkpoint")
+        return latency
+    if settings.policy is None or not settings.policy.startswith("slo"):
+        return None
+    from serving.profile import profile_model
+
+    log.info("no latency profile given (--profile); measuring one now")
+    latency = profile_model(model)
+    errors = latency.meta["relative_error"]
+    log.info("latency profile: median fit error %s", {w: f"{e['fit_median']:.1%}" for w, e in errors.items()})
+    return latency
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from matta.model import KVCache, NestedGPT
 from matta.tokenizer import Tokenizer
+from router.latency import LatencyModel
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class EngineStats:
     steps: int  # decode steps (one per width group) since start
     finished: int
     cancelled: int
+    groups: dict[str, tuple[int, int]] = field(default_factory=dict)  # width -> (rows, cache length)
+    remaining_tokens: tuple[int, ...] = ()  # tokens each running sequence may still generate, ascending
 
 
 @dataclass(eq=False)
@@ -186,7 +189,10 @@ class RequestStream:
 class Engine:
     """Continuous-batching generation over one :class:`NestedGPT`, at any of its named widths."""
 
-    def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256) -> None:
+    def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
+                 latency: LatencyModel | None = None) -> None:
+        """``latency``, when given, is told the duration of every prefill, decode step and scheduler
+        iteration, so its online corrections track this machine (see :mod:`router.latency`)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -206,6 +212,10 @@ class Engine:
         self._steps = self._finished = self._cancelled = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.latency = latency
+        # Written by the scheduler thread after every iteration (a reference swap), read by stats().
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._remaining: tuple[int, ...] = ()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -289,6 +299,8 @@ class Engine:
                 steps=self._steps,
                 finished=self._finished,
                 cancelled=self._cancelled,
+                groups=self._shapes,
+                remaining_tokens=self._remaining,
             )
 
     # --- scheduler thread ----------------------------------------------------------------------
@@ -303,17 +315,28 @@ class Engine:
                         break
                     admitted = self._admit_locked()
                 try:
+                    started = time.perf_counter()
                     self._drop_cancelled()
                     self._prefill(admitted)
-                    self._decode()
+                    predicted = self._decode()
+                    if self.latency is not None and predicted > 0:
+                        self.latency.observe_iteration(time.perf_counter() - started, predicted)
                 except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
+                self._publish_shapes()
         with self._cond:
             leftover = list(self._waiting)
             self._waiting.clear()
             self._waiting_by_width = dict.fromkeys(self._waiting_by_width, 0)
         self._abort(leftover + self._all_running())
+
+    def _publish_shapes(self) -> None:
+        n_ctx = self.config.n_ctx
+        self._shapes = {w: (len(g.seqs), int(g.mask.shape[1])) for w, g in self._groups.items()}
+        self._remaining = tuple(sorted(
+            min(s.params.max_tokens - len(s.tokens), n_ctx - len(s.prompt) - len(s.tokens))
+            for g in self._groups.values() for s in g.seqs))
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
@@ -384,6 +407,7 @@ class Engine:
                 ids[i, P - len(s.prompt):] = torch.tensor(s.prompt)
                 mask[i, P - len(s.prompt):] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
+            started = time.perf_counter()
             out = self.model(ids, width=width, attention_mask=mask, use_cache=True)  # logits (B, P, V)
             prompt_lp = [self._prompt_logprobs(out.logits[i, P - n:], s) if s.params.prompt_logprobs else None
                          for i, (s, n) in enumerate(zip(seqs, lengths, strict=True))]
@@ -398,24 +422,36 @@ class Engine:
             live = [seqs[i] for i in rows]
             next_ids = self._sample_and_emit(live, out.logits.index_select(0, index)[:, -1],
                                              [prompt_lp[i] for i in rows])
+            if self.latency is not None:
+                self.latency.observe_prefill(width, ids.numel(), time.perf_counter() - started)
             cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values]
             group = _Group(width, live, cache, mask.index_select(0, index), next_ids)
             self._drop_finished(group, registered=False)
             if group.seqs:
                 self._merge(group)
 
-    def _decode(self) -> None:
-        """One decode step per width group: feed each row's last token, sample the next."""
+    def _decode(self) -> float:
+        """One decode step per width group: feed each row's last token, sample the next.
+
+        Returns the latency model's prediction for these steps (0 without a model).
+        """
+        predicted = 0.0
         for width, group in list(self._groups.items()):
             B = len(group.seqs)
+            started = time.perf_counter()
             mask = torch.cat([group.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
             out = self.model(group.next_ids, width=width, attention_mask=mask,
                              past_key_values=group.cache, use_cache=True)
             group.cache, group.mask = out.past_key_values, mask
             group.next_ids = self._sample_and_emit(group.seqs, out.logits[:, -1], None)
+            if self.latency is not None:
+                context = int(mask.shape[1])
+                predicted += self.latency.decode_step_s(width, B, context)
+                self.latency.observe_decode(width, B, context, time.perf_counter() - started)
             with self._cond:
                 self._steps += 1
             self._drop_finished(group)
+        return predicted
 
     # --- sampling and bookkeeping ------------------------------------------------------------
 

@@ -6,6 +6,8 @@ engine at scrape time, so they are never stale.
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -16,6 +18,8 @@ from serving.engine import EngineStats
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+SLO_OUTCOMES = ("met", "missed", "shed", "failed")
 
 
 class _EngineCollector(Collector):
@@ -36,11 +40,44 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("matta_batch_capacity_requests", "running-batch limit", value=stats.max_batch)
 
 
+class _SloCollector(Collector):
+    """Effective quality per policy, computed at scrape time from running sums."""
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        quality = GaugeMetricFamily(
+            "matta_effective_quality",
+            "mean quality of answers delivered within their SLO (late, shed or failed answers score 0)",
+            labels=["policy"])
+        attainment = GaugeMetricFamily("matta_slo_attainment_ratio", "fraction of SLO requests answered in time",
+                                       labels=["policy"])
+        for policy, (delivered, met, total) in self._metrics.slo_totals().items():
+            if total:
+                quality.add_metric([policy], delivered / total)
+                attainment.add_metric([policy], met / total)
+        yield quality
+        yield attainment
+        corrections = self._metrics.latency_corrections()
+        if corrections:
+            family = GaugeMetricFamily("matta_latency_correction_ratio",
+                                       "online correction of the latency profile (observed / profiled)",
+                                       labels=["kind"])
+            for kind, value in corrections.items():
+                family.add_metric([kind], value)
+            yield family
+
+
 class ServingMetrics:
     """The server's metric families, all in ``self.registry``."""
 
-    def __init__(self, stats: Callable[[], EngineStats], registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], registry: CollectorRegistry | None = None,
+                 corrections: Callable[[], dict[str, float]] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._corrections = corrections
+        self._slo_lock = threading.Lock()
+        self._slo: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])  # policy -> [quality, met, total]
         r = self.registry
         self.e2e_latency = Histogram("matta_request_e2e_latency_seconds", "request arrival to last token",
                                      ["width"], buckets=LATENCY_BUCKETS_S, registry=r)
@@ -54,7 +91,40 @@ class ServingMetrics:
                                 ["width", "status"], registry=r)
         self.prompt_tokens = Counter("matta_prompt_tokens", "prompt tokens processed", ["width"], registry=r)
         self.generation_tokens = Counter("matta_generation_tokens", "tokens generated", ["width"], registry=r)
+        self.decisions = Counter("matta_router_decisions", "width choices by policy, chosen width and reason",
+                                 ["policy", "width", "reason"], registry=r)
+        self.slo_requests = Counter("matta_slo_requests", "requests with a latency SLO by outcome "
+                                    "(met, missed, shed, failed)", ["policy", "outcome"], registry=r)
+        self.shed = Counter("matta_shed_requests", "requests refused because no width could meet their SLO",
+                            ["policy"], registry=r)
+        self.quality_delivered = Counter("matta_quality_delivered", "sum of served-width quality over answers "
+                                         "delivered within their SLO", ["policy"], registry=r)
+        self.prediction_ratio = Histogram("matta_router_prediction_ratio", "actual / predicted end-to-end latency",
+                                          ["policy", "width"], buckets=RATIO_BUCKETS, registry=r)
+        self.prediction_error = Histogram("matta_router_prediction_error_seconds",
+                                          "|actual - predicted| end-to-end latency", ["policy", "width"],
+                                          buckets=LATENCY_BUCKETS_S, registry=r)
         r.register(_EngineCollector(stats))
+        r.register(_SloCollector(self))
+
+    def observe_slo(self, policy: str, outcome: str, quality: float = 0.0) -> None:
+        """Count one SLO request's outcome; ``quality`` is the served width's, given only when met."""
+        self.slo_requests.labels(policy, outcome).inc()
+        if outcome == "met":
+            self.quality_delivered.labels(policy).inc(quality)
+        with self._slo_lock:
+            sums = self._slo[policy]
+            sums[0] += quality if outcome == "met" else 0.0
+            sums[1] += outcome == "met"
+            sums[2] += 1
+
+    def slo_totals(self) -> dict[str, tuple[float, int, int]]:
+        """policy -> (quality delivered in time, requests met, SLO requests)."""
+        with self._slo_lock:
+            return {p: (q, int(m), int(t)) for p, (q, m, t) in self._slo.items()}
+
+    def latency_corrections(self) -> dict[str, float]:
+        return self._corrections() if self._corrections is not None else {}
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from serving.protocol import (
 log = logging.getLogger(__name__)
 
 WIDTH_HEADER = "x-matta-width"
+SLO_HEADER = "x-matta-slo-ms"  # request header: latency target when the body gives none
+PREDICTED_HEADER = "x-matta-predicted-ms"  # response header: the router's latency prediction
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 
@@ -68,6 +71,16 @@ class APIError(Exception):
                             headers=self.headers)
 
 
+@dataclass(frozen=True)
+class _Route:
+    """How a request was routed, for the SLO metrics when it ends."""
+
+    width: str
+    reason: str
+    slo_s: float | None
+    predicted_s: float | None
+
+
 @dataclass
 class _Choice:
     """What one prompt of a request has produced so far, plus its timings for the metrics."""
@@ -88,8 +101,11 @@ class CompletionService:
     """``/v1/completions`` and ``/v1/models`` over one engine."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, policy: WidthPolicy, metrics: ServingMetrics,
-                 retry_after_s: int = 1) -> None:
+                 retry_after_s: int = 1, default_slo_ms: float | None = None,
+                 quality: dict[str, float] | None = None) -> None:
         self.engine = engine
+        self.default_slo_ms = default_slo_ms
+        self.quality = quality or {}
         self.tokenizer = tokenizer
         self.config: ModelConfig = engine.config
         self.policy = policy
@@ -116,11 +132,21 @@ class CompletionService:
         width = None
         try:
             pinned = self._pinned_width(body)
+            slo_ms = self._slo_ms(body, raw_request)
             prompts = self._tokenize(body.prompt)
-            info = RequestInfo(pinned_width=pinned, latency_slo_ms=body.latency_slo_ms, max_tokens=body.max_tokens,
+            info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms, max_tokens=body.max_tokens,
                                prompt_tokens=sum(len(p) for p in prompts), user=body.user, n_prompts=len(prompts))
             decision = decide_width(self.policy, info, self._load(), started)
             width = decision.width
+            route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, decision.predicted_s)
+            self.metrics.decisions.labels(self.policy.name, width, decision.reason).inc()
+            if decision.shed:
+                self.metrics.shed.labels(self.policy.name).inc()
+                self.metrics.observe_slo(self.policy.name, "shed")
+                wait = max(self.retry_after_s, math.ceil((decision.predicted_s or 0) - route.slo_s))
+                raise APIError(429, f"no width can meet the latency SLO of {slo_ms:g} ms now (predicted "
+                                    f"{1000 * (decision.predicted_s or 0):.0f} ms at width {width!r}); retry later",
+                               type_="rate_limit_error", code="slo_unattainable", headers={"retry-after": str(wait)})
             params = SamplingParams(
                 max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                 stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
@@ -133,13 +159,31 @@ class CompletionService:
             raise
         choices = [_Choice(p, self._prompt_text(body.prompt, i, p)) for i, p in enumerate(prompts)]
         headers = {WIDTH_HEADER: width}
+        if route.predicted_s is not None:
+            headers[PREDICTED_HEADER] = f"{1000 * route.predicted_s:.1f}"
         if body.stream:
             # The background cancel also covers a client gone before the first chunk, when the
             # generator never started and its ``finally`` cannot run.
-            return StreamingResponse(self._sse(body, stream, choices, width, started), media_type="text/event-stream",
+            return StreamingResponse(self._sse(body, stream, choices, route, started), media_type="text/event-stream",
                                      headers={**headers, "cache-control": "no-cache"},
                                      background=BackgroundTask(stream.cancel))
-        return await self._complete(body, stream, choices, width, started, raw_request, headers)
+        return await self._complete(body, stream, choices, route, started, raw_request, headers)
+
+    def _slo_ms(self, body: CompletionRequest, raw_request: Request) -> float | None:
+        """The request's latency target: the body's ``latency_slo_ms``, else the header, else the server default."""
+        if body.latency_slo_ms is not None:
+            return body.latency_slo_ms
+        header = raw_request.headers.get(SLO_HEADER)
+        if header is not None:
+            try:
+                value = float(header)
+            except ValueError:
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0):
+                raise APIError(400, f"header {SLO_HEADER} must be a positive number of milliseconds, got {header!r}",
+                               param=SLO_HEADER)
+            return value
+        return self.default_slo_ms
 
     def _pinned_width(self, body: CompletionRequest) -> str | None:
         name, sep, model_width = body.model.partition(":")
@@ -205,22 +249,23 @@ class CompletionService:
 
     # --- responses -------------------------------------------------------------------------------
 
-    async def _complete(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], width: str,
+    async def _complete(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], route: _Route,
                         started: float, raw_request: Request, headers: dict[str, str]) -> Response:
         """Collect a whole response, cancelling generation if the client goes away meanwhile."""
+        width = route.width
         consume = asyncio.ensure_future(self._consume(stream, choices, width))
         try:
             while not consume.done():
                 await asyncio.wait({consume}, timeout=DISCONNECT_POLL_S)
                 if not consume.done() and await raw_request.is_disconnected():
-                    self._finish_metrics(choices, width, started, CLIENT_CLOSED)
+                    self._finish_metrics(choices, route, started, CLIENT_CLOSED)
                     return Response(status_code=CLIENT_CLOSED)
             consume.result()
         finally:
             consume.cancel()
             stream.cancel()
         if any(c.finish_reason == "abort" for c in choices):
-            self._finish_metrics(choices, width, started, 503)
+            self._finish_metrics(choices, route, started, 503)
             raise APIError(503, "the server stopped before the completion finished; retry", "service_unavailable",
                            code="aborted", headers={"retry-after": str(self.retry_after_s), WIDTH_HEADER: width})
         response = CompletionResponse(
@@ -231,16 +276,17 @@ class CompletionService:
                      for i, c in enumerate(choices)],
             usage=self._usage(choices),
         )
-        self._finish_metrics(choices, width, started, 200)
+        self._finish_metrics(choices, route, started, 200)
         return JSONResponse(response.model_dump(), headers=headers)
 
     async def _consume(self, stream: RequestStream, choices: list[_Choice], width: str) -> None:
         async for index, event in stream:
             self._apply(choices[index], event, width)
 
-    async def _sse(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], width: str,
+    async def _sse(self, body: CompletionRequest, stream: RequestStream, choices: list[_Choice], route: _Route,
                    started: float) -> AsyncIterator[str]:
         """Server-sent events: one chunk per step with new text, then usage (if asked) and ``[DONE]``."""
+        width = route.width
         request_id, created = completion_id(), int(time.time())
         status = CLIENT_CLOSED
         echoed = [not body.echo] * len(choices)
@@ -273,7 +319,7 @@ class CompletionService:
             status = 503 if any(c.finish_reason == "abort" for c in choices) else 200
         finally:
             stream.cancel()  # a no-op when everything finished; frees the slots when the client left
-            self._finish_metrics(choices, width, started, status)
+            self._finish_metrics(choices, route, started, status)
 
     def _apply(self, choice: _Choice, event: SequenceEvent, width: str) -> None:
         """Fold one engine event into ``choice``; per-token metrics are observed here."""
@@ -318,8 +364,16 @@ class CompletionService:
         completion = sum(c.completion_tokens for c in choices)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def _finish_metrics(self, choices: list[_Choice], width: str, started: float, status: int) -> None:
-        m = self.metrics
+    def _finish_metrics(self, choices: list[_Choice], route: _Route, started: float, status: int) -> None:
+        m, width = self.metrics, route.width
+        elapsed = time.monotonic() - started
+        policy = self.policy.name
+        if route.slo_s is not None:
+            outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
+            m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
+        if status == 200 and route.predicted_s:
+            m.prediction_ratio.labels(policy, width).observe(elapsed / route.predicted_s)
+            m.prediction_error.labels(policy, width).observe(abs(elapsed - route.predicted_s))
         m.requests.labels(width, str(status)).inc()
         m.prompt_tokens.labels(width).inc(sum(len(c.prompt_ids) for c in choices))
         m.generation_tokens.labels(width).inc(sum(len(c.token_ids) for c in choices))
@@ -327,4 +381,4 @@ class CompletionService:
             if c.first_token_at is not None:
                 m.time_to_first_token.labels(width).observe(c.first_token_at - started)
         if status == 200:
-            m.e2e_latency.labels(width).observe(time.monotonic() - started)
+            m.e2e_latency.labels(width).observe(elapsed)

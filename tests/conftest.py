@@ -13,6 +13,8 @@ from matta.config import ModelConfig
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
 
+SERVED_N_CTX = 512  # long enough that a generation outlives a cancel or a burst of requests
+
 REPO = Path(__file__).resolve().parents[1]
 
 SAMPLE_TEXT = """
@@ -70,3 +72,18 @@ def corpus_dir(tmp_path_factory) -> Path:
     cache = Path(os.environ.get("MATTA_DATA_CACHE", out / "raw"))
     prepare_data(out, cache_dir=cache, n_cloze=500)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint_512(tmp_path_factory, tokenizer):
+    """A served-size tiny model (n_ctx 512, sharpened so greedy text is not one repeated token) and its checkpoint."""
+    from tests.test_serving_engine import sharpen
+
+    torch.manual_seed(0)
+    model = NestedGPT(tiny_config(n_ctx=SERVED_N_CTX)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    sharpen(model)
+    return model, save_checkpoint(tmp_path_factory.mktemp("served") / "ckpt", model, tokenizer, {"recipe": "test"})

@@ -81,7 +81,7 @@ def test_a_registered_policy_sees_request_load_and_clock():
             width = self.widths[-1] if now - self.calm_since >= 5 else self.widths[0]
             return WidthDecision(width, "calm")
 
-    register_policy("shed-test", lambda arg, widths: ShedUnderLoad(widths))
+    register_policy("shed-test", lambda arg, widths, context: ShedUnderLoad(widths))
     policy = make_policy("shed-test", WIDTHS)
     clock = FakeClock()
     assert decide_width(policy, RequestInfo(), busy(), clock.now).width == "s"

@@ -15,13 +15,11 @@ import pytest
 import torch
 import uvicorn
 
-from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
 from serving.app import ServerSettings, build_app
-from tests.conftest import tiny_config
-from tests.test_serving_engine import sharpen
+from tests.conftest import SERVED_N_CTX
 
-N_CTX = 512  # long enough that a generation outlives a cancel or a burst of requests
+N_CTX = SERVED_N_CTX
 WIDTHS = ["s", "m", "l", "ta"]
 
 
@@ -63,18 +61,6 @@ class Served:
     @property
     def engine(self):
         return self.app.state.engine
-
-
-@pytest.fixture(scope="module")
-def checkpoint_512(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = NestedGPT(tiny_config(n_ctx=N_CTX)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    sharpen(model)
-    return model, save_checkpoint(tmp_path_factory.mktemp("served") / "ckpt", model, tokenizer, {"recipe": "test"})
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,8 @@ class RecipeLoss(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, x, y, teacher_logits, beta: torch.Tensor, middle: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x, y, teacher_logits, beta: torch.Tensor,
+                middle: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and its detached parts. ``beta`` (the ramped TA->Student weight) is a 0-d tensor,
         not a float, so a compiled step does not specialise and recompile on every new value."""
         recipe, spec = self.cfg.recipe, self.cfg.loss

@@ -1,0 +1,157 @@
+"""Latency model of the serving engine: what a decode step and a prefill cost at each width.
+
+A profile (``matta profile``) measures step times on the machine that will serve and fits, per
+width, two small linear models (least squares on relative error):
+
+    decode_step_s(batch B, context L) = base + per_row * B + per_row_token * B * L
+    prefill_s(tokens T)               = base + per_token * T
+
+Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
+weighted correction factor per (width, kind) and one for the whole scheduler iteration (Python
+work, sampling, prefills between decode steps), so a slower or busier machine is tracked without
+re-profiling. Pure Python and JSON: policies and tests use it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILE_FORMAT = "matta-latency-profile/1"
+CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile is for another machine
+
+
+@dataclass(frozen=True)
+class WidthCost:
+    """Fitted step-time coefficients of one width, in seconds."""
+
+    decode_base: float
+    decode_per_row: float
+    decode_per_row_token: float
+    prefill_base: float
+    prefill_per_token: float
+
+    def decode_s(self, batch: int, context: int) -> float:
+        return max(0.0, self.decode_base + self.decode_per_row * batch + self.decode_per_row_token * batch * context)
+
+    def prefill_s(self, tokens: int) -> float:
+        return max(0.0, self.prefill_base + self.prefill_per_token * tokens)
+
+
+@dataclass
+class _Ewma:
+    value: float = 1.0
+    samples: int = 0
+
+    def update(self, ratio: float, alpha: float) -> None:
+        if not math.isfinite(ratio) or ratio <= 0:
+            return
+        lo, hi = CORRECTION_BOUNDS
+        ratio = min(hi, max(lo, ratio))
+        # The first observations move the factor more (alpha_eff >= 1/n), so a wrong profile is
+        # corrected within a few steps instead of a few hundred.
+        a = max(alpha, 1.0 / (self.samples + 1))
+        self.value = (1 - a) * self.value + a * ratio
+        self.samples += 1
+
+
+@dataclass
+class LatencyModel:
+    """Per-width step-time model plus online corrections (thread-safe: the engine thread writes,
+    request handlers read)."""
+
+    costs: dict[str, WidthCost]
+    alpha: float = 0.05
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.costs:
+            raise ValueError("a latency model needs at least one width")
+        self._lock = threading.Lock()
+        self._decode = {w: _Ewma() for w in self.costs}
+        self._prefill = {w: _Ewma() for w in self.costs}
+        self._iteration = _Ewma()
+
+    # --- predictions -----------------------------------------------------------------------
+
+    def decode_step_s(self, width: str, batch: int, context: int) -> float:
+        """Predicted seconds of one decode step of a ``batch``-row group of ``width`` at ``context`` tokens."""
+        return self.costs[width].decode_s(batch, context) * self._decode[width].value
+
+    def prefill_s(self, width: str, tokens: int) -> float:
+        """Predicted seconds to prefill ``tokens`` prompt tokens (padded batch size) at ``width``."""
+        return self.costs[width].prefill_s(tokens) * self._prefill[width].value
+
+    @property
+    def iteration_factor(self) -> float:
+        """Observed scheduler iteration time over the sum of its predicted decode steps."""
+        return self._iteration.value
+
+    def iteration_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
+        """Predicted seconds of one scheduler iteration running ``groups`` {width: (batch, context)}."""
+        return self.iteration_factor * sum(self.decode_step_s(w, b, c) for w, (b, c) in groups.items() if b > 0)
+
+    # --- online correction ---------------------------------------------------------------------
+
+    def observe_decode(self, width: str, batch: int, context: int, seconds: float) -> None:
+        raw = self.costs[width].decode_s(batch, context)
+        with self._lock:
+            self._decode[width].update(seconds / raw if raw > 0 else float("nan"), self.alpha)
+
+    def observe_prefill(self, width: str, tokens: int, seconds: float) -> None:
+        raw = self.costs[width].prefill_s(tokens)
+        with self._lock:
+            self._prefill[width].update(seconds / raw if raw > 0 else float("nan"), self.alpha)
+
+    def observe_iteration(self, seconds: float, decode_predicted_s: float) -> None:
+        """One scheduler iteration took ``seconds``; its decode steps were predicted (corrected)
+        to take ``decode_predicted_s``. The ratio absorbs prefills and per-step Python work."""
+        if decode_predicted_s > 0:
+            with self._lock:
+                self._iteration.update(seconds / decode_predicted_s, self.alpha)
+
+    def corrections(self) -> dict[str, float]:
+        """Current correction factors, for metrics and logs."""
+        out = {f"decode:{w}": e.value for w, e in self._decode.items()}
+        out.update({f"prefill:{w}": e.value for w, e in self._prefill.items()})
+        out["iteration"] = self._iteration.value
+        return out
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"format": PROFILE_FORMAT, "meta": self.meta, "alpha": self.alpha,
+                "widths": {w: asdict(c) for w, c in self.costs.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "profile") -> LatencyModel:
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{source}: not a matta latency profile (expected format {PROFILE_FORMAT!r})")
+        try:
+            costs = {w: WidthCost(**{k: float(v) for k, v in c.items()}) for w, c in data["widths"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{source}: malformed width costs ({exc})") from exc
+        return cls(costs, alpha=float(data.get("alpha", 0.05)), meta=dict(data.get("meta", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: no such latency profile") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+        return cls.from_json(data, str(path))

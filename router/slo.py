@@ -1,0 +1,192 @@
+"""The latency-aware policy: the widest width whose predicted latency meets the request's SLO.
+
+For each request the policy asks a :class:`~router.policy.LatencyPredictor` for the end-to-end
+seconds at every allowed width (queue wait + prefill + decode of ``max_tokens``, given the
+batches already running) and serves the widest one within ``latency_slo_ms``. Like SuperServe's
+SlackFit it spends the slack a request has on accuracy; unlike a static width it follows load.
+
+Hysteresis, so widths do not flap with noise in the load: per SLO class (requests with the same
+target), moving *up* to a width wider than the class's current one needs the prediction to fit
+within ``(1 - headroom)`` of the SLO and ``dwell_s`` since the class last changed width; moving
+down happens at once. ``min_width`` is a quality floor. When no allowed width can make it, the
+request is served best effort at the narrowest allowed width, or shed (``shed=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from router.latency import LatencyModel
+from router.policy import (
+    LatencyPredictor,
+    LoadSnapshot,
+    PolicyContext,
+    RequestInfo,
+    WidthDecision,
+    register_policy,
+)
+
+
+class EnginePredictor:
+    """Predicts a request's latency on the in-process engine from a :class:`LatencyModel`.
+
+    The engine runs one scheduler iteration after another; each runs one decode step per width
+    group. A request admitted at width ``w`` therefore waits for a slot (the k-th running
+    sequence to finish, k = the slots it needs beyond the free ones), is prefilled, then takes
+    ``max_tokens - 1`` iterations of the batch it joins (its own group one row bigger).
+    """
+
+    def __init__(self, model: LatencyModel) -> None:
+        self.model = model
+
+    def predict_s(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
+        m = self.model
+        rows = max(1, request.n_prompts)
+        prompt = max(1, request.prompt_tokens // rows)
+        # Sequences admitted since the engine last published its groups count with this
+        # request's prompt length and token budget (the engine publishes once per iteration).
+        groups = dict(load.groups)
+        for w, n in load.running_by_width.items():
+            rows_known = groups.get(w, (0, 0))[0]
+            if n > rows_known:
+                groups[w] = (n, max(groups.get(w, (0, 0))[1], prompt))
+        remaining = sorted(load.remaining_tokens)
+        remaining += [request.max_tokens] * max(0, load.running - len(remaining))
+        remaining.sort()
+        # While this request waits, the batch is full: the running groups plus waiting rows.
+        draining = dict(groups)
+        room = max(0, load.max_batch - sum(b for b, _ in draining.values()))
+        for w, n in load.waiting_by_width.items():
+            take = min(n, room)
+            if take:
+                b, c = draining.get(w, (0, prompt))
+                draining[w] = (b + take, max(c, prompt))
+                room -= take
+        iteration_now = m.iteration_s(draining)
+        need = load.waiting + rows - (load.max_batch - load.running)
+        wait = 0.0
+        if need > 0:
+            if need <= len(remaining):
+                wait = remaining[need - 1] * iteration_now
+            else:
+                # Every running sequence must finish, then whole batches of the waiting ones.
+                mean = sum(remaining) / len(remaining) if remaining else request.max_tokens
+                last = remaining[-1] if remaining else 0
+                wait = iteration_now * (last + mean * (need - len(remaining)) / max(1, load.max_batch))
+        # Waiting sequences admitted before or with this one join their widths' groups.
+        admitted_ahead = min(load.waiting, max(0, load.max_batch - load.running - rows))
+        for w, n in load.waiting_by_width.items():
+            if n and admitted_ahead:
+                b, c = groups.get(w, (0, prompt))
+                take = min(n, admitted_ahead)
+                groups[w] = (b + take, max(c, prompt))
+                admitted_ahead -= take
+        batch, context = groups.get(width, (0, 0))
+        groups[width] = (batch + rows, max(context, prompt) + request.max_tokens // 2)
+        decode = max(0, request.max_tokens - 1) * m.iteration_s(groups)
+        return wait + m.prefill_s(width, rows * prompt) + decode
+
+
+@dataclass
+class _ClassState:
+    level: int
+    changed_at: float
+
+
+class SloPolicy:
+    """Widest width predicted to meet the request's latency SLO, with hysteresis, floor and shedding."""
+
+    def __init__(self, widths: Sequence[str], predictor: LatencyPredictor, *, default_slo_ms: float | None = None,
+                 min_width: str | None = None, shed: bool = False, headroom: float = 0.2,
+                 dwell_s: float = 1.0) -> None:
+        if not widths:
+            raise ValueError("slo policy: no widths")
+        if min_width is not None and min_width not in widths:
+            raise ValueError(f"slo policy: unknown min_width {min_width!r}; known: {list(widths)}")
+        if not 0 <= headroom < 1:
+            raise ValueError(f"slo policy: headroom must be in [0, 1), got {headroom}")
+        self.widths = list(widths)
+        self.predictor = predictor
+        self.default_slo_ms = default_slo_ms
+        self.floor = self.widths.index(min_width) if min_width is not None else 0
+        self.shed = shed
+        self.headroom = headroom
+        self.dwell_s = dwell_s
+        self.name = "slo"
+        self._classes: dict[float, _ClassState] = {}
+
+    def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
+        slo_ms = request.latency_slo_ms if request.latency_slo_ms is not None else self.default_slo_ms
+        allowed = range(self.floor, len(self.widths))
+        if slo_ms is None:
+            widest = self.widths[-1]
+            return WidthDecision(widest, "no_slo", self.predictor.predict_s(widest, request, load))
+        budget = slo_ms / 1000.0
+        key = float(f"{slo_ms:.2g}")  # SLO classes: targets equal to two significant digits
+        state = self._classes.setdefault(key, _ClassState(level=len(self.widths) - 1, changed_at=float("-inf")))
+        predicted = {i: self.predictor.predict_s(self.widths[i], request, load) for i in allowed}
+        chosen, reason = None, "slo_met"
+        for i in reversed(allowed):
+            if i > state.level:  # an upgrade: needs headroom and a calm period
+                if now - state.changed_at < self.dwell_s or predicted[i] > budget * (1 - self.headroom):
+                    continue
+            elif predicted[i] > budget:
+                continue
+            chosen = i
+            break
+        if chosen is None:
+            chosen = self.floor
+            if self.shed:
+                return WidthDecision(self.widths[chosen], "shed", predicted[chosen], shed=True)
+            reason = "best_effort"
+        if chosen != state.level:
+            state.level, state.changed_at = chosen, now
+        return WidthDecision(self.widths[chosen], reason, predicted[chosen])
+
+    def __repr__(self) -> str:
+        return (f"SloPolicy(default_slo_ms={self.default_slo_ms}, min_width={self.widths[self.floor]!r}, "
+                f"shed={self.shed})")
+
+
+def parse_options(argument: str) -> dict[str, str]:
+    """``"min_width=m,shed=true"`` -> {"min_width": "m", "shed": "true"}."""
+    options = {}
+    for part in filter(None, (p.strip() for p in argument.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"slo policy option {part!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _truthy(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPolicy:
+    if context.predictor is None:
+        raise ValueError("the slo policy needs a latency predictor (a latency profile); none was given")
+    options = parse_options(argument)
+    known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"slo policy: unknown option(s) {unknown}; known: {sorted(known)}")
+    try:
+        return SloPolicy(
+            widths, context.predictor,
+            default_slo_ms=float(options["slo_ms"]) if "slo_ms" in options else context.default_slo_ms,
+            min_width=options.get("min_width", context.min_width),
+            shed=_truthy(options["shed"]) if "shed" in options else context.shed,
+            headroom=float(options.get("headroom", 0.2)),
+            dwell_s=float(options.get("dwell_s", 1.0)),
+        )
+    except ValueError as exc:
+        raise ValueError(f"policy 'slo:{argument}': {exc}") from exc
+
+
+register_policy("slo", _slo)

@@ -1,0 +1,116 @@
+"""Measure the engine's step times on this machine and fit a :class:`~router.latency.LatencyModel`.
+
+``matta profile CKPT`` times, for every width, decode steps over a grid of batch sizes and
+context lengths and prefills over a grid of prompt sizes, using the same forward calls the
+engine makes (left-padded batches, KV cache, greedy pick of the next token), then fits the
+linear models of :mod:`router.latency` by least squares on *relative* error (a 1 ms step
+mispredicted by 1 ms matters as much as a 100 ms step mispredicted by 100 ms). The profile
+records the fit's error on the measured points and on held-out points between them.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from matta.model import NestedGPT
+from router.latency import LatencyModel, WidthCost
+
+DEFAULT_BATCHES = (1, 4, 16, 32)
+DEFAULT_CONTEXTS = (16, 64, 160)
+DEFAULT_PREFILL = ((1, 16), (1, 64), (4, 32), (8, 64), (1, 160))  # (batch, prompt length)
+HELD_OUT_DECODE = ((2, 32), (8, 100), (24, 48))  # (batch, context) not in the grid
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, thread pool, first-call paths
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generator: torch.Generator):
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(_device(model))
+    mask = torch.ones(batch, context - 1, dtype=torch.long, device=_device(model))
+    cache = model(ids, width=width, attention_mask=mask, use_cache=True).past_key_values
+    step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(_device(model))
+    step_mask = torch.ones(batch, context, dtype=torch.long, device=_device(model))
+
+    def step():
+        # What Engine._decode does per group: the mask grows by a column, the cache by a row, pick.
+        full = torch.cat([step_mask[:, :-1], torch.ones(batch, 1, dtype=torch.long, device=_device(model))], dim=1)
+        out = model(step_ids, width=width, attention_mask=full, past_key_values=cache, use_cache=True)
+        out.logits[:, -1].float().argmax(dim=-1).tolist()
+
+    return step
+
+
+def _prefill_case(model: NestedGPT, width: str, batch: int, length: int, generator: torch.Generator):
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(_device(model))
+    mask = torch.ones(batch, length, dtype=torch.long, device=_device(model))
+
+    def step():
+        out = model(ids, width=width, attention_mask=mask, use_cache=True)
+        out.logits[:, -1].float().argmax(dim=-1).tolist()
+
+    return step
+
+
+def _fit_relative(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """Least squares minimising sum(((X @ c) - y) / y)^2, coefficients clipped at 0 (costs are not negative)."""
+    weights = 1.0 / seconds
+    coef, *_ = np.linalg.lstsq(features * weights[:, None], np.ones_like(seconds), rcond=None)
+    return np.clip(coef, 0.0, None)
+
+
+def _relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
+    return [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
+
+
+@torch.inference_mode()
+def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
+                  contexts: Sequence[int] = DEFAULT_CONTEXTS, prefill: Sequence[tuple[int, int]] = DEFAULT_PREFILL,
+                  repeats: int = 5, widths: Sequence[str] | None = None, seed: int = 0) -> LatencyModel:
+    """Measure and fit every width of ``model``; the returned model's ``meta`` holds the samples and errors."""
+    model.eval()
+    n_ctx = model.config.n_ctx
+    contexts = [c for c in contexts if 2 <= c <= n_ctx]
+    prefill = [(b, p) for b, p in prefill if 1 <= p <= n_ctx]
+    held_out = [(b, c) for b, c in HELD_OUT_DECODE if c <= n_ctx]
+    generator = torch.Generator().manual_seed(seed)
+    costs, samples, errors = {}, {}, {}
+    for width in widths or model.config.width_names:
+        decode = [(b, c, _median_time(_decode_case(model, width, b, c, generator), repeats))
+                  for b in batches for c in contexts]
+        pre = [(b, p, _median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]
+        d = _fit_relative(np.array([[1.0, b, b * c] for b, c, _ in decode]), np.array([t for *_, t in decode]))
+        f = _fit_relative(np.array([[1.0, b * p] for b, p, _ in pre]), np.array([t for *_, t in pre]))
+        cost = WidthCost(decode_base=float(d[0]), decode_per_row=float(d[1]), decode_per_row_token=float(d[2]),
+                         prefill_base=float(f[0]), prefill_per_token=float(f[1]))
+        costs[width] = cost
+        held = [(b, c, _median_time(_decode_case(model, width, b, c, generator), repeats)) for b, c in held_out]
+        fit_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in decode], [t for *_, t in decode])
+        fit_err += _relative_errors([cost.prefill_s(b * p) for b, p, _ in pre], [t for *_, t in pre])
+        held_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in held], [t for *_, t in held])
+        errors[width] = {"fit_median": statistics.median(fit_err), "fit_max": max(fit_err),
+                         "held_out_median": statistics.median(held_err) if held_err else None,
+                         "held_out_max": max(held_err) if held_err else None}
+        samples[width] = {"decode": [list(x) for x in decode], "prefill": [list(x) for x in pre],
+                          "held_out_decode": [list(x) for x in held]}
+    meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.machine(), "processor": platform.processor(), "model": model.config.name,
+            "created_unix": time.time(), "relative_error": errors, "samples": samples}
+    return LatencyModel(costs, meta=meta)
+
+
+def _device(model: NestedGPT) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,107 @@
+"""The latency-aware router inside a real server: a burst with a tight SLO moves requests to
+narrower widths, calm brings them back to the TA; SLO metrics and shedding through HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from router.latency import LatencyModel, WidthCost
+from serving.app import ServerSettings, build_app
+from tests.test_serving_http import ServerThread
+
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def profile_path(checkpoint_512, tmp_path_factory):
+    from serving.profile import profile_model
+
+    model, _ = checkpoint_512
+    return profile_model(model, repeats=2).save(tmp_path_factory.mktemp("profile") / "profile.json")
+
+
+def completion(url: str, slo_ms: float | None, **extra) -> httpx.Response:
+    body = {"model": "tiny", "prompt": "To be or not", "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    if slo_ms is not None:
+        body["latency_slo_ms"] = slo_ms
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+async def burst(url: str, n: int, slo_ms: float) -> list[httpx.Response]:
+    body = {"model": "tiny", "prompt": "To be or not", "max_tokens": MAX_TOKENS, "temperature": 0,
+            "latency_slo_ms": slo_ms}
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(*[client.post(f"{url}/v1/completions", json=body) for _ in range(n)])
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_512, profile_path):
+    _, path = checkpoint_512
+    app = build_app(ServerSettings(checkpoint=path, policy="slo:dwell_s=0.3", max_batch=4, max_queue=256,
+                                   device="cpu", profile=profile_path))
+    with ServerThread(app) as server:
+        idle = completion(server.url, slo_ms=10_000)
+        assert idle.status_code == 200 and idle.headers["x-matta-width"] == "ta"
+        # An SLO the TA meets with room when idle, but not behind a queue of 60 requests.
+        slo_ms = max(40.0, 3 * float(idle.headers["x-matta-predicted-ms"]))
+        assert completion(server.url, slo_ms).headers["x-matta-width"] == "ta"
+        responses = asyncio.run(burst(server.url, 60, slo_ms))
+        assert all(r.status_code == 200 for r in responses)
+        during = [r.headers["x-matta-width"] for r in responses]
+        assert sum(w != "ta" for w in during) >= len(during) // 2, during
+        time.sleep(0.5)  # calm for longer than the dwell time
+        after = [completion(server.url, slo_ms).headers["x-matta-width"] for _ in range(3)]
+        assert after[-1] == "ta", after
+        text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "matta_router_decisions_total", policy="slo", reason="slo_met") >= 3
+    assert metric(text, "matta_router_decisions_total", policy="slo", width="s") >= 1
+    requests_with_slo = 1 + 60 + 3 + 1
+    outcomes = sum(metric(text, "matta_slo_requests_total", policy="slo", outcome=o) for o in ("met", "missed"))
+    assert outcomes == requests_with_slo
+    assert 0 < metric(text, "matta_slo_attainment_ratio", policy="slo") <= 1
+    assert metric(text, "matta_effective_quality", policy="slo") >= 0
+    assert metric(text, "matta_router_prediction_ratio_count", policy="slo") == requests_with_slo
+    assert re.search(r'matta_latency_correction_ratio\{kind="decode:ta"\}', text)
+
+
+def test_shedding_answers_429_with_retry_after_and_counts_it(checkpoint_512, profile_path):
+    _, path = checkpoint_512
+    app = build_app(ServerSettings(checkpoint=path, policy="slo", shed=True, max_batch=2, max_queue=256,
+                                   device="cpu", profile=profile_path))
+    with ServerThread(app) as server:
+        # An SLO below what even an idle server can do: every request is shed, nothing runs.
+        refused = completion(server.url, slo_ms=0.001)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "slo_unattainable"
+        assert refused.headers["x-matta-width"] == "s"
+        # Pinned requests are not the policy's business: served whatever their SLO.
+        assert completion(server.url, slo_ms=0.001, width="m").status_code == 200
+        # The SLO may come from a header; a bad header is a 400.
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+        ok = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-matta-slo-ms": "60000"})
+        assert ok.status_code == 200 and ok.headers["x-matta-width"] == "ta"
+        bad = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-matta-slo-ms": "soon"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-matta-slo-ms"
+        text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "matta_shed_requests_total", policy="slo") == 1
+    assert metric(text, "matta_slo_requests_total", policy="slo", outcome="shed") == 1
+
+
+def test_a_server_with_a_profile_for_other_widths_refuses_to_start(checkpoint_512, tmp_path):
+    _, path = checkpoint_512
+    other = LatencyModel({"xl": WidthCost(0.001, 0.0, 0.0, 0.001, 0.0)}).save(tmp_path / "other.json")
+    with pytest.raises(ValueError, match=r"no costs for width\(s\) \['s', 'm', 'l', 'ta'\]"):
+        build_app(ServerSettings(checkpoint=path, policy="slo", profile=other))

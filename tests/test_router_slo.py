@@ -1,0 +1,195 @@
+"""The latency-aware policy and its latency model: fake clock, fake load, fake or fitted predictors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.latency import LatencyModel, WidthCost
+from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width, make_policy
+from router.slo import EnginePredictor, SloPolicy
+from tests.test_router_policy import WIDTHS, FakeClock
+
+# Seconds per request at each width when idle; load multiplies them (the "queue" of the fake).
+IDLE_S = {"s": 0.10, "m": 0.15, "l": 0.25, "ta": 0.40}
+
+
+class FakePredictor:
+    """Latency = idle latency of the width x (1 + waiting requests)."""
+
+    def predict_s(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
+        return IDLE_S[width] * (1 + load.waiting)
+
+
+def load(waiting: int) -> LoadSnapshot:
+    return LoadSnapshot(waiting=waiting, running=0, max_batch=32, max_queue=256)
+
+
+def slo_policy(**kw) -> SloPolicy:
+    return SloPolicy(WIDTHS, FakePredictor(), **kw)
+
+
+def req(slo_ms: float | None = 500, **kw) -> RequestInfo:
+    return RequestInfo(latency_slo_ms=slo_ms, max_tokens=16, prompt_tokens=8, **kw)
+
+
+# --- the decision table -------------------------------------------------------------------------
+
+
+def test_idle_server_serves_the_widest_width_that_meets_the_slo():
+    policy, now = slo_policy(), FakeClock().now
+    assert policy.choose(req(500), load(0), now) == WidthDecision("ta", "slo_met", 0.40)
+    assert policy.choose(req(300), load(0), now).width == "l"  # ta (400 ms) misses a 300 ms SLO
+    assert policy.choose(req(120), load(0), now).width == "s"
+
+
+def test_load_moves_requests_to_narrower_widths():
+    policy, now = slo_policy(), FakeClock().now
+    widths = [policy.choose(req(500), load(waiting), now).width for waiting in (0, 1, 2, 3)]
+    assert widths == ["ta", "l", "m", "s"]  # 400, 2x250=500, 3x150=450, 4x100=400 ms
+
+
+def test_when_no_width_can_make_it_the_request_is_served_best_effort_at_the_floor():
+    decision = slo_policy().choose(req(500), load(9), FakeClock().now)  # s: 10 x 100 ms
+    assert decision == WidthDecision("s", "best_effort", pytest.approx(1.0))
+    assert not decision.shed
+
+
+def test_shedding_refuses_what_no_width_can_serve_in_time():
+    decision = slo_policy(shed=True).choose(req(500), load(9), FakeClock().now)
+    assert decision.shed and decision.reason == "shed" and decision.width == "s"
+    assert not slo_policy(shed=True).choose(req(500), load(0), FakeClock().now).shed
+
+
+def test_min_width_is_a_floor_even_when_only_narrower_widths_would_meet_the_slo():
+    clock = FakeClock()
+    policy = slo_policy(min_width="m")
+    assert policy.choose(req(500), load(3), clock.now) == WidthDecision("m", "best_effort", pytest.approx(0.6))
+    assert slo_policy(min_width="m", shed=True).choose(req(500), load(3), clock.now).shed
+    assert policy.choose(req(500), load(0), clock.advance(2)).width == "ta"
+
+
+def test_pinned_widths_win_over_the_slo_policy():
+    decision = decide_width(slo_policy(), req(10, pinned_width="ta"), load(50), FakeClock().now)
+    assert decision == WidthDecision("ta", "pinned")
+
+
+def test_requests_without_an_slo_get_the_widest_width_unless_the_server_sets_a_default():
+    assert slo_policy().choose(req(None), load(9), 0.0).width == "ta"
+    assert slo_policy().choose(req(None), load(9), 0.0).reason == "no_slo"
+    assert slo_policy(default_slo_ms=500).choose(req(None), load(1), 0.0).width == "l"
+
+
+def test_hysteresis_no_upgrade_before_the_dwell_time_nor_without_headroom():
+    clock = FakeClock()
+    policy = slo_policy(headroom=0.25, dwell_s=1.0)
+    assert policy.choose(req(500), load(3), clock.now).width == "s"
+    # Load is gone, but the class moved down 0.1 s ago: stay narrow for now.
+    assert policy.choose(req(500), load(0), clock.advance(0.1)).width == "s"
+    # After the dwell time, up again, but only to widths with 25% headroom (<= 375 ms):
+    # l (250 ms) has it, ta (400 ms) meets the SLO but has not, so the class stops at l.
+    assert policy.choose(req(500), load(0), clock.advance(1.0)).width == "l"
+    assert policy.choose(req(500), load(0), clock.advance(5.0)).width == "l"
+    # Downgrades are immediate: a width at or below the current one needs only to meet the SLO.
+    assert policy.choose(req(500), load(2), clock.advance(0.01)).width == "m"  # l 750, m 450 ms
+
+
+def test_at_the_current_width_a_prediction_within_the_slo_but_inside_the_headroom_holds():
+    clock = FakeClock()
+    policy = slo_policy(headroom=0.5, dwell_s=0.0)
+    assert policy.choose(req(420), load(0), clock.now).width == "ta"  # starts at the widest: no upgrade
+    assert policy.choose(req(420), load(1), clock.advance(1)).width == "m"  # ta 800, l 500 > 420
+    # Idle again: l (250 ms) is above 50% of 420 ms, so no upgrade to it; m (150) holds.
+    assert policy.choose(req(420), load(0), clock.advance(1)).width == "m"
+
+
+def test_slo_classes_keep_their_own_hysteresis():
+    clock = FakeClock()
+    policy = slo_policy(dwell_s=10.0)
+    assert policy.choose(req(120), load(0), clock.now).width == "s"  # the tight class goes down
+    assert policy.choose(req(5000), load(0), clock.advance(0.1)).width == "ta"  # the loose one is untouched
+
+
+# --- building it by name ------------------------------------------------------------------------
+
+
+def test_make_policy_builds_slo_with_options_and_server_defaults():
+    context = PolicyContext(predictor=FakePredictor(), default_slo_ms=300, min_width="s", shed=False)
+    policy = make_policy("slo:min_width=m,shed=true", WIDTHS, context)
+    assert isinstance(policy, SloPolicy) and policy.name == "slo"
+    assert policy.widths[policy.floor] == "m" and policy.shed and policy.default_slo_ms == 300
+    plain = make_policy("slo", WIDTHS, context)
+    assert plain.widths[plain.floor] == "s" and not plain.shed
+
+
+@pytest.mark.parametrize("spec, context, message", [
+    ("slo", PolicyContext(), "needs a latency predictor"),
+    ("slo:fast=1", PolicyContext(predictor=FakePredictor()), "unknown option"),
+    ("slo:min_width=xl", PolicyContext(predictor=FakePredictor()), "unknown min_width 'xl'"),
+    ("slo:shed=maybe", PolicyContext(predictor=FakePredictor()), "expected true or false"),
+    ("slo:headroom", PolicyContext(predictor=FakePredictor()), "not key=value"),
+])
+def test_bad_slo_specs_name_the_problem(spec, context, message):
+    with pytest.raises(ValueError, match=message):
+        make_policy(spec, WIDTHS, context)
+
+
+# --- the latency model and the engine predictor ----------------------------------------------------
+
+
+def cost(scale: float) -> WidthCost:
+    return WidthCost(decode_base=0.001 * scale, decode_per_row=1e-4 * scale, decode_per_row_token=1e-6,
+                     prefill_base=0.001, prefill_per_token=1e-5 * scale)
+
+
+def model() -> LatencyModel:
+    return LatencyModel({"s": cost(1.0), "m": cost(1.5), "l": cost(2.5), "ta": cost(4.0)}, alpha=0.1)
+
+
+def test_online_correction_converges_to_the_observed_speed_and_is_bounded():
+    m = model()
+    predicted = m.decode_step_s("ta", 8, 100)
+    for _ in range(200):
+        m.observe_decode("ta", 8, 100, 2 * predicted)  # this machine is twice as slow
+    assert m.decode_step_s("ta", 8, 100) == pytest.approx(2 * predicted, rel=0.01)
+    assert m.decode_step_s("s", 8, 100) == pytest.approx(model().decode_step_s("s", 8, 100))  # per width
+    for _ in range(200):
+        m.observe_prefill("s", 64, 1e9)  # absurd observations are clipped, not followed
+    assert m.corrections()["prefill:s"] == pytest.approx(20.0)
+    m.observe_iteration(0.02, 0.01)
+    assert m.iteration_factor > 1.0
+
+
+def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
+    m = model()
+    path = m.save(tmp_path / "profile.json")
+    again = LatencyModel.load(path)
+    assert again.costs == m.costs
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a matta latency profile"):
+        LatencyModel.load(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        LatencyModel.load(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="no such latency profile"):
+        LatencyModel.load(tmp_path / "missing.json")
+
+
+def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins():
+    m = model()
+    predictor = EnginePredictor(m)
+    idle = LoadSnapshot(max_batch=4, max_queue=16)
+    r = RequestInfo(max_tokens=10, prompt_tokens=20)
+    expected = m.prefill_s("ta", 20) + 9 * m.iteration_s({"ta": (1, 20 + 5)})
+    assert predictor.predict_s("ta", r, idle) == pytest.approx(expected)
+    assert predictor.predict_s("s", r, idle) < predictor.predict_s("ta", r, idle)
+    # A running TA batch slows every width (one iteration runs every group)...
+    busy = LoadSnapshot(running=3, max_batch=4, max_queue=16, groups={"ta": (3, 50)}, remaining_tokens=(5, 8, 30))
+    assert predictor.predict_s("s", r, busy) > predictor.predict_s("s", r, idle)
+    # ...and a full batch makes the request wait for the k-th running sequence to finish.
+    full = LoadSnapshot(running=4, waiting=1, max_batch=4, max_queue=16, groups={"ta": (4, 50)},
+                        remaining_tokens=(5, 8, 30, 40))
+    wait = 8 * m.iteration_s({"ta": (4, 50)})  # one waiting ahead: the 2nd slot to free is ours
+    assert predictor.predict_s("s", r, full) >= wait
+    assert predictor.predict_s("s", r, full) > predictor.predict_s("s", r, busy)
