@@ -227,9 +227,10 @@ def assignments(pool: list[list[int]], clients: int, per_client: int) -> list[li
 class Server:
     """``matta serve CKPT --port 0`` as a subprocess; the bound port is read from its stdout."""
 
-    def __init__(self, checkpoint: Path, threads: int, max_batch: int, log_path: Path) -> None:
+    def __init__(self, checkpoint: Path, threads: int, max_batch: int, log_path: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.cmd = [sys.executable, "-m", "matta.cli", "serve", str(checkpoint), "--port", "0", "--threads",
-                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning"]
+                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning", *extra_args]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.url = ""

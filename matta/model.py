@@ -25,10 +25,57 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer (keys, values), each (B, n_head, T_cached, head_dim)."""
 
 
+class StaticKVCache:
+    """Preallocated per-layer key/value buffers (B, n_head, capacity, head_dim), filled up to ``length``.
+
+    A decode step writes its new keys and values in place and attends to views of the buffers,
+    so it copies nothing: the list cache (:data:`KVCache`) re-concatenates the whole cache every
+    step, memory traffic that grows with batch x context and, on a small model, costs more than
+    the FFN. When a step would overflow, the buffers grow geometrically (amortised O(1) per token).
+    Every row shares ``length`` (rows of a batch are left-padded to a common length).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def from_list(cls, cache: KVCache, capacity: int) -> StaticKVCache:
+        """Copy a list cache into buffers of at least ``capacity`` positions."""
+        length = cache[0][0].shape[2]
+        capacity = max(capacity, length)
+        keys, values = [], []
+        for k, v in cache:
+            kb = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            vb = v.new_empty(kb.shape)
+            kb[:, :, :length] = k
+            vb[:, :, :length] = v
+            keys.append(kb)
+            values.append(vb)
+        return cls(keys, values, length)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def as_list(self) -> KVCache:
+        """Views of the filled part, per layer (keys, values)."""
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values, strict=True)]
+
+    def reserve(self, length: int, limit: int) -> None:
+        """Make room for ``length`` positions (growing to at most ``limit``)."""
+        if length > self.capacity:
+            grown = StaticKVCache.from_list(self.as_list(), min(limit, max(length, 2 * self.capacity)))
+            self.keys, self.values = grown.keys, grown.values
+
+
 @dataclass
 class GPTOutput:
     logits: torch.Tensor  # (B, T, vocab)
-    past_key_values: KVCache | None = None
+    past_key_values: KVCache | StaticKVCache | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,13 +91,20 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        static: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``static`` = (key buffer, value buffer, filled length): write this step in place, attend to views."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if past is not None:
+        if static is not None:
+            k_buf, v_buf, length = static
+            k_buf[:, :, length : length + T] = k
+            v_buf[:, :, length : length + T] = v
+            k, v = k_buf[:, :, : length + T], v_buf[:, :, : length + T]
+        elif past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, nh, Tp+T, hs)
             v = torch.cat((past[1], v), dim=2)
         if attn_mask is None:
@@ -87,8 +141,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = NestedMLP(config)
 
-    def forward(self, x, width, attn_mask, past):
-        attn_out, present = self.attn(self.ln_1(x), attn_mask, past)
+    def forward(self, x, width, attn_mask, past, static=None):
+        attn_out, present = self.attn(self.ln_1(x), attn_mask, past, static)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x), width)
         return x, present
@@ -132,7 +186,7 @@ class NestedGPT(nn.Module):
         width: WidthSpec | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
     ) -> GPTOutput:
         """Logits for ``input_ids`` (B, T) at ``width`` (name, FFN size, or one per layer).
@@ -140,11 +194,16 @@ class NestedGPT(nn.Module):
         ``attention_mask`` (B, T_past + T) marks real tokens with 1 and padding with 0; with
         it, positions count only real tokens, so a left- or right-padded row computes exactly
         what the unpadded sequence would. ``past_key_values`` continues from a cache returned
-        by an earlier call with ``use_cache=True``.
+        by an earlier call with ``use_cache=True``; a :class:`StaticKVCache` is extended in place
+        and returned as the new cache.
         """
         widths = self.config.resolve_width(width)
         B, T = input_ids.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        static = past_key_values if isinstance(past_key_values, StaticKVCache) else None
+        if static is not None:
+            past_len = static.length
+        else:
+            past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if past_len + T > self.config.n_ctx:
             raise ValueError(f"sequence length {past_len + T} exceeds the context window {self.config.n_ctx}")
         if attention_mask is not None and attention_mask.shape != (B, past_len + T):
@@ -161,11 +220,18 @@ class NestedGPT(nn.Module):
             attn_mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device)
 
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, d)
-        presents: KVCache = []
-        for i, block in enumerate(self.h):
-            past = None if past_key_values is None else past_key_values[i]
-            x, present = block(x, widths[i], attn_mask, past)
-            presents.append(present)
+        if static is not None:
+            static.reserve(past_len + T, self.config.n_ctx)
+            for i, block in enumerate(self.h):
+                x, _ = block(x, widths[i], attn_mask, None, (static.keys[i], static.values[i], past_len))
+            static.length = past_len + T
+            presents: KVCache | StaticKVCache = static
+        else:
+            presents = []
+            for i, block in enumerate(self.h):
+                past = None if past_key_values is None else past_key_values[i]
+                x, present = block(x, widths[i], attn_mask, past)
+                presents.append(present)
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # (B, T, vocab), tied embeddings
         return GPTOutput(logits=logits, past_key_values=presents if use_cache else None)

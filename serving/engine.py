@@ -5,16 +5,16 @@ free slots and prefill them (one left-padded batch per width), then run one deco
 width group (one batched forward each), sample, emit, and drop finished or cancelled rows.
 Sequences therefore join and leave between decode steps.
 
-KV cache layout: each width group keeps one left-padded cache, per layer (B, n_head, L, head_dim),
+KV cache layout: each width group keeps one left-padded, preallocated cache
+(:class:`~matta.model.StaticKVCache`, per layer (B, n_head, capacity, head_dim), filled to L)
 with an attention mask (B, L) marking real tokens. ``NestedGPT.forward`` derives positions from
-the mask, so a padded row computes exactly what it would alone. We chose padded group caches over
-preallocated per-slot buffers because the model's attention appends to its cache with
-``torch.cat``: a preallocated buffer would be copied by that cat anyway, so it would add a copy
-instead of saving one. The cat is O(B * L) per layer and step, the same order as attention's own
-read of the cache, and the per-step Python work is O(rows), independent of sequence length
-(sampling, and incremental UTF-8 decoding of the newest token only). Joins pad + concatenate once; leaves
-gather the surviving rows once and trim columns that became padding in every row, so L stays
-the longest live sequence.
+the mask, so a padded row computes exactly what it would alone. A decode step writes its keys
+and values in place and attends to views: no step copies the cache (a concatenating cache
+copied B * L * d per layer and step, which on this small model cost more than the FFN and hid
+most of the Student's speed-up). The per-step Python work is O(rows), independent of sequence
+length (sampling, and incremental UTF-8 decoding of the newest token only). Joins pad +
+concatenate once; leaves gather the surviving rows once and trim columns that became padding in
+every row, so L stays the longest live sequence; both rebuild the buffers, once per event.
 
 The asyncio side talks to the thread through :meth:`Engine.submit` (returns a
 :class:`RequestStream`, an async iterator of events) and :meth:`RequestStream.cancel`.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from matta.model import KVCache, NestedGPT
+from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
 from router.latency import LatencyModel
 from serving.detokenize import IncrementalDetokenizer
@@ -149,7 +149,7 @@ class _Group:
 
     width: str
     seqs: list[_Sequence]
-    cache: KVCache  # per layer (B, nh, L, hs), left-padded
+    cache: StaticKVCache  # per layer (B, nh, capacity, hs), left-padded, filled to L = mask.shape[1]
     mask: torch.Tensor  # (B, L) long, 1 = real token
     next_ids: torch.Tensor  # (B, 1) the last sampled token of each row, not yet in the cache
 
@@ -424,7 +424,9 @@ class Engine:
                                              [prompt_lp[i] for i in rows])
             if self.latency is not None:
                 self.latency.observe_prefill(width, ids.numel(), time.perf_counter() - started)
-            cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values]
+            cache = StaticKVCache.from_list(
+                [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values],
+                capacity=self._capacity(P, live))
             group = _Group(width, live, cache, mask.index_select(0, index), next_ids)
             self._drop_finished(group, registered=False)
             if group.seqs:
@@ -537,8 +539,10 @@ class Engine:
         mask = group.mask.index_select(0, index)
         lead = int(mask.any(dim=0).int().argmax())  # first column holding a real token
         group.mask = mask[:, lead:]
-        group.cache = [(k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:])
-                       for k, v in group.cache]
+        group.cache = StaticKVCache.from_list(
+            [(k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:])
+             for k, v in group.cache.as_list()],
+            capacity=group.cache.capacity - lead)
         group.next_ids = group.next_ids.index_select(0, index)
         group.seqs = [group.seqs[i] for i in keep]
 
@@ -550,14 +554,20 @@ class Engine:
             return
         L, P = old.mask.shape[1], new.mask.shape[1]
         T = max(L, P)
-        old.cache = [
+        merged = [
             (torch.cat([F.pad(ko, (0, 0, T - L, 0)), F.pad(kn, (0, 0, T - P, 0))]),
              torch.cat([F.pad(vo, (0, 0, T - L, 0)), F.pad(vn, (0, 0, T - P, 0))]))
-            for (ko, vo), (kn, vn) in zip(old.cache, new.cache, strict=True)
+            for (ko, vo), (kn, vn) in zip(old.cache.as_list(), new.cache.as_list(), strict=True)
         ]
+        old.cache = StaticKVCache.from_list(merged, capacity=max(old.cache.capacity - L, new.cache.capacity - P) + T)
         old.mask = torch.cat([F.pad(old.mask, (T - L, 0)), F.pad(new.mask, (T - P, 0))])
         old.next_ids = torch.cat([old.next_ids, new.next_ids])
         old.seqs = old.seqs + new.seqs
+
+    def _capacity(self, length: int, seqs: list[_Sequence]) -> int:
+        """Initial cache capacity: room for the longest generation in the group, within the context."""
+        longest = max(s.params.max_tokens for s in seqs)
+        return min(self.config.n_ctx, length + longest)
 
     def _prompt_logprobs(self, logits: torch.Tensor, seq: _Sequence) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (the first has none)."""

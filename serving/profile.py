@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from matta.model import NestedGPT
+from matta.model import NestedGPT, StaticKVCache
 from router.latency import LatencyModel, WidthCost
 
 DEFAULT_BATCHES = (1, 4, 16, 32)
@@ -39,15 +39,18 @@ def _median_time(fn, repeats: int) -> float:
 
 def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generator: torch.Generator):
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(_device(model))
-    mask = torch.ones(batch, context - 1, dtype=torch.long, device=_device(model))
-    cache = model(ids, width=width, attention_mask=mask, use_cache=True).past_key_values
-    step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(_device(model))
-    step_mask = torch.ones(batch, context, dtype=torch.long, device=_device(model))
+    device = _device(model)
+    ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(device)
+    mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
+    cache = StaticKVCache.from_list(model(ids, width=width, attention_mask=mask, use_cache=True).past_key_values,
+                                    capacity=context)
+    step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
 
     def step():
-        # What Engine._decode does per group: the mask grows by a column, the cache by a row, pick.
-        full = torch.cat([step_mask[:, :-1], torch.ones(batch, 1, dtype=torch.long, device=_device(model))], dim=1)
+        # What Engine._decode does per group: the mask grows by a column, the step is written
+        # into the preallocated cache, the next token is picked. Rewind so every run is alike.
+        cache.length = context - 1
+        full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
         out = model(step_ids, width=width, attention_mask=full, past_key_values=cache, use_cache=True)
         out.logits[:, -1].float().argmax(dim=-1).tolist()
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matta.model import NestedGPT
+from matta.model import NestedGPT, StaticKVCache
 from tests.conftest import tiny_config
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -156,3 +156,26 @@ def test_any_per_layer_mix_matches_reference_property(widths, T):
     x = ids(m.config, B=1, T=T, seed=T)
     with torch.no_grad():
         torch.testing.assert_close(m(x, width=widths).logits, sliced_reference(m, x, widths), **TOL)
+
+
+@pytest.mark.parametrize("capacity", [9, 64])  # 9: the buffers must grow while decoding
+def test_a_preallocated_cache_decodes_exactly_like_the_concatenating_one(model, config, capacity):
+    torch.manual_seed(5)
+    ids = torch.randint(0, config.vocab_size, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        listed = model(ids, width="s", attention_mask=mask, use_cache=True)
+        static = StaticKVCache.from_list(listed.past_key_values, capacity=capacity)
+        cache, step = listed.past_key_values, ids[:, -1:]
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            a = model(step, width="s", attention_mask=mask, past_key_values=cache, use_cache=True)
+            b = model(step, width="s", attention_mask=mask, past_key_values=static, use_cache=True)
+            assert b.past_key_values is static and static.length == mask.shape[1]
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+            cache, step = a.past_key_values, a.logits[:, -1:].argmax(-1)
+    assert static.capacity >= 14
+    for (k, v), (ks, vs) in zip(cache, static.as_list(), strict=True):
+        torch.testing.assert_close(k, ks)
+        torch.testing.assert_close(v, vs)
