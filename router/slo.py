@@ -63,13 +63,7 @@ class EnginePredictor:
                 b, c = draining.get(w, (0, prompt))
                 draining[w] = (b + take, max(c, prompt))
                 room -= take
-        # Price the wait as if the draining batch ran at the width being considered. Every request
-        # under the same load makes the same choice, so under overload this is what the batch
-        # becomes; pricing it at the widths running now would make a narrow width look no
-        # faster to wait for, and the policy would shed instead of trading width for throughput.
-        rows_draining = sum(b for b, _ in draining.values())
-        context_draining = max((c for _, c in draining.values()), default=prompt)
-        iteration_now = m.iteration_s({width: (rows_draining, context_draining)} if rows_draining else {})
+        iteration_now = m.iteration_s(draining)
         need = load.waiting + rows - (load.max_batch - load.running)
         wait = 0.0
         if need > 0:
