@@ -187,6 +187,14 @@ def cmd_serve(args) -> int:
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def cmd_route(args) -> int:
+    """Route OpenAI-compatible requests over backends that each serve one width (pinned `matta serve`
+    instances, or vLLM serving exported widths), with the same policies, headers and metrics."""
+    from router.proxy import load_route_config, serve_route
+
+    return serve_route(load_route_config(args.config), host=args.host, port=args.port, log_level=args.log_level)
+
+
 def cmd_profile(args) -> int:
     """Measure prefill and decode step times per width, batch size and context on this machine;
     write the latency profile that `matta serve --policy slo --profile PATH` loads."""
@@ -288,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="latency profile from `matta profile` (default: measured at start-up)")
     p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
                    help="per-width quality (from training.json) behind matta_effective_quality")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = add("route", cmd_route, "width router (proxy) in front of one backend per width")
+    p.add_argument("config", type=Path, help="route config YAML (see router/proxy.py)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     p = add("profile", cmd_profile, "measure per-width step times on this machine (latency profile for the router)")

@@ -84,7 +84,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.service = service
-    _install_error_handlers(app, metrics)
+    install_error_handlers(app, metrics)
 
     @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
                                             413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
@@ -130,8 +130,10 @@ def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | N
     return latency
 
 
-def _install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
-    """Every error leaves in the OpenAI shape; client mistakes are 4xx, never 422 or 500."""
+def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
+    """Every error leaves in the OpenAI shape; client mistakes are 4xx, never 422 or 500.
+
+    Shared by ``matta serve`` and the ``matta route`` proxy, so both answer alike."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

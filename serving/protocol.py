@@ -135,7 +135,7 @@ class ModelCard(BaseModel):
     owned_by: str = "matta"
     root: str
     parent: str | None = None
-    max_model_len: int
+    max_model_len: int | None = None
     width: str | None = Field(None, description="the pinned width; None for the routed model")
 
 
