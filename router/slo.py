@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from router.latency import LatencyModel
+from router.latency import LatencyModel, RequestCalibration
 from router.policy import (
     LatencyPredictor,
     LoadSnapshot,
@@ -37,8 +37,9 @@ class EnginePredictor:
     ``max_tokens - 1`` iterations of the batch it joins (its own group one row bigger).
     """
 
-    def __init__(self, model: LatencyModel) -> None:
+    def __init__(self, model: LatencyModel, calibration: RequestCalibration | None = None) -> None:
         self.model = model
+        self.calibration = calibration
 
     def predict_s(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
         m = self.model
@@ -64,7 +65,7 @@ class EnginePredictor:
                 draining[w] = (b + take, max(c, prompt))
                 room -= take
         iteration_now = m.iteration_s(draining)
-        need = load.waiting + rows - (load.max_batch - load.running)
+        need = load.waiting + rows - (load.max_batch - load.running)  # > 0 exactly when queued()
         wait = 0.0
         if need > 0:
             if need <= len(remaining):
@@ -85,7 +86,13 @@ class EnginePredictor:
         batch, context = groups.get(width, (0, 0))
         groups[width] = (batch + rows, max(context, prompt) + request.max_tokens // 2)
         decode = max(0, request.max_tokens - 1) * m.iteration_s(groups)
-        return wait + m.prefill_s(width, rows * prompt) + decode
+        total = wait + m.prefill_s(width, rows * prompt) + decode
+        return total * (self.calibration.factor(queued(request, load)) if self.calibration is not None else 1.0)
+
+
+def queued(request: RequestInfo, load: LoadSnapshot) -> bool:
+    """Whether the request will wait for a batch slot (more sequences than free slots)."""
+    return load.waiting + max(1, request.n_prompts) > load.max_batch - load.running
 
 
 @dataclass

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matta.checkpoint import load_checkpoint
-from router.latency import LatencyModel
+from router.latency import LatencyModel, RequestCalibration
 from router.policy import PolicyContext, make_policy
 from router.quality import width_quality
 from router.slo import EnginePredictor
@@ -60,13 +60,17 @@ def build_app(settings: ServerSettings) -> FastAPI:
     ckpt = load_checkpoint(settings.checkpoint, device=device)
     widths = ckpt.config.width_names
     latency = load_or_measure_profile(settings, ckpt.model)
-    context = PolicyContext(predictor=EnginePredictor(latency) if latency else None,
+    calibration = RequestCalibration() if latency else None
+    context = PolicyContext(predictor=EnginePredictor(latency, calibration) if latency else None,
                             default_slo_ms=settings.default_slo_ms, min_width=settings.min_width, shed=settings.shed)
     policy = make_policy(settings.policy, widths, context)
     engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     latency=latency)
-    metrics = ServingMetrics(engine.stats, corrections=latency.corrections if latency else None)
+    metrics = ServingMetrics(engine.stats, corrections=(
+        (lambda: {**latency.corrections(), "request:calm": calibration.factor(False),
+                  "request:queued": calibration.factor(True)}) if latency else None))
     service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s,
+                                calibration=calibration,
                                 default_slo_ms=settings.default_slo_ms,
                                 quality=width_quality(ckpt.training, widths, settings.quality_metric))
 

@@ -21,7 +21,9 @@ from starlette.background import BackgroundTask
 
 from matta.config import ModelConfig
 from matta.tokenizer import Tokenizer
+from router.latency import RequestCalibration
 from router.policy import LoadSnapshot, RequestInfo, WidthPolicy, decide_width
+from router.slo import queued
 from serving.engine import (
     Engine,
     EngineStoppedError,
@@ -79,6 +81,8 @@ class _Route:
     reason: str
     slo_s: float | None
     predicted_s: float | None
+    calibration_factor: float = 1.0  # the request-level factor the prediction included
+    queued: bool = False  # it found no free batch slot when it arrived
 
 
 @dataclass
@@ -102,8 +106,9 @@ class CompletionService:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, policy: WidthPolicy, metrics: ServingMetrics,
                  retry_after_s: int = 1, default_slo_ms: float | None = None,
-                 quality: dict[str, float] | None = None) -> None:
+                 quality: dict[str, float] | None = None, calibration: RequestCalibration | None = None) -> None:
         self.engine = engine
+        self.calibration = calibration
         self.default_slo_ms = default_slo_ms
         self.quality = quality or {}
         self.tokenizer = tokenizer
@@ -136,9 +141,12 @@ class CompletionService:
             prompts = self._tokenize(body.prompt)
             info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms, max_tokens=body.max_tokens,
                                prompt_tokens=sum(len(p) for p in prompts), user=body.user, n_prompts=len(prompts))
-            decision = decide_width(self.policy, info, self._load(), started)
+            load = self._load()
+            decision = decide_width(self.policy, info, load, started)
             width = decision.width
-            route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, decision.predicted_s)
+            waits = queued(info, load)
+            route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, decision.predicted_s,
+                           self.calibration.factor(waits) if self.calibration is not None else 1.0, waits)
             self.metrics.decisions.labels(self.policy.name, width, decision.reason).inc()
             if decision.shed:
                 self.metrics.shed.labels(self.policy.name).inc()
@@ -372,6 +380,9 @@ class CompletionService:
             outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
             m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
         if status == 200 and route.predicted_s:
+            if self.calibration is not None and route.reason != "pinned":
+                # The factor the prediction included is divided out: the feedback is on the raw model.
+                self.calibration.observe(elapsed, route.predicted_s / route.calibration_factor, route.queued)
             m.prediction_ratio.labels(policy, width).observe(elapsed / route.predicted_s)
             m.prediction_error.labels(policy, width).observe(abs(elapsed - route.predicted_s))
         m.requests.labels(width, str(status)).inc()

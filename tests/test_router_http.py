@@ -52,8 +52,9 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
     app = build_app(ServerSettings(checkpoint=path, policy="slo:dwell_s=0.3", max_batch=4, max_queue=256,
                                    device="cpu", profile=profile_path))
     with ServerThread(app) as server:
-        idle = completion(server.url, slo_ms=10_000)
-        assert idle.status_code == 200 and idle.headers["x-matta-width"] == "ta"
+        for _ in range(5):  # warm up: the online corrections settle on this machine's idle speed
+            idle = completion(server.url, slo_ms=10_000)
+            assert idle.status_code == 200 and idle.headers["x-matta-width"] == "ta"
         # An SLO the TA meets with room when idle, but not behind a queue of 60 requests.
         slo_ms = max(40.0, 3 * float(idle.headers["x-matta-predicted-ms"]))
         assert completion(server.url, slo_ms).headers["x-matta-width"] == "ta"
@@ -61,13 +62,17 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
         assert all(r.status_code == 200 for r in responses)
         during = [r.headers["x-matta-width"] for r in responses]
         assert sum(w != "ta" for w in during) >= len(during) // 2, during
-        time.sleep(0.5)  # calm for longer than the dwell time
-        after = [completion(server.url, slo_ms).headers["x-matta-width"] for _ in range(3)]
+        # Calm: one request at a time, longer apart than the dwell time; the online corrections
+        # decay from the burst's values, and the widths climb back to the TA.
+        after = []
+        while len(after) < 10 and after[-1:] != ["ta"]:
+            time.sleep(0.35)
+            after.append(completion(server.url, slo_ms).headers["x-matta-width"])
         assert after[-1] == "ta", after
         text = httpx.get(f"{server.url}/metrics").text
     assert metric(text, "matta_router_decisions_total", policy="slo", reason="slo_met") >= 3
     assert metric(text, "matta_router_decisions_total", policy="slo", width="s") >= 1
-    requests_with_slo = 1 + 60 + 3 + 1
+    requests_with_slo = 5 + 1 + 60 + len(after)
     outcomes = sum(metric(text, "matta_slo_requests_total", policy="slo", outcome=o) for o in ("met", "missed"))
     assert outcomes == requests_with_slo
     assert 0 < metric(text, "matta_slo_attainment_ratio", policy="slo") <= 1

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.latency import LatencyModel, WidthCost
+from router.latency import LatencyModel, RequestCalibration, WidthCost
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width, make_policy
 from router.slo import EnginePredictor, SloPolicy
 from tests.test_router_policy import WIDTHS, FakeClock
@@ -193,3 +193,27 @@ def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins(
     wait = 8 * m.iteration_s({"ta": (4, 50)})  # one waiting ahead: the 2nd slot to free is ours
     assert predictor.predict_s("s", r, full) >= wait
     assert predictor.predict_s("s", r, full) > predictor.predict_s("s", r, busy)
+
+
+def test_request_calibration_is_a_quantile_of_recent_ratios_and_scales_predictions():
+    calibration = RequestCalibration(quantile=0.9, window=100, min_samples=10)
+    for _ in range(9):
+        calibration.observe(2.0, 1.0)
+    assert calibration.factor() == 1.0  # too few samples yet
+    for i in range(100):
+        calibration.observe(1.0 + i / 100, 1.0)  # ratios 1.00 .. 1.99: the 90% quantile is 1.90
+    assert calibration.factor() == pytest.approx(1.90)
+    calibration.observe(1e9, 1.0)
+    assert calibration.factor() <= 4.0  # bounded
+    m = model()
+    plain, calibrated = EnginePredictor(m), EnginePredictor(m, calibration)
+    r, idle = RequestInfo(max_tokens=10, prompt_tokens=20), LoadSnapshot(max_batch=4)
+    assert calibrated.predict_s("ta", r, idle) == pytest.approx(calibration.factor() * plain.predict_s("ta", r, idle))
+    # Requests that must queue have their own factor: errors made under overload stay there.
+    full = LoadSnapshot(running=4, waiting=2, max_batch=4, groups={"ta": (4, 50)}, remaining_tokens=(5, 8, 30, 40))
+    assert calibration.factor(queued=True) == 1.0
+    assert calibrated.predict_s("ta", r, full) == pytest.approx(plain.predict_s("ta", r, full))
+    for _ in range(20):
+        calibration.observe(3.0, 1.0, queued=True)
+    assert calibrated.predict_s("ta", r, full) == pytest.approx(3.0 * plain.predict_s("ta", r, full))
+    assert calibration.factor(queued=False) == pytest.approx(1.91)  # the absurd ratio pushed out 1.00
