@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
+    p.add_argument("--calibration-quantile", type=float, help="passed to the slo server (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "slo_router")
     return p.parse_args(argv)
@@ -239,7 +240,9 @@ def main(argv=None) -> int:
     print(f"TA sustains {rate:.1f} req/s (p50 {1000 * capacity['p50_s']:.0f} ms); SLO {slo_ms:.0f} ms", flush=True)
     trace = make_trace(prompts, args.ramp[0] * rate, args.ramp[1] * rate, args.duration, args.seed)
     policies = {f"fixed:{ta}": ("--policy", f"fixed:{ta}"), f"fixed:{student}": ("--policy", f"fixed:{student}"),
-                "slo": ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()))}
+                "slo": ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
+                        *(("--calibration-quantile", str(args.calibration_quantile))
+                          if args.calibration_quantile else ()))}
     results = {"checkpoint": str(args.checkpoint), "widths": widths, "quality": quality, "threads": args.threads,
                "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prompts": prompt_info,
                "duration_s": args.duration, "ramp": list(args.ramp), "ta_capacity": capacity,

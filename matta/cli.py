@@ -183,7 +183,8 @@ def cmd_serve(args) -> int:
                               max_queue=args.max_queue, device=args.device,
                               shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads,
                               default_slo_ms=args.slo_ms, min_width=args.min_width, shed=args.shed,
-                              profile=args.profile, quality_metric=args.quality_metric)
+                              profile=args.profile, quality_metric=args.quality_metric,
+                              calibration_quantile=args.calibration_quantile)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shed", action="store_true",
                    help="slo policy: answer 429 + Retry-After when no width can meet the SLO (default: best effort)")
     p.add_argument("--profile", type=Path, help="latency profile from `matta profile` (default: measured at start-up)")
+    p.add_argument("--calibration-quantile", type=float, metavar="Q",
+                   help="slo policy: scale predictions by the Q-quantile of recent actual/predicted latency "
+                        "(e.g. 0.9; default off)")
     p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
                    help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -52,6 +52,9 @@ class ServerSettings:
     shed: bool = False  # slo policy: refuse (429) what no width can serve in time, instead of best effort
     profile: Path | None = None  # latency profile from `matta profile`; None: measure one at start-up when needed
     quality_metric: str = "cloze_acc"  # per-width quality for effective-quality metrics (training.json eval)
+    # Request-level calibration of the slo predictor (router.latency.RequestCalibration): off by
+    # default, because in benchmarks/slo_router.py it did worse (89% vs 96% of served requests in SLO).
+    calibration_quantile: float | None = None
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -60,15 +63,20 @@ def build_app(settings: ServerSettings) -> FastAPI:
     ckpt = load_checkpoint(settings.checkpoint, device=device)
     widths = ckpt.config.width_names
     latency = load_or_measure_profile(settings, ckpt.model)
-    calibration = RequestCalibration() if latency else None
+    calibration = (RequestCalibration(settings.calibration_quantile)
+                   if latency is not None and settings.calibration_quantile is not None else None)
     context = PolicyContext(predictor=EnginePredictor(latency, calibration) if latency else None,
                             default_slo_ms=settings.default_slo_ms, min_width=settings.min_width, shed=settings.shed)
     policy = make_policy(settings.policy, widths, context)
     engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     latency=latency)
-    metrics = ServingMetrics(engine.stats, corrections=(
-        (lambda: {**latency.corrections(), "request:calm": calibration.factor(False),
-                  "request:queued": calibration.factor(True)}) if latency else None))
+    def corrections() -> dict[str, float]:
+        out = latency.corrections()
+        if calibration is not None:
+            out.update({"request:calm": calibration.factor(False), "request:queued": calibration.factor(True)})
+        return out
+
+    metrics = ServingMetrics(engine.stats, corrections=corrections if latency else None)
     service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s,
                                 calibration=calibration,
                                 default_slo_ms=settings.default_slo_ms,
