@@ -77,6 +77,7 @@ import torch
 
 from matta.checkpoint import Checkpoint, load_checkpoint
 from matta.hf import export_width, load_hf_gpt2
+from matta.model import StaticKVCache
 from serving.engine import Engine, SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
@@ -410,21 +411,31 @@ def engine_decode(ckpt: Checkpoint, widths: list[str], prompts: list[list[int]],
 
 @torch.inference_mode()
 def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10) -> dict:
-    """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved."""
+    """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
+
+    The cache is a :class:`StaticKVCache`, as in the engine; it is rewound before every step so
+    all steps see the same context.
+    """
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ctx = torch.randint(0, vocab, (batch, context), generator=gen)
     step = torch.randint(0, vocab, (batch, 1), generator=gen)
     mask = torch.ones(batch, context + 1, dtype=torch.long)
-    pasts = {w: model(ctx, width=w, use_cache=True).past_key_values for w in widths}
+    pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
+             for w in widths}
+
+    def run(w: str) -> None:
+        pasts[w].length = context
+        model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
+
     times: dict[str, list[float]] = {w: [] for w in widths}
     for w in widths:
-        model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
+        run(w)
     for r in range(repeats * 3):
         for w in widths[r % len(widths):] + widths[: r % len(widths)]:
             t0 = time.perf_counter()
             for _ in range(inner):
-                model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
+                run(w)
             times[w].append((time.perf_counter() - t0) / inner)
     return {w: {"step_ms": [t * 1e3 for t in ts], "median_step_ms": statistics.median(ts) * 1e3,
                 "tokens_per_s": batch / statistics.median(ts)} for w, ts in times.items()}
