@@ -42,11 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy, decide_width, make_policy
 from router.quality import width_quality
-from serving.app import install_error_handlers
-from serving.engine import EngineStats
+from serving.http import PREDICTED_HEADER, WIDTH_HEADER, APIError, install_error_handlers, slo_ms_from
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionRequest, ErrorResponse, ModelCard, ModelList
-from serving.serving import PREDICTED_HEADER, SLO_HEADER, WIDTH_HEADER, APIError
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +183,12 @@ def build_route_app(config: RouteConfig) -> FastAPI:
     in_flight = dict.fromkeys(widths, 0)
     lock = threading.Lock()
 
-    def stats() -> EngineStats:
+    def stats() -> LoadSnapshot:
         with lock:
             running = dict(in_flight)
-        return EngineStats(running=sum(running.values()), waiting=0, running_by_width=running,
-                           waiting_by_width=dict.fromkeys(widths, 0), max_batch=config.max_in_flight,
-                           max_queue=config.max_in_flight, steps=0, finished=0, cancelled=0)
+        return LoadSnapshot(running=sum(running.values()), waiting=0, running_by_width=running,
+                            waiting_by_width=dict.fromkeys(widths, 0), max_batch=config.max_in_flight,
+                            max_queue=config.max_in_flight)
 
     metrics = ServingMetrics(stats)
     client_holder: dict[str, httpx.AsyncClient] = {}
@@ -223,20 +221,6 @@ def build_route_app(config: RouteConfig) -> FastAPI:
             raise APIError(400, f"model pins width {model_width!r} but width is {body.width!r}", param="width")
         return model_width if sep else body.width
 
-    def slo_ms(body: CompletionRequest, request: Request) -> float | None:
-        if body.latency_slo_ms is not None:
-            return body.latency_slo_ms
-        header = request.headers.get(SLO_HEADER)
-        if header is None:
-            return config.slo_ms
-        try:
-            value = float(header)
-        except ValueError:
-            value = float("nan")
-        if not (math.isfinite(value) and value > 0):
-            raise APIError(400, f"header {SLO_HEADER} must be a positive number of milliseconds, got {header!r}",
-                           param=SLO_HEADER)
-        return value
 
     def finish(width: str, started: float, status: int, tokens: int, prompt_tokens: int, slo: float | None,
                predicted: float | None, load_at_send: int) -> None:
@@ -263,7 +247,7 @@ def build_route_app(config: RouteConfig) -> FastAPI:
         width = None
         try:
             pinned = pinned_width(body)
-            slo = slo_ms(body, request)
+            slo = slo_ms_from(body.latency_slo_ms, request, config.slo_ms)
             info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo, max_tokens=body.max_tokens,
                                prompt_tokens=_prompt_tokens(body.prompt), user=body.user,
                                n_prompts=len(body.prompt) if isinstance(body.prompt, list)

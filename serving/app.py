@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matta.checkpoint import load_checkpoint
 from router.latency import LatencyModel, RequestCalibration
@@ -28,9 +26,10 @@ from router.policy import PolicyContext, make_policy
 from router.quality import width_quality
 from router.slo import EnginePredictor
 from serving.engine import Engine
+from serving.http import install_error_handlers
 from serving.metrics import ServingMetrics
-from serving.protocol import CompletionRequest, ErrorResponse, ModelList, error_body
-from serving.serving import APIError, CompletionService
+from serving.protocol import CompletionRequest, ErrorResponse, ModelList
+from serving.serving import CompletionService
 
 log = logging.getLogger(__name__)
 
@@ -140,45 +139,6 @@ def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | N
     errors = latency.meta["relative_error"]
     log.info("latency profile: median fit error %s", {w: f"{e['fit_median']:.1%}" for w, e in errors.items()})
     return latency
-
-
-def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
-    """Every error leaves in the OpenAI shape; client mistakes are 4xx, never 422 or 500.
-
-    Shared by ``matta serve`` and the ``matta route`` proxy, so both answer alike."""
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        where = ".".join(loc)
-        param = loc[0] if loc else None
-        message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        if first.get("type") == "json_invalid":
-            param = None
-            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
-        elif where:
-            message = f"{where}: {message}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
-        if request.url.path == "/v1/completions":
-            metrics.requests.labels("none", "400").inc()
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal server error", "internal_server_error"), status_code=500)
 
 
 def default_torch_threads() -> int:

@@ -1,5 +1,8 @@
 """Prometheus metrics of one server, in its own registry (no global state: tests run many apps).
 
+Torch-free: the load gauges read any object with the fields of ``serving.engine.EngineStats``
+(``router.policy.LoadSnapshot`` has them too), so the ``matta route`` proxy shares this module.
+
 Names are prefixed ``matta_`` and carry their unit. Running/waiting gauges are read from the
 engine at scrape time, so they are never stale.
 """
@@ -9,12 +12,11 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from serving.engine import EngineStats
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -23,7 +25,7 @@ SLO_OUTCOMES = ("met", "missed", "shed", "failed")
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], Any]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
@@ -72,7 +74,7 @@ class _SloCollector(Collector):
 class ServingMetrics:
     """The server's metric families, all in ``self.registry``."""
 
-    def __init__(self, stats: Callable[[], EngineStats], registry: CollectorRegistry | None = None,
+    def __init__(self, stats: Callable[[], Any], registry: CollectorRegistry | None = None,
                  corrections: Callable[[], dict[str, float]] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._corrections = corrections

@@ -33,6 +33,7 @@ from serving.engine import (
     SequenceEvent,
     TokenLogprob,
 )
+from serving.http import PREDICTED_HEADER, WIDTH_HEADER, APIError, slo_ms_from
 from serving.metrics import ServingMetrics
 from serving.protocol import (
     CompletionChoice,
@@ -43,34 +44,12 @@ from serving.protocol import (
     ModelList,
     UsageInfo,
     completion_id,
-    error_body,
 )
 
 log = logging.getLogger(__name__)
 
-WIDTH_HEADER = "x-matta-width"
-SLO_HEADER = "x-matta-slo-ms"  # request header: latency target when the body gives none
-PREDICTED_HEADER = "x-matta-predicted-ms"  # response header: the router's latency prediction
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
-
-
-class APIError(Exception):
-    """An error for the client: HTTP status plus the OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
 
 
 @dataclass(frozen=True)
@@ -178,20 +157,7 @@ class CompletionService:
         return await self._complete(body, stream, choices, route, started, raw_request, headers)
 
     def _slo_ms(self, body: CompletionRequest, raw_request: Request) -> float | None:
-        """The request's latency target: the body's ``latency_slo_ms``, else the header, else the server default."""
-        if body.latency_slo_ms is not None:
-            return body.latency_slo_ms
-        header = raw_request.headers.get(SLO_HEADER)
-        if header is not None:
-            try:
-                value = float(header)
-            except ValueError:
-                value = float("nan")
-            if not (math.isfinite(value) and value > 0):
-                raise APIError(400, f"header {SLO_HEADER} must be a positive number of milliseconds, got {header!r}",
-                               param=SLO_HEADER)
-            return value
-        return self.default_slo_ms
+        return slo_ms_from(body.latency_slo_ms, raw_request, self.default_slo_ms)
 
     def _pinned_width(self, body: CompletionRequest) -> str | None:
         name, sep, model_width = body.model.partition(":")

@@ -94,3 +94,10 @@ def test_a_registered_policy_sees_request_load_and_clock():
 def test_router_policy_does_not_import_torch():
     code = "import sys, router.policy; assert 'torch' not in sys.modules, 'router.policy imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_router_package_does_not_import_torch():
+    """DESIGN: router never imports torch-heavy serving internals (the proxy runs without the engine)."""
+    code = ("import sys, router.policy, router.slo, router.latency, router.quality, router.proxy; "
+            "assert 'torch' not in sys.modules, 'the router imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
