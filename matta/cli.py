@@ -184,7 +184,8 @@ def cmd_serve(args) -> int:
                               shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads,
                               default_slo_ms=args.slo_ms, min_width=args.min_width, shed=args.shed,
                               profile=args.profile, quality_metric=args.quality_metric,
-                              calibration_quantile=args.calibration_quantile)
+                              calibration_quantile=args.calibration_quantile, experiment=args.experiment,
+                              ab_db=args.ab_db, admin_key=args.admin_key)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -298,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-quantile", type=float, metavar="Q",
                    help="slo policy: scale predictions by the Q-quantile of recent actual/predicted latency "
                         "(e.g. 0.9; default off)")
+    p.add_argument("--experiment", type=Path, help="A/B experiment config (YAML): arms are width policies")
+    p.add_argument("--ab-db", type=Path, help="SQLite log of exposures and outcomes "
+                                              "(default: runs/ab/<experiment>.<host>.<pid>.sqlite)")
+    p.add_argument("--admin-key", help="Bearer key for /admin/* (experiment reload); default: $MATTA_ADMIN_KEY; "
+                                       "unset disables the admin API")
     p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
                    help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

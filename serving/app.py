@@ -21,10 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from matta.checkpoint import load_checkpoint
+from router.ab_log import ABLog, default_shard_path
+from router.experiment import LiveExperiment, load_experiment
 from router.latency import LatencyModel, RequestCalibration
 from router.policy import PolicyContext, make_policy
 from router.quality import width_quality
 from router.slo import EnginePredictor
+from serving.ab_routes import describe, install_experiment_routes
 from serving.engine import Engine
 from serving.http import install_error_handlers
 from serving.metrics import ServingMetrics
@@ -54,6 +57,9 @@ class ServerSettings:
     # Request-level calibration of the slo predictor (router.latency.RequestCalibration): off by
     # default, because in benchmarks/slo_router.py it did worse (89% vs 96% of served requests in SLO).
     calibration_quantile: float | None = None
+    experiment: Path | None = None  # A/B experiment config (router/experiment.py)
+    ab_db: Path | None = None  # its SQLite log; None: runs/ab/<experiment>.<host>.<pid>.sqlite
+    admin_key: str | None = None  # Bearer key of /admin/*; None: admin API disabled
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -76,8 +82,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
         return out
 
     metrics = ServingMetrics(engine.stats, corrections=corrections if latency else None)
+    live, ab_log = None, None
+    if settings.experiment is not None:
+        live = LiveExperiment(load_experiment(settings.experiment), widths, context, source=settings.experiment)
+        ab_log = ABLog(settings.ab_db or default_shard_path(live.config.name))
+        log.info("experiment %s, log %s", describe(live), ab_log.path)
     service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s,
-                                calibration=calibration,
+                                calibration=calibration, experiment=live, ab_log=ab_log,
                                 default_slo_ms=settings.default_slo_ms,
                                 quality=width_quality(ckpt.training, widths, settings.quality_metric))
 
@@ -87,6 +98,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
         log.info("serving %s (widths %s, policy %s) on %s", ckpt.name, ckpt.config.width_names, policy.name, device)
         yield
         engine.stop()
+        if ab_log is not None:
+            ab_log.close()
 
     app = FastAPI(title="matta", description="OpenAI-compatible completions at every nested width",
                   lifespan=lifespan)
@@ -95,7 +108,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.service = service
+    app.state.experiment = live
+    app.state.ab_log = ab_log
     install_error_handlers(app, metrics)
+    install_experiment_routes(app, live, ab_log, metrics, settings.admin_key or os.environ.get("MATTA_ADMIN_KEY"))
 
     @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
                                             413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
@@ -141,6 +157,20 @@ def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | N
     return latency
 
 
+def _reload_experiment(app: FastAPI) -> None:
+    """SIGHUP: re-read the experiment file; a bad file is logged and the running experiment stays."""
+    live = app.state.experiment
+    if live is None:
+        log.warning("SIGHUP: no experiment to reload")
+        return
+    try:
+        live.reload_from_source()
+    except ValueError as exc:
+        log.error("SIGHUP: experiment reload refused, the running one stays in force: %s", exc)
+        return
+    log.info("SIGHUP: experiment reloaded: %s", describe(live))
+
+
 def default_torch_threads() -> int:
     """Intra-op threads for serving on CPU: every core but one, which the HTTP event loop needs."""
     return max(1, (os.cpu_count() or 1) - 1)
@@ -174,10 +204,12 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, l
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
     # that re-raise is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: _reload_experiment(app))
     try:
         server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
         sock.close()
     print("matta serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -20,6 +20,7 @@ WIDTH_HEADER = "x-matta-width"
 SLO_HEADER = "x-matta-slo-ms"  # request header: latency target when the body gives none
 PREDICTED_HEADER = "x-matta-predicted-ms"  # response header: the router's latency prediction
 ARM_HEADER = "x-matta-arm"  # response header: the A/B arm that served the request
+REQUEST_ID_HEADER = "x-request-id"  # response header: the id /v1/feedback refers to (also the body's id)
 
 
 class APIError(Exception):

@@ -106,6 +106,10 @@ class ServingMetrics:
         self.prediction_error = Histogram("matta_router_prediction_error_seconds",
                                           "|actual - predicted| end-to-end latency", ["policy", "width"],
                                           buckets=LATENCY_BUCKETS_S, registry=r)
+        self.ab_exposures = Counter("matta_ab_exposures", "A/B exposures by experiment, arm, served width and status",
+                                    ["experiment", "arm", "width", "status"], registry=r)
+        self.ab_outcomes = Counter("matta_ab_outcomes", "A/B outcomes posted to /v1/feedback", ["experiment", "metric"],
+                                   registry=r)
         r.register(_EngineCollector(stats))
         r.register(_SloCollector(self))
 

@@ -147,3 +147,20 @@ class ModelList(BaseModel):
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
     """An error body as a plain dict, ready for a JSONResponse."""
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: an outcome for an earlier request (by its id) or for a unit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str | None = Field(None, min_length=1, max_length=128, description="the id of a completion response")
+    unit: str | None = Field(None, min_length=1, max_length=256, description="the experiment unit (e.g. the user)")
+    metric: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    value: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.request_id is None) == (self.unit is None):
+            raise ValueError("give exactly one of request_id and unit")
+        return self

@@ -21,6 +21,8 @@ from starlette.background import BackgroundTask
 
 from matta.config import ModelConfig
 from matta.tokenizer import Tokenizer
+from router.ab_log import ABLog, Exposure
+from router.experiment import LiveExperiment
 from router.latency import RequestCalibration
 from router.policy import LoadSnapshot, RequestInfo, WidthPolicy, decide_width
 from router.slo import queued
@@ -33,7 +35,7 @@ from serving.engine import (
     SequenceEvent,
     TokenLogprob,
 )
-from serving.http import PREDICTED_HEADER, WIDTH_HEADER, APIError, slo_ms_from
+from serving.http import ARM_HEADER, PREDICTED_HEADER, REQUEST_ID_HEADER, WIDTH_HEADER, APIError, slo_ms_from
 from serving.metrics import ServingMetrics
 from serving.protocol import (
     CompletionChoice,
@@ -62,6 +64,13 @@ class _Route:
     predicted_s: float | None
     calibration_factor: float = 1.0  # the request-level factor the prediction included
     queued: bool = False  # it found no free batch slot when it arrived
+    policy: str = ""  # name of the policy that chose (the server's, or the A/B arm's)
+    request_id: str = ""
+    arm: str | None = None  # A/B arm, when the request is in an experiment
+    experiment: str | None = None
+    unit: str | None = None
+    assignment: str | None = None
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -85,8 +94,12 @@ class CompletionService:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, policy: WidthPolicy, metrics: ServingMetrics,
                  retry_after_s: int = 1, default_slo_ms: float | None = None,
-                 quality: dict[str, float] | None = None, calibration: RequestCalibration | None = None) -> None:
+                 quality: dict[str, float] | None = None, calibration: RequestCalibration | None = None,
+                 experiment: LiveExperiment | None = None, ab_log: ABLog | None = None) -> None:
         self.engine = engine
+        self.experiment = experiment
+        self.ab_log = ab_log
+        self._background: set[asyncio.Future] = set()
         self.calibration = calibration
         self.default_slo_ms = default_slo_ms
         self.quality = quality or {}
@@ -113,7 +126,8 @@ class CompletionService:
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """Serve one completion request (streaming or not); raises :class:`APIError` for the client's errors."""
         started = time.monotonic()
-        width = None
+        request_id = completion_id()
+        width, route = None, None
         try:
             pinned = self._pinned_width(body)
             slo_ms = self._slo_ms(body, raw_request)
@@ -121,15 +135,24 @@ class CompletionService:
             info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms, max_tokens=body.max_tokens,
                                prompt_tokens=sum(len(p) for p in prompts), user=body.user, n_prompts=len(prompts))
             load = self._load()
-            decision = decide_width(self.policy, info, load, started)
+            policy, ab = self.policy, {}
+            if pinned is None and self.experiment is not None:
+                # Pinned requests stay outside experiments: the client chose the width, no arm did.
+                unit = self._unit(body, raw_request)
+                assigned = self.experiment.assign(unit)
+                if assigned is not None:
+                    arm, policy, assignment, exp = assigned
+                    ab = {"arm": arm, "experiment": exp.name, "unit": unit, "assignment": assignment}
+            decision = decide_width(policy, info, load, started)
             width = decision.width
             waits = queued(info, load)
             route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, decision.predicted_s,
-                           self.calibration.factor(waits) if self.calibration is not None else 1.0, waits)
-            self.metrics.decisions.labels(self.policy.name, width, decision.reason).inc()
+                           self.calibration.factor(waits) if self.calibration is not None else 1.0, waits,
+                           policy=policy.name, request_id=request_id, prompt_tokens=info.prompt_tokens, **ab)
+            self.metrics.decisions.labels(policy.name, width, decision.reason).inc()
             if decision.shed:
-                self.metrics.shed.labels(self.policy.name).inc()
-                self.metrics.observe_slo(self.policy.name, "shed")
+                self.metrics.shed.labels(policy.name).inc()
+                self.metrics.observe_slo(policy.name, "shed")
                 wait = max(self.retry_after_s, math.ceil((decision.predicted_s or 0) - route.slo_s))
                 raise APIError(429, f"no width can meet the latency SLO of {slo_ms:g} ms now (predicted "
                                     f"{1000 * (decision.predicted_s or 0):.0f} ms at width {width!r}); retry later",
@@ -140,12 +163,18 @@ class CompletionService:
             )
             stream = self._submit(prompts, width, params)
         except APIError as exc:
+            exc.headers[REQUEST_ID_HEADER] = request_id
             if width is not None:
                 exc.headers[WIDTH_HEADER] = width
             self.metrics.requests.labels(width or "none", str(exc.status)).inc()
+            if route is not None and route.arm is not None:
+                exc.headers[ARM_HEADER] = route.arm
+                await self._log_exposure(route, exc.status, time.monotonic() - started, 0)
             raise
         choices = [_Choice(p, self._prompt_text(body.prompt, i, p)) for i, p in enumerate(prompts)]
-        headers = {WIDTH_HEADER: width}
+        headers = {WIDTH_HEADER: width, REQUEST_ID_HEADER: request_id}
+        if route.arm is not None:
+            headers[ARM_HEADER] = route.arm
         if route.predicted_s is not None:
             headers[PREDICTED_HEADER] = f"{1000 * route.predicted_s:.1f}"
         if body.stream:
@@ -155,6 +184,28 @@ class CompletionService:
                                      headers={**headers, "cache-control": "no-cache"},
                                      background=BackgroundTask(stream.cancel))
         return await self._complete(body, stream, choices, route, started, raw_request, headers)
+
+    def _unit(self, body: CompletionRequest, raw_request: Request) -> str | None:
+        """The experiment unit id: the ``user`` field or the configured header."""
+        source = self.experiment.config.unit
+        if source == "user":
+            return body.user or None
+        return raw_request.headers.get(source.removeprefix("header:")) or None
+
+    async def _log_exposure(self, route: _Route, status: int, elapsed: float, completion_tokens: int,
+                            wait: bool = True) -> None:
+        """Record an A/B exposure; with ``wait`` (the default) return only once it is durable."""
+        if route.arm is None or self.ab_log is None:
+            return
+        self.metrics.ab_exposures.labels(route.experiment, route.arm, route.width, str(status)).inc()
+        row = Exposure(route.request_id, route.experiment, route.unit, route.assignment, route.arm, route.policy,
+                       route.width, status, elapsed, route.prompt_tokens, completion_tokens, time.time())
+        if wait:
+            await self.ab_log.write(row)
+        else:
+            task = asyncio.ensure_future(self.ab_log.write(row))
+            self._background.add(task)  # held until done, or the loop could drop it half-written
+            task.add_done_callback(self._background.discard)
 
     def _slo_ms(self, body: CompletionRequest, raw_request: Request) -> float | None:
         return slo_ms_from(body.latency_slo_ms, raw_request, self.default_slo_ms)
@@ -233,6 +284,7 @@ class CompletionService:
                 await asyncio.wait({consume}, timeout=DISCONNECT_POLL_S)
                 if not consume.done() and await raw_request.is_disconnected():
                     self._finish_metrics(choices, route, started, CLIENT_CLOSED)
+                    await self._log_exposure(route, CLIENT_CLOSED, time.monotonic() - started, 0, wait=False)
                     return Response(status_code=CLIENT_CLOSED)
             consume.result()
         finally:
@@ -240,9 +292,11 @@ class CompletionService:
             stream.cancel()
         if any(c.finish_reason == "abort" for c in choices):
             self._finish_metrics(choices, route, started, 503)
+            await self._log_exposure(route, 503, time.monotonic() - started, sum(c.completion_tokens for c in choices))
             raise APIError(503, "the server stopped before the completion finished; retry", "service_unavailable",
                            code="aborted", headers={"retry-after": str(self.retry_after_s), WIDTH_HEADER: width})
         response = CompletionResponse(
+            id=route.request_id,
             model=body.model,
             choices=[CompletionChoice(index=i, text=(c.prompt_text if body.echo else "") + c.text,
                                       logprobs=self._logprobs(body, c.logprobs, 0),
@@ -251,6 +305,8 @@ class CompletionService:
             usage=self._usage(choices),
         )
         self._finish_metrics(choices, route, started, 200)
+        # The exposure is durable before the client can see the answer (see router/ab_log.py).
+        await self._log_exposure(route, 200, time.monotonic() - started, response.usage.completion_tokens)
         return JSONResponse(response.model_dump(), headers=headers)
 
     async def _consume(self, stream: RequestStream, choices: list[_Choice], width: str) -> None:
@@ -261,8 +317,9 @@ class CompletionService:
                    started: float) -> AsyncIterator[str]:
         """Server-sent events: one chunk per step with new text, then usage (if asked) and ``[DONE]``."""
         width = route.width
-        request_id, created = completion_id(), int(time.time())
+        request_id, created = route.request_id, int(time.time())
         status = CLIENT_CLOSED
+        logged = False
         echoed = [not body.echo] * len(choices)
         try:
             async for index, event in stream:
@@ -289,11 +346,15 @@ class CompletionService:
                 usage = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                          "choices": [], "usage": self._usage(choices).model_dump()}
                 yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
             status = 503 if any(c.finish_reason == "abort" for c in choices) else 200
+            await self._log_exposure(route, status, time.monotonic() - started, sum(c.completion_tokens for c in choices))
+            logged = True
+            yield "data: [DONE]\n\n"
         finally:
             stream.cancel()  # a no-op when everything finished; frees the slots when the client left
             self._finish_metrics(choices, route, started, status)
+            if not logged:  # the client left mid-stream: record it, without waiting on the disk
+                await self._log_exposure(route, status, time.monotonic() - started, 0, wait=False)
 
     def _apply(self, choice: _Choice, event: SequenceEvent, width: str) -> None:
         """Fold one engine event into ``choice``; per-token metrics are observed here."""
@@ -341,7 +402,7 @@ class CompletionService:
     def _finish_metrics(self, choices: list[_Choice], route: _Route, started: float, status: int) -> None:
         m, width = self.metrics, route.width
         elapsed = time.monotonic() - started
-        policy = self.policy.name
+        policy = route.policy or self.policy.name
         if route.slo_s is not None:
             outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
             m.observe_slo(policy, outcome, self.quality.get(width, 0.0))

@@ -1,0 +1,87 @@
+"""A/B routes of ``matta serve --experiment``: outcomes (``/v1/feedback``) and hot reload (``/admin/experiment``).
+
+Reload paths: ``POST /admin/experiment`` with the new config (YAML or JSON) in the body and
+``Authorization: Bearer <admin key>``, or SIGHUP, which re-reads the experiment file. Either way
+the new config is validated completely first; an invalid one is refused (400, or a logged error
+for SIGHUP) and the running experiment stays in force.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from router.ab_log import ABLog, Outcome
+from router.experiment import LiveExperiment, parse_experiment
+from serving.http import APIError
+from serving.metrics import ServingMetrics
+from serving.protocol import ErrorResponse, FeedbackRequest
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 64 * 1024
+
+
+def check_bearer(request: Request, key: str | None, what: str) -> None:
+    """401 unless ``Authorization: Bearer <key>`` matches (constant-time); 403 when no key is configured."""
+    if key is None:
+        raise APIError(403, f"the {what} API is disabled: start the server with --admin-key (or MATTA_ADMIN_KEY)",
+                       type_="permission_error", code="admin_disabled")
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", type_="authentication_error",
+                       code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+
+
+def describe(live: LiveExperiment) -> dict:
+    cfg = live.config
+    return {"experiment": cfg.name, "salt": cfg.salt, "unit": cfg.unit, "traffic": cfg.traffic,
+            "arms": [{"name": a.name, "weight": a.weight, "policy": a.policy.spec()} for a in cfg.arms]}
+
+
+def install_experiment_routes(app: FastAPI, live: LiveExperiment | None, ab_log: ABLog | None,
+                              metrics: ServingMetrics, admin_key: str | None) -> None:
+    @app.post("/v1/feedback", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def feedback(body: FeedbackRequest) -> JSONResponse:
+        if live is None or ab_log is None:
+            raise APIError(404, "no experiment is running on this server (start it with --experiment)",
+                           code="no_experiment")
+        if body.request_id is not None and not ab_log.known_request(body.request_id):
+            raise APIError(404, f"unknown request_id {body.request_id!r}: no exposure with that id in this "
+                                "server's log", param="request_id", code="unknown_request")
+        experiment = live.config.name
+        await ab_log.write(Outcome(experiment, body.request_id, body.unit, body.metric, body.value, time.time()))
+        metrics.ab_outcomes.labels(experiment, body.metric).inc()
+        return JSONResponse({"status": "recorded", "experiment": experiment})
+
+    @app.get("/admin/experiment")
+    async def current(request: Request) -> JSONResponse:
+        check_bearer(request, admin_key, "admin")
+        if live is None:
+            raise APIError(404, "no experiment is running on this server", code="no_experiment")
+        return JSONResponse(describe(live))
+
+    @app.post("/admin/experiment", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    async def reload(request: Request) -> JSONResponse:
+        check_bearer(request, admin_key, "admin")
+        if live is None:
+            raise APIError(404, "no experiment is running on this server (start it with --experiment)",
+                           code="no_experiment")
+        raw = await request.body()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise APIError(413, f"experiment config over {MAX_CONFIG_BYTES} bytes")
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))  # JSON is YAML too
+            live.reload(parse_experiment(data, "new experiment config"))
+        except (UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
+            log.warning("experiment reload refused: %s", exc)
+            raise APIError(400, f"experiment config refused, the running one stays in force: {exc}",
+                           code="invalid_experiment") from exc
+        log.info("experiment reloaded: %s", describe(live))
+        return JSONResponse(describe(live))

@@ -1,0 +1,263 @@
+"""A/B experiments in the server: sticky assignment, the durable log, feedback, hot reload, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sqlite3
+import time
+
+import httpx
+import pytest
+import yaml
+
+from benchmarks.serving_throughput import Server
+from router.experiment import BUCKETS, Assigner, LiveExperiment, load_experiment, parse_experiment
+from router.policy import PolicyContext
+from serving.app import ServerSettings, build_app
+from tests.test_serving_http import ServerThread
+
+WIDTHS = ["s", "m", "l", "ta"]
+CONFIG = {
+    "name": "width-test", "salt": "2026-11", "unit": "user",
+    "arms": [{"name": "control", "weight": 50, "policy": {"kind": "fixed", "width": "ta"}},
+             {"name": "treatment", "weight": 50, "policy": {"kind": "fixed", "width": "s"}}],
+}
+
+
+def write_config(path, config=CONFIG):
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def rows(db, table="exposures"):
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+    finally:
+        conn.close()
+
+
+# --- assignment (pure) ---------------------------------------------------------------------------
+
+
+def test_split_proportions_are_within_binomial_tolerance():
+    config = parse_experiment({**CONFIG, "arms": [{**CONFIG["arms"][0], "weight": 3},
+                                                  {**CONFIG["arms"][1], "weight": 1}]})
+    assigner = Assigner(config)
+    n = 20_000
+    control = sum(assigner.assign(f"user-{i}").arm == "control" for i in range(n))
+    expected, sd = 0.75 * n, (n * 0.75 * 0.25) ** 0.5
+    assert abs(control - expected) < 4 * sd, (control, expected)
+
+
+def test_assignment_is_sticky_and_a_weight_change_moves_only_the_units_between_boundaries():
+    config = parse_experiment(CONFIG)
+    first = {u: Assigner(config).assign(u).arm for u in (f"u{i}" for i in range(5000))}
+    again = {u: Assigner(parse_experiment(CONFIG)).assign(u).arm for u in first}  # a "restart"
+    assert first == again
+    shifted = parse_experiment({**CONFIG, "arms": [{**CONFIG["arms"][0], "weight": 60},
+                                                   {**CONFIG["arms"][1], "weight": 40}]})
+    moved = [u for u in first if Assigner(shifted).assign(u).arm != first[u]]
+    assert all(first[u] == "treatment" for u in moved)  # 50/50 -> 60/40 only moves treatment -> control
+    assert 0.07 < len(moved) / len(first) < 0.13  # ~10% of units: buckets 5000-5999
+    assert Assigner(config).arm_of_bucket(BUCKETS - 1) == "treatment"
+
+
+def test_units_outside_the_traffic_fraction_and_requests_without_unit():
+    config = parse_experiment({**CONFIG, "traffic": 0.2})
+    assigner = Assigner(config, rng=random.Random(0))
+    inside = sum(assigner.assign(f"u{i}").arm is not None for i in range(5000))
+    assert 0.17 < inside / 5000 < 0.23
+    anonymous = [assigner.assign(None) for _ in range(2000)]
+    assert {a.assignment for a in anonymous} == {"random"}
+    assert 0.16 < sum(a.arm is not None for a in anonymous) / 2000 < 0.24
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arms": []}, "arms"),
+    ({"unit": "cookie"}, "unit must be 'user' or 'header:<name>'"),
+    ({"arms": [{"name": "a", "weight": 0, "policy": {"kind": "fixed", "width": "s"}}]}, "weight"),
+    ({"arms": [{"name": "a", "weight": 1, "policy": {"kind": "fixed"}}]}, "needs `width`"),
+    ({"arms": [{"name": "a", "weight": 1, "policy": {"kind": "fixed", "width": "s"}},
+               {"name": "a", "weight": 1, "policy": {"kind": "slo"}}]}, "unique"),
+    ({"traffic": 1.5}, "traffic"),
+])
+def test_invalid_experiment_configs_name_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        parse_experiment({**CONFIG, **change})
+
+
+def test_live_experiment_refuses_widths_the_checkpoint_lacks_and_keeps_the_old_config():
+    live = LiveExperiment(parse_experiment(CONFIG), WIDTHS, PolicyContext())
+    bad = parse_experiment({**CONFIG, "arms": [{"name": "x", "weight": 1, "policy": {"kind": "fixed", "width": "xl"}}]})
+    with pytest.raises(ValueError, match="unknown width 'xl'"):
+        live.reload(bad)
+    assert [a.name for a in live.config.arms] == ["control", "treatment"]
+
+
+# --- through HTTP ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ab_server(checkpoint_512, tmp_path):
+    _, path = checkpoint_512
+    db = tmp_path / "ab.sqlite"
+    settings = ServerSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
+                              ab_db=db, admin_key="sesame")
+    with ServerThread(build_app(settings)) as server:
+        yield server, db
+
+
+def complete(url, user=None, **extra):
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 3, "temperature": 0, **extra}
+    if user is not None:
+        body["user"] = user
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def test_arms_choose_the_width_and_every_answer_is_logged_with_its_id(ab_server):
+    server, db = ab_server
+    seen = {}
+    for i in range(30):
+        r = complete(server.url, user=f"user-{i}")
+        assert r.status_code == 200
+        assert r.headers["x-request-id"] == r.json()["id"]
+        arm, width = r.headers["x-matta-arm"], r.headers["x-matta-width"]
+        assert width == {"control": "ta", "treatment": "s"}[arm]
+        seen[r.json()["id"]] = (f"user-{i}", arm, width)
+    assert complete(server.url, user="user-3").headers["x-matta-arm"] == seen_arm(seen, "user-3")
+    pinned = complete(server.url, user="user-0", width="m")
+    assert pinned.headers["x-matta-width"] == "m" and "x-matta-arm" not in pinned.headers
+    anonymous = complete(server.url)
+    assert anonymous.headers["x-matta-arm"] in ("control", "treatment")
+    logged = {r["request_id"]: r for r in rows(db)}
+    for request_id, (user, arm, width) in seen.items():
+        row = logged[request_id]
+        assert (row["unit"], row["arm"], row["width"], row["status"], row["assignment"]) == (user, arm, width, 200, "hash")
+        assert row["completion_tokens"] >= 1 and row["latency_s"] > 0
+    assert logged[anonymous.json()["id"]]["assignment"] == "random"
+    assert pinned.json()["id"] not in logged
+    stream = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "To be", "max_tokens": 3,
+                                                              "stream": True, "user": "user-7"})
+    assert stream.headers["x-request-id"] in {r["request_id"] for r in rows(db)}
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'matta_ab_exposures_total{arm="control"' in text
+
+
+def seen_arm(seen, user):
+    return next(arm for u, arm, _ in seen.values() if u == user)
+
+
+def test_feedback_by_request_or_unit_is_recorded_and_bad_feedback_is_refused(ab_server):
+    server, db = ab_server
+    r = complete(server.url, user="alice")
+    ok = httpx.post(f"{server.url}/v1/feedback", json={"request_id": r.json()["id"], "metric": "thumbs_up", "value": 1})
+    assert ok.status_code == 200 and ok.json()["status"] == "recorded"
+    by_unit = httpx.post(f"{server.url}/v1/feedback", json={"unit": "alice", "metric": "minutes", "value": 2.5})
+    assert by_unit.status_code == 200
+    recorded = rows(db, "outcomes")
+    assert [(o["request_id"], o["unit"], o["metric"], o["value"]) for o in recorded] == [
+        (r.json()["id"], None, "thumbs_up", 1.0), (None, "alice", "minutes", 2.5)]
+    for body, status in [({"request_id": "cmpl-nope", "metric": "m", "value": 1}, 404),
+                         ({"metric": "m", "value": 1}, 400),
+                         ({"request_id": "x", "unit": "y", "metric": "m", "value": 1}, 400),
+                         ({"unit": "alice", "metric": "bad metric!", "value": 1}, 400),
+                         ({"unit": "alice", "metric": "m", "value": "NaN"}, 400)]:
+        bad = httpx.post(f"{server.url}/v1/feedback", json=body)
+        assert bad.status_code == status and "error" in bad.json(), body
+    assert len(rows(db, "outcomes")) == 2
+
+
+def test_hot_reload_through_the_admin_api_and_an_invalid_config_keeps_the_old_one(ab_server):
+    server, _ = ab_server
+    url = f"{server.url}/admin/experiment"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    auth = {"authorization": "Bearer sesame"}
+    assert [a["name"] for a in httpx.get(url, headers=auth).json()["arms"]] == ["control", "treatment"]
+    invalid = {**CONFIG, "arms": [{"name": "big", "weight": 1, "policy": {"kind": "fixed", "width": "xl"}}]}
+    refused = httpx.post(url, content=yaml.safe_dump(invalid), headers=auth)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_experiment"
+    assert httpx.post(url, content="arms: [", headers=auth).status_code == 400
+    assert complete(server.url, user="bob").headers["x-matta-arm"] in ("control", "treatment")
+    only_m = {**CONFIG, "arms": [{"name": "all-m", "weight": 1, "policy": {"kind": "fixed", "width": "m"}}]}
+    accepted = httpx.post(url, content=yaml.safe_dump(only_m), headers=auth)
+    assert accepted.status_code == 200 and accepted.json()["arms"][0]["policy"] == "fixed:m"
+    r = complete(server.url, user="bob")
+    assert (r.headers["x-matta-arm"], r.headers["x-matta-width"]) == ("all-m", "m")
+
+
+def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path, monkeypatch):
+    monkeypatch.delenv("MATTA_ADMIN_KEY", raising=False)
+    _, path = checkpoint_512
+    settings = ServerSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
+                              ab_db=tmp_path / "ab.sqlite")
+    with ServerThread(build_app(settings)) as server:
+        r = httpx.post(f"{server.url}/admin/experiment", content="{}", headers={"authorization": "Bearer x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+@pytest.mark.slow
+def test_sigkill_during_load_loses_no_acknowledged_exposure_and_sighup_reloads(checkpoint_512, tmp_path):
+    """A real `matta serve` process under concurrent load, killed with SIGKILL: every response
+    a client received has its exposure in the log. SIGHUP with a bad file keeps the old config."""
+    _, path = checkpoint_512
+    db, exp = tmp_path / "ab.sqlite", write_config(tmp_path / "exp.yaml")
+    server = Server(path, threads=1, max_batch=8, log_path=tmp_path / "server.log",
+                    extra_args=("--experiment", str(exp), "--ab-db", str(db)))
+    url = server.start()
+    try:
+        assert complete(url, user="carol").headers["x-matta-arm"] in ("control", "treatment")
+        exp.write_text("name: [unclosed")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert complete(url, user="carol").status_code == 200  # still serving the old experiment
+        write_config(exp, {**CONFIG, "arms": [{"name": "only", "weight": 1, "policy": {"kind": "fixed", "width": "l"}}]})
+        os.kill(server.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while complete(url, user="carol").headers.get("x-matta-arm") != "only":
+            assert time.monotonic() < deadline, "SIGHUP did not reload the experiment"
+            time.sleep(0.1)
+        acknowledged: list[str] = []
+
+        async def client(j: int, stop_at: float) -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                k = 0
+                while time.monotonic() < stop_at:
+                    try:
+                        r = await http.post(f"{url}/v1/completions", json={
+                            "model": "tiny", "prompt": "To be", "max_tokens": 4, "user": f"u{j}-{k}"})
+                    except httpx.HTTPError:
+                        return  # the server is gone
+                    if r.status_code == 200:
+                        acknowledged.append(r.json()["id"])
+                    k += 1
+
+        async def load_then_kill() -> None:
+            stop_at = time.monotonic() + 30
+            clients = [asyncio.create_task(client(j, stop_at)) for j in range(8)]
+            while len(acknowledged) < 60:
+                await asyncio.sleep(0.05)
+            os.kill(server.proc.pid, signal.SIGKILL)
+            await asyncio.gather(*clients)
+
+        asyncio.run(load_then_kill())
+        server.proc.wait(10)
+        assert server.proc.returncode == -signal.SIGKILL
+    finally:
+        server.stop()
+    logged = {r["request_id"] for r in rows(db)}
+    missing = [i for i in acknowledged if i not in logged]
+    assert len(acknowledged) >= 60 and not missing, f"{len(missing)} of {len(acknowledged)} acknowledged exposures lost"
+
+
+def test_load_experiment_reports_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ValueError, match="no such experiment file"):
+        load_experiment(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [")
+    with pytest.raises(ValueError, match="invalid YAML"):
+        load_experiment(tmp_path / "bad.yaml")
