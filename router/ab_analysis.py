@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import fields
 from pathlib import Path
+from warnings import catch_warnings, simplefilter
 
 import numpy as np
 from scipy import stats
@@ -117,7 +118,7 @@ def analyze(config: ExperimentConfig, exposures: Iterable[Mapping | Exposure], o
             alpha: float = 0.05) -> dict:
     """Analyse one experiment's rows (dicts from :func:`load_shards`, or ``Exposure``/``Outcome``).
 
-    Rows of other experiments are ignored. Returns a JSON-able dict: ``experiment``, ``alpha``,
+    Rows of other experiments are ignored. Returns a JSON-able dict: ``experiment``, ``alpha``, ``control``,
     ``arms`` (per arm: units, exposures, random_exposures, non_200_exposures, latency_p50_s,
     latency_p99_s, width_mix, metrics -> {n, mean, ci95}), ``srm``, ``comparisons`` (metric ->
     non-control arm -> lift, lift_ci95, diff, diff_ci95, p_welch, p_ztest, significant),
@@ -252,7 +253,10 @@ def _compare(control: Sequence[float], arm: Sequence[float], binary: bool, alpha
     c, a = np.asarray(control, dtype=float), np.asarray(arm, dtype=float)
     mean_c, mean_a = c.mean(), a.mean()
     var_c, var_a = c.var(ddof=1) / len(c), a.var(ddof=1) / len(a)  # squared standard errors of the means
-    welch = stats.ttest_ind(a, c, equal_var=False)
+    with catch_warnings():
+        # An arm with identical values (all 1 in a small sample) is legitimate data, not lost precision.
+        simplefilter("ignore", RuntimeWarning)
+        welch = stats.ttest_ind(a, c, equal_var=False)
     ci = welch.confidence_interval(0.95)
     out.update(diff=_num(mean_a - mean_c), diff_ci95=[_num(ci.low), _num(ci.high)], p_welch=_num(welch.pvalue))
     if mean_c != 0:
@@ -292,10 +296,10 @@ def _interval(ci: list | None, spec: str) -> str:
 def format_table(result: dict) -> str:
     """The result of :func:`analyze` as a plain-text report for a terminal."""
     lines = [f"experiment {result['experiment']} (control: {result['control']}, alpha {result['alpha']})", "",
-             f"{'arm':<16}{'units':>8}{'exposures':>11}{'random':>8}{'non-200':>9}{'p50_s':>9}{'p99_s':>9}  width mix"]
+             f"{'arm':<20}{'units':>8}{'exposures':>11}{'random':>8}{'non-200':>9}{'p50_s':>9}{'p99_s':>9}  width mix"]
     for name, arm in result["arms"].items():
         mix = " ".join(f"{w} {f:.0%}" for w, f in arm["width_mix"].items())
-        lines.append(f"{name:<16}{arm['units']:>8}{arm['exposures']:>11}{arm['random_exposures']:>8}"
+        lines.append(f"{name:<20}{arm['units']:>8}{arm['exposures']:>11}{arm['random_exposures']:>8}"
                      f"{arm['non_200_exposures']:>9}{_fmt(arm['latency_p50_s'], '.3f'):>9}"
                      f"{_fmt(arm['latency_p99_s'], '.3f'):>9}  {mix}")
     srm = result["srm"]
@@ -303,7 +307,7 @@ def format_table(result: dict) -> str:
     lines.append(f"SRM: chi2 {_fmt(srm['chi2'], '.3g')}, p {_fmt(srm['p'], '.3g')}: {verdict} "
                  f"(units {srm['observed_units']}, proportions { {a: round(f, 4) for a, f in srm['expected'].items()} })")
     for metric, by_arm in result["comparisons"].items():
-        lines += ["", f"{metric:<16}{'n':>8}  {'mean [95% CI]':<34}{'lift [95% CI]':<32}{'p':>9}"]
+        lines += ["", f"{metric:<20}{'n':>8}  {'mean [95% CI]':<34}{'lift [95% CI]':<32}{'p':>9}"]
         for name, arm in result["arms"].items():
             s = arm["metrics"][metric]
             mean = f"{_fmt(s['mean'], '.4g')} {_interval(s['ci95'], '.4g')}"
@@ -314,7 +318,7 @@ def format_table(result: dict) -> str:
                 lift = f"{_fmt(c['lift'], '+.1%')} {_interval(c['lift_ci95'], '+.1%')}"
                 p_value = c["p_ztest"] if c["p_ztest"] is not None else c["p_welch"]
                 p = _fmt(p_value, ".3g") + (" *" if c["significant"] else "")
-            lines.append(f"{name:<16}{s['n']:>8}  {mean:<34}{lift:<32}{p:>9}")
+            lines.append(f"{name:<20}{s['n']:>8}  {mean:<34}{lift:<32}{p:>9}")
     lines += ["", "* p < alpha (two-proportion z-test for 0/1 metrics, Welch's t-test otherwise)", "", "warnings:"]
     lines += [f"  - {w}" for w in result["warnings"]]
     return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""A/B analysis: shard merging, calibration (A/A), power (planted effects), SRM, attribution, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.ab_analysis import (
+    PEEKING_WARNING,
+    add_analyze_arguments,
+    analyze,
+    format_table,
+    load_shards,
+    run_analyze,
+)
+from router.ab_log import ABLog, Exposure, Outcome
+from router.experiment import ExperimentConfig, parse_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def experiment(control_weight: float = 50, treatment_weight: float = 50) -> ExperimentConfig:
+    return parse_experiment({"name": "exp", "salt": "s", "arms": [
+        {"name": "control", "weight": control_weight, "policy": {"kind": "fixed", "width": "ta"}},
+        {"name": "treatment", "weight": treatment_weight, "policy": {"kind": "slo", "min_width": "m"}},
+    ]})
+
+
+def simulate(rng: np.random.Generator, units: dict[str, int], success: dict[str, float],
+             rating_mean: dict[str, float] | None = None) -> tuple[list[Exposure], list[Outcome]]:
+    """One request per unit; a 0/1 `success` outcome per request, and a normal `rating` when asked."""
+    exposures, outcomes = [], []
+    t = 0.0
+    for arm, n in units.items():
+        won = rng.random(n) < success[arm]
+        latency = rng.lognormal(-1.5, 0.5, n)
+        tokens = rng.integers(1, 33, n)
+        widths = rng.choice(["m", "ta"], n) if arm == "treatment" else ["ta"] * n
+        ratings = rng.normal(rating_mean[arm], 2.0, n) if rating_mean else None
+        for i in range(n):
+            t += 1
+            rid = f"{arm}-{i}"
+            exposures.append(Exposure(rid, "exp", f"unit-{arm}-{i}", "hash", arm, "p", str(widths[i]), 200,
+                                      float(latency[i]), 8, int(tokens[i]), t))
+            outcomes.append(Outcome("exp", rid, None, "success", float(won[i]), t + 0.5))
+            if ratings is not None:
+                outcomes.append(Outcome("exp", rid, None, "rating", float(ratings[i]), t + 0.5))
+    return exposures, outcomes
+
+
+def write_shard(path: Path, rows: list[Exposure | Outcome]) -> Path:
+    log = ABLog(path)
+    log.write_sync(rows)
+    log.close()
+    return path
+
+
+# --- reading shards --------------------------------------------------------------------------------
+
+
+def test_split_shards_analyse_like_one_shard_and_directories_work(tmp_path):
+    exposures, outcomes = simulate(np.random.default_rng(0), {"control": 80, "treatment": 70},
+                                   {"control": 0.3, "treatment": 0.4})
+    half = len(exposures) // 2
+    whole = write_shard(tmp_path / "whole" / "all.sqlite", exposures + outcomes)
+    # Outcomes live in the other shard than the exposures they score: the join must cross shards.
+    first = write_shard(tmp_path / "split" / "a.sqlite", exposures[:half] + outcomes[half:])
+    second = write_shard(tmp_path / "split" / "b.sqlite", exposures[half:] + outcomes[:half])
+
+    expected = analyze(experiment(), exposures, outcomes)
+    assert analyze(experiment(), *load_shards([whole])) == expected
+    assert analyze(experiment(), *load_shards([second, first])) == expected
+    assert analyze(experiment(), *load_shards([tmp_path / "split"])) == expected
+    assert analyze(experiment(), *load_shards([first, tmp_path / "split"])) == expected  # a shard named twice counts once
+
+
+def test_bad_paths_and_foreign_files_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file or directory"):
+        load_shards([tmp_path / "missing.sqlite"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no \*\.sqlite"):
+        load_shards([tmp_path / "empty"])
+    conn = sqlite3.connect(tmp_path / "other.sqlite")
+    conn.execute("CREATE TABLE readings (x REAL)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ValueError, match="other.sqlite: not a matta A/B log"):
+        load_shards([tmp_path / "other.sqlite"])
+    (tmp_path / "notes.sqlite").write_text("not a database at all, just some text " * 10)
+    with pytest.raises(ValueError, match="notes.sqlite: cannot read it as a matta A/B log"):
+        load_shards([tmp_path / "notes.sqlite"])
+    exposures, outcomes = simulate(np.random.default_rng(0), {"control": 3}, {"control": 0.5})
+    other = parse_experiment({**experiment().model_dump(), "name": "other"})
+    with pytest.raises(ValueError, match=r"no exposures of experiment 'other'.*\['exp'\]"):
+        analyze(other, exposures, outcomes)
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+
+def test_aa_false_positive_rate_matches_alpha():
+    seeds = 200
+    significant = {"success": 0, "latency_s": 0}
+    for seed in range(seeds):
+        exposures, outcomes = simulate(np.random.default_rng(seed), {"control": 300, "treatment": 300},
+                                       {"control": 0.3, "treatment": 0.3})
+        result = analyze(experiment(), exposures, outcomes, alpha=0.05)
+        for metric in significant:
+            significant[metric] += result["comparisons"][metric]["treatment"]["significant"]
+    # Binomial(200, 0.05): mean 10, sd 3.1; [4, 18] is about -2 to +2.6 sd.
+    for metric, count in significant.items():
+        assert 0.02 <= count / seeds <= 0.09, (metric, count)
+
+
+def test_planted_effect_is_detected_for_binary_and_continuous_metrics():
+    exposures, outcomes = simulate(np.random.default_rng(1), {"control": 1000, "treatment": 1000},
+                                   {"control": 0.40, "treatment": 0.50}, rating_mean={"control": 4.0, "treatment": 5.0})
+    result = analyze(experiment(), exposures, outcomes)
+
+    success = result["comparisons"]["success"]["treatment"]
+    assert success["significant"] and success["p_ztest"] < 0.05
+    assert success["lift_ci95"][0] > 0 and success["diff_ci95"][0] > 0
+    assert success["lift_ci95"][0] < 0.25 < success["lift_ci95"][1]
+    assert success["lift"] == pytest.approx(0.25, abs=0.125)  # two standard errors (delta method, about 0.06 here)
+
+    rating = result["comparisons"]["rating"]["treatment"]
+    assert rating["p_ztest"] is None  # not a 0/1 metric: Welch decides
+    assert rating["significant"] and rating["p_welch"] < 0.001
+    assert rating["lift_ci95"][0] < 0.25 < rating["lift_ci95"][1]
+    assert rating["lift"] == pytest.approx(0.25, abs=0.05)  # two standard errors (about 0.025 here)
+    control_rating = result["arms"]["control"]["metrics"]["rating"]
+    assert control_rating["n"] == 1000 and control_rating["ci95"][0] < 4.0 < control_rating["ci95"][1]
+
+
+@pytest.mark.parametrize(("weights", "units", "flag"), [
+    ((50, 50), {"control": 600, "treatment": 400}, True),
+    ((50, 50), {"control": 500, "treatment": 500}, False),
+    ((60, 40), {"control": 600, "treatment": 400}, False),
+])
+def test_sample_ratio_mismatch(weights, units, flag):
+    exposures, outcomes = simulate(np.random.default_rng(2), units, {"control": 0.3, "treatment": 0.3})
+    result = analyze(experiment(*weights), exposures, outcomes)
+    assert result["srm"]["flag"] is flag
+    assert result["srm"]["observed_units"] == units
+    assert result["srm"]["expected"] == {"control": weights[0] / 100, "treatment": weights[1] / 100}
+    assert any("sample ratio mismatch" in w for w in result["warnings"]) is flag
+
+
+def test_unit_outcomes_follow_the_units_first_arm_and_random_exposures_count_apart():
+    def exposure(rid, unit, arm, t, assignment="hash"):
+        return Exposure(rid, "exp", unit, assignment, arm, "p", "ta", 200, 0.1, 8, 16, t)
+
+    exposures = [
+        exposure("r1", "u1", "control", 1),
+        exposure("r2", "u2", "treatment", 2),
+        exposure("r4", "u3", "treatment", 4),  # u3 moved arms (a weight change); its first exposure was control
+        exposure("r3", "u3", "control", 3),
+        exposure("r5", None, "treatment", 5, assignment="random"),
+    ]
+    outcomes = [
+        Outcome("exp", None, "u1", "thumbs", 1.0, 10),
+        Outcome("exp", None, "u2", "thumbs", 0.0, 11),
+        Outcome("exp", None, "u3", "thumbs", 1.0, 12),  # by unit: u3's first arm, control
+        Outcome("exp", "r4", "u3", "thumbs", 0.0, 13),  # by request: the arm that served it, treatment
+        Outcome("exp", "r5", None, "thumbs", 1.0, 14),
+        Outcome("exp", None, "ghost", "thumbs", 1.0, 15),  # no such unit
+        Outcome("other", None, "u1", "thumbs", 0.0, 16),  # another experiment
+    ]
+    result = analyze(experiment(), exposures, outcomes)
+    control, treatment = result["arms"]["control"], result["arms"]["treatment"]
+    assert (control["units"], control["exposures"], control["random_exposures"]) == (2, 2, 0)
+    assert (treatment["units"], treatment["exposures"], treatment["random_exposures"]) == (1, 3, 1)
+    assert result["srm"]["observed_units"] == {"control": 2, "treatment": 1}
+    assert result["units_in_several_arms"] == 1
+    assert result["unattributed_outcomes"] == 1
+    assert control["metrics"]["thumbs"] == {"n": 2, "mean": 1.0, "ci95": [1.0, 1.0]}
+    assert treatment["metrics"]["thumbs"]["n"] == 3
+    assert treatment["metrics"]["thumbs"]["mean"] == pytest.approx(1 / 3)
+    assert sum("units (< 30)" in w for w in result["warnings"]) == 2
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+
+def test_result_shape_is_json():
+    exposures, outcomes = simulate(np.random.default_rng(3), {"control": 40, "treatment": 40},
+                                   {"control": 0.3, "treatment": 0.5})
+    result = json.loads(json.dumps(analyze(experiment(), exposures, outcomes), allow_nan=False))
+    assert {"experiment", "arms", "srm", "comparisons", "warnings", "units_in_several_arms"} <= set(result)
+    assert result["experiment"] == "exp" and list(result["arms"]) == ["control", "treatment"]
+    arm = result["arms"]["treatment"]
+    assert {"units", "exposures", "random_exposures", "latency_p50_s", "latency_p99_s", "width_mix", "metrics"} <= set(arm)
+    assert set(arm["metrics"]) == {"success", "latency_s", "completion_tokens"}
+    assert set(arm["metrics"]["success"]) == {"n", "mean", "ci95"}
+    assert sum(arm["width_mix"].values()) == pytest.approx(1.0) and set(arm["width_mix"]) == {"m", "ta"}
+    assert set(result["srm"]) == {"chi2", "p", "flag", "expected", "observed_units"}
+    assert set(result["comparisons"]) == {"success", "latency_s", "completion_tokens"}
+    assert set(result["comparisons"]["success"]) == {"treatment"}  # the control is the first arm
+    comparison = result["comparisons"]["success"]["treatment"]
+    assert set(comparison) == {"lift", "lift_ci95", "diff", "diff_ci95", "p_welch", "p_ztest", "significant"}
+    assert result["comparisons"]["latency_s"]["treatment"]["p_ztest"] is None
+    assert result["warnings"][0] == PEEKING_WARNING
+
+
+def test_run_analyze_prints_a_table_and_writes_json_and_png(tmp_path, capsys):
+    exposures, outcomes = simulate(np.random.default_rng(4), {"control": 50, "treatment": 50},
+                                   {"control": 0.3, "treatment": 0.5}, rating_mean={"control": 3.0, "treatment": 3.5})
+    shard = write_shard(tmp_path / "ab" / "exp.host.1.sqlite", exposures + outcomes)
+    config_path = tmp_path / "exp.yaml"
+    config_path.write_text(json.dumps(experiment().model_dump()))  # JSON is YAML
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    args = parser.parse_args(["--db", str(shard.parent), "--experiment", str(config_path),
+                              "--json", str(tmp_path / "out" / "result.json"), "--plot", str(tmp_path / "out" / "ab.png")])
+    assert args.alpha == 0.05
+
+    assert run_analyze(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert format_table(result) in printed
+    for word in ("control", "treatment", "success", "rating", "latency_s", "SRM", "lift", PEEKING_WARNING):
+        assert word in printed
+    assert (tmp_path / "out" / "ab.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_analysis_does_not_import_torch():
+    code = "import sys, router.ab_analysis; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
