@@ -308,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
+    ab = sub.add_parser("ab", help="A/B experiments over width policies").add_subparsers(dest="ab_command",
+                                                                                       required=True)
+    from router.ab_analysis import add_analyze_arguments, run_analyze
+
+    p = ab.add_parser("analyze", help="per-arm units, SRM check, metric means, lifts and tests",
+                      description="Analyse an experiment from one or more SQLite log shards (merged).")
+    p.set_defaults(func=run_analyze)
+    add_analyze_arguments(p)
+
     p = add("route", cmd_route, "width router (proxy) in front of one backend per width")
     p.add_argument("config", type=Path, help="route config YAML (see router/proxy.py)")
     p.add_argument("--host", default="127.0.0.1")
