@@ -261,3 +261,32 @@ def test_load_experiment_reports_missing_and_invalid_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [")
     with pytest.raises(ValueError, match="invalid YAML"):
         load_experiment(tmp_path / "bad.yaml")
+
+
+def _writer(path: str, tag: str, n: int) -> None:
+    from router.ab_log import ABLog, Exposure
+
+    log = ABLog(path)
+    for i in range(n):  # one commit per row: the worst case for lock contention
+        log.write_sync([Exposure(f"{tag}-{i}", "width-test", f"{tag}-u{i}", "hash", "control", "fixed:ta", "ta",
+                                 200, 0.1, 3, 3, time.time())])
+    log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["one shard per writer", "one shared file"])
+def test_concurrent_writer_processes_lose_nothing_and_shards_merge(tmp_path, layout):
+    import multiprocessing
+
+    from router.ab_analysis import load_shards
+
+    ctx = multiprocessing.get_context("spawn")
+    paths = [tmp_path / (f"w{j}.sqlite" if layout.startswith("one shard") else "shared.sqlite") for j in range(3)]
+    procs = [ctx.Process(target=_writer, args=(str(p), f"w{j}", 150)) for j, p in enumerate(paths)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    exposures, _ = load_shards([tmp_path])
+    assert sorted(e["request_id"] for e in exposures) == sorted(f"w{j}-{i}" for j in range(3) for i in range(150))
