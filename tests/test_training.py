@@ -225,6 +225,7 @@ def test_config_errors_name_the_field(tmp_path, corpus_dir, change, message):
 
 
 def test_presets_validate():
+    """Every training preset at the top of configs/ loads (experiments live in configs/experiments/)."""
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_train_config(path)
 
