@@ -290,3 +290,16 @@ def test_concurrent_writer_processes_lose_nothing_and_shards_merge(tmp_path, lay
         assert p.exitcode == 0
     exposures, _ = load_shards([tmp_path])
     assert sorted(e["request_id"] for e in exposures) == sorted(f"w{j}-{i}" for j in range(3) for i in range(150))
+
+
+def test_shipped_example_experiments_fit_the_default_checkpoint():
+    from pathlib import Path
+
+    from matta.checkpoint import load_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    widths = load_checkpoint(repo / "checkpoints" / "default").config.width_names
+    paths = sorted((repo / "configs" / "experiments").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        load_experiment(path).check_widths(widths)
