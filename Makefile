@@ -10,7 +10,7 @@ $(BIN)/matta: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: pip takes the CPU wheel, never a CUDA build.
-	$(BIN)/pip install -q -e ".[serve,dev]"
+	$(BIN)/pip install -q -e ".[serve,deploy,dev]"
 	touch $(BIN)/matta
 
 serve: $(BIN)/matta
