@@ -25,6 +25,8 @@ from pathlib import Path
 
 from locust import HttpUser, between, task
 
+from router.quality import width_quality
+
 MODEL = os.environ.get("MATTA_MODEL", "matta-shakespeare")
 CHECKPOINT = Path(os.environ.get("MATTA_CHECKPOINT", "checkpoints/default"))
 MAX_TOKENS = int(os.environ.get("MATTA_MAX_TOKENS", "32"))
@@ -34,11 +36,10 @@ PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nNow, lords,", "What 
 
 
 def _width_quality() -> dict[str, float]:
-    """Per-width cloze accuracy from the checkpoint's training.json (width order kept)."""
+    """Per-width quality (cloze accuracy) from the checkpoint's training.json, widths in order."""
     config = json.loads((CHECKPOINT / "config.json").read_text())
     training = json.loads((CHECKPOINT / "training.json").read_text())
-    evals = (training.get("eval") or {}).get("widths", {})
-    return {w: float(evals[w]["cloze_acc"]) for w in config["widths"] if w in evals}
+    return width_quality(training, list(config["widths"]))
 
 
 QUALITY = _width_quality()

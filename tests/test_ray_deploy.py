@@ -74,3 +74,17 @@ def test_concurrent_requests_spread_over_both_replicas(ray_app):
     assert all(r.status_code == 200 for r in responses)
     assert len({r.headers["x-matta-replica"] for r in responses}) == 2  # both replicas took requests
     assert len({r.json()["choices"][0]["text"] for r in responses}) == 1  # greedy: every replica agrees
+
+
+def test_locust_runs_against_the_ray_app(ray_app, checkpoint_512, tmp_path):
+    import os
+
+    from benchmarks.load_test import load_test
+
+    url, _ = ray_app
+    _, path = checkpoint_512
+    env = {**os.environ, "MATTA_MODEL": "tiny", "MATTA_CHECKPOINT": str(path), "MATTA_MAX_TOKENS": "4"}
+    report = load_test(url, users=4, spawn_rate=4, seconds=6, user_classes=["SloUser", "PinnedUser"],
+                       out=tmp_path / "ray", env=env)
+    aggregated = report["endpoints"]["Aggregated"]
+    assert aggregated["requests"] > 0 and aggregated["failures"] == 0, report["endpoints"]
