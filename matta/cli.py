@@ -185,7 +185,8 @@ def cmd_serve(args) -> int:
                               default_slo_ms=args.slo_ms, min_width=args.min_width, shed=args.shed,
                               profile=args.profile, quality_metric=args.quality_metric,
                               calibration_quantile=args.calibration_quantile, experiment=args.experiment,
-                              ab_db=args.ab_db, admin_key=args.admin_key)
+                              ab_db=args.ab_db, admin_key=args.admin_key, api_key=args.api_key,
+                              max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout or None)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: runs/ab/<experiment>.<host>.<pid>.sqlite)")
     p.add_argument("--admin-key", help="Bearer key for /admin/* (experiment reload); default: $MATTA_ADMIN_KEY; "
                                        "unset disables the admin API")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
+                                     "(default: $MATTA_API_KEY; prefer the variable, flags show in `ps`)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="cancel a completion running longer (504); 0 disables")
     p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
                    help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

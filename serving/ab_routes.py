@@ -8,7 +8,6 @@ for SIGHUP) and the running experiment stays in force.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 
@@ -18,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from router.ab_log import ABLog, Outcome
 from router.experiment import LiveExperiment, parse_experiment
-from serving.http import APIError
+from serving.http import APIError, bearer_matches
 from serving.metrics import ServingMetrics
 from serving.protocol import ErrorResponse, FeedbackRequest
 
@@ -32,9 +31,7 @@ def check_bearer(request: Request, key: str | None, what: str) -> None:
     if key is None:
         raise APIError(403, f"the {what} API is disabled: start the server with --admin-key (or MATTA_ADMIN_KEY)",
                        type_="permission_error", code="admin_disabled")
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if not bearer_matches(request, key):
         raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", type_="authentication_error",
                        code="invalid_api_key", headers={"www-authenticate": "Bearer"})
 

@@ -29,7 +29,7 @@ from router.quality import width_quality
 from router.slo import EnginePredictor
 from serving.ab_routes import describe, install_experiment_routes
 from serving.engine import Engine
-from serving.http import install_error_handlers
+from serving.http import install_error_handlers, install_request_guard
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionRequest, ErrorResponse, ModelList
 from serving.serving import CompletionService
@@ -60,6 +60,9 @@ class ServerSettings:
     experiment: Path | None = None  # A/B experiment config (router/experiment.py)
     ab_db: Path | None = None  # its SQLite log; None: runs/ab/<experiment>.<host>.<pid>.sqlite
     admin_key: str | None = None  # Bearer key of /admin/*; None: admin API disabled
+    api_key: str | None = None  # Bearer key for every route but /health; None: open (or $MATTA_API_KEY)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    request_timeout_s: float | None = 300.0  # a completion running longer is cancelled (504)
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -89,6 +92,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
         log.info("experiment %s, log %s", describe(live), ab_log.path)
     service = CompletionService(engine, ckpt.tokenizer, policy, metrics, retry_after_s=settings.retry_after_s,
                                 calibration=calibration, experiment=live, ab_log=ab_log,
+                                request_timeout_s=settings.request_timeout_s,
                                 default_slo_ms=settings.default_slo_ms,
                                 quality=width_quality(ckpt.training, widths, settings.quality_metric))
 
@@ -111,6 +115,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.experiment = live
     app.state.ab_log = ab_log
     install_error_handlers(app, metrics)
+    install_request_guard(app, settings.api_key or os.environ.get("MATTA_API_KEY"), settings.max_body_bytes)
     install_experiment_routes(app, live, ab_log, metrics, settings.admin_key or os.environ.get("MATTA_ADMIN_KEY"))
 
     @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},

@@ -3,6 +3,8 @@ error handlers. Torch-free, so the router can use them without loading the engin
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import math
 
@@ -96,3 +98,86 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body("internal server error", "internal_server_error"), status_code=500)
+
+
+OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, probes)
+
+
+def bearer_matches(request: Request, key: str) -> bool:
+    """``Authorization: Bearer <key>``, compared in constant time (the key never reaches a log)."""
+    return _bearer_matches(request.headers.get("authorization", ""), key)
+
+
+def _bearer_matches(authorization: str, key: str) -> bool:
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+class RequestGuard:
+    """ASGI middleware: the optional API key and the request body limit.
+
+    With a key, every route but ``/health`` answers 401 (OpenAI error body) unless the request
+    carries ``Authorization: Bearer <key>``, as vLLM's ``--api-key`` and the ``openai`` client do;
+    admin routes check their own, separate key on top. Bodies over ``max_bytes`` get 413: at once
+    from Content-Length, or as soon as a chunked body outgrows the limit. Pure ASGI rather than Starlette's
+    ``BaseHTTPMiddleware``, which would hide client disconnects from the handlers (and so keep
+    batch slots of clients that left).
+    """
+
+    def __init__(self, app, api_key: str | None, max_bytes: int) -> None:
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] not in OPEN_PATHS and not _bearer_matches(
+                headers.get("authorization", ""), self.api_key):
+            return await _send_error(send, 401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                     "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send_error(send, 400, "invalid Content-Length header", "invalid_request_error", None)
+            if int(length) > self.max_bytes:
+                return await _send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes",
+                                         "invalid_request_error", "body_too_large")
+            return await self.app(scope, receive, send)
+        # A chunked body: read it here, up to the limit, then hand it to the app in one message.
+        # Later receives go to the client's stream, so a disconnect is still seen by the handler.
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left while sending
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await _send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes",
+                                         "invalid_request_error", "body_too_large")
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay_receive, send)
+
+
+async def _send_error(send, status: int, message: str, type_: str, code: str | None,
+                      headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(message, type_, code=code)).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install_request_guard(app: FastAPI, api_key: str | None, max_bytes: int) -> None:
+    """Put :class:`RequestGuard` in front of every route."""
+    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_bytes)

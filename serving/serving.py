@@ -46,6 +46,7 @@ from serving.protocol import (
     ModelList,
     UsageInfo,
     completion_id,
+    error_body,
 )
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,10 @@ class CompletionService:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, policy: WidthPolicy, metrics: ServingMetrics,
                  retry_after_s: int = 1, default_slo_ms: float | None = None,
                  quality: dict[str, float] | None = None, calibration: RequestCalibration | None = None,
-                 experiment: LiveExperiment | None = None, ab_log: ABLog | None = None) -> None:
+                 experiment: LiveExperiment | None = None, ab_log: ABLog | None = None,
+                 request_timeout_s: float | None = None) -> None:
         self.engine = engine
+        self.request_timeout_s = request_timeout_s
         self.experiment = experiment
         self.ab_log = ab_log
         self._background: set[asyncio.Future] = set()
@@ -279,9 +282,16 @@ class CompletionService:
         """Collect a whole response, cancelling generation if the client goes away meanwhile."""
         width = route.width
         consume = asyncio.ensure_future(self._consume(stream, choices, width))
+        deadline = started + self.request_timeout_s if self.request_timeout_s else float("inf")
         try:
             while not consume.done():
                 await asyncio.wait({consume}, timeout=DISCONNECT_POLL_S)
+                if not consume.done() and time.monotonic() > deadline:
+                    self._finish_metrics(choices, route, started, 504)
+                    await self._log_exposure(route, 504, time.monotonic() - started, 0)
+                    raise APIError(504, f"the completion ran past this server's deadline of {self.request_timeout_s:g} s "
+                                        "and was cancelled; ask for fewer max_tokens", type_="timeout_error",
+                                   code="deadline_exceeded", headers={WIDTH_HEADER: width})
                 if not consume.done() and await raw_request.is_disconnected():
                     self._finish_metrics(choices, route, started, CLIENT_CLOSED)
                     await self._log_exposure(route, CLIENT_CLOSED, time.monotonic() - started, 0, wait=False)
@@ -321,8 +331,21 @@ class CompletionService:
         status = CLIENT_CLOSED
         logged = False
         echoed = [not body.echo] * len(choices)
+        deadline = started + self.request_timeout_s if self.request_timeout_s else None
         try:
-            async for index, event in stream:
+            while True:
+                try:
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    index, event = await asyncio.wait_for(anext(stream), remaining)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    status = 504
+                    error = error_body(f"the completion ran past this server's deadline of {self.request_timeout_s:g} s "
+                                       "and was cancelled", "timeout_error", code="deadline_exceeded")
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 choice = choices[index]
                 before = len(choice.logprobs)
                 self._apply(choice, event, width)

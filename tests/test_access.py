@@ -1,0 +1,83 @@
+"""API key, body-size limit and per-request deadline, through a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from serving.app import ServerSettings, build_app
+from tests.conftest import SERVED_N_CTX
+from tests.test_serving_http import ServerThread
+
+
+@pytest.fixture
+def guarded(checkpoint_512, monkeypatch, request):
+    monkeypatch.delenv("MATTA_API_KEY", raising=False)
+    _, path = checkpoint_512
+    settings = ServerSettings(checkpoint=path, device="cpu", api_key="s3cret", max_body_bytes=4096,
+                              request_timeout_s=request.param if hasattr(request, "param") else 30.0)
+    app = build_app(settings)
+    with ServerThread(app) as server:
+        yield server, app
+
+
+def test_every_route_but_health_needs_the_api_key(guarded):
+    server, _ = guarded
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    for method, path, payload in [("POST", "/v1/completions", body), ("GET", "/v1/models", None),
+                                  ("GET", "/metrics", None), ("POST", "/v1/feedback", {"unit": "u", "metric": "m",
+                                                                                      "value": 1})]:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            r = httpx.request(method, f"{server.url}{path}", json=payload, headers=headers)
+            assert r.status_code == 401, (path, headers, r.status_code)
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    ok = httpx.post(f"{server.url}/v1/completions", json=body, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_bodies_over_the_limit_get_413_whether_or_not_they_say_their_length(guarded):
+    server, app = guarded
+    auth = {"authorization": "Bearer s3cret"}
+    big = json.dumps({"model": "tiny", "prompt": "x" * 5000, "max_tokens": 1}).encode()
+    r = httpx.post(f"{server.url}/v1/completions", content=big, headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: a chunked upload
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1},
+                      headers=auth).status_code == 200
+    assert app.state.engine.stats().running == 0
+
+
+@pytest.mark.parametrize("guarded", [0.1], indirect=True)  # a 500-token generation takes longer
+def test_a_completion_past_the_deadline_is_cancelled_and_frees_its_slot(guarded):
+    server, app = guarded
+    auth = {"authorization": "Bearer s3cret"}
+    engine = app.state.engine
+    long = {"model": "tiny:ta", "prompt": "Now", "max_tokens": SERVED_N_CTX - 10, "temperature": 0}
+    started = time.monotonic()
+    r = httpx.post(f"{server.url}/v1/completions", json=long, headers=auth, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - started < 5
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**long, "stream": True}, headers=auth,
+                      timeout=30) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "deadline_exceeded"
+    deadline = time.monotonic() + 5
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running == 0
