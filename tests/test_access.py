@@ -81,3 +81,49 @@ def test_a_completion_past_the_deadline_is_cancelled_and_frees_its_slot(guarded)
     while engine.stats().running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats().running == 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_100_clients_that_leave_mid_stream_leak_no_slots_or_memory(checkpoint_512):
+    import asyncio
+
+    _, path = checkpoint_512
+    app = build_app(ServerSettings(checkpoint=path, device="cpu", max_batch=32, max_queue=256))
+    engine = app.state.engine
+    body = {"model": "tiny", "prompt": "Now", "max_tokens": SERVED_N_CTX - 10, "temperature": 0, "stream": True}
+
+    async def leave_after_two_chunks(client: httpx.AsyncClient, url: str) -> None:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 2:
+                    break  # closing the stream here drops the connection mid-generation
+
+    async def wave(url: str) -> None:
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await asyncio.gather(*[leave_after_two_chunks(client, url) for _ in range(100)])
+
+    def settle() -> None:
+        deadline = time.monotonic() + 15
+        while (engine.stats().running or engine.stats().waiting) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    with ServerThread(app) as server:
+        asyncio.run(wave(server.url))  # warm-up wave: allocator and caches reach their size
+        settle()
+        before_rss, before = _rss_bytes(), engine.stats()
+        for _ in range(2):
+            asyncio.run(wave(server.url))
+            settle()
+        after = engine.stats()
+        after_rss = _rss_bytes()
+    assert (after.running, after.waiting) == (0, 0)
+    assert after.cancelled - before.cancelled == 200
+    assert after_rss - before_rss < 64 * 2**20, f"RSS grew by {(after_rss - before_rss) / 2**20:.0f} MiB"

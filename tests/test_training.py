@@ -280,3 +280,41 @@ def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, corpus_dir):
     train(TrainConfig.model_validate(compiled), progress=False)
     for a, b in zip(_history(Path(eager["run_dir"])), _history(Path(compiled["run_dir"])), strict=True):
         assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-3), a["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_resume_reaches_the_same_final_loss(tmp_path, corpus_dir):
+    """A real `matta train` process killed with SIGKILL after its first resume state, then
+    `matta train --resume`: the same loss curve and weights as an uninterrupted run."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same threads, same float sums
+    whole = tiny_run(tmp_path / "whole", corpus_dir, "student", steps=120, save_every=20)
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(whole, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "matta.cli", "train", str(tmp_path / "whole.yaml"), "--no-progress"],
+                   env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
+    killed = tiny_run(tmp_path / "killed", corpus_dir, "student", steps=120, save_every=20)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(killed, sort_keys=False))
+    cmd = [sys.executable, "-m", "matta.cli", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = Path(killed["run_dir"]) / "resume" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists():
+        assert proc.poll() is None, f"training ended before its first resume state: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no resume state after 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not Path(killed["out"]).exists()  # it died mid-run
+    done = subprocess.run([*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = _history(Path(whole["run_dir"])), _history(Path(killed["run_dir"]))
+    assert a[-1]["step"] == b[-1]["step"] == 120
+    for x, y in zip(a, b, strict=True):
+        assert x["loss_total"] == pytest.approx(y["loss_total"], rel=1e-6), x["step"]
+    wa, wb = load_checkpoint(whole["out"]).model.state_dict(), load_checkpoint(killed["out"]).model.state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
