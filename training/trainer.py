@@ -232,6 +232,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         torch.set_rng_state(state["torch_rng"])
         width_rng.setstate(_to_tuple(state["width_rng"]))
         start_step, tokens_seen, history = state["step"], state["tokens_seen"], state["history"]
+        if info.is_main:
+            # A killed run may have logged steps past its last saved state; they are redone now,
+            # so the log restarts from the saved history instead of keeping both copies.
+            metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history))
     elif info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
