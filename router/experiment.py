@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from matta.configfile import read_yaml, validate
 
 BUCKETS = 10_000
 
@@ -113,24 +114,11 @@ class ExperimentConfig(BaseModel):
 
 def parse_experiment(data: object, source: str = "experiment") -> ExperimentConfig:
     """Validate a parsed YAML/JSON mapping; errors name the field."""
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-        raise ValueError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}{more}") from exc
+    return validate(ExperimentConfig, data, source)
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: no such experiment file") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML ({exc})") from exc
-    return parse_experiment(data, str(path))
+    return parse_experiment(read_yaml(path, "experiment file"), str(path))
 
 
 def bucket(salt: str, key: str) -> int:

@@ -34,12 +34,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from matta.configfile import read_yaml, validate
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy, decide_width, make_policy
 from router.quality import width_quality
 from serving.http import PREDICTED_HEADER, WIDTH_HEADER, APIError, install_error_handlers, slo_ms_from
@@ -98,19 +98,7 @@ class RouteConfig(BaseModel):
 
 
 def load_route_config(path: str | Path) -> RouteConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: no such config file") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML ({exc})") from exc
-    try:
-        return RouteConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ValueError(f"{path}: {where}: {first['msg']}") from exc
+    return validate(RouteConfig, read_yaml(path), str(path))
 
 
 # --- latency learned from the answers ------------------------------------------------------------

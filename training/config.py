@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from matta.config import ModelConfig
+from matta.configfile import read_yaml, validate
 
 Recipe = Literal["teacher", "matta", "student", "kd"]
 
@@ -131,18 +131,8 @@ TeacherSpec.model_rebuild()
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; relative paths inside stay relative to the CWD."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: no such config file") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML ({exc})") from exc
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     data.update(overrides or {})
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{path}: {problems}") from exc
+    return validate(TrainConfig, data, str(path))
