@@ -42,9 +42,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from matta.configfile import read_yaml, validate
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy, decide_width, make_policy
 from router.quality import width_quality
-from serving.http import PREDICTED_HEADER, WIDTH_HEADER, APIError, install_error_handlers, slo_ms_from
+from serving.http import (
+    COMPLETION_RESPONSES,
+    PREDICTED_HEADER,
+    WIDTH_HEADER,
+    APIError,
+    document_api,
+    install_error_handlers,
+    slo_ms_from,
+)
 from serving.metrics import ServingMetrics
-from serving.protocol import CompletionRequest, ErrorResponse, ModelCard, ModelList
+from serving.protocol import CompletionRequest, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +203,7 @@ def build_route_app(config: RouteConfig) -> FastAPI:
     app.state.predictor = predictor
     app.state.metrics = metrics
     install_error_handlers(app, metrics)
+    document_api(app, [config.model, *(f"{config.model}:{w}" for w in widths)], widths)
 
     def pinned_width(body: CompletionRequest) -> str | None:
         name, sep, model_width = body.model.partition(":")
@@ -228,8 +237,7 @@ def build_route_app(config: RouteConfig) -> FastAPI:
                 metrics.prediction_ratio.labels(policy.name, width).observe(elapsed / predicted)
                 metrics.prediction_error.labels(policy.name, width).observe(abs(elapsed - predicted))
 
-    @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                                            429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         started = time.monotonic()
         width = None

@@ -17,13 +17,19 @@ from fastapi.responses import JSONResponse
 
 from router.ab_log import ABLog, Outcome
 from router.experiment import LiveExperiment, parse_experiment
-from serving.http import APIError, bearer_matches
+from serving.http import APIError, bearer_matches, error_responses
 from serving.metrics import ServingMetrics
-from serving.protocol import ErrorResponse, FeedbackRequest
+from serving.protocol import FeedbackRequest
 
 log = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 64 * 1024
+# The reload body: an experiment config file's contents, JSON or YAML (docs: router/experiment.py).
+# It is read with yaml.safe_load and validated on load, with the field named in a 400, because its
+# rules (arms' policies valid for this checkpoint's widths, unique names) go beyond a schema.
+EXPERIMENT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "an experiment config"}},
+    "application/yaml": {"schema": {"type": "string", "description": "an experiment config file"}}}}}
 
 
 def check_bearer(request: Request, key: str | None, what: str) -> None:
@@ -44,7 +50,7 @@ def describe(live: LiveExperiment) -> dict:
 
 def install_experiment_routes(app: FastAPI, live: LiveExperiment | None, ab_log: ABLog | None,
                               metrics: ServingMetrics, admin_key: str | None) -> None:
-    @app.post("/v1/feedback", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    @app.post("/v1/feedback", responses=error_responses(400, 404))
     async def feedback(body: FeedbackRequest) -> JSONResponse:
         if live is None or ab_log is None:
             raise APIError(404, "no experiment is running on this server (start it with --experiment)",
@@ -57,14 +63,14 @@ def install_experiment_routes(app: FastAPI, live: LiveExperiment | None, ab_log:
         metrics.ab_outcomes.labels(experiment, body.metric).inc()
         return JSONResponse({"status": "recorded", "experiment": experiment})
 
-    @app.get("/admin/experiment")
+    @app.get("/admin/experiment", responses=error_responses(403, 404))
     async def current(request: Request) -> JSONResponse:
         check_bearer(request, admin_key, "admin")
         if live is None:
             raise APIError(404, "no experiment is running on this server", code="no_experiment")
         return JSONResponse(describe(live))
 
-    @app.post("/admin/experiment", responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    @app.post("/admin/experiment", responses=error_responses(400, 403, 404), openapi_extra=EXPERIMENT_BODY)
     async def reload(request: Request) -> JSONResponse:
         check_bearer(request, admin_key, "admin")
         if live is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from matta.checkpoint import load_checkpoint
@@ -29,9 +29,9 @@ from router.quality import width_quality
 from router.slo import EnginePredictor
 from serving.ab_routes import describe, install_experiment_routes
 from serving.engine import Engine
-from serving.http import install_error_handlers, install_request_guard
+from serving.http import COMPLETION_RESPONSES, document_api, install_error_handlers, install_request_guard
 from serving.metrics import ServingMetrics
-from serving.protocol import CompletionRequest, ErrorResponse, ModelList
+from serving.protocol import CompletionRequest, ModelList
 from serving.serving import CompletionService
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
     install_request_guard(app, settings.api_key or os.environ.get("MATTA_API_KEY"), settings.max_body_bytes)
     install_experiment_routes(app, live, ab_log, metrics, settings.admin_key or os.environ.get("MATTA_ADMIN_KEY"))
 
-    @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                                            413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+    document_api(app, [card.id for card in service.models().data], widths, ckpt.config.vocab_size)
+
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await service.create_completion(body, request)
 
@@ -127,14 +128,14 @@ def build_app(settings: ServerSettings) -> FastAPI:
     async def models() -> ModelList:
         return service.models()
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "shutting down"}})
     async def health() -> JSONResponse:
         if not engine.accepting:
             return JSONResponse({"status": "stopping"}, status_code=503)
         stats = engine.stats()
         return JSONResponse({"status": "ok", "model": ckpt.name, "running": stats.running, "waiting": stats.waiting})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

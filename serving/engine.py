@@ -55,7 +55,7 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence is generated. ``temperature == 0`` is greedy."""
+    """How one sequence is generated. ``temperature == 0`` (or below ``GREEDY_BELOW``) is greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -464,7 +464,7 @@ class Engine:
         next_ids = logits.argmax(dim=-1)  # (B,) greedy rows are done here, in one call
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.temperature > 0:
+            if p.temperature >= GREEDY_BELOW:
                 next_ids[i] = _sample_row(logits[i], p.temperature, p.top_p, seq.generator)
         want_lp = any(s.params.logprobs is not None for s in seqs)
         logprobs_all = F.log_softmax(logits, dim=-1) if want_lp else None
@@ -594,6 +594,10 @@ def _threadsafe_emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, inde
     return emit
 
 
+# Temperatures below this decode greedily, as vLLM does: logits / 1e-300 overflows to inf and NaN.
+GREEDY_BELOW = 1e-5
+
+
 def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Sample from softmax(logits / temperature) restricted to the top-p nucleus."""
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -601,6 +605,7 @@ def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[0] = False  # a top_p below float32's resolution (5e-324) would otherwise drop every token
         sorted_probs[outside] = 0
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import ServingMetrics
-from serving.protocol import error_body
+from serving.protocol import CompletionResponse, ErrorResponse, error_body
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,88 @@ class APIError(Exception):
         return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
                             headers=self.headers)
 
+
+_ERROR_MEANINGS = {
+    400: "invalid request: the body's `error.param` names the field",
+    401: "missing or wrong API key (only when the server has one)",
+    403: "the admin API is disabled (no admin key configured)",
+    404: "unknown model, width, request id, or no experiment running",
+    413: "request body or prompt over the limit",
+    429: "queue full or no width can meet the latency SLO now: retry after `Retry-After` seconds",
+    503: "shutting down or a backend unavailable: retry after `Retry-After` seconds",
+    504: "the completion ran past the server's request deadline and was cancelled",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` entries for these error statuses, all with the OpenAI error body."""
+    out = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]}
+        if status in (429, 503):
+            out[status]["headers"] = _RETRY_AFTER
+    return out
+
+
+# `/v1/completions` answers JSON, or server-sent events with `"stream": true`.
+COMPLETION_RESPONSES = {
+    200: {"model": CompletionResponse, "description": "the completion (JSON), or with `stream` an SSE stream "
+                                                       "of chunks ending in `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}}}}}},
+    **error_responses(400, 404, 413, 429, 503, 504),
+}
+
+
+def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[str] | None = None,
+                 vocab_size: int | None = None) -> None:
+    """Make the OpenAPI schema say everything the server does, so generated clients and schema
+    fuzzers (schemathesis, in the tests) can rely on it: the guard's 401 on every route but
+    ``/health``, its 413 on every POST, and what this server serves: its model ids and widths
+    (others get 404) and the checkpoint's token-id bound."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        guard = error_responses(401, 413)
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                if path not in OPEN_PATHS:
+                    responses.setdefault("401", _openapi_error(guard[401]))
+                if method == "post":
+                    responses.setdefault("413", _openapi_error(guard[413]))
+                responses.pop("422", None)  # validation errors are 400 here (install_error_handlers)
+        request = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+        if model_ids:
+            request["model"]["enum"] = list(model_ids)
+        if widths:
+            request["width"]["enum"] = [*widths, None]
+            # A model id that pins a width ('<name>:<width>') and a different `width` field: 400.
+            pins = [m for m in model_ids or () if ":" in m]
+            schema["components"]["schemas"]["CompletionRequest"]["allOf"] = [
+                {"if": {"properties": {"model": {"const": m}}, "required": ["model"]},
+                 "then": {"properties": {"width": {"enum": [m.rsplit(":", 1)[1], None]}}}} for m in pins]
+        if vocab_size is not None:
+            prompt = request["prompt"]
+            for branch in prompt["anyOf"]:
+                items = branch.get("items", {})
+                items = items.get("items", items) if items.get("type") == "array" else items
+                if items.get("type") == "integer":
+                    items["maximum"] = vocab_size - 1
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def _openapi_error(entry: dict) -> dict:
+    return {"description": entry["description"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
 def slo_ms_from(body_value: float | None, request: Request, default: float | None) -> float | None:
@@ -92,12 +174,26 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route on the path; list every method it has.
+            headers["allow"] = ", ".join(allowed_methods(app, request.scope))
+        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body("internal server error", "internal_server_error"), status_code=500)
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route serves at this request's path (for a 405's ``Allow``)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"}) if hasattr(route, "matches") else (None, None)
+        if match is not None and match.name != "NONE":
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, probes)

@@ -4,16 +4,59 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 MAX_LOGPROBS = 20  # vLLM's default limit; OpenAI's is 5
 MAX_STOP_STRINGS = 4
 
 
+def _json_number(value: Any) -> Any:
+    """Numbers must arrive as JSON numbers: pydantic's lax mode would read ``"16"`` or ``true`` as 16
+    or 1, which the schema (and a careful client) says is wrong. Integral floats (``1.0``) stay: JSON
+    does not tell them apart from integers."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected a number, got {type(value).__name__} {value!r}"[:200])
+    return value
+
+
+# Constraints of an optional number go inside its Annotated, before the validator
+# (`Annotated[int, Field(ge=0), BeforeValidator(_json_number)] | None`), or pydantic's JSON schema
+# gets them wrong.
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+JsonFloat = Annotated[float, BeforeValidator(_json_number)]
+
+
+def _nonempty_prompt_lists(schema: dict) -> None:
+    """OpenAPI: every list form of ``prompt`` needs an item, token ids are >= 0 (the upper bound,
+    the vocabulary, is the checkpoint's: :func:`serving.http.document_api` adds it)."""
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            items = branch["items"]
+            if items.get("type") == "array":
+                items["minItems"] = 1
+                items = items["items"]
+            if items.get("type") == "integer":
+                items["minimum"] = 0
+            if items.get("type") == "string":
+                items["minLength"] = 1
+
+
+def _stop_schema(schema: dict) -> None:
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch["maxItems"] = MAX_STOP_STRINGS
+            branch["items"]["minLength"] = 1
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class CompletionRequest(BaseModel):
@@ -22,26 +65,31 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="the checkpoint name (routed) or '<name>:<width>' (pinned)")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="text, a list of texts, token ids, or a list of token-id lists"
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
+        description="text, a list of texts, token ids, or a list of token-id lists",
+        json_schema_extra=_nonempty_prompt_lists,
     )
-    max_tokens: int = Field(16, ge=0, description="0 with echo scores the prompt only")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stream: bool = False
+    max_tokens: JsonInt = Field(16, ge=0, description="0 with echo scores the prompt only")
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, json_schema_extra=_stop_schema)
+    # +-2^53: every integer a JSON number (a double) holds exactly, so clients in any language agree.
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(_json_number)] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), BeforeValidator(_json_number)] | None = None
+    echo: StrictBool = False
     user: str | None = None
-    n: int = 1
-    best_of: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    suffix: str | None = None
+    # Accepted for compatibility at their neutral values only; anything else is a clear 400 from
+    # `_unsupported` (the schema says so too, for generated clients and schemathesis).
+    n: JsonInt = Field(1, json_schema_extra={"enum": [1]})
+    best_of: JsonInt | None = Field(None, json_schema_extra={"enum": [1, None]})
+    presence_penalty: JsonFloat = Field(0.0, json_schema_extra={"enum": [0]})
+    frequency_penalty: JsonFloat = Field(0.0, json_schema_extra={"enum": [0]})
+    suffix: str | None = Field(None, json_schema_extra={"enum": ["", None]})
     # matta extensions
-    latency_slo_ms: float | None = Field(None, gt=0, description="latency target the router tries to meet")
+    latency_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
+        None, description="latency target the router tries to meet")
     width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
 
     @field_validator("prompt")
@@ -152,12 +200,15 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
 class FeedbackRequest(BaseModel):
     """``POST /v1/feedback``: an outcome for an earlier request (by its id) or for a unit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["request_id"], "not": {"required": ["unit"]}},
+                  {"required": ["unit"], "not": {"required": ["request_id"]}}]})
 
-    request_id: str | None = Field(None, min_length=1, max_length=128, description="the id of a completion response")
-    unit: str | None = Field(None, min_length=1, max_length=256, description="the experiment unit (e.g. the user)")
+    # Exactly one of request_id and unit; neither takes null (the schema's oneOf can then say so).
+    request_id: str = Field(None, min_length=1, max_length=128, description="the id of a completion response")
+    unit: str = Field(None, min_length=1, max_length=256, description="the experiment unit (e.g. the user)")
     metric: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    value: float = Field(allow_inf_nan=False)
+    value: JsonFloat = Field(allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -303,7 +303,8 @@ class CompletionService:
         if any(c.finish_reason == "abort" for c in choices):
             self._finish_metrics(choices, route, started, 503)
             await self._log_exposure(route, 503, time.monotonic() - started, sum(c.completion_tokens for c in choices))
-            raise APIError(503, "the server stopped before the completion finished; retry", "service_unavailable",
+            raise APIError(503, "the engine aborted this completion (shutting down, or an engine error); retry",
+                           "service_unavailable",
                            code="aborted", headers={"retry-after": str(self.retry_after_s), WIDTH_HEADER: width})
         response = CompletionResponse(
             id=route.request_id,

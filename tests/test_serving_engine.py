@@ -104,6 +104,24 @@ def test_seeded_sampling_is_reproducible_alone_or_batched(engine, tokenizer):
     assert run_request(engine, [ids], "m", other_seed)[0][0] != first
 
 
+@pytest.mark.parametrize("extreme", [{"top_p": 5e-324}, {"top_p": 1e-9}, {"temperature": 5e-324},
+                                     {"temperature": 1e-7, "top_p": 5e-324}])
+def test_extreme_sampling_values_decode_like_greedy_and_fail_nothing(engine, tokenizer, extreme):
+    """Found by schemathesis: top_p below float32's resolution emptied the nucleus and a tiny
+    temperature overflowed the logits, so the step failed and every sequence in the batch with it."""
+    ids = tokenizer.encode("Now is the winter")
+    greedy = run_request(engine, [ids], "m", GREEDY)[0][0]
+
+    async def extreme_beside_another():
+        bystander = engine.submit([ids], "s", GREEDY)
+        mine = engine.submit([ids], "m", SamplingParams(max_tokens=12, seed=3, **{"temperature": 1.0, **extreme}))
+        return await asyncio.gather(collect(mine), collect(bystander))
+
+    mine, bystander = asyncio.run(extreme_beside_another())
+    assert mine[0][0] == greedy and mine[0][2].finish_reason == "length"
+    assert bystander[0][2].finish_reason == "length"
+
+
 def test_stop_string_truncates_and_is_never_streamed(engine, model, tokenizer):
     ids = tokenizer.encode("Now is the winter")
     full = tokenizer.decode(model.generate_greedy(ids, 30, width="l"))
