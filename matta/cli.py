@@ -186,7 +186,9 @@ def cmd_serve(args) -> int:
                               profile=args.profile, quality_metric=args.quality_metric,
                               calibration_quantile=args.calibration_quantile, experiment=args.experiment,
                               ab_db=args.ab_db, admin_key=args.admin_key, api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout or None)
+                              max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout or None,
+                              max_concurrency=args.max_concurrency or None, header_timeout_s=args.header_timeout,
+                              body_timeout_s=args.body_timeout)
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -310,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="cancel a completion running longer (504); 0 disables")
+    p.add_argument("--max-concurrency", type=int, default=1024, metavar="N",
+                   help="more requests in the server at once get 503 + Retry-After (/health and /metrics "
+                        "excepted); bounds memory under overload; 0 disables")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection whose request head takes longer (idle or slowloris clients)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="answer 408 when a request body takes longer than this after its head")
     p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
                    help="per-width quality (from training.json) behind matta_effective_quality")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

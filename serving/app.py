@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,6 +29,7 @@ from router.policy import PolicyContext, make_policy
 from router.quality import width_quality
 from router.slo import EnginePredictor
 from serving.ab_routes import describe, install_experiment_routes
+from serving.connection import head_deadline_protocol
 from serving.engine import Engine
 from serving.http import COMPLETION_RESPONSES, document_api, install_error_handlers, install_request_guard
 from serving.metrics import ServingMetrics
@@ -63,6 +65,9 @@ class ServerSettings:
     api_key: str | None = None  # Bearer key for every route but /health; None: open (or $MATTA_API_KEY)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     request_timeout_s: float | None = 300.0  # a completion running longer is cancelled (504)
+    max_concurrency: int | None = 1024  # more requests in the server at once get 503 (bounds memory)
+    header_timeout_s: float = 10.0  # a request head taking longer (idle or slowloris connection): 408, closed
+    body_timeout_s: float = 30.0  # a request body taking longer after its head: 408
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
@@ -115,7 +120,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.experiment = live
     app.state.ab_log = ab_log
     install_error_handlers(app, metrics)
-    install_request_guard(app, settings.api_key or os.environ.get("MATTA_API_KEY"), settings.max_body_bytes)
+    install_request_guard(app, settings.api_key or os.environ.get("MATTA_API_KEY"), settings.max_body_bytes,
+                          settings.max_concurrency, settings.body_timeout_s, settings.retry_after_s)
     install_experiment_routes(app, live, ab_log, metrics, settings.admin_key or os.environ.get("MATTA_ADMIN_KEY"))
 
     document_api(app, [card.id for card in service.models().data], widths, ckpt.config.vocab_size)
@@ -140,6 +146,15 @@ def build_app(settings: ServerSettings) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def uvicorn_config(app: FastAPI, **overrides) -> uvicorn.Config:
+    """uvicorn's settings for a matta app: graceful shutdown, and the request-head deadline
+    (serving/connection.py) from the app's :class:`ServerSettings`."""
+    settings: ServerSettings = app.state.settings
+    options = dict(lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                   http=head_deadline_protocol(settings.header_timeout_s))
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | None:
@@ -188,8 +203,6 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, l
 
     The bound address is printed on stdout (``port=0`` picks a free port) before requests are served.
     """
-    import uvicorn
-
     # Process-wide, hence here and not in build_app. OpenMP threads that spin on cores another
     # process is using can make each small decode step ~100x slower; by default one core is left
     # to the HTTP event loop (measured on 2 cores: 16-client throughput 3519 vs 2412 tok/s for
@@ -204,9 +217,7 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, l
     sock.listen(2048)
     bound_port = sock.getsockname()[1]
     print(f"matta serve: listening on http://{host}:{bound_port}", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_timeout_s,
-                            lifespan="on")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, log_level=log_level))
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
     # that re-raise is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

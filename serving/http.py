@@ -3,6 +3,7 @@ error handlers. Torch-free, so the router can use them without loading the engin
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -48,9 +49,10 @@ _ERROR_MEANINGS = {
     401: "missing or wrong API key (only when the server has one)",
     403: "the admin API is disabled (no admin key configured)",
     404: "unknown model, width, request id, or no experiment running",
+    408: "the request body did not arrive in time (--body-timeout)",
     413: "request body or prompt over the limit",
     429: "queue full or no width can meet the latency SLO now: retry after `Retry-After` seconds",
-    503: "shutting down or a backend unavailable: retry after `Retry-After` seconds",
+    503: "at the concurrency cap, shutting down, or a backend unavailable: retry after `Retry-After` seconds",
     504: "the completion ran past the server's request deadline and was cancelled",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
@@ -89,13 +91,16 @@ def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        guard = error_responses(401, 413)
+        guard = error_responses(401, 408, 413, 503)
         for path, operations in schema.get("paths", {}).items():
             for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
                 if path not in OPEN_PATHS:
                     responses.setdefault("401", _openapi_error(guard[401]))
+                if path not in UNCOUNTED_PATHS:
+                    responses.setdefault("503", _openapi_error(guard[503]))
                 if method == "post":
+                    responses.setdefault("408", _openapi_error(guard[408]))
                     responses.setdefault("413", _openapi_error(guard[413]))
                 responses.pop("422", None)  # validation errors are 400 here (install_error_handlers)
         request = schema["components"]["schemas"]["CompletionRequest"]["properties"]
@@ -122,8 +127,11 @@ def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[
 
 
 def _openapi_error(entry: dict) -> dict:
-    return {"description": entry["description"],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    out = {"description": entry["description"],
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    if "headers" in entry:
+        out["headers"] = {name: dict(header) for name, header in entry["headers"].items()}
+    return out
 
 
 def slo_ms_from(body_value: float | None, request: Request, default: float | None) -> float | None:
@@ -197,6 +205,7 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 
 
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, probes)
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapes pass even at the concurrency cap
 
 
 def bearer_matches(request: Request, key: str) -> bool:
@@ -210,18 +219,25 @@ def _bearer_matches(authorization: str, key: str) -> bool:
 
 
 class RequestGuard:
-    """ASGI middleware: the optional API key and the request body limit.
+    """ASGI middleware: the optional API key, a concurrency cap, and limits on request bodies.
 
     With a key, every route but ``/health`` answers 401 (OpenAI error body) unless the request
     carries ``Authorization: Bearer <key>``, as vLLM's ``--api-key`` and the ``openai`` client do;
-    admin routes check their own, separate key on top. Bodies over ``max_bytes`` get 413: at once
-    from Content-Length, or as soon as a chunked body outgrows the limit. Pure ASGI rather than Starlette's
+    admin routes check their own, separate key on top. More than ``max_concurrency`` requests in
+    the server at once get 503 + ``Retry-After`` (probes and scrapes, ``/health`` and ``/metrics``,
+    are not counted or refused), which bounds the memory an overload can take. Bodies over
+    ``max_bytes`` get 413: at once from Content-Length, or as soon as a chunked body outgrows the
+    limit; a body not complete within ``body_timeout_s`` of the head gets 408, so a client that
+    trickles its body cannot hold the connection. Pure ASGI rather than Starlette's
     ``BaseHTTPMiddleware``, which would hide client disconnects from the handlers (and so keep
     batch slots of clients that left).
     """
 
-    def __init__(self, app, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, max_bytes: int, max_concurrency: int | None = None,
+                 body_timeout_s: float | None = None, retry_after_s: int = 1) -> None:
         self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+        self.max_concurrency, self.body_timeout_s, self.retry_after_s = max_concurrency, body_timeout_s, retry_after_s
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -231,6 +247,18 @@ class RequestGuard:
                 headers.get("authorization", ""), self.api_key):
             return await _send_error(send, 401, "missing or wrong API key (Authorization: Bearer <key>)",
                                      "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"})
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        if counted and self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+            return await _send_error(send, 503, f"the server is at its limit of {self.max_concurrency} concurrent "
+                                                "requests; retry later", "service_unavailable", "overloaded",
+                                     {"retry-after": str(self.retry_after_s)})
+        self.in_flight += counted
+        try:
+            await self._call_with_body(scope, receive, send, headers)
+        finally:
+            self.in_flight -= counted
+
+    async def _call_with_body(self, scope, receive, send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -238,31 +266,40 @@ class RequestGuard:
             if int(length) > self.max_bytes:
                 return await _send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes",
                                          "invalid_request_error", "body_too_large")
-            return await self.app(scope, receive, send)
-        # A chunked body: read it here, up to the limit, then hand it to the app in one message.
+        # Read the whole body here, within the limits, then hand it to the app in one message.
         # Later receives go to the client's stream, so a disconnect is still seen by the handler.
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left while sending
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                return await _send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes",
-                                         "invalid_request_error", "body_too_large")
-            if not message.get("more_body", False):
-                break
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+        except TimeoutError:
+            return await _send_error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                                     "invalid_request_error", "body_timeout", {"connection": "close"})
+        if body is None:
+            return  # the client left while sending
+        if len(body) > self.max_bytes:
+            return await _send_error(send, 413, f"request body over the limit of {self.max_bytes} bytes",
+                                     "invalid_request_error", "body_too_large")
         replayed = False
 
         async def replay_receive():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         return await self.app(scope, replay_receive, send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The body, or what of it exceeds the limit (the caller answers 413); None if the client left."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes or not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 async def _send_error(send, status: int, message: str, type_: str, code: str | None,
@@ -274,6 +311,8 @@ async def _send_error(send, status: int, message: str, type_: str, code: str | N
     await send({"type": "http.response.body", "body": body})
 
 
-def install_request_guard(app: FastAPI, api_key: str | None, max_bytes: int) -> None:
+def install_request_guard(app: FastAPI, api_key: str | None, max_bytes: int, max_concurrency: int | None = None,
+                          body_timeout_s: float | None = None, retry_after_s: int = 1) -> None:
     """Put :class:`RequestGuard` in front of every route."""
-    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_bytes, max_concurrency=max_concurrency,
+                       body_timeout_s=body_timeout_s, retry_after_s=retry_after_s)

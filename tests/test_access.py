@@ -127,3 +127,111 @@ def test_100_clients_that_leave_mid_stream_leak_no_slots_or_memory(checkpoint_51
     assert (after.running, after.waiting) == (0, 0)
     assert after.cancelled - before.cancelled == 200
     assert after_rss - before_rss < 64 * 2**20, f"RSS grew by {(after_rss - before_rss) / 2**20:.0f} MiB"
+
+
+def _read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection (or ``limit_s`` passes)."""
+    import socket as socketlib
+
+    started, data = time.monotonic(), b""
+    sock.settimeout(0.2)
+    while time.monotonic() - started < limit_s:
+        try:
+            chunk = sock.recv(4096)
+        except socketlib.timeout:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def _error_code(raw_response: bytes) -> str:
+    return json.loads(raw_response.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+
+
+@pytest.fixture
+def impatient(checkpoint_512):
+    _, path = checkpoint_512
+    settings = ServerSettings(checkpoint=path, device="cpu", header_timeout_s=1.0, body_timeout_s=1.0,
+                              max_concurrency=2)
+    app = build_app(settings)
+    with ServerThread(app) as server:
+        yield server, app
+
+
+def test_idle_and_slowloris_connections_are_closed_after_the_head_deadline(impatient):
+    import socket
+
+    server, _ = impatient
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = socket.create_connection((host, int(port)))  # opens and never sends a byte
+    trickle = socket.create_connection((host, int(port)))
+    trickle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 3:  # a header line every 0.2 s: never a complete head
+            trickle.sendall(b"X-Slow: 1\r\n")
+            time.sleep(0.2)
+    except OSError:
+        pass  # closed by the server: what this test wants
+    for sock in (idle, trickle):
+        data, waited = _read_until_closed(sock, 5)
+        assert data.startswith(b"HTTP/1.1 408 ") and _error_code(data) == "header_timeout", data
+        sock.close()
+    # A well-behaved client on a fresh connection is served as usual.
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_body_that_trickles_in_gets_408_and_frees_the_connection(impatient):
+    import socket
+
+    server, app = impatient
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 200\r\n\r\n{\"model\": ")
+    started = time.monotonic()
+    data, _ = _read_until_closed(sock, 5)
+    assert data.startswith(b"HTTP/1.1 408 ") and _error_code(data) == "body_timeout", data
+    assert time.monotonic() - started < 4
+    sock.close()
+    assert app.state.engine.stats().running == 0
+
+
+def test_past_the_concurrency_cap_requests_get_503_with_retry_after_but_health_passes(impatient):
+    import asyncio
+
+    server, _ = impatient
+    long = {"model": "tiny", "prompt": "Now", "max_tokens": SERVED_N_CTX - 10, "temperature": 0, "stream": True}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def hold(opened: asyncio.Event, release: asyncio.Event):
+                async with client.stream("POST", f"{server.url}/v1/completions", json=long) as response:
+                    assert response.status_code == 200
+                    opened.set()
+                    await release.wait()
+
+            release = asyncio.Event()
+            openings = [asyncio.Event(), asyncio.Event()]
+            holders = [asyncio.create_task(hold(o, release)) for o in openings]
+            await asyncio.gather(*(o.wait() for o in openings))
+            refused = await client.post(f"{server.url}/v1/completions", json={**long, "stream": False})
+            health = await client.get(f"{server.url}/health")
+            metrics = await client.get(f"{server.url}/metrics")
+            release.set()
+            await asyncio.gather(*holders)
+            deadline = time.monotonic() + 5  # the server notices the two clients left, then frees their places
+            while True:
+                after = await client.post(f"{server.url}/v1/completions",
+                                          json={"model": "tiny", "prompt": "Now", "max_tokens": 2})
+                if after.status_code != 503 or time.monotonic() > deadline:
+                    return refused, health, metrics, after
+                await asyncio.sleep(0.05)
+
+    refused, health, metrics, after = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert health.status_code == 200 and metrics.status_code == 200
+    assert after.status_code == 200

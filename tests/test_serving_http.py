@@ -16,7 +16,7 @@ import torch
 import uvicorn
 
 from matta.model import NestedGPT
-from serving.app import ServerSettings, build_app
+from serving.app import ServerSettings, build_app, uvicorn_config
 from tests.conftest import SERVED_N_CTX
 
 N_CTX = SERVED_N_CTX
@@ -28,7 +28,9 @@ class ServerThread:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        config = (uvicorn_config(app, log_level="warning") if hasattr(app.state, "settings")
+                  else uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(config)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
