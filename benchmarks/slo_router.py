@@ -69,7 +69,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, sent_at: float, 
         r = await client.post(f"{url}/v1/completions", json=body)
         done = time.monotonic()
         out = {"t": sent_at - start, "status": r.status_code, "latency_s": done - sent_at,
-               "width": r.headers.get("x-matta-width"),
+               "width": r.headers.get("x-matta-width"), "retry_after": r.headers.get("retry-after"),
                "predicted_s": float(r.headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in r.headers
                else None}
         if r.status_code == 200:

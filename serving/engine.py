@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
-from router.latency import LatencyModel
+from router.latency import LatencyModel, RequestCalibration
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # alternatives per token; None: no logprobs at all
     prompt_logprobs: bool = False  # also score the prompt tokens (echo + logprobs)
+    # time.monotonic() by which the sequence must finish. One still waiting for a batch slot that
+    # can no longer make it (by the latency model, when the engine has one) is never started: it
+    # ends with finish_reason "shed", so its client hears at once instead of being served late.
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -91,7 +95,8 @@ class SequenceEvent:
 
     ``text`` is new completion text; text that could still become part of a stop string is
     held back until it cannot. The last event of a sequence has ``finish_reason`` set
-    ("stop", "length", or "abort" when the engine stopped or failed) and the totals.
+    ("stop", "length", "abort" when the engine stopped or failed, or "shed" when it could not
+    start the sequence in time for its deadline) and the totals.
     """
 
     token_ids: list[int]
@@ -141,6 +146,12 @@ class _Sequence:
     cancelled: bool = False
     running: bool = False  # holds a batch slot
     finished: bool = False  # its final event is out (or nobody listens any more)
+    queued: bool = False  # found no free batch slot on arrival: only such sequences are shed for lateness
+    # When admitted with a latency model: start time and predicted prefill / per-token seconds,
+    # to learn how far the deadline check's service-time predictions run from the truth.
+    started: float = 0.0
+    predicted_prefill_s: float = 0.0
+    predicted_token_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -213,6 +224,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.latency = latency
+        # The 90th percentile of actual / predicted service time of recent sequences: the deadline
+        # check uses predictions scaled by it, so it errs towards refusing rather than serving late.
+        self.service_calibration = RequestCalibration(0.9) if latency is not None else None
         # Written by the scheduler thread after every iteration (a reference swap), read by stats().
         self._shapes: dict[str, tuple[int, int]] = {}
         self._remaining: tuple[int, ...] = ()
@@ -267,6 +281,9 @@ class Engine:
                 raise QueueFullError(
                     f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue}); retry later"
                 )
+            ahead = sum(self._running_by_width.values()) + len(self._waiting)
+            for i, seq in enumerate(seqs):
+                seq.queued = ahead + i >= self.max_batch
             self._waiting.extend(seqs)
             self._waiting_by_width[width] += len(seqs)
             self._cond.notify_all()
@@ -313,7 +330,11 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         break
+                    late = self._take_late_locked(time.monotonic())
                     admitted = self._admit_locked()
+                for seq in late:
+                    self._release(seq)
+                    self._finish_event(seq, [], None, "shed")
                 try:
                     started = time.perf_counter()
                     self._drop_cancelled()
@@ -338,6 +359,42 @@ class Engine:
             min(s.params.max_tokens - len(s.tokens), n_ctx - len(s.prompt) - len(s.tokens))
             for g in self._groups.values() for s in g.seqs))
 
+    def _take_late_locked(self, now: float) -> list[_Sequence]:
+        """Remove the waiting sequences that cannot finish by their deadline even if started now.
+
+        Only sequences that found the batch full on arrival are judged: one that arrived to a free
+        slot was admitted by the router's own prediction moments ago, and always admitting those
+        keeps the calibration learning (were it stuck high after a burst, a calm server would
+        otherwise refuse everything and never observe a sequence to correct it)."""
+        if not any(seq.params.deadline is not None and seq.queued for seq in self._waiting):
+            return []
+        late, keep = [], deque()
+        for seq in self._waiting:
+            if (seq.params.deadline is not None and seq.queued
+                    and now + self._service_s(seq) > seq.params.deadline):
+                late.append(seq)
+                self._waiting_by_width[seq.width] -= 1
+            else:
+                keep.append(seq)
+        self._waiting = keep
+        return late
+
+    def _service_s(self, seq: _Sequence) -> float:
+        """Predicted seconds from starting ``seq`` now to its last token, calibrated (0 without a
+        latency model, so that only a deadline already passed counts)."""
+        if self.latency is None:
+            return 0.0
+        prefill, per_token = self._predict_service(seq)
+        raw = prefill + max(0, seq.params.max_tokens - 1) * per_token
+        return raw * self.service_calibration.factor()
+
+    def _predict_service(self, seq: _Sequence) -> tuple[float, float]:
+        """Raw model: prefill seconds, and seconds per further token in the batch running now."""
+        groups = dict(self._shapes)
+        batch, context = groups.get(seq.width, (0, 0))
+        groups[seq.width] = (batch + 1, max(context, len(seq.prompt) + seq.params.max_tokens // 2))
+        return self.latency.prefill_s(seq.width, len(seq.prompt)), self.latency.iteration_s(groups)
+
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
         admitted = []
@@ -346,6 +403,9 @@ class Engine:
             self._waiting_by_width[seq.width] -= 1
             self._running_by_width[seq.width] += 1
             seq.running = True
+            if self.latency is not None:
+                seq.started = time.monotonic()
+                seq.predicted_prefill_s, seq.predicted_token_s = self._predict_service(seq)
             admitted.append(seq)
             free -= 1
         return admitted
@@ -516,6 +576,9 @@ class Engine:
 
     def _finish_event(self, seq: _Sequence, token_ids: list[int], lp, reason: str, text: str = "",
                       prompt_logprobs=None, now: float | None = None) -> None:
+        if self.service_calibration is not None and seq.started and reason in ("stop", "length"):
+            predicted = seq.predicted_prefill_s + max(0, len(seq.tokens) - 1) * seq.predicted_token_s
+            self.service_calibration.observe((now or time.monotonic()) - seq.started, predicted)
         seq.emit(SequenceEvent(token_ids, text, time.monotonic() if now is None else now, lp, prompt_logprobs,
                                finish_reason=reason, prompt_tokens=len(seq.prompt),
                                completion_tokens=len(seq.tokens), queue_s=seq.queue_s))

@@ -160,9 +160,13 @@ class CompletionService:
                 raise APIError(429, f"no width can meet the latency SLO of {slo_ms:g} ms now (predicted "
                                     f"{1000 * (decision.predicted_s or 0):.0f} ms at width {width!r}); retry later",
                                type_="rate_limit_error", code="slo_unattainable", headers={"retry-after": str(wait)})
+            # A shedding policy also sheds from the queue: a request that waited past the point
+            # where it could still finish within its SLO is refused then, not served late.
+            deadline = started + route.slo_s if route.slo_s is not None and getattr(policy, "shed", False) else None
             params = SamplingParams(
                 max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                 stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
+                deadline=deadline,
             )
             stream = self._submit(prompts, width, params)
         except APIError as exc:
@@ -300,6 +304,11 @@ class CompletionService:
         finally:
             consume.cancel()
             stream.cancel()
+        if any(c.finish_reason == "shed" for c in choices):
+            self._finish_metrics(choices, route, started, 429)
+            await self._log_exposure(route, 429, time.monotonic() - started, 0)
+            raise APIError(429, _late_shed_message(route), type_="rate_limit_error", code="slo_unattainable",
+                           headers={"retry-after": str(self.retry_after_s), WIDTH_HEADER: width})
         if any(c.finish_reason == "abort" for c in choices):
             self._finish_metrics(choices, route, started, 503)
             await self._log_exposure(route, 503, time.monotonic() - started, sum(c.completion_tokens for c in choices))
@@ -348,6 +357,13 @@ class CompletionService:
                     yield "data: [DONE]\n\n"
                     return
                 choice = choices[index]
+                if event.finish_reason == "shed":
+                    self._apply(choice, event, width)
+                    status = 429
+                    error = error_body(_late_shed_message(route), "rate_limit_error", code="slo_unattainable")
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 before = len(choice.logprobs)
                 self._apply(choice, event, width)
                 text = event.text
@@ -427,7 +443,10 @@ class CompletionService:
         m, width = self.metrics, route.width
         elapsed = time.monotonic() - started
         policy = route.policy or self.policy.name
-        if route.slo_s is not None:
+        if status == 429 and route.slo_s is not None:  # shed from the queue (the engine's "shed")
+            m.shed.labels(policy).inc()
+            m.observe_slo(policy, "shed")
+        elif route.slo_s is not None:
             outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
             m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
         if status == 200 and route.predicted_s:
@@ -444,3 +463,8 @@ class CompletionService:
                 m.time_to_first_token.labels(width).observe(c.first_token_at - started)
         if status == 200:
             m.e2e_latency.labels(width).observe(elapsed)
+
+
+def _late_shed_message(route: _Route) -> str:
+    return (f"waited for a batch slot until the latency SLO of {1000 * route.slo_s:.0f} ms could no longer be met "
+            f"at width {route.width!r}; retry later")

@@ -131,14 +131,13 @@ def test_100_clients_that_leave_mid_stream_leak_no_slots_or_memory(checkpoint_51
 
 def _read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
     """Everything the server sends until it closes the connection (or ``limit_s`` passes)."""
-    import socket as socketlib
 
     started, data = time.monotonic(), b""
     sock.settimeout(0.2)
     while time.monotonic() - started < limit_s:
         try:
             chunk = sock.recv(4096)
-        except socketlib.timeout:
+        except TimeoutError:
             continue
         if not chunk:
             break
@@ -176,7 +175,7 @@ def test_idle_and_slowloris_connections_are_closed_after_the_head_deadline(impat
     except OSError:
         pass  # closed by the server: what this test wants
     for sock in (idle, trickle):
-        data, waited = _read_until_closed(sock, 5)
+        data, _ = _read_until_closed(sock, 5)
         assert data.startswith(b"HTTP/1.1 408 ") and _error_code(data) == "header_timeout", data
         sock.close()
     # A well-behaved client on a fresh connection is served as usual.

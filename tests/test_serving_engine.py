@@ -122,6 +122,31 @@ def test_extreme_sampling_values_decode_like_greedy_and_fail_nothing(engine, tok
     assert bystander[0][2].finish_reason == "length"
 
 
+def test_a_queued_sequence_past_its_deadline_is_shed_and_never_started(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=8)  # no latency model: only a passed deadline
+    engine.start()
+    try:
+        ids = tokenizer.encode("Now is the winter")
+
+        async def main():
+            running = engine.submit([ids], "ta", SamplingParams(max_tokens=60, temperature=0))
+            hopeless = engine.submit([ids], "ta", SamplingParams(max_tokens=4, temperature=0,
+                                                                 deadline=time.monotonic() + 0.001))
+            patient = engine.submit([ids], "ta", SamplingParams(max_tokens=4, temperature=0))
+            return await asyncio.gather(collect(running), collect(hopeless), collect(patient))
+
+        running, hopeless, patient = asyncio.run(main())
+        assert hopeless[0][2].finish_reason == "shed" and hopeless[0][0] == []
+        assert running[0][2].finish_reason == "length" and patient[0][2].finish_reason == "length"
+        # Arriving to a free slot, a deadline is not judged by the engine (the router admitted it).
+        alone = run_request(engine, [ids], "ta", SamplingParams(max_tokens=4, temperature=0,
+                                                                deadline=time.monotonic() - 1))
+        assert alone[0][2].finish_reason == "length"
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+    finally:
+        engine.stop()
+
+
 def test_stop_string_truncates_and_is_never_streamed(engine, model, tokenizer):
     ids = tokenizer.encode("Now is the winter")
     full = tokenizer.decode(model.generate_greedy(ids, 30, width="l"))
