@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
-from router.latency import LatencyModel, RequestCalibration
+from router.latency import LatencyModel
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,6 @@ class _Sequence:
     cancelled: bool = False
     running: bool = False  # holds a batch slot
     finished: bool = False  # its final event is out (or nobody listens any more)
-    queued: bool = False  # found no free batch slot on arrival: only such sequences are shed for lateness
-    # When admitted with a latency model: start time and predicted prefill / per-token seconds,
-    # to learn how far the deadline check's service-time predictions run from the truth.
-    started: float = 0.0
-    predicted_prefill_s: float = 0.0
-    predicted_token_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -226,7 +220,9 @@ class Engine:
         self.latency = latency
         # The 90th percentile of actual / predicted service time of recent sequences: the deadline
         # check uses predictions scaled by it, so it errs towards refusing rather than serving late.
-        self.service_calibration = RequestCalibration(0.9) if latency is not None else None
+        # Seconds of the recent scheduler iterations (EWMA): what a sequence started now will
+        # really pay per token, contention, width mix and all, which the model alone misses.
+        self._iteration_s = 0.0
         # Written by the scheduler thread after every iteration (a reference swap), read by stats().
         self._shapes: dict[str, tuple[int, int]] = {}
         self._remaining: tuple[int, ...] = ()
@@ -281,9 +277,6 @@ class Engine:
                 raise QueueFullError(
                     f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue}); retry later"
                 )
-            ahead = sum(self._running_by_width.values()) + len(self._waiting)
-            for i, seq in enumerate(seqs):
-                seq.queued = ahead + i >= self.max_batch
             self._waiting.extend(seqs)
             self._waiting_by_width[width] += len(seqs)
             self._cond.notify_all()
@@ -341,7 +334,11 @@ class Engine:
                     self._prefill(admitted)
                     predicted = self._decode()
                     if self.latency is not None and predicted > 0:
-                        self.latency.observe_iteration(time.perf_counter() - started, predicted)
+                        took = time.perf_counter() - started
+                        self.latency.observe_iteration(took, predicted)
+                        self._iteration_s += 0.3 * (took - self._iteration_s)
+                    if not self._groups:
+                        self._iteration_s = 0.0  # idle: a stale busy figure must not refuse the next arrival
                 except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
@@ -360,18 +357,12 @@ class Engine:
             for g in self._groups.values() for s in g.seqs))
 
     def _take_late_locked(self, now: float) -> list[_Sequence]:
-        """Remove the waiting sequences that cannot finish by their deadline even if started now.
-
-        Only sequences that found the batch full on arrival are judged: one that arrived to a free
-        slot was admitted by the router's own prediction moments ago, and always admitting those
-        keeps the calibration learning (were it stuck high after a burst, a calm server would
-        otherwise refuse everything and never observe a sequence to correct it)."""
-        if not any(seq.params.deadline is not None and seq.queued for seq in self._waiting):
+        """Remove the waiting sequences that cannot finish by their deadline even if started now."""
+        if not any(seq.params.deadline is not None for seq in self._waiting):
             return []
         late, keep = [], deque()
         for seq in self._waiting:
-            if (seq.params.deadline is not None and seq.queued
-                    and now + self._service_s(seq) > seq.params.deadline):
+            if seq.params.deadline is not None and now + self._service_s(seq) > seq.params.deadline:
                 late.append(seq)
                 self._waiting_by_width[seq.width] -= 1
             else:
@@ -380,20 +371,16 @@ class Engine:
         return late
 
     def _service_s(self, seq: _Sequence) -> float:
-        """Predicted seconds from starting ``seq`` now to its last token, calibrated (0 without a
-        latency model, so that only a deadline already passed counts)."""
+        """Predicted seconds from starting ``seq`` now to its last token: its prefill, then each
+        token at the slower of the model's iteration time for the batch it joins and the measured
+        time of recent iterations (0 without a latency model: then only a passed deadline counts)."""
         if self.latency is None:
             return 0.0
-        prefill, per_token = self._predict_service(seq)
-        raw = prefill + max(0, seq.params.max_tokens - 1) * per_token
-        return raw * self.service_calibration.factor()
-
-    def _predict_service(self, seq: _Sequence) -> tuple[float, float]:
-        """Raw model: prefill seconds, and seconds per further token in the batch running now."""
         groups = dict(self._shapes)
         batch, context = groups.get(seq.width, (0, 0))
         groups[seq.width] = (batch + 1, max(context, len(seq.prompt) + seq.params.max_tokens // 2))
-        return self.latency.prefill_s(seq.width, len(seq.prompt)), self.latency.iteration_s(groups)
+        per_token = max(self.latency.iteration_s(groups), self._iteration_s)
+        return self.latency.prefill_s(seq.width, len(seq.prompt)) + max(0, seq.params.max_tokens - 1) * per_token
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
@@ -403,9 +390,6 @@ class Engine:
             self._waiting_by_width[seq.width] -= 1
             self._running_by_width[seq.width] += 1
             seq.running = True
-            if self.latency is not None:
-                seq.started = time.monotonic()
-                seq.predicted_prefill_s, seq.predicted_token_s = self._predict_service(seq)
             admitted.append(seq)
             free -= 1
         return admitted
@@ -576,9 +560,6 @@ class Engine:
 
     def _finish_event(self, seq: _Sequence, token_ids: list[int], lp, reason: str, text: str = "",
                       prompt_logprobs=None, now: float | None = None) -> None:
-        if self.service_calibration is not None and seq.started and reason in ("stop", "length"):
-            predicted = seq.predicted_prefill_s + max(0, len(seq.tokens) - 1) * seq.predicted_token_s
-            self.service_calibration.observe((now or time.monotonic()) - seq.started, predicted)
         seq.emit(SequenceEvent(token_ids, text, time.monotonic() if now is None else now, lp, prompt_logprobs,
                                finish_reason=reason, prompt_tokens=len(seq.prompt),
                                completion_tokens=len(seq.tokens), queue_s=seq.queue_s))

@@ -161,8 +161,12 @@ class CompletionService:
                                     f"{1000 * (decision.predicted_s or 0):.0f} ms at width {width!r}); retry later",
                                type_="rate_limit_error", code="slo_unattainable", headers={"retry-after": str(wait)})
             # A shedding policy also sheds from the queue: a request that waited past the point
-            # where it could still finish within its SLO is refused then, not served late.
-            deadline = started + route.slo_s if route.slo_s is not None and getattr(policy, "shed", False) else None
+            # where it could still finish within its SLO is refused then, not served late. The
+            # engine aims inside the SLO: the rest is for time it cannot see (parsing, the event
+            # loop, sending the response), which grows under a burst of arrivals.
+            # Pinned requests are the client's choice, served whatever their SLO, as by the router.
+            deadline = (started + QUEUE_DEADLINE_FRACTION * route.slo_s
+                        if route.slo_s is not None and pinned is None and getattr(policy, "shed", False) else None)
             params = SamplingParams(
                 max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                 stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
@@ -463,6 +467,12 @@ class CompletionService:
                 m.time_to_first_token.labels(width).observe(c.first_token_at - started)
         if status == 200:
             m.e2e_latency.labels(width).observe(elapsed)
+
+
+# The fraction of a request's SLO by which the engine must be able to finish it (see above).
+# In tests/test_overload.py (10x burst) the admitted p99 came out over the SLO in 2 of 3 runs
+# with 1.0, and within 2-10% of it (over in 2 of 9 runs) with 0.8: 0.7 leaves the HTTP side room.
+QUEUE_DEADLINE_FRACTION = 0.7
 
 
 def _late_shed_message(route: _Route) -> str:

@@ -234,3 +234,23 @@ def test_past_the_concurrency_cap_requests_get_503_with_retry_after_but_health_p
     assert refused.json()["error"]["code"] == "overloaded"
     assert health.status_code == 200 and metrics.status_code == 200
     assert after.status_code == 200
+
+
+def test_a_client_that_never_reads_its_stream_holds_no_batch_slot(impatient):
+    import socket
+
+    server, app = impatient
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny", "prompt": "Now", "max_tokens": 200, "temperature": 0,
+                       "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server must buffer
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    engine = app.state.engine
+    deadline = time.monotonic() + 10
+    while engine.stats().finished < 1:  # generation runs to max_tokens while nothing is read
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.02)
+    assert engine.stats().running == 0
+    sock.close()

@@ -81,7 +81,8 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
         head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
         headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
         return {"status": int(head[0].split()[1]) if head[0] else 0, "retry_after": headers.get("retry-after"),
-                "latency_s": time.monotonic() - due}
+                "latency_s": time.monotonic() - due, "sent_s": due - start, "width": headers.get("x-matta-width"),
+                "predicted_ms": headers.get("x-matta-predicted-ms")}
 
     start = time.monotonic()
     tasks = []
