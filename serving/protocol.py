@@ -28,6 +28,25 @@ JsonInt = Annotated[int, BeforeValidator(_json_number)]
 JsonFloat = Annotated[float, BeforeValidator(_json_number)]
 
 
+def _strings_in(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
+
+
+def _valid_unicode(value: Any) -> Any:
+    """JSON may carry lone surrogates (``"\\ud800"``), which are not text: refuse them with a
+    400 here rather than fail later in the tokenizer or the A/B log."""
+    for text in _strings_in(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"invalid Unicode: a lone surrogate {text[exc.start]!r} at index {exc.start}") from None
+    return value
+
+
 def _nonempty_prompt_lists(schema: dict) -> None:
     """OpenAPI: every list form of ``prompt`` needs an item, token ids are >= 0 (the upper bound,
     the vocabulary, is the checkpoint's: :func:`serving.http.document_api` adds it)."""
@@ -91,6 +110,8 @@ class CompletionRequest(BaseModel):
     latency_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
         None, description="latency target the router tries to meet")
     width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
+
+    _unicode = field_validator("model", "prompt", "stop", "user", "suffix", "width")(_valid_unicode)
 
     @field_validator("prompt")
     @classmethod
@@ -209,6 +230,8 @@ class FeedbackRequest(BaseModel):
     unit: str = Field(None, min_length=1, max_length=256, description="the experiment unit (e.g. the user)")
     metric: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     value: JsonFloat = Field(allow_inf_nan=False)
+
+    _unicode = field_validator("request_id", "unit", "metric")(_valid_unicode)
 
     @model_validator(mode="after")
     def _one_target(self):

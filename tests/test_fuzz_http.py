@@ -3,6 +3,8 @@ answers below 500, errors have the documented body, and it stays healthy."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -72,3 +74,23 @@ def test_arbitrary_bytes_get_a_documented_answer(server, raw, content_type):
 
 def test_the_server_is_healthy_after_the_fuzzing(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("prompt", ["\x00\x01\x02 nul and control \x1b[31m", "é ü ß 漢字 🙂 \u202e rtl \u200b zero-width",
+                                    '{"not": "json"} \\ " \n\t\r', "\U0010ffff" * 50])
+def test_unicode_and_control_characters_in_prompts_are_served(server, prompt):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1}
+    raw = json.dumps(body)  # \\ud800 travels as a JSON escape, as a client's encoder would send it
+    r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    check_answer(r)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["logprobs"]["tokens"], choice  # the prompt was tokenized and scored, not dropped
+
+
+@pytest.mark.parametrize("field", ["prompt", "stop", "user"])
+def test_a_lone_surrogate_is_a_400_naming_the_field_not_a_500(server, field):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, field: "a \ud800 b"}
+    r = httpx.post(f"{server.url}/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
