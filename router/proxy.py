@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ from serving.http import (
     APIError,
     document_api,
     install_error_handlers,
+    install_request_guard,
     slo_ms_from,
 )
 from serving.metrics import ServingMetrics
@@ -89,6 +91,9 @@ class RouteConfig(BaseModel):
     quality_metric: str = "cloze_acc"
     timeout_s: float = Field(300.0, gt=0, description="per backend request")
     max_in_flight: int = Field(1024, gt=0, description="requests in flight through the proxy before 429")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body taking longer after its head gets 408")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request head takes longer is closed")
     backends: list[BackendSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -203,6 +208,9 @@ def build_route_app(config: RouteConfig) -> FastAPI:
     app.state.predictor = predictor
     app.state.metrics = metrics
     install_error_handlers(app, metrics)
+    # The API key comes from the environment only ($MATTA_API_KEY): keys do not belong in config files.
+    install_request_guard(app, os.environ.get("MATTA_API_KEY"), config.max_body_bytes,
+                          body_timeout_s=config.body_timeout_s)
     document_api(app, [config.model, *(f"{config.model}:{w}" for w in widths)], widths)
 
     def pinned_width(body: CompletionRequest) -> str | None:
@@ -399,13 +407,16 @@ def serve_route(config: RouteConfig, host: str = "127.0.0.1", port: int = 8000, 
 
     import uvicorn
 
+    from serving.connection import head_deadline_protocol
+
     app = build_route_app(config)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
     print(f"matta route: listening on http://{host}:{sock.getsockname()[1]}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                           http=head_deadline_protocol(config.header_timeout_s)))
     try:
         server.run(sockets=[sock])
     finally:

@@ -254,3 +254,18 @@ def test_a_client_that_never_reads_its_stream_holds_no_batch_slot(impatient):
         time.sleep(0.02)
     assert engine.stats().running == 0
     sock.close()
+
+
+def test_the_route_proxy_needs_the_api_key_too(monkeypatch):
+    from router.proxy import RouteConfig, build_route_app
+
+    monkeypatch.setenv("MATTA_API_KEY", "proxy-key")
+    config = RouteConfig(model="m", backends=[{"width": "s", "url": "http://127.0.0.1:9", "model": "m:s"}],
+                         max_body_bytes=1024)
+    with ServerThread(build_route_app(config)) as server:
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        assert httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer proxy-key"}).status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 503  # open, and honest: no backend is up
+        big = httpx.post(f"{server.url}/v1/completions", content=b"x" * 2048,
+                         headers={"authorization": "Bearer proxy-key", "content-type": "application/json"})
+        assert big.status_code == 413
