@@ -32,6 +32,7 @@ from training.data import TokenData
 from training.trainer import BatchSampler, RecipeLoss, Teacher, build_optimizer, evaluate_widths, train
 
 RESULTS = Path(__file__).parent / "results"
+PAPER_DISTILL_WEIGHT = 1.0  # beta of the TA->Student term in the `matta` variant
 VARIANTS = ("matta", "matta_beta0", "matta_nomid", "kd", "kd_compute", "student")
 
 
@@ -49,7 +50,9 @@ def variant_config(base: dict, variant: str, seed: int, steps: int, work: Path, 
                run_dir=str(work / f"{variant}-seed{seed}"), eval_every=0, save_every=max(100, steps // 4),
                final_eval=False)
     cfg["teacher"] = {"path": str(teacher)}
-    if variant == "matta_beta0":
+    if variant == "matta":  # the paper's recipe, whatever the shipped default (which measured beta = 0 better)
+        cfg["loss"] = {**cfg["loss"], "distill_weight": PAPER_DISTILL_WEIGHT}
+    elif variant == "matta_beta0":
         cfg["loss"] = {**cfg["loss"], "distill_weight": 0.0}
     elif variant == "matta_nomid":
         cfg["loss"] = {**cfg["loss"], "middle_widths": 0}
