@@ -91,12 +91,16 @@ def test_the_slo_policy_moves_a_burst_to_the_narrow_backend_and_back(backends):
         assert all(r.status_code == 200 for r in responses)
         during = [r.headers["x-matta-width"] for r in responses]
         assert during.count("s") >= 10, during
-        time.sleep(0.5)
-        after = [httpx.post(f"{proxy.url}/v1/completions", json={**body, "latency_slo_ms": slo}).headers[
-            "x-matta-width"] for _ in range(3)]
+        # Calm again: within a few sequential requests the predictor relearns the TA's speed at
+        # concurrency 1 and the dwell passes (a fixed count was flaky on a loaded CI machine).
+        after = []
+        while len(after) < 15 and after[-1:] != ["ta"]:
+            time.sleep(0.3)
+            after.append(httpx.post(f"{proxy.url}/v1/completions", json={**body, "latency_slo_ms": slo}).headers[
+                "x-matta-width"])
         assert after[-1] == "ta", after
         text = httpx.get(f"{proxy.url}/metrics").text
-    assert metric(text, "matta_slo_requests_total", policy="slo") == 3 + 40 + 3
+    assert metric(text, "matta_slo_requests_total", policy="slo") == 3 + 40 + len(after)
     assert metric(text, "matta_router_prediction_ratio_count", policy="slo") > 0
     assert metric(text, "matta_effective_quality", policy="slo") > 0
 
