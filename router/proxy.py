@@ -137,6 +137,11 @@ class BackendPredictor:
         self._overhead: dict[str, float] = dict.fromkeys(widths, 0.0)
         self.prior = prior_s_per_token
 
+    # Without new answers a bucket's estimate relaxes towards the fastest seen, with this time
+    # constant: otherwise a width judged slow in a burst would never be chosen, so never measured
+    # again, and calm traffic would stay on the narrow backend for good.
+    forget_s = 2.0
+
     def observe(self, width: str, in_flight: int, tokens: int, seconds: float) -> None:
         """One relayed answer: ``tokens`` generated in ``seconds`` with ``in_flight`` requests on the backend."""
         if tokens <= 0 or seconds <= 0:
@@ -148,18 +153,25 @@ class BackendPredictor:
             table = self._per_token[width]
             b = _bucket(in_flight)
             value = seconds / tokens
-            table[b] = value if b not in table else (1 - self.alpha) * table[b] + self.alpha * value
+            if b in table:
+                ewma, best, _ = table[b]
+                table[b] = ((1 - self.alpha) * ewma + self.alpha * value, min(best, value), time.monotonic())
+            else:
+                table[b] = (value, value, time.monotonic())
 
     def seconds_per_token(self, width: str, in_flight: int) -> float:
         with self._lock:
             table = dict(self._per_token[width])
         if not table:
             return self.prior
+        now = time.monotonic()
+        estimates = {k: best + (ewma - best) * math.exp(-(now - at) / self.forget_s)
+                     for k, (ewma, best, at) in table.items()}
         b = _bucket(in_flight)
-        if b in table:
-            return table[b]
-        nearest = min(table, key=lambda k: abs(math.log2(k) - math.log2(b)))
-        return table[nearest] * max(1.0, b / nearest)
+        if b in estimates:
+            return estimates[b]
+        nearest = min(estimates, key=lambda k: abs(math.log2(k) - math.log2(b)))
+        return estimates[nearest] * max(1.0, b / nearest)
 
     def predict_s(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
         in_flight = load.running_by_width.get(width, 0) + 1
