@@ -86,15 +86,25 @@ async def replay(url: str, model: str, trace: list[tuple[float, list[int]]], max
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.monotonic()
-        tasks = []
-        for arrival, prompt in trace:
-            delay = start + arrival - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+
+        def send(prompt, due):
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "latency_slo_ms": slo_ms}
-            tasks.append(asyncio.create_task(_one(client, url, body, time.monotonic(), start)))
-        return list(await asyncio.gather(*tasks))
+            return _one(client, url, body, time.monotonic(), start)
+
+        return await on_schedule(trace, send, start)
+
+
+async def on_schedule(items: list[tuple[float, object]], send, start: float) -> list:
+    """Open loop: start ``send(item, due)`` at each item's arrival (seconds after ``start``),
+    whatever the earlier ones are doing; their results in order."""
+    tasks = []
+    for arrival, item in items:
+        delay = start + arrival - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(item, start + arrival)))
+    return list(await asyncio.gather(*tasks))
 
 
 async def saturate(url: str, model: str, prompts: list[list[int]], max_tokens: int, clients: int,

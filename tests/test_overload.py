@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.serving_throughput import Server
-from benchmarks.slo_router import make_trace, saturate
+from benchmarks.slo_router import make_trace, on_schedule, saturate
 from matta.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
@@ -85,13 +85,7 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
                 "predicted_ms": headers.get("x-matta-predicted-ms")}
 
     start = time.monotonic()
-    tasks = []
-    for arrival, body in bodies:
-        delay = start + arrival - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(body, start + arrival)))  # latency counts from when it was due
-    return list(await asyncio.gather(*tasks))
+    return await on_schedule(bodies, one, start)  # latency counts from when each was due
 
 
 def test_ten_times_capacity_is_shed_with_retry_after_and_the_admitted_meet_their_slo(tmp_path):
