@@ -9,9 +9,15 @@ Runs, for each seed (the seed sets initialisation *and* data order):
   student       Student-sized model on ground truth only
 then evaluates held-out perplexity and whole-word cloze accuracy (test split) of the Student
 width, and of every width for matta. Also measures the step-cost ratio of a matta step to a
-dense TA step. Runs are cached under --work, so an interrupted benchmark resumes.
+dense TA step.
+
+Every finished run is recorded in the results JSON with the sha256 of the teacher's weights and
+its step count, and a later invocation with the same teacher skips it: the benchmark takes hours
+on 2 cores, so it can be run a few variants or seeds at a time (and an interrupted run resumes
+from its state under --work). Runs made with another teacher are dropped from the results.
 
     python benchmarks/matta_vs_baselines.py --steps 1400 --seeds 0 1 2
+    python benchmarks/matta_vs_baselines.py --seeds 0 --variants student kd   # part of it
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from matta.checkpoint import load_checkpoint
+from matta.checkpoint import load_checkpoint, sha256_file
 from matta.model import NestedGPT
 from training.config import TrainConfig
 from training.data import TokenData
@@ -203,8 +209,15 @@ def main() -> None:
         raise SystemExit(f"no teacher at {args.teacher}; train one with `matta train {args.config}` first")
     data = TokenData(base["data"])
     tokenizer = data.tokenizer()
+    teacher_sha = sha256_file(args.teacher / "model.safetensors")
+    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else {}
+    same_teacher = previous.get("teacher_sha256") == teacher_sha
+    if previous and not same_teacher:
+        print(f"{args.out.with_suffix('.json')}: made with another teacher; its runs are dropped", flush=True)
     cost_path = args.work / "step_costs.json"
-    if cost_path.exists():
+    if same_teacher and "step_costs" in previous:
+        costs = previous["step_costs"]
+    elif cost_path.exists():
         costs = json.loads(cost_path.read_text())
     else:
         costs = measure_step_costs(base, args.teacher, data)
@@ -214,32 +227,39 @@ def main() -> None:
     # Runs use the config's compile setting, so kd_compute gets the step ratio of that mode.
     mode = "compiled" if base.get("compile") else "eager"
     kd_compute_steps = round(args.steps * costs[mode]["matta_over_kd_student"])
-    runs = {}
+    runs = dict(previous.get("runs", {})) if same_teacher else {}
+
+    def save() -> dict:
+        student_name = next(iter(base["model"]["widths"]))
+        ordered = dict(sorted(runs.items(), key=lambda kv: (VARIANTS.index(kv[1]["variant"]), kv[1]["seed"])))
+        results = {"config": str(args.config), "teacher": str(args.teacher), "teacher_sha256": teacher_sha,
+                   "steps": args.steps, "kd_compute_steps": kd_compute_steps,
+                   "seeds": sorted({r["seed"] for r in ordered.values()}), "step_costs": costs,
+                   "runs": ordered, "summary": summarise(ordered, student_name)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, args.out.with_suffix(".png"))
+        return results
+
     for seed in args.seeds:
         for variant in args.variants:
             steps = kd_compute_steps if variant == "kd_compute" else args.steps
-            cfg = TrainConfig.model_validate(variant_config(base, variant, seed, steps, args.work, args.teacher))
             key = f"{variant}-seed{seed}"
-            result_path = cfg.resolved_run_dir / "result.json"
-            if not result_path.exists():
-                if not (cfg.out / "manifest.json").exists():
-                    train(cfg, resume=True, progress=False)
-                ckpt = load_checkpoint(cfg.out)
-                result = {"variant": variant, "seed": seed, "steps": steps, "tokens": ckpt.training["tokens_seen"],
-                          "eval": evaluate_widths(ckpt.model, data, tokenizer, args.cloze_items,
-                                                  mix_n_match=False)}
-                result_path.write_text(json.dumps(result, indent=2))
-            runs[key] = json.loads(result_path.read_text())
+            if runs.get(key, {}).get("steps") == steps:
+                print(f"{key:22s} recorded", flush=True)
+                continue
+            cfg = TrainConfig.model_validate(variant_config(base, variant, seed, steps, args.work, args.teacher))
+            if not (cfg.out / "manifest.json").exists():
+                train(cfg, resume=True, progress=False)
+            ckpt = load_checkpoint(cfg.out)
+            runs[key] = {"variant": variant, "seed": seed, "steps": steps, "tokens": ckpt.training["tokens_seen"],
+                         "train_seconds": ckpt.training.get("train_seconds_this_run"),
+                         "eval": evaluate_widths(ckpt.model, data, tokenizer, args.cloze_items, mix_n_match=False)}
             s = runs[key]["eval"]["widths"]
             print(f"{key:22s} " + "  ".join(f"{w}: ppl {r['ppl']:.2f} cloze {r['cloze_acc']:.3f}" for w, r in s.items()),
                   flush=True)
-    student_name = next(iter(base["model"]["widths"]))
-    results = {"config": str(args.config), "teacher": str(args.teacher), "steps": args.steps,
-               "kd_compute_steps": kd_compute_steps, "seeds": args.seeds, "step_costs": costs,
-               "runs": runs, "summary": summarise(runs, student_name)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
+            save()  # after every run, so a stopped benchmark keeps what it finished
+    results = save()
     print(json.dumps(results["summary"], indent=2))
 
 

@@ -10,10 +10,22 @@ target), moving *up* to a width wider than the class's current one needs the pre
 within ``(1 - headroom)`` of the SLO and ``dwell_s`` since the class last changed width; moving
 down happens at once. ``min_width`` is a quality floor. When no allowed width can make it, the
 request is served best effort at the narrowest allowed width, or shed (``shed=True``).
+
+A load ceiling, so sustained overload moves the whole batch narrower instead of half of it: a
+per-request choice is myopic. Each scheduler iteration runs one forward per width group, so a
+request at the TA slows every sequence in the batch, and the widest width that meets *this*
+request's SLO while the queue is momentarily short is the one that makes the next requests miss.
+Under a ramp past the TA's capacity the per-request rule alone kept choosing the TA for the
+requests it admitted and shed the rest (26 req/s served at 152 req/s offered, below the TA's
+own 38 req/s capacity). So the policy also estimates the arrival rate (rows per second, an
+exponentially decaying count with time constant ``rate_window_s``) and caps the width at the
+widest one whose full-batch throughput (from the predictor) covers it at ``utilization``; the
+cap rises again only when the rate fits the wider width's capacity with ``headroom`` to spare.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,6 +101,20 @@ class EnginePredictor:
         total = wait + m.prefill_s(width, rows * prompt) + decode
         return total * (self.calibration.factor(queued(request, load)) if self.calibration is not None else 1.0)
 
+    def capacity_rps(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
+        """Requests like this one per second that a full batch of ``width`` sustains.
+
+        A full batch turns over every ``max_tokens - 1`` iterations; each request also needs
+        its prefill, which runs between iterations.
+        """
+        m = self.model
+        rows = max(1, request.n_prompts)
+        prompt = max(1, request.prompt_tokens // rows)
+        batch = max(1, load.max_batch)
+        iteration = m.iteration_s({width: (batch, prompt + request.max_tokens // 2)})
+        per_row_s = max(0, request.max_tokens - 1) * iteration / batch + m.prefill_s(width, prompt)
+        return 1.0 / (rows * per_row_s) if per_row_s > 0 else math.inf
+
 
 def queued(request: RequestInfo, load: LoadSnapshot) -> bool:
     """Whether the request will wait for a batch slot (more sequences than free slots)."""
@@ -101,18 +127,47 @@ class _ClassState:
     changed_at: float
 
 
+class ArrivalRate:
+    """Arrivals per second, an exponentially decaying count (time constant ``window_s``).
+
+    After each arrival the estimate is ``sum(exp(-(now - t_i) / window_s)) / window_s`` over past
+    arrivals: unbiased for a steady Poisson stream and following a ramp within ``window_s``.
+    """
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        if window_s <= 0:
+            raise ValueError(f"rate window must be > 0 s, got {window_s}")
+        self.window_s = window_s
+        self._mass = 0.0
+        self._at: float | None = None
+
+    def rate(self, now: float) -> float:
+        if self._at is None:
+            return 0.0
+        return self._mass * math.exp(-max(0.0, now - self._at) / self.window_s) / self.window_s
+
+    def arrive(self, now: float, count: int = 1) -> float:
+        """Record ``count`` arrivals at ``now``; returns the rate including them."""
+        self._mass = self.rate(now) * self.window_s + count
+        self._at = now
+        return self._mass / self.window_s
+
+
 class SloPolicy:
     """Widest width predicted to meet the request's latency SLO, with hysteresis, floor and shedding."""
 
     def __init__(self, widths: Sequence[str], predictor: LatencyPredictor, *, default_slo_ms: float | None = None,
                  min_width: str | None = None, shed: bool = False, headroom: float = 0.2,
-                 dwell_s: float = 1.0) -> None:
+                 dwell_s: float = 1.0, utilization: float = 0.9, rate_window_s: float = 2.0) -> None:
         if not widths:
             raise ValueError("slo policy: no widths")
         if min_width is not None and min_width not in widths:
             raise ValueError(f"slo policy: unknown min_width {min_width!r}; known: {list(widths)}")
         if not 0 <= headroom < 1:
             raise ValueError(f"slo policy: headroom must be in [0, 1), got {headroom}")
+        if not 0 <= utilization <= 1:
+            raise ValueError(f"slo policy: utilization must be in [0, 1] (0 turns the load ceiling off), "
+                             f"got {utilization}")
         self.widths = list(widths)
         self.predictor = predictor
         self.default_slo_ms = default_slo_ms
@@ -120,14 +175,35 @@ class SloPolicy:
         self.shed = shed
         self.headroom = headroom
         self.dwell_s = dwell_s
+        self.utilization = utilization
         self.name = "slo"
         self._classes: dict[float, _ClassState] = {}
+        self._arrivals = ArrivalRate(rate_window_s)
+        self._ceiling = len(self.widths) - 1
+        # Only predictors that know a width's throughput (the engine's) support a ceiling; a
+        # proxy's backends each serve one width in parallel, so there the load spreads instead.
+        self._capacity = getattr(predictor, "capacity_rps", None) if utilization > 0 else None
+
+    def load_ceiling(self, request: RequestInfo, load: LoadSnapshot, now: float) -> int:
+        """Index of the widest width whose capacity covers the arrival rate (with hysteresis)."""
+        rate = self._arrivals.arrive(now, max(1, request.n_prompts))
+        if self._capacity is None:
+            return len(self.widths) - 1
+        capacity = [self._capacity(w, request, load) for w in self.widths]
+        ceiling = self._ceiling
+        while ceiling > 0 and rate > self.utilization * capacity[ceiling]:
+            ceiling -= 1
+        while ceiling < len(self.widths) - 1 and rate <= (1 - self.headroom) * self.utilization * capacity[ceiling + 1]:
+            ceiling += 1
+        self._ceiling = ceiling
+        return ceiling
 
     def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
         slo_ms = request.latency_slo_ms if request.latency_slo_ms is not None else self.default_slo_ms
-        allowed = range(self.floor, len(self.widths))
-        if slo_ms is None:
-            widest = self.widths[-1]
+        ceiling = max(self.floor, self.load_ceiling(request, load, now))
+        allowed = range(self.floor, ceiling + 1)
+        if slo_ms is None:  # no target: the widest the load allows
+            widest = self.widths[ceiling]
             return WidthDecision(widest, "no_slo", self.predictor.predict_s(widest, request, load))
         budget = slo_ms / 1000.0
         key = float(f"{slo_ms:.2g}")  # SLO classes: targets equal to two significant digits
@@ -179,7 +255,7 @@ def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPol
     if context.predictor is None:
         raise ValueError("the slo policy needs a latency predictor (a latency profile); none was given")
     options = parse_options(argument)
-    known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s"}
+    known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s", "utilization", "rate_window_s"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"slo policy: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -191,6 +267,8 @@ def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPol
             shed=_truthy(options["shed"]) if "shed" in options else context.shed,
             headroom=float(options.get("headroom", 0.2)),
             dwell_s=float(options.get("dwell_s", 1.0)),
+            utilization=float(options.get("utilization", 0.9)),
+            rate_window_s=float(options.get("rate_window_s", 2.0)),
         )
     except ValueError as exc:
         raise ValueError(f"policy 'slo:{argument}': {exc}") from exc

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.serving_throughput import Server
-from benchmarks.slo_router import make_trace, on_schedule, saturate
+from benchmarks.slo_router import make_trace, open_loop, saturate
 from matta.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
@@ -57,35 +57,6 @@ class RssSampler:
 
 def _ms(seconds: list[float], q: float) -> int | None:
     return round(1000 * float(np.percentile(seconds, q))) if seconds else None
-
-
-async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
-    """Send each body at its arrival time (seconds from now) on its own connection, whatever the
-    server is doing; the status, ``Retry-After`` and latency of each answer.
-
-    Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
-    few hundred requests/s would starve the server it measures."""
-    host, port = url.removeprefix("http://").split(":")
-
-    async def one(body: dict, due: float) -> dict:
-        payload = json.dumps(body).encode()
-        request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-                   f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
-        try:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(request)
-            raw = await asyncio.wait_for(reader.read(), timeout_s)
-            writer.close()
-        except (OSError, TimeoutError) as exc:
-            return {"status": 0, "error": type(exc).__name__, "latency_s": time.monotonic() - due}
-        head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-        headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
-        return {"status": int(head[0].split()[1]) if head[0] else 0, "retry_after": headers.get("retry-after"),
-                "latency_s": time.monotonic() - due, "sent_s": due - start, "width": headers.get("x-matta-width"),
-                "predicted_ms": headers.get("x-matta-predicted-ms")}
-
-    start = time.monotonic()
-    return await on_schedule(bodies, one, start)  # latency counts from when each was due
 
 
 def test_ten_times_capacity_is_shed_with_retry_after_and_the_admitted_meet_their_slo(tmp_path):

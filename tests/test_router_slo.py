@@ -8,7 +8,7 @@ import pytest
 
 from router.latency import LatencyModel, RequestCalibration, WidthCost
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width, make_policy
-from router.slo import EnginePredictor, SloPolicy
+from router.slo import ArrivalRate, EnginePredictor, SloPolicy
 from tests.test_router_policy import WIDTHS, FakeClock
 
 # Seconds per request at each width when idle; load multiplies them (the "queue" of the fake).
@@ -111,6 +111,58 @@ def test_slo_classes_keep_their_own_hysteresis():
     assert policy.choose(req(5000), load(0), clock.advance(0.1)).width == "ta"  # the loose one is untouched
 
 
+# --- the load ceiling ------------------------------------------------------------------------------
+
+CAPACITY_RPS = {"s": 100.0, "m": 60.0, "l": 40.0, "ta": 25.0}
+
+
+class FakeThroughputPredictor(FakePredictor):
+    """The fake's latencies plus a fixed full-batch throughput per width."""
+
+    def capacity_rps(self, width: str, request: RequestInfo, load: LoadSnapshot) -> float:
+        return CAPACITY_RPS[width]
+
+
+def arrive_at(policy: SloPolicy, clock: FakeClock, rate: float, seconds: float, slo_ms: float = 5000) -> str:
+    """Evenly spaced arrivals at ``rate`` per second; returns the width of the last one."""
+    for _ in range(int(rate * seconds)):
+        width = policy.choose(req(slo_ms), load(0), clock.advance(1 / rate)).width
+    return width
+
+
+def test_arrival_rate_tracks_a_steady_stream_and_decays_when_it_stops():
+    rate, clock = ArrivalRate(window_s=2.0), FakeClock()
+    for _ in range(400):
+        estimate = rate.arrive(clock.advance(0.025))
+    assert estimate == pytest.approx(40.0, rel=0.02)  # 1/spacing + 1/(2 window)
+    assert rate.rate(clock.advance(2.0)) == pytest.approx(estimate / 2.718, rel=0.02)
+    with pytest.raises(ValueError):
+        ArrivalRate(window_s=0)
+
+
+def test_sustained_load_lowers_the_ceiling_for_everyone_and_calm_raises_it_with_hysteresis():
+    clock = FakeClock()
+    policy = SloPolicy(WIDTHS, FakeThroughputPredictor(), utilization=0.9, headroom=0.2, dwell_s=0.0)
+    assert arrive_at(policy, clock, 20, 5) == "ta"  # 20 <= 0.9 x 25
+    assert arrive_at(policy, clock, 50, 5) == "m"  # above l's 36, within m's 54 req/s
+    assert arrive_at(policy, clock, 150, 5) == "s"  # beyond every width: the cheapest
+    # 20 req/s fits the TA at 0.9 but not with 20% headroom (18): the ceiling stops at l...
+    assert arrive_at(policy, clock, 20, 10) == "l"
+    assert arrive_at(policy, clock, 15, 10) == "ta"  # ...and reaches the TA once the rate is calm
+    # Requests without an SLO get the widest width the load allows, not the TA regardless.
+    arrive_at(policy, clock, 150, 5)
+    assert policy.choose(req(None), load(0), clock.advance(0.001)) == WidthDecision(
+        "s", "no_slo", IDLE_S["s"])
+
+
+def test_the_ceiling_is_off_at_zero_utilization_or_without_a_throughput_model():
+    for policy in (SloPolicy(WIDTHS, FakeThroughputPredictor(), utilization=0.0),
+                   SloPolicy(WIDTHS, FakePredictor())):
+        assert arrive_at(policy, FakeClock(), 150, 5) == "ta"
+    floored = SloPolicy(WIDTHS, FakeThroughputPredictor(), min_width="l")
+    assert arrive_at(floored, FakeClock(), 150, 5) == "l"  # the quality floor beats the ceiling
+
+
 # --- building it by name ------------------------------------------------------------------------
 
 
@@ -129,6 +181,7 @@ def test_make_policy_builds_slo_with_options_and_server_defaults():
     ("slo:min_width=xl", PolicyContext(predictor=FakePredictor()), "unknown min_width 'xl'"),
     ("slo:shed=maybe", PolicyContext(predictor=FakePredictor()), "expected true or false"),
     ("slo:headroom", PolicyContext(predictor=FakePredictor()), "not key=value"),
+    ("slo:utilization=1.5", PolicyContext(predictor=FakePredictor()), "utilization must be in"),
 ])
 def test_bad_slo_specs_name_the_problem(spec, context, message):
     with pytest.raises(ValueError, match=message):
@@ -193,6 +246,18 @@ def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins(
     wait = 8 * m.iteration_s({"ta": (4, 50)})  # one waiting ahead: the 2nd slot to free is ours
     assert predictor.predict_s("s", r, full) >= wait
     assert predictor.predict_s("s", r, full) > predictor.predict_s("s", r, busy)
+
+
+def test_engine_capacity_is_a_full_batch_turning_over_plus_each_prefill():
+    m = model()
+    predictor = EnginePredictor(m)
+    load_ = LoadSnapshot(max_batch=8, max_queue=16)
+    r = RequestInfo(max_tokens=10, prompt_tokens=20)
+    per_request = 9 * m.iteration_s({"ta": (8, 25)}) / 8 + m.prefill_s("ta", 20)
+    assert predictor.capacity_rps("ta", r, load_) == pytest.approx(1 / per_request)
+    assert predictor.capacity_rps("s", r, load_) > predictor.capacity_rps("ta", r, load_)
+    two = RequestInfo(max_tokens=10, prompt_tokens=40, n_prompts=2)  # two rows of 20 tokens
+    assert predictor.capacity_rps("ta", two, load_) == pytest.approx(1 / (2 * per_request))
 
 
 def test_request_calibration_is_a_quantile_of_recent_ratios_and_scales_predictions():
