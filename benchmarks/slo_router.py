@@ -8,7 +8,8 @@ Steps, all against real `matta serve` subprocesses on this machine:
      can serve: per 5 s of the trace, at most the Student's capacity (the `attainable` bound);
   3. draw one open-loop trace: Poisson arrivals whose rate ramps linearly from 0.5 R to 4 R over
      `--duration` seconds (fixed seed), the same prompts and `max_tokens` for every policy;
-  4. replay the trace against `fixed:<TA>`, `fixed:<Student>` and `slo` (each a fresh server).
+  4. replay the trace against `fixed:<TA>`, `fixed:<Student>`, `slo` and, as its ablation,
+     `slo:utilization=0` (the same policy without its load ceiling); each a fresh server.
 
 Per policy: SLO attainment (answers within the SLO / requests sent), p50/p99 latency, goodput,
 shed requests, width mix over time, effective quality (mean quality of the served width over
@@ -42,6 +43,11 @@ from matta.checkpoint import load_checkpoint
 from router.quality import width_quality
 
 RESULTS = Path(__file__).parent / "results"
+NO_CEILING = "slo:utilization=0"  # the slo policy without its load ceiling: per-request choice only
+
+
+def static_policies(policies: dict) -> list[str]:
+    return [n for n in policies if n.startswith("fixed:")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
+    p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="also replay `slo:utilization=0` (per-request choice without the load ceiling)")
     p.add_argument("--calibration-quantile", type=float, help="passed to the slo server (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "slo_router")
@@ -291,6 +299,8 @@ def main(argv=None) -> int:
                 "slo": ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
                         *(("--calibration-quantile", str(args.calibration_quantile))
                           if args.calibration_quantile else ()))}
+    if args.ablate_ceiling:  # the same policy choosing per request only, on the same trace
+        policies[NO_CEILING] = ("--policy", NO_CEILING, *policies["slo"][2:])
     results = {"checkpoint": str(args.checkpoint), "widths": widths, "quality": quality, "threads": args.threads,
                "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prompts": prompt_info,
                "duration_s": args.duration, "ramp": list(args.ramp), "ta_capacity": capacity,
@@ -326,10 +336,10 @@ def main(argv=None) -> int:
         "slo_share_of_bound": base["slo"]["summary"]["slo_attainment"] / bound,
         "slo_effective_quality_above_both_static": all(
             base["slo"]["summary"]["effective_quality"] > base[n]["summary"]["effective_quality"]
-            for n in base if n != "slo"),
+            for n in static_policies(base)),
         "effective_quality_ratio_vs": {n: base["slo"]["summary"]["effective_quality"]
                                        / max(1e-12, p["summary"]["effective_quality"])
-                                       for n, p in base.items() if n != "slo"},
+                                       for n, p in base.items() if n in static_policies(base)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
