@@ -250,6 +250,12 @@ class NestedGPT(nn.Module):
     ) -> torch.Tensor:
         """Boolean (B, 1, T, T_past + T) mask: causal and over real tokens only."""
         total = past_len + T
+        if T == 1 and attention_mask is not None:
+            # A decode step: the one query is the last position, so causality is trivial; it
+            # sees the real tokens and itself (two ops instead of seven, once per step).
+            mask = attention_mask != 0  # a new tensor: the caller's mask is not written
+            mask[:, -1] = True
+            return mask[:, None, None, :]
         query_pos = torch.arange(past_len, total, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None, :]
         mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, total)
