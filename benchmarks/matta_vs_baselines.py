@@ -196,7 +196,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    parser.add_argument("--teacher", type=Path, default=Path("runs/default-teacher/checkpoint"))
+    parser.add_argument("--teacher", type=Path, default=Path("checkpoints/teacher"))
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
