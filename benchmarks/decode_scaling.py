@@ -1,0 +1,178 @@
+"""Where the Student's decode speed-up goes: a batch x context sweep of the bare decode step.
+
+The serving benchmark compares the measured Student/TA decode speed-up with the FLOP ratio
+(``ModelConfig.flops_per_token``). This benchmark asks *why* the two differ, by timing one
+``NestedGPT`` decode step (batch x 1 token against a ``StaticKVCache`` of ``context`` tokens, as in
+the engine; no engine, no HTTP) for each width over a grid of batch sizes and context lengths,
+widths interleaved in rotating order (``serving_throughput.model_decode_step``), median of
+``--repeats`` x 3 samples of ``--inner`` steps each.
+
+Per grid point and width it reports the step time, the FLOPs and the bytes a step must move:
+the weights the width reads (fp32, including the LM head) and the KV cache every layer reads
+(K and V, ``batch x context x d_model`` each) - the KV bytes and the attention FLOPs are the same
+for every width, because the widths differ only in FFN units. It also measures the machine's
+attainable FLOP rate (a large sgemm) and copy bandwidth (a large tensor sum) in the same run, and
+reports per point the FLOP rate each width achieves. Measured speed-up over the FLOP prediction
+is the figure the serving issue sets a goal for (>= 0.9).
+
+    python benchmarks/decode_scaling.py [--checkpoint checkpoints/default] [--threads 2]
+
+Takes about a minute on 2 cores for the default grid; run it on an otherwise idle machine.
+Writes ``--out``.json and ``--out``.png and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_throughput import model_decode_step  # noqa: E402  (one timing loop for both benchmarks)
+
+from matta.checkpoint import load_checkpoint  # noqa: E402
+
+BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU
+
+
+def step_flops(config, width: str, batch: int, context: int) -> int:
+    """FLOPs of one decode step: ``batch`` tokens, each attending ``context`` cached keys."""
+    return batch * config.flops_per_token(width, context=context)
+
+
+def step_bytes(config, width: str, batch: int, context: int) -> dict:
+    """Bytes one decode step must read: the width's matmul weights, and the KV cache."""
+    d = config.d_model
+    ffn = sum(2 * d * m for m in config.resolve_width(width))
+    weights = config.n_layer * 4 * d * d + ffn + d * config.vocab_size
+    kv = config.n_layer * 2 * batch * context * d
+    return {"weights": weights * BYTES_PER_PARAM, "kv_cache": kv * BYTES_PER_PARAM}
+
+
+@torch.inference_mode()
+def machine_peaks(repeats: int = 5) -> dict:
+    """Attainable sgemm GFLOP/s (1024^3) and streaming-read GB/s (sum of 256 MB) on this machine."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x = torch.randn(64 * 1024 * 1024)
+    torch.mm(a, b), x.sum()
+    gemm, read = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        gemm.append(2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        x.sum()
+        read.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return {"sgemm_gflops": statistics.median(gemm), "read_gb_per_s": statistics.median(read)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, config = ckpt.model, ckpt.model.config
+    widths = args.widths or list(config.widths)
+    student, ta = widths[0], widths[-1]
+    peaks = machine_peaks()
+    points = []
+    for batch in args.batches:
+        for context in args.contexts:
+            timing = model_decode_step(model, widths, batch, context, args.repeats, inner=args.inner)
+            point: dict = {"batch": batch, "context": context, "widths": {}}
+            for w in widths:
+                ms = timing[w]["median_step_ms"]
+                flops = step_flops(config, w, batch, context)
+                point["widths"][w] = {"median_step_ms": ms, "step_ms": timing[w]["step_ms"], "flops": flops,
+                                      "bytes": step_bytes(config, w, batch, context),
+                                      "achieved_gflops": flops / ms / 1e6}
+            predicted = point["widths"][ta]["flops"] / point["widths"][student]["flops"]
+            measured = point["widths"][ta]["median_step_ms"] / point["widths"][student]["median_step_ms"]
+            point.update(predicted_speedup_flops=predicted, measured_speedup=measured,
+                         measured_over_predicted=measured / predicted)
+            points.append(point)
+            print(f"batch {batch:4d} context {context:4d}: " + "  ".join(
+                f"{w} {point['widths'][w]['median_step_ms']:.2f} ms" for w in widths)
+                + f"  speed-up {measured:.2f}x of {predicted:.2f}x ({measured / predicted:.2f})", flush=True)
+    best = max(points, key=lambda p: p["measured_over_predicted"])
+    return {
+        "benchmark": "decode_scaling", "checkpoint": str(args.checkpoint), "student": student, "ta": ta,
+        "widths": widths, "threads": args.threads, "repeats": args.repeats, "inner": args.inner,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, **peaks},
+        "points": points,
+        "summary": {"best_measured_over_predicted": best["measured_over_predicted"],
+                    "best_at": {"batch": best["batch"], "context": best["context"]},
+                    "median_measured_over_predicted": statistics.median(p["measured_over_predicted"] for p in points),
+                    "goal_0.9_met_anywhere": best["measured_over_predicted"] >= 0.9},
+    }
+
+
+def markdown(results: dict) -> str:
+    s, ta = results["student"], results["ta"]
+    lines = [f"| batch | context | {s} step ms | {ta} step ms | speed-up measured / FLOP-predicted | ratio "
+             f"| {s} GFLOP/s | {ta} GFLOP/s | KV MB per step |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in results["points"]:
+        ws, wt = p["widths"][s], p["widths"][ta]
+        lines.append(f"| {p['batch']} | {p['context']} | {ws['median_step_ms']:.2f} | {wt['median_step_ms']:.2f} | "
+                     f"{p['measured_speedup']:.2f}x / {p['predicted_speedup_flops']:.2f}x | "
+                     f"{p['measured_over_predicted']:.2f} | {ws['achieved_gflops']:.1f} | {wt['achieved_gflops']:.1f} | "
+                     f"{ws['bytes']['kv_cache'] / 1e6:.1f} |")
+    m = results["machine"]
+    lines.append(f"\nMachine, same run: sgemm {m['sgemm_gflops']:.0f} GFLOP/s, streaming read {m['read_gb_per_s']:.1f} GB/s.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, ta = results["student"], results["ta"]
+    contexts = sorted({p["context"] for p in results["points"]})
+    batches = sorted({p["batch"] for p in results["points"]})
+    fig, (ax_r, ax_g) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, c in enumerate(contexts):
+        pts = [p for p in results["points"] if p["context"] == c]
+        ax_r.plot([p["batch"] for p in pts], [p["measured_over_predicted"] for p in pts], marker="o",
+                  color=f"C{i}", label=f"context {c}")
+        ax_g.plot([p["batch"] for p in pts], [p["widths"][s]["achieved_gflops"] for p in pts], marker="o",
+                  color=f"C{i}", label=f"{s}, context {c}")
+        ax_g.plot([p["batch"] for p in pts], [p["widths"][ta]["achieved_gflops"] for p in pts], marker="s",
+                  color=f"C{i}", linestyle="--", label=f"{ta}, context {c}")
+    ax_r.axhline(0.9, color="grey", linestyle=":", label="goal 0.9")
+    ax_r.set(xscale="log", xticks=batches, xticklabels=batches, ylim=(0, 1.1), xlabel="decode batch",
+             ylabel="measured / FLOP-predicted speed-up", title=f"{s} over {ta} decode speed-up")
+    ax_g.axhline(results["machine"]["sgemm_gflops"], color="grey", linestyle=":", label="sgemm 1024^3")
+    ax_g.set(xscale="log", yscale="log", xticks=batches, xticklabels=batches, xlabel="decode batch",
+             ylabel="GFLOP/s achieved", title="FLOP rate of a decode step")
+    ax_r.legend(fontsize=7)
+    ax_g.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/default"))
+    parser.add_argument("--widths", nargs="+", help="widths to time, smallest first (default: all)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8, 64, 224])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_scaling")
+    args = parser.parse_args()
+    results = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out.with_suffix(".png"))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
