@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_throughput import model_decode_step  # noqa: E402  (one timing loop for both benchmarks)
+from serving_throughput import model_decode_step
 
-from matta.checkpoint import load_checkpoint  # noqa: E402
+from matta.checkpoint import load_checkpoint
 
 BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU
 
