@@ -23,6 +23,7 @@ from its state under --work). Runs made with another teacher are dropped from th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -138,6 +139,8 @@ def measure_step_costs(base: dict, teacher_path: Path, data: TokenData, repeats:
 
 
 def summarise(runs: dict, student_name: str) -> dict:
+    """Per variant: Student ppl/cloze over seeds (and every width's mean ppl where the run has
+    several); then each MatTA variant against each baseline and control."""
     by_variant: dict[str, list[dict]] = {}
     for key, r in runs.items():
         by_variant.setdefault(key.rsplit("-seed", 1)[0], []).append(r)
@@ -149,15 +152,27 @@ def summarise(runs: dict, student_name: str) -> dict:
         summary[variant] = {"seeds": len(rs), "student_ppl_mean": statistics.mean(ppl),
                             "student_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
                             "student_ppl": ppl, "student_cloze_mean": statistics.mean(acc), "student_cloze": acc}
-    if "matta" in summary:
-        m = summary["matta"]
-        for base in ("kd", "kd_compute", "student", "matta_beta0", "matta_nomid"):
+        widths = list(rs[0]["eval"]["widths"])  # narrowest first
+        if len(widths) > 1:
+            summary[variant]["widths_ppl_mean"] = {
+                w: statistics.mean(r["eval"]["widths"][w]["ppl"] for r in rs) for w in widths}
+            summary[variant]["ppl_falls_with_width_every_seed"] = all(
+                all(narrow["ppl"] > wide["ppl"] for narrow, wide in itertools.pairwise(r["eval"]["widths"].values()))
+                for r in rs)
+    # "matta" is the paper's recipe (beta 1); "matta_beta0" is what the shipped default runs.
+    comparisons = {"matta": ("kd", "kd_compute", "student", "matta_beta0", "matta_nomid"),
+                   "matta_beta0": ("kd", "kd_compute", "student")}
+    for recipe, bases in comparisons.items():
+        if recipe not in summary:
+            continue
+        m = summary[recipe]
+        for base in bases:
             if base in summary:
                 b = summary[base]
                 spread = max(m["student_ppl_std"], b["student_ppl_std"])
                 diff = b["student_ppl_mean"] - m["student_ppl_mean"]
                 enough_seeds = min(m["seeds"], b["seeds"]) >= 2  # one seed has no spread to exceed
-                summary[f"matta_vs_{base}"] = {
+                summary[f"{recipe}_vs_{base}"] = {
                     "relative_ppl_improvement": diff / b["student_ppl_mean"],
                     "exceeds_seed_spread": (abs(diff) > 2 * spread) if enough_seeds else None,
                     "every_seed_better": all(x < min(b["student_ppl"]) for x in m["student_ppl"]),
@@ -183,11 +198,16 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_ylim(lo - (hi - lo) * 0.6 - 1, hi + (hi - lo) * 0.3 + 1)
     axes[0].set(title="Student width: test perplexity (mean, std, seeds)", ylabel="perplexity")
     axes[0].tick_params(axis="x", rotation=20)
-    matta_runs = [r for k, r in results["runs"].items() if k.startswith("matta-seed")]
-    for r in matta_runs:
-        ws = [(w["flops_per_token"], w["ppl"], n) for n, w in r["eval"]["widths"].items() if not n.startswith("mix:")]
-        axes[1].plot([f for f, _, _ in ws], [p for _, p, _ in ws], marker="o", alpha=0.7)
-    axes[1].set(title="matta: every width (one line per seed)", xlabel="FLOPs / token", ylabel="test perplexity")
+    colours = {"matta": "tab:blue", "matta_beta0": "tab:orange", "matta_nomid": "tab:green"}
+    for variant, colour in colours.items():
+        runs = [r for r in results["runs"].values() if r["variant"] == variant]
+        for i, r in enumerate(runs):
+            ws = [(w["flops_per_token"], w["ppl"]) for n, w in r["eval"]["widths"].items() if not n.startswith("mix:")]
+            axes[1].plot([f for f, _ in ws], [p for _, p in ws], marker="o", alpha=0.7, color=colour,
+                         label=variant if i == 0 else None)
+    axes[1].legend()
+    axes[1].set(title="MatTA variants: every width (one line per seed)", xlabel="FLOPs / token",
+                ylabel="test perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
