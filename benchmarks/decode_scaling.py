@@ -27,15 +27,12 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serving_throughput import model_decode_step
-
+from benchmarks.harness import model_decode_step
 from matta.checkpoint import load_checkpoint
 
 BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU

@@ -64,9 +64,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,69 +73,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness import Server, make_prompts, model_decode_step
 from matta.checkpoint import Checkpoint, load_checkpoint
 from matta.hf import export_width, load_hf_gpt2
-from matta.model import StaticKVCache
 from serving.engine import Engine, SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-
-# Public-domain English (Shakespeare): the default checkpoint is trained on Shakespeare, so these
-# prompts are in distribution and its greedy continuations rarely end early.
-TEXT = """\
-To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and
-arrows of outrageous fortune, or to take arms against a sea of troubles, and by opposing end them. To
-die, to sleep; no more; and by a sleep to say we end the heart-ache and the thousand natural shocks that
-flesh is heir to: 'tis a consummation devoutly to be wish'd. To die, to sleep; to sleep, perchance to
-dream: ay, there's the rub; for in that sleep of death what dreams may come when we have shuffled off
-this mortal coil, must give us pause: there's the respect that makes calamity of so long life; for who
-would bear the whips and scorns of time, the oppressor's wrong, the proud man's contumely, the pangs of
-despised love, the law's delay, the insolence of office and the spurns that patient merit of the
-unworthy takes, when he himself might his quietus make with a bare bodkin?
-Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day, to the last syllable of
-recorded time; and all our yesterdays have lighted fools the way to dusty death. Out, out, brief candle!
-Life's but a walking shadow, a poor player that struts and frets his hour upon the stage and then is
-heard no more. It is a tale told by an idiot, full of sound and fury, signifying nothing.
-Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. The evil that
-men do lives after them; the good is oft interred with their bones; so let it be with Caesar. The noble
-Brutus hath told you Caesar was ambitious: if it were so, it was a grievous fault, and grievously hath
-Caesar answer'd it. Here, under leave of Brutus and the rest, for Brutus is an honourable man; so are
-they all, all honourable men, come I to speak in Caesar's funeral. He was my friend, faithful and just
-to me: but Brutus says he was ambitious; and Brutus is an honourable man.
-All the world's a stage, and all the men and women merely players: they have their exits and their
-entrances; and one man in his time plays many parts, his acts being seven ages. At first the infant,
-mewling and puking in the nurse's arms. And then the whining school-boy, with his satchel and shining
-morning face, creeping like snail unwillingly to school. And then the lover, sighing like furnace, with
-a woeful ballad made to his mistress' eyebrow. Then a soldier, full of strange oaths and bearded like
-the pard, jealous in honour, sudden and quick in quarrel, seeking the bubble reputation even in the
-cannon's mouth. And then the justice, in fair round belly with good capon lined, with eyes severe and
-beard of formal cut, full of wise saws and modern instances; and so he plays his part.
-The quality of mercy is not strain'd, it droppeth as the gentle rain from heaven upon the place beneath:
-it is twice blest; it blesseth him that gives and him that takes: 'tis mightiest in the mightiest: it
-becomes the throned monarch better than his crown; his sceptre shows the force of temporal power, the
-attribute to awe and majesty, wherein doth sit the dread and fear of kings; but mercy is above this
-sceptred sway; it is enthroned in the hearts of kings, it is an attribute to God himself.
-Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds do shake the
-darling buds of May, and summer's lease hath all too short a date: sometime too hot the eye of heaven
-shines, and often is his gold complexion dimm'd; and every fair from fair sometime declines, by chance or
-nature's changing course untrimm'd; but thy eternal summer shall not fade.
-Once more unto the breach, dear friends, once more; or close the wall up with our English dead. In peace
-there's nothing so becomes a man as modest stillness and humility: but when the blast of war blows in our
-ears, then imitate the action of the tiger; stiffen the sinews, summon up the blood, disguise fair nature
-with hard-favour'd rage. This day is called the feast of Crispian: he that outlives this day, and comes
-safe home, will stand a tip-toe when the day is named, and rouse him at the name of Crispian. We few, we
-happy few, we band of brothers; for he to-day that sheds his blood with me shall be my brother.
-Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that
-lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious
-wreaths; our bruised arms hung up for monuments; our stern alarums changed to merry meetings, our
-dreadful marches to delightful measures.
-But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun. Arise, fair
-sun, and kill the envious moon, who is already sick and pale with grief, that thou her maid art far more
-fair than she. O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name; or, if thou
-wilt not, be but sworn my love, and I'll no longer be a Capulet. What's in a name? that which we call a
-rose by any other name would smell as sweet.
-"""
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -178,105 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- prompts ---------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def greedy_batch(model, prompts: list[list[int]], width: str, max_tokens: int) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts, batched, ``max_tokens`` each (end-of-text not special)."""
-    ids = torch.tensor(prompts, dtype=torch.long)
-    out = model(ids, width=width, use_cache=True)
-    generated = []
-    for step in range(max_tokens):
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_ids)
-        if step + 1 < max_tokens:
-            out = model(next_ids, width=width, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(generated, dim=1).tolist()
-
-
-def make_prompts(ckpt: Checkpoint, widths: list[str], prompt_tokens: int, max_tokens: int,
-                 candidates: int = 96) -> tuple[list[list[int]], dict]:
-    """Windows of ``TEXT`` whose greedy continuation has no end-of-text at any benchmarked width."""
-    config = ckpt.config
-    tokens = ckpt.tokenizer.encode(" ".join(TEXT.split()))
-    if len(tokens) < prompt_tokens:
-        raise SystemExit(f"the built-in text is only {len(tokens)} tokens; use --prompt-tokens <= {len(tokens)}")
-    count = min(candidates, len(tokens) - prompt_tokens + 1)
-    stride = max(1, (len(tokens) - prompt_tokens) // max(1, count - 1))
-    windows = [tokens[s:s + prompt_tokens] for s in range(0, len(tokens) - prompt_tokens + 1, stride)][:count]
-    eos = config.eos_token_id
-    early = set()
-    for width in widths:
-        for i, row in enumerate(greedy_batch(ckpt.model, windows, width, max_tokens)):
-            if eos in row:
-                early.add(i)
-    kept = [w for i, w in enumerate(windows) if i not in early]
-    info = {"source": "windows of the built-in English (Shakespeare) text, checkpoint tokenizer, sent as token ids",
-            "text_tokens": len(tokens), "candidates": len(windows), "stride": stride,
-            "dropped_for_early_eos": len(early), "kept": len(kept)}
-    if len(kept) < 4:  # almost everything ends early: keep them all, counts in the JSON say so
-        kept, info["fallback"] = windows, "too few windows without end-of-text; using all, lengths vary"
-    return kept, info
-
-
 def assignments(pool: list[list[int]], clients: int, per_client: int) -> list[list[list[int]]]:
     """Prompts of each closed-loop client: client j's k-th request is pool[(j * per_client + k) % len(pool)]."""
     return [[pool[(j * per_client + k) % len(pool)] for k in range(per_client)] for j in range(clients)]
 
 
 # --- matta: a real server and closed-loop HTTP clients -----------------------------------------
-
-
-class Server:
-    """``matta serve CKPT --port 0`` as a subprocess; the bound port is read from its stdout."""
-
-    def __init__(self, checkpoint: Path, threads: int, max_batch: int, log_path: Path,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        self.cmd = [sys.executable, "-m", "matta.cli", "serve", str(checkpoint), "--port", "0", "--threads",
-                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning", *extra_args]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.exit_code: int | None = None
-
-    def start(self, timeout_s: float = 120.0) -> str:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self._log = open(self.log_path, "w")  # closed in stop()
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if "listening on " in line:
-                self.url = line.split("listening on ", 1)[1].strip()
-                break
-        if not self.url:
-            self.stop()
-            raise RuntimeError(f"matta serve did not start; log:\n{self.log_path.read_text()[-3000:]}")
-        import httpx
-
-        while time.monotonic() < deadline:  # the socket listens before the app is up; wait for /health
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("matta serve never became healthy")
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (graceful drain), then kill if it does not exit; returns the exit code."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self.exit_code = self.proc.returncode
-            self._log.close()
-        return self.exit_code
 
 
 async def closed_loop(url: str, model_id: str, width: str, plan: list[list[list[int]]], max_tokens: int) -> dict:
@@ -407,38 +256,6 @@ def engine_decode(ckpt: Checkpoint, widths: list[str], prompts: list[list[int]],
         return asyncio.run(run())
     finally:
         engine.stop()
-
-
-@torch.inference_mode()
-def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10) -> dict:
-    """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
-
-    The cache is a :class:`StaticKVCache`, as in the engine; it is rewound before every step so
-    all steps see the same context.
-    """
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ctx = torch.randint(0, vocab, (batch, context), generator=gen)
-    step = torch.randint(0, vocab, (batch, 1), generator=gen)
-    mask = torch.ones(batch, context + 1, dtype=torch.long)
-    pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
-             for w in widths}
-
-    def run(w: str) -> None:
-        pasts[w].length = context
-        model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
-
-    times: dict[str, list[float]] = {w: [] for w in widths}
-    for w in widths:
-        run(w)
-    for r in range(repeats * 3):
-        for w in widths[r % len(widths):] + widths[: r % len(widths)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                run(w)
-            times[w].append((time.perf_counter() - t0) / inner)
-    return {w: {"step_ms": [t * 1e3 for t in ts], "median_step_ms": statistics.median(ts) * 1e3,
-                "tokens_per_s": batch / statistics.median(ts)} for w, ts in times.items()}
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -23,22 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
-
-from serving_throughput import Server, make_prompts
-
+from benchmarks.harness import Server, make_prompts, make_trace, open_loop, saturate
 from matta.checkpoint import load_checkpoint
 from router.quality import width_quality
 
@@ -74,103 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
-    """Send each completion body at its arrival time (seconds from now) on its own connection,
-    whatever the server is doing; per request: status, latency from when it was due, width,
-    ``Retry-After``, the router's prediction and the completion tokens.
-
-    Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
-    hundred or more requests/s starves the server it measures, and the schedule slips (a slo
-    replay at 150 req/s sent its last 10 s of requests up to 5 s late)."""
-    host, port = url.removeprefix("http://").split(":")
-
-    async def one(body: dict, due: float) -> dict:
-        payload = json.dumps(body).encode()
-        request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-                   f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
-        try:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(request)
-            raw = await asyncio.wait_for(reader.read(), timeout_s)
-            writer.close()
-        except (OSError, TimeoutError) as exc:
-            return {"t": due - start, "status": 0, "latency_s": time.monotonic() - due, "width": None,
-                    "error": type(exc).__name__}
-        done = time.monotonic()
-        head, _, content = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-        status = int(lines[0].split()[1]) if lines[0] else 0
-        out = {"t": due - start, "status": status, "latency_s": done - due, "width": headers.get("x-matta-width"),
-               "retry_after": headers.get("retry-after"),
-               "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
-               else None}
-        if status == 200:
-            out["tokens"] = json.loads(content)["usage"]["completion_tokens"]
-        return out
-
-    start = time.monotonic()
-    return await on_schedule(bodies, one, start)  # latency counts from when each was due
-
-
 async def replay(url: str, model: str, trace: list[tuple[float, list[int]]], max_tokens: int, slo_ms: float,
                  timeout_s: float) -> list[dict]:
     """Open loop: send each request of the trace at its arrival time whatever the server is doing."""
     bodies = [(t, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                    "latency_slo_ms": slo_ms}) for t, prompt in trace]
     return await open_loop(url, bodies, timeout_s)
-
-
-async def on_schedule(items: list[tuple[float, object]], send, start: float) -> list:
-    """Open loop: start ``send(item, due)`` at each item's arrival (seconds after ``start``),
-    whatever the earlier ones are doing; their results in order."""
-    tasks = []
-    for arrival, item in items:
-        delay = start + arrival - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send(item, start + arrival)))
-    return list(await asyncio.gather(*tasks))
-
-
-async def saturate(url: str, model: str, prompts: list[list[int]], max_tokens: int, clients: int,
-                   seconds: float) -> dict:
-    """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-
-    async def client_loop(j: int, client: httpx.AsyncClient) -> None:
-        k = 0
-        while time.monotonic() < deadline:
-            body = {"model": model, "prompt": prompts[(j * 7 + k) % len(prompts)], "max_tokens": max_tokens,
-                    "temperature": 0}
-            sent = time.monotonic()
-            r = await client.post(f"{url}/v1/completions", json=body)
-            r.raise_for_status()
-            latencies.append(time.monotonic() - sent)
-            k += 1
-
-    async with httpx.AsyncClient(timeout=120) as client:
-        start = time.monotonic()
-        await asyncio.gather(*[client_loop(j, client) for j in range(clients)])
-        elapsed = time.monotonic() - start
-    return {"requests_per_s": len(latencies) / elapsed, "p50_s": statistics.median(latencies),
-            "p99_s": float(np.percentile(latencies, 99)), "requests": len(latencies)}
-
-
-def make_trace(prompts: list[list[int]], rate_from: float, rate_to: float, duration: float,
-               seed: int) -> list[tuple[float, list[int]]]:
-    """Poisson arrivals with a linearly ramping rate (thinning of a process at the peak rate)."""
-    rng = random.Random(seed)
-    peak = max(rate_from, rate_to)
-    t, trace = 0.0, []
-    while True:
-        t += rng.expovariate(peak)
-        if t >= duration:
-            return trace
-        rate = rate_from + (rate_to - rate_from) * t / duration
-        if rng.random() < rate / peak:
-            trace.append((t, prompts[rng.randrange(len(prompts))]))
 
 
 def attainable(arrivals: list[float], capacity_rps: float, duration: float, window_s: float = 5.0) -> float:

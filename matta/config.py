@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 WidthSpec = str | int | Sequence[str | int]
 """A width as a name (``"s"``), an FFN hidden size (``384``) or one of those per layer."""
+
+DEFAULT_CHECKPOINT = Path("checkpoints/default")  # what `matta serve` and friends load when given none
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 

@@ -32,6 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from matta.configfile import read_yaml, validate
+from router.policies import make_policy
 
 BUCKETS = 10_000
 
@@ -58,7 +59,7 @@ class ArmPolicy(BaseModel):
         return self
 
     def spec(self) -> str:
-        """The policy spec string understood by :func:`router.policy.make_policy`."""
+        """The policy spec string understood by :func:`router.policies.make_policy`."""
         if self.kind == "fixed":
             return f"fixed:{self.width}"
         options = [f"{k}={v}" for k, v in (("slo_ms", self.slo_ms), ("min_width", self.min_width),
@@ -186,8 +187,6 @@ class LiveExperiment:
         self._live = self._build(config)
 
     def _build(self, config: ExperimentConfig) -> _Live:
-        from router.policy import make_policy
-
         config.check_widths(self.widths)
         policies = {arm.name: make_policy(arm.policy.spec(), self.widths, self.context) for arm in config.arms}
         return _Live(config, Assigner(config), policies)

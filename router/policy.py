@@ -2,8 +2,8 @@
 
 Pure Python (no torch): policies are unit-tested with fake loads and a fake clock, and the
 serving engine, the standalone router and the A/B layer all ask the same interface. A policy
-implements :class:`WidthPolicy` and registers a factory with :func:`register_policy`; servers
-pick it by name, ``--policy kind[:arg]`` (``fixed:<width>``, ``slo`` from :mod:`router.slo`).
+implements :class:`WidthPolicy`; :mod:`router.policies` builds one from its name, ``--policy kind[:arg]``
+(``fixed:<width>``, ``slo`` from :mod:`router.slo`).
 
 Pinned widths (``model: "<name>:<width>"`` or the body's ``width``) are not a policy's business:
 :func:`decide_width` serves them before any policy is asked.
@@ -11,7 +11,7 @@ Pinned widths (``model: "<name>:<width>"`` or the body's ``width``) are not a po
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -105,42 +105,3 @@ def decide_width(policy: WidthPolicy, request: RequestInfo, load: LoadSnapshot, 
     if request.pinned_width is not None:
         return WidthDecision(request.pinned_width, "pinned")
     return policy.choose(request, load, now)
-
-
-PolicyFactory = Callable[[str, Sequence[str], PolicyContext], WidthPolicy]
-"""``factory(argument, width_names, context) -> policy``; ``argument`` follows ``kind:`` in the spec."""
-
-_FACTORIES: dict[str, PolicyFactory] = {}
-
-
-def register_policy(kind: str, factory: PolicyFactory) -> None:
-    """Make ``make_policy("<kind>:<arg>")`` build policies with ``factory``."""
-    _FACTORIES[kind] = factory
-
-
-def _fixed(argument: str, widths: Sequence[str], context: PolicyContext) -> WidthPolicy:
-    width = argument or widths[-1]
-    if width not in widths:
-        raise ValueError(f"fixed policy: unknown width {width!r}; known: {list(widths)}")
-    return FixedPolicy(width)
-
-
-register_policy("fixed", _fixed)
-
-
-def make_policy(spec: str | None, widths: Sequence[str], context: PolicyContext | None = None) -> WidthPolicy:
-    """Build a policy from ``"kind[:arg]"``, e.g. ``"fixed:s"`` or ``"slo"``; ``None`` is the widest fixed width.
-
-    ``widths`` are the checkpoint's width names, narrowest first; a policy must only ever
-    answer one of them.
-    """
-    import router.slo  # noqa: F401  (registers "slo"; imported here to keep the modules acyclic)
-
-    if not widths:
-        raise ValueError("make_policy needs at least one width name")
-    if spec is None:
-        return FixedPolicy(widths[-1])
-    kind, _, argument = spec.partition(":")
-    if kind not in _FACTORIES:
-        raise ValueError(f"unknown policy {spec!r}; known kinds: {sorted(_FACTORIES)} (spec is 'kind:arg')")
-    return _FACTORIES[kind](argument, list(widths), context or PolicyContext())

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
-from router.latency import LatencyModel
+from router.cost import EngineCostModel
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,10 @@ class Engine:
     """Continuous-batching generation over one :class:`NestedGPT`, at any of its named widths."""
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
-                 latency: LatencyModel | None = None) -> None:
-        """``latency``, when given, is told the duration of every prefill, decode step and scheduler
-        iteration, so its online corrections track this machine (see :mod:`router.latency`)."""
+                 cost: EngineCostModel | None = None) -> None:
+        """``cost``, when given, is the server's one cost model: its latency model is told the
+        duration of every prefill, decode step and scheduler iteration, so its online corrections
+        track this machine (see :mod:`router.latency`), and it prices the queue-shedding check."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -217,7 +218,8 @@ class Engine:
         self._steps = self._finished = self._cancelled = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.latency = latency
+        self.cost = cost
+        self.latency = cost.model if cost is not None else None
         # The 90th percentile of actual / predicted service time of recent sequences: the deadline
         # check uses predictions scaled by it, so it errs towards refusing rather than serving late.
         # Seconds of the recent scheduler iterations (EWMA): what a sequence started now will
@@ -374,13 +376,10 @@ class Engine:
         """Predicted seconds from starting ``seq`` now to its last token: its prefill, then each
         token at the slower of the model's iteration time for the batch it joins and the measured
         time of recent iterations (0 without a latency model: then only a passed deadline counts)."""
-        if self.latency is None:
+        if self.cost is None:
             return 0.0
-        groups = dict(self._shapes)
-        batch, context = groups.get(seq.width, (0, 0))
-        groups[seq.width] = (batch + 1, max(context, len(seq.prompt) + seq.params.max_tokens // 2))
-        per_token = max(self.latency.iteration_s(groups), self._iteration_s)
-        return self.latency.prefill_s(seq.width, len(seq.prompt)) + max(0, seq.params.max_tokens - 1) * per_token
+        return self.cost.service_s(seq.width, 1, len(seq.prompt), seq.params.max_tokens, self._shapes,
+                                   self._iteration_s)
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())

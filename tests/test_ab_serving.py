@@ -6,39 +6,20 @@ import asyncio
 import os
 import random
 import signal
-import sqlite3
 import time
 
 import httpx
 import pytest
 import yaml
 
-from benchmarks.serving_throughput import Server
+from benchmarks.harness import Server, ServerThread
 from router.experiment import BUCKETS, Assigner, LiveExperiment, load_experiment, parse_experiment
 from router.policy import PolicyContext
-from serving.app import ServerSettings, build_app
-from tests.test_serving_http import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
+from tests.helpers import CONFIG, rows, write_config
 
 WIDTHS = ["s", "m", "l", "ta"]
-CONFIG = {
-    "name": "width-test", "salt": "2026-11", "unit": "user",
-    "arms": [{"name": "control", "weight": 50, "policy": {"kind": "fixed", "width": "ta"}},
-             {"name": "treatment", "weight": 50, "policy": {"kind": "fixed", "width": "s"}}],
-}
-
-
-def write_config(path, config=CONFIG):
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def rows(db, table="exposures"):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
-    finally:
-        conn.close()
 
 
 # --- assignment (pure) ---------------------------------------------------------------------------
@@ -106,7 +87,7 @@ def test_live_experiment_refuses_widths_the_checkpoint_lacks_and_keeps_the_old_c
 def ab_server(checkpoint_512, tmp_path):
     _, path = checkpoint_512
     db = tmp_path / "ab.sqlite"
-    settings = ServerSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
+    settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
                               ab_db=db, admin_key="sesame")
     with ServerThread(build_app(settings)) as server:
         yield server, db
@@ -194,7 +175,7 @@ def test_hot_reload_through_the_admin_api_and_an_invalid_config_keeps_the_old_on
 def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path, monkeypatch):
     monkeypatch.delenv("MATTA_ADMIN_KEY", raising=False)
     _, path = checkpoint_512
-    settings = ServerSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
+    settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml"),
                               ab_db=tmp_path / "ab.sqlite")
     with ServerThread(build_app(settings)) as server:
         r = httpx.post(f"{server.url}/admin/experiment", content="{}", headers={"authorization": "Bearer x"})

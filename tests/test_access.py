@@ -9,16 +9,17 @@ import httpx
 import openai
 import pytest
 
-from serving.app import ServerSettings, build_app
-from tests.conftest import SERVED_N_CTX
-from tests.test_serving_http import ServerThread
+from benchmarks.harness import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
+from tests.helpers import SERVED_N_CTX
 
 
 @pytest.fixture
 def guarded(checkpoint_512, monkeypatch, request):
     monkeypatch.delenv("MATTA_API_KEY", raising=False)
     _, path = checkpoint_512
-    settings = ServerSettings(checkpoint=path, device="cpu", api_key="s3cret", max_body_bytes=4096,
+    settings = ServeSettings(checkpoint=path, device="cpu", api_key="s3cret", max_body_bytes=4096,
                               request_timeout_s=request.param if hasattr(request, "param") else 30.0)
     app = build_app(settings)
     with ServerThread(app) as server:
@@ -93,7 +94,7 @@ def test_100_clients_that_leave_mid_stream_leak_no_slots_or_memory(checkpoint_51
     import asyncio
 
     _, path = checkpoint_512
-    app = build_app(ServerSettings(checkpoint=path, device="cpu", max_batch=32, max_queue=256))
+    app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=32, max_queue=256))
     engine = app.state.engine
     body = {"model": "tiny", "prompt": "Now", "max_tokens": SERVED_N_CTX - 10, "temperature": 0, "stream": True}
 
@@ -152,7 +153,7 @@ def _error_code(raw_response: bytes) -> str:
 @pytest.fixture
 def impatient(checkpoint_512):
     _, path = checkpoint_512
-    settings = ServerSettings(checkpoint=path, device="cpu", header_timeout_s=1.0, body_timeout_s=1.0,
+    settings = ServeSettings(checkpoint=path, device="cpu", header_timeout_s=1.0, body_timeout_s=1.0,
                               max_concurrency=2)
     app = build_app(settings)
     with ServerThread(app) as server:
@@ -257,11 +258,12 @@ def test_a_client_that_never_reads_its_stream_holds_no_batch_slot(impatient):
 
 
 def test_the_route_proxy_needs_the_api_key_too(monkeypatch):
-    from router.proxy import RouteConfig, build_route_app
+    from serving.route import build_route_app
+    from serving.settings import RouteSettings, settings_from
 
     monkeypatch.setenv("MATTA_API_KEY", "proxy-key")
-    config = RouteConfig(model="m", backends=[{"width": "s", "url": "http://127.0.0.1:9", "model": "m:s"}],
-                         max_body_bytes=1024)
+    config = settings_from(RouteSettings, {"model": "m", "max_body_bytes": 1024,
+                                           "backends": [{"width": "s", "url": "http://127.0.0.1:9", "model": "m:s"}]})
     with ServerThread(build_route_app(config)) as server:
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         assert httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer proxy-key"}).status_code == 200

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from matta.cli import main
-from tests.conftest import REPO
+from cli.main import main
+from tests.helpers import REPO
 
 
 def test_info_prints_widths_and_writes_json(checkpoint_dir, tmp_path, capsys):
@@ -44,11 +44,11 @@ def test_every_loading_command_refuses_a_tampered_checkpoint(checkpoint_dir, tmp
 
 def test_console_script_exit_code_and_help(checkpoint_dir):
     (checkpoint_dir / "tokenizer.json").unlink()
-    done = subprocess.run([sys.executable, "-m", "matta.cli", "info", str(checkpoint_dir)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cli", "info", str(checkpoint_dir)], capture_output=True,
                           text=True, cwd=REPO)
     assert done.returncode == 1 and "tokenizer.json: missing" in done.stderr
     for sub in ("info", "export", "train", "eval", "import-hf", "generate"):
-        helped = subprocess.run([sys.executable, "-m", "matta.cli", sub, "--help"], capture_output=True, text=True, cwd=REPO)
+        helped = subprocess.run([sys.executable, "-m", "cli", sub, "--help"], capture_output=True, text=True, cwd=REPO)
         assert helped.returncode == 0 and "usage: matta" in helped.stdout
 
 

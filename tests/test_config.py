@@ -1,7 +1,7 @@
 import pytest
 
 from matta.config import ModelConfig
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_widths_resolve_by_name_int_and_per_layer(config):

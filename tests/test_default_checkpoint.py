@@ -3,7 +3,7 @@
 import pytest
 
 from matta.checkpoint import load_checkpoint
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEFAULT = REPO / "checkpoints" / "default"
 

@@ -36,8 +36,8 @@ def test_the_dockerfile_is_a_pinned_cpu_non_root_image_with_a_health_check():
     copied = " ".join(by["COPY"])
     packages = yaml.safe_load("[" + (REPO / "pyproject.toml").read_text().split("include = [", 1)[1].split("]", 1)[0]
                               + "]")
-    for package in packages:
-        assert package.rstrip("*") in copied, f"the image lacks the package {package}"
+    for package in (p for p in packages if "." not in p):  # top-level packages; "x.*" are their subpackages
+        assert package in copied, f"the image lacks the package {package}"
     assert "checkpoints" in copied
 
 

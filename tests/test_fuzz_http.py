@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.app import ServerSettings, build_app
-from tests.test_serving_http import ServerThread
+from benchmarks.harness import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
@@ -38,7 +39,7 @@ def bounded(body: dict) -> dict:
 @pytest.fixture(scope="module")
 def server(checkpoint_512):
     _, path = checkpoint_512
-    with ServerThread(build_app(ServerSettings(checkpoint=path, device="cpu", max_batch=8))) as s:
+    with ServerThread(build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=8))) as s:
         yield s
 
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import yaml
 
-from benchmarks.load_test import load_test
-from router.proxy import RouteConfig, build_route_app
-from serving.app import ServerSettings, build_app
-from tests.test_ab_serving import CONFIG, rows
-from tests.test_serving_http import ServerThread
+from benchmarks.harness import ServerThread, load_test
+from serving.app import build_app
+from serving.route import build_route_app
+from serving.settings import RouteSettings, ServeSettings
+from tests.helpers import CONFIG, rows
 
 pytestmark = pytest.mark.slow  # two short locust runs
 
@@ -25,7 +25,7 @@ def test_every_user_class_runs_against_matta_serve_and_feedback_reaches_the_ab_l
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump(CONFIG))
     db = tmp_path / "ab.sqlite"
-    settings = ServerSettings(checkpoint=path, device="cpu", policy="fixed:ta", experiment=experiment, ab_db=db)
+    settings = ServeSettings(checkpoint=path, device="cpu", policy="fixed:ta", experiment=experiment, ab_db=db)
     with ServerThread(build_app(settings)) as server:
         report = load_test(server.url, users=6, spawn_rate=6, seconds=8, user_classes=[], out=tmp_path / "report",
                            env=locust_env(path))
@@ -42,9 +42,9 @@ def test_every_user_class_runs_against_matta_serve_and_feedback_reaches_the_ab_l
 
 def test_slo_and_pinned_users_run_against_matta_route(checkpoint_512, tmp_path):
     _, path = checkpoint_512
-    backend = ServerThread(build_app(ServerSettings(checkpoint=path, device="cpu")))
+    backend = ServerThread(build_app(ServeSettings(checkpoint=path, device="cpu")))
     with backend:
-        config = RouteConfig.model_validate({"model": "tiny", "policy": "slo", "slo_ms": 2000, "backends": [
+        config = RouteSettings.model_validate({"model": "tiny", "policy": "slo", "slo_ms": 2000, "backends": [
             {"width": w, "url": backend.url, "model": f"tiny:{w}"} for w in ("s", "m", "l", "ta")]})
         with ServerThread(build_route_app(config)) as proxy:
             report = load_test(proxy.url, users=4, spawn_rate=4, seconds=6, user_classes=["SloUser", "PinnedUser"],

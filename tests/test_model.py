@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matta.model import NestedGPT, StaticKVCache
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 TOL = dict(atol=1e-4, rtol=0)
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from router.latency import LatencyModel, WidthCost
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MONITORING = REPO / "deploy" / "monitoring"
 PROMETHEUS = shutil.which("prometheus")
@@ -134,12 +134,13 @@ def test_every_alert_has_a_for_duration_a_severity_and_annotations():
 
 
 def test_the_dashboard_and_the_alerts_use_only_metric_names_a_live_server_exports(checkpoint_512, tmp_path):
-    from serving.app import ServerSettings, build_app
-    from tests.test_serving_http import ServerThread
+    from benchmarks.harness import ServerThread
+    from serving.app import build_app
+    from serving.settings import ServeSettings
 
     model, path = checkpoint_512
     (tmp_path / "experiment.yaml").write_text(EXPERIMENT)
-    app = build_app(ServerSettings(checkpoint=path, policy=SERVER_POLICY, max_batch=8, device="cpu",
+    app = build_app(ServeSettings(checkpoint=path, policy=SERVER_POLICY, max_batch=8, device="cpu",
                                    profile=write_profile(model.config.width_names, tmp_path / "profile.json"),
                                    experiment=tmp_path / "experiment.yaml", ab_db=tmp_path / "ab.sqlite"))
     with ServerThread(app) as server:
@@ -237,7 +238,7 @@ def poll(check, timeout_s: float = 30.0, interval_s: float = 0.5):
 @pytest.mark.slow
 @needs_prometheus
 def test_a_real_prometheus_scrapes_a_live_server_and_loads_the_alerts(checkpoint_512, tmp_path):
-    from benchmarks.serving_throughput import Server
+    from benchmarks.harness import Server
 
     model, path = checkpoint_512
     (tmp_path / "experiment.yaml").write_text(EXPERIMENT)

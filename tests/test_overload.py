@@ -17,10 +17,9 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serving_throughput import Server
-from benchmarks.slo_router import make_trace, open_loop, saturate
+from benchmarks.harness import Server, make_trace, open_loop, saturate
 from matta.checkpoint import load_checkpoint
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 CHECKPOINT = REPO / "checkpoints" / "default"

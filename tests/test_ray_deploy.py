@@ -79,7 +79,7 @@ def test_concurrent_requests_spread_over_both_replicas(ray_app):
 def test_locust_runs_against_the_ray_app(ray_app, checkpoint_512, tmp_path):
     import os
 
-    from benchmarks.load_test import load_test
+    from benchmarks.harness import load_test
 
     url, _ = ray_app
     _, path = checkpoint_512

@@ -10,9 +10,10 @@ import time
 import httpx
 import pytest
 
+from benchmarks.harness import ServerThread, metric
 from router.latency import LatencyModel, WidthCost
-from serving.app import ServerSettings, build_app
-from tests.test_serving_http import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
 
 MAX_TOKENS = 8
 
@@ -39,17 +40,9 @@ async def burst(url: str, n: int, slo_ms: float) -> list[httpx.Response]:
         return await asyncio.gather(*[client.post(f"{url}/v1/completions", json=body) for _ in range(n)])
 
 
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_512, profile_path):
     _, path = checkpoint_512
-    app = build_app(ServerSettings(checkpoint=path, policy="slo:dwell_s=0.3", max_batch=4, max_queue=256,
+    app = build_app(ServeSettings(checkpoint=path, policy="slo:dwell_s=0.3", max_batch=4, max_queue=256,
                                    device="cpu", profile=profile_path))
     with ServerThread(app) as server:
         for _ in range(5):  # warm up: the online corrections settle on this machine's idle speed
@@ -83,7 +76,7 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
 
 def test_shedding_answers_429_with_retry_after_and_counts_it(checkpoint_512, profile_path):
     _, path = checkpoint_512
-    app = build_app(ServerSettings(checkpoint=path, policy="slo", shed=True, max_batch=2, max_queue=256,
+    app = build_app(ServeSettings(checkpoint=path, policy="slo", shed=True, max_batch=2, max_queue=256,
                                    device="cpu", profile=profile_path))
     with ServerThread(app) as server:
         # An SLO below what even an idle server can do: every request is shed, nothing runs.
@@ -109,4 +102,4 @@ def test_a_server_with_a_profile_for_other_widths_refuses_to_start(checkpoint_51
     _, path = checkpoint_512
     other = LatencyModel({"xl": WidthCost(0.001, 0.0, 0.0, 0.001, 0.0)}).save(tmp_path / "other.json")
     with pytest.raises(ValueError, match=r"no costs for width\(s\) \['s', 'm', 'l', 'ta'\]"):
-        build_app(ServerSettings(checkpoint=path, policy="slo", profile=other))
+        build_app(ServeSettings(checkpoint=path, policy="slo", profile=other))

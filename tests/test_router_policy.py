@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from router.policies import make_policy, register_policy
 from router.policy import (
     FixedPolicy,
     LoadSnapshot,
@@ -12,20 +13,8 @@ from router.policy import (
     WidthDecision,
     WidthPolicy,
     decide_width,
-    make_policy,
-    register_policy,
 )
-
-WIDTHS = ["s", "m", "l", "ta"]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
+from tests.helpers import WIDTHS, FakeClock
 
 
 def busy(running: int = 30, waiting: int = 50) -> LoadSnapshot:
@@ -97,7 +86,8 @@ def test_router_policy_does_not_import_torch():
 
 
 def test_the_router_package_does_not_import_torch():
-    """DESIGN: router never imports torch-heavy serving internals (the proxy runs without the engine)."""
-    code = ("import sys, router.policy, router.slo, router.latency, router.quality, router.proxy; "
+    """DESIGN: router never imports torch, nor does `matta route`'s front end (the proxy runs without the engine)."""
+    code = ("import sys, router.policy, router.policies, router.slo, router.cost, router.latency, router.quality, "
+            "router.experiment, router.ab_log, serving.route; "
             "assert 'torch' not in sys.modules, 'the router imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,11 +12,11 @@ import openai
 import pytest
 import yaml
 
-from benchmarks.serving_throughput import Server
+from benchmarks.harness import Server, ServerThread, metric
+from router.cost import BackendCostModel
 from router.policy import LoadSnapshot, RequestInfo
-from router.proxy import BackendPredictor, RouteConfig, build_route_app, load_route_config
-from tests.test_router_http import metric
-from tests.test_serving_http import ServerThread
+from serving.route import build_route_app, load_route_settings
+from serving.settings import RouteSettings
 
 pytestmark = pytest.mark.slow  # starts two server processes (~10 s)
 
@@ -35,8 +35,8 @@ def backends(checkpoint_512, tmp_path_factory):
             s.stop()
 
 
-def route_config(urls: dict[str, str], **extra) -> RouteConfig:
-    return RouteConfig.model_validate({
+def route_config(urls: dict[str, str], **extra) -> RouteSettings:
+    return RouteSettings.model_validate({
         "model": "tiny", "backends": [{"width": w, "url": u, "model": f"tiny:{w}"} for w, u in urls.items()],
         **extra})
 
@@ -130,14 +130,14 @@ def test_route_configs_are_validated_with_the_field_named(tmp_path, config, mess
     path = tmp_path / "route.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=message):
-        load_route_config(path)
-    done = subprocess.run([sys.executable, "-m", "matta.cli", "route", str(path)], capture_output=True, text=True,
+        load_route_settings(path)
+    done = subprocess.run([sys.executable, "-m", "cli", "route", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 1 and "matta route: error:" in done.stderr
 
 
 def test_backend_predictor_learns_per_concurrency_and_extrapolates_conservatively():
-    p = BackendPredictor(["s", "ta"])
+    p = BackendCostModel(["s", "ta"])
     request = RequestInfo(max_tokens=10)
     assert p.predict_s("ta", request, LoadSnapshot()) == 0.0  # nothing known yet: optimistic
     p.observe("ta", in_flight=1, tokens=10, seconds=0.1)

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from router.cost import EngineCostModel
 from router.latency import LatencyModel, RequestCalibration, WidthCost
-from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width, make_policy
-from router.slo import ArrivalRate, EnginePredictor, SloPolicy
-from tests.test_router_policy import WIDTHS, FakeClock
+from router.policies import make_policy
+from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width
+from router.slo import ArrivalRate, SloPolicy
+from tests.helpers import WIDTHS, FakeClock
 
 # Seconds per request at each width when idle; load multiplies them (the "queue" of the fake).
 IDLE_S = {"s": 0.10, "m": 0.15, "l": 0.25, "ta": 0.40}
@@ -231,7 +233,7 @@ def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
 
 def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins():
     m = model()
-    predictor = EnginePredictor(m)
+    predictor = EngineCostModel(m)
     idle = LoadSnapshot(max_batch=4, max_queue=16)
     r = RequestInfo(max_tokens=10, prompt_tokens=20)
     expected = m.prefill_s("ta", 20) + 9 * m.iteration_s({"ta": (1, 20 + 5)})
@@ -250,7 +252,7 @@ def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins(
 
 def test_engine_capacity_is_a_full_batch_turning_over_plus_each_prefill():
     m = model()
-    predictor = EnginePredictor(m)
+    predictor = EngineCostModel(m)
     load_ = LoadSnapshot(max_batch=8, max_queue=16)
     r = RequestInfo(max_tokens=10, prompt_tokens=20)
     per_request = 9 * m.iteration_s({"ta": (8, 25)}) / 8 + m.prefill_s("ta", 20)
@@ -271,7 +273,7 @@ def test_request_calibration_is_a_quantile_of_recent_ratios_and_scales_predictio
     calibration.observe(1e9, 1.0)
     assert calibration.factor() <= 4.0  # bounded
     m = model()
-    plain, calibrated = EnginePredictor(m), EnginePredictor(m, calibration)
+    plain, calibrated = EngineCostModel(m), EngineCostModel(m, calibration)
     r, idle = RequestInfo(max_tokens=10, prompt_tokens=20), LoadSnapshot(max_batch=4)
     assert calibrated.predict_s("ta", r, idle) == pytest.approx(calibration.factor() * plain.predict_s("ta", r, idle))
     # Requests that must queue have their own factor: errors made under overload stay there.

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.app import ServerSettings, build_app
-from tests.test_ab_serving import write_config
-from tests.test_serving_http import ServerThread
+from benchmarks.harness import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
+from tests.helpers import write_config
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -31,7 +32,7 @@ KEY = "schemathesis-key"
 
 def test_schemathesis_finds_no_failure_in_1000_generated_requests(checkpoint_512, tmp_path):
     _, path = checkpoint_512
-    settings = ServerSettings(checkpoint=path, device="cpu", max_batch=8, api_key=KEY, admin_key=KEY,
+    settings = ServeSettings(checkpoint=path, device="cpu", max_batch=8, api_key=KEY, admin_key=KEY,
                               experiment=write_config(tmp_path / "exp.yaml"), ab_db=tmp_path / "ab.sqlite")
     st = Path(sys.executable).with_name("st")
     # A fixed seed keeps CI reproducible; MATTA_SCHEMATHESIS_SEED=random explores afresh.
@@ -55,7 +56,7 @@ def test_schemathesis_finds_no_failure_in_1000_generated_requests(checkpoint_512
 def test_the_schema_states_what_the_server_enforces(checkpoint_512):
     """Spot checks of the schema the fuzzing relies on: a drift here would make it test less."""
     model, path = checkpoint_512
-    with ServerThread(build_app(ServerSettings(checkpoint=path, device="cpu"))) as server:
+    with ServerThread(build_app(ServeSettings(checkpoint=path, device="cpu"))) as server:
         schema = httpx.get(f"{server.url}/openapi.json").json()
     request = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert set(request["model"]["enum"]) == {"tiny", *(f"tiny:{w}" for w in model.config.width_names)}

@@ -13,10 +13,12 @@ import httpx
 import pytest
 import torch
 
+from cli.main import build_parser
 from matta.checkpoint import save_checkpoint
-from matta.cli import build_parser
 from matta.model import NestedGPT
-from tests.conftest import REPO, tiny_config
+from serving.route import load_route_settings
+from serving.settings import RouteSettings, ServeSettings, flag_values, settings_from
+from tests.helpers import REPO, tiny_config
 
 
 @pytest.fixture
@@ -29,12 +31,36 @@ def long_context_checkpoint(tmp_path, tokenizer):
 
 def test_serve_is_a_subcommand_with_the_documented_defaults():
     args = build_parser().parse_args(["serve"])
-    assert (str(args.checkpoint), args.host, args.port, args.policy) == ("checkpoints/default", "127.0.0.1", 8000, None)
+    settings = settings_from(ServeSettings, flag_values(args, ServeSettings), environ={})
+    assert (str(settings.checkpoint), args.host, args.port, settings.policy) == ("checkpoints/default", "127.0.0.1",
+                                                                                 8000, None)
+
+
+def test_every_setting_comes_from_one_model_through_flags_environment_and_files(tmp_path):
+    """Flags are generated from the settings model, MATTA_* variables fill what no flag gives, a
+    flag beats the variable, and a bad value from any source names the field."""
+    args = build_parser().parse_args(["serve", "ckpt", "--max-batch", "8", "--shed", "--request-timeout", "0"])
+    env = {"MATTA_MAX_BATCH": "4", "MATTA_SLO_MS": "750", "MATTA_API_KEY": "k"}
+    settings = settings_from(ServeSettings, flag_values(args, ServeSettings), environ=env)
+    assert (str(settings.checkpoint), settings.max_batch, settings.slo_ms, settings.shed) == ("ckpt", 8, 750.0, True)
+    assert settings.api_key == "k" and settings.request_timeout_s is None  # 0 disables
+    for flag in ("--threads", "--slo-ms", "--min-width", "--profile", "--experiment", "--header-timeout"):
+        assert flag in build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    with pytest.raises(ValueError, match="max_batch"):
+        settings_from(ServeSettings, {}, environ={"MATTA_MAX_BATCH": "lots"})
+    route = tmp_path / "route.yaml"
+    route.write_text("model: m\nslo_ms: 900\nbackends: [{width: s, url: 'http://127.0.0.1:1', model: 'm:s'}]\n")
+    args = build_parser().parse_args(["route", str(route), "--slo-ms", "500", "--shed"])
+    settings = load_route_settings(route, flag_values(args, RouteSettings))
+    assert (settings.slo_ms, settings.shed, settings.widths) == (500.0, True, ["s"])
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        settings_from(RouteSettings, {"model": "m", "backends": [{"width": "s", "url": "http://a", "model": "x"}],
+                                      "header_timeout_s": -1})
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(long_context_checkpoint):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "matta.cli", "serve", str(long_context_checkpoint), "--port", "0",
+        [sys.executable, "-m", "cli", "serve", str(long_context_checkpoint), "--port", "0",
          "--policy", "fixed:s", "--shutdown-timeout", "20", "--log-level", "warning"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -74,7 +100,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(long_context_checkpoin
 
 
 def test_serve_refuses_a_bad_checkpoint_with_exit_1(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "matta.cli", "serve", str(tmp_path / "missing"), "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "cli", "serve", str(tmp_path / "missing"), "--port", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "not a checkpoint directory" in result.stderr

@@ -11,24 +11,9 @@ from hypothesis import strategies as st
 
 from serving.detokenize import IncrementalDetokenizer
 from serving.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams
+from tests.helpers import sharpen
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-
-
-def sharpen(model):
-    """Scale a random model's weights up so its greedy text varies with the context and the width.
-
-    At GPT-2 init a tiny random model repeats one token forever, which would make "batched
-    equals alone" checks vacuous.
-    """
-    with torch.no_grad():
-        model.wte.weight.mul_(3)
-        model.wpe.weight.mul_(3)
-        for block in model.h:
-            for weight in (block.attn.c_attn.weight, block.attn.c_proj.weight, block.mlp.fc_weight,
-                           block.mlp.proj_weight):
-                weight.mul_(8)
-    return model
 
 
 @pytest.fixture

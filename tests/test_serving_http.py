@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
@@ -13,41 +11,15 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
+from benchmarks.harness import ServerThread
 from matta.model import NestedGPT
-from serving.app import ServerSettings, build_app, uvicorn_config
-from tests.conftest import SERVED_N_CTX
+from serving.app import build_app
+from serving.settings import ServeSettings
+from tests.helpers import SERVED_N_CTX
 
 N_CTX = SERVED_N_CTX
 WIDTHS = ["s", "m", "l", "ta"]
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a free port in a background thread, for a ``with`` block."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        config = (uvicorn_config(app, log_level="warning") if hasattr(app.state, "settings")
-                  else uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.server = uvicorn.Server(config)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.sock.close()
 
 
 @dataclass
@@ -68,7 +40,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(checkpoint_512, tokenizer):
     model, path = checkpoint_512
-    app = build_app(ServerSettings(checkpoint=path, max_batch=32, max_queue=64, device="cpu"))
+    app = build_app(ServeSettings(checkpoint=path, max_batch=32, max_queue=64, device="cpu"))
     with ServerThread(app) as server:
         yield Served(server.url, app, model, tokenizer)
 
@@ -264,7 +236,7 @@ def test_the_openai_client_sees_typed_errors(served):
 
 def test_a_full_queue_answers_429_with_retry_after(checkpoint_512):
     _, path = checkpoint_512
-    app = build_app(ServerSettings(checkpoint=path, max_batch=1, max_queue=1, device="cpu", retry_after_s=2))
+    app = build_app(ServeSettings(checkpoint=path, max_batch=1, max_queue=1, device="cpu", retry_after_s=2))
 
     async def burst(url):
         body = {"model": "tiny:ta", "prompt": "Now", "max_tokens": 200, "temperature": 0}

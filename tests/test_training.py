@@ -13,7 +13,7 @@ import yaml
 
 from matta.checkpoint import load_checkpoint
 from matta.model import NestedGPT
-from tests.conftest import REPO, tiny_config
+from tests.helpers import REPO, tiny_config
 from training.config import TrainConfig, load_train_config
 from training.losses import MattaWeights, cross_entropy, distill_ramp, label_loss, matta_loss, soft_kl
 from training.trainer import train
@@ -190,7 +190,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
         else:
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "matta.cli", "train", str(path), "--no-progress"]
+                   "-m", "cli", "train", str(path), "--no-progress"]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
             assert done.returncode == 0, done.stderr[-2000:]
         results[nproc] = _history(Path(cfg["run_dir"]))
@@ -292,12 +292,12 @@ def test_sigkill_during_training_then_resume_reaches_the_same_final_loss(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same threads, same float sums
     whole = tiny_run(tmp_path / "whole", corpus_dir, "student", steps=120, save_every=20)
     (tmp_path / "whole.yaml").write_text(yaml.safe_dump(whole, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "matta.cli", "train", str(tmp_path / "whole.yaml"), "--no-progress"],
+    subprocess.run([sys.executable, "-m", "cli", "train", str(tmp_path / "whole.yaml"), "--no-progress"],
                    env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
     killed = tiny_run(tmp_path / "killed", corpus_dir, "student", steps=120, save_every=20)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(killed, sort_keys=False))
-    cmd = [sys.executable, "-m", "matta.cli", "train", str(path), "--no-progress"]
+    cmd = [sys.executable, "-m", "cli", "train", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = Path(killed["run_dir"]) / "resume" / "state.json"
     deadline = time.monotonic() + 120

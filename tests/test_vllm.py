@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.harness import ServerThread
 from deploy.vllm.launch import check_export, vllm_command, vllm_env
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width
-from router.proxy import RouteConfig, build_route_app
-from tests.conftest import REPO
-from tests.test_serving_http import ServerThread
+from serving.route import build_route_app
+from serving.settings import RouteSettings
+from tests.helpers import REPO
 
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm"))
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "default"
@@ -153,13 +154,13 @@ def test_vllm_greedy_equals_matta_at_the_exported_width(vllm_s, checkpoint):
 @pytest.mark.slow
 @requires_vllm
 def test_matta_route_relays_a_vllm_backend(vllm_s, checkpoint, tmp_path):
-    from benchmarks.serving_throughput import Server
+    from benchmarks.harness import Server
 
     name = checkpoint.config.name
     ta = Server(DEFAULT_CHECKPOINT, threads=1, max_batch=4, log_path=tmp_path / "matta-ta.log",
                 extra_args=("--policy", "fixed:ta"))
     try:
-        config = RouteConfig.model_validate({"model": name, "checkpoint": str(DEFAULT_CHECKPOINT), "backends": [
+        config = RouteSettings.model_validate({"model": name, "checkpoint": str(DEFAULT_CHECKPOINT), "backends": [
             {"width": "s", "url": vllm_s.url, "model": f"{name}:s"},
             {"width": "ta", "url": ta.start(), "model": f"{name}:ta"}]})
         with ServerThread(build_route_app(config)) as proxy:

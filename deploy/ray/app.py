@@ -4,6 +4,11 @@ engine, router, A/B layer and HTTP API as ``matta serve`` (``serving.app.build_a
     serve run deploy/ray/serve_config.yaml            # or: serve deploy deploy/ray/serve_config.yaml
     serve run deploy.ray.app:build checkpoint=checkpoints/default policy=slo slo_ms=800
 
+The application's arguments are ``matta serve``'s settings (:class:`serving.settings.ServeSettings`,
+the same names as its flags' fields: ``slo_ms``, ``threads``, ``max_batch``...), validated by that
+model, so a YAML or command-line string is coerced and checked exactly as ``matta serve`` checks
+it; plus ``ab_dir`` (where each replica writes its A/B shard), ``num_replicas`` or ``autoscaling``.
+
 Ray Serve routes each HTTP request to a replica (power of two choices on ongoing requests),
 caps a replica at ``max_ongoing_requests`` (excess requests queue in the Ray proxy, and beyond
 ``max_queued_requests`` are refused with 503), and autoscales on ongoing requests. Inside a
@@ -15,11 +20,15 @@ directly, or Ray's own metrics endpoint, for a cluster view.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
+from serving.settings import ServeSettings, settings_from
+
 REPO = Path(__file__).resolve().parents[2]
 REPLICA_HEADER = "x-matta-replica"  # which replica answered (Ray's replica id)
+REPLICA_THREADS = 1  # a replica's torch threads unless told: Ray gives it one CPU (ray_actor_options)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -27,22 +36,15 @@ REPLICA_HEADER = "x-matta-replica"  # which replica answered (Ray's replica id)
 class MattaDeployment:
     """One replica: the FastAPI app of ``matta serve``, built after the replica starts."""
 
-    def __init__(self, checkpoint: str = "checkpoints/default", policy: str | None = None,
-                 slo_ms: float | None = None, min_width: str | None = None, shed: bool = False,
-                 max_batch: int = 32, max_queue: int = 256, threads: int = 1, experiment: str | None = None,
-                 ab_dir: str = "runs/ab", profile: str | None = None) -> None:
-        from serving.app import ServerSettings
-
-        def resolve(path: str | None) -> Path | None:
-            # Replicas may start in another working directory: relative paths are the repo's.
-            return None if path is None else (Path(path) if Path(path).is_absolute() else REPO / path)
-
-        self.threads = threads
-        self.settings = ServerSettings(
-            checkpoint=resolve(checkpoint), policy=policy, default_slo_ms=slo_ms, min_width=min_width, shed=shed,
-            max_batch=max_batch, max_queue=max_queue, torch_threads=threads, experiment=resolve(experiment),
-            profile=resolve(profile), device="cpu")
-        self.ab_dir = resolve(ab_dir)
+    def __init__(self, ab_dir: str = "runs/ab", **settings: Any) -> None:
+        settings.setdefault("threads", REPLICA_THREADS)
+        settings.setdefault("device", "cpu")
+        # Replicas may start in another working directory: relative paths are the repo's.
+        for key in ("checkpoint", "experiment", "profile", "ab_db"):
+            if settings.get(key) is not None and not Path(settings[key]).is_absolute():
+                settings[key] = REPO / settings[key]
+        self.settings = settings_from(ServeSettings, settings, source="Ray Serve app arguments")
+        self.ab_dir = Path(ab_dir) if Path(ab_dir).is_absolute() else REPO / ab_dir
 
     def __serve_build_asgi_app__(self):
         import torch
@@ -51,12 +53,13 @@ class MattaDeployment:
         from router.experiment import load_experiment
         from serving.app import build_app
 
-        torch.set_num_threads(self.threads)
-        if self.settings.experiment is not None:
+        torch.set_num_threads(self.settings.threads)
+        settings = self.settings
+        if settings.experiment is not None and settings.ab_db is None:
             # One A/B shard per replica (its pid is in the name); `matta ab analyze` merges them.
-            name = load_experiment(self.settings.experiment).name
-            self.settings.ab_db = default_shard_path(name, self.ab_dir)
-        app = build_app(self.settings)
+            name = load_experiment(settings.experiment).name
+            settings = settings.model_copy(update={"ab_db": default_shard_path(name, self.ab_dir)})
+        app = build_app(settings)
         replica = serve.get_replica_context().replica_id.unique_id
 
         @app.middleware("http")
@@ -69,21 +72,16 @@ class MattaDeployment:
 
 
 def build(args: dict) -> serve.Application:
-    """Application builder for ``serve run`` / ``serve deploy``: ``args`` are MattaDeployment's arguments,
-    plus ``num_replicas`` (an int) or ``autoscaling`` (a Ray autoscaling_config dict)."""
+    """Application builder for ``serve run`` / ``serve deploy``: ``args`` are ServeSettings fields and
+    ``ab_dir``, plus ``num_replicas`` (an int) or ``autoscaling`` (a Ray autoscaling_config dict).
+    Invalid settings fail here, before any replica starts, with the field named."""
     args = dict(args)
     options = {}
     if "num_replicas" in args:
         options["num_replicas"] = int(args.pop("num_replicas"))
     if "autoscaling" in args:
         options["autoscaling_config"] = args.pop("autoscaling")
-    for key in ("slo_ms",):
-        if key in args and args[key] is not None:
-            args[key] = float(args[key])
-    for key in ("max_batch", "max_queue", "threads"):
-        if key in args:
-            args[key] = int(args[key])
-    if "shed" in args and isinstance(args["shed"], str):
-        args["shed"] = args["shed"].lower() in ("1", "true", "yes")
+    settings = {k: v for k, v in args.items() if k != "ab_dir"}
+    settings_from(ServeSettings, {"threads": REPLICA_THREADS, **settings}, source="Ray Serve app arguments")
     deployment = MattaDeployment.options(**options) if options else MattaDeployment
     return deployment.bind(**args)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/default")
+from matta.config import DEFAULT_CHECKPOINT
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], file=None) -> None:
@@ -176,28 +176,24 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API: every width from one copy of the weights."""
-    from serving.app import ServerSettings, serve
+    """Serve a checkpoint over an OpenAI-compatible HTTP API: every width from one copy of the weights.
+    Every setting also reads MATTA_<SETTING> from the environment (e.g. MATTA_API_KEY)."""
+    from serving.app import serve
+    from serving.settings import ServeSettings, flag_values, settings_from
 
-    settings = ServerSettings(checkpoint=args.checkpoint, policy=args.policy, max_batch=args.max_batch,
-                              max_queue=args.max_queue, device=args.device,
-                              shutdown_timeout_s=args.shutdown_timeout, torch_threads=args.threads,
-                              default_slo_ms=args.slo_ms, min_width=args.min_width, shed=args.shed,
-                              profile=args.profile, quality_metric=args.quality_metric,
-                              calibration_quantile=args.calibration_quantile, experiment=args.experiment,
-                              ab_db=args.ab_db, admin_key=args.admin_key, api_key=args.api_key,
-                              max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout or None,
-                              max_concurrency=args.max_concurrency or None, header_timeout_s=args.header_timeout,
-                              body_timeout_s=args.body_timeout)
+    settings = settings_from(ServeSettings, flag_values(args, ServeSettings), source="matta serve")
     return serve(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_route(args) -> int:
     """Route OpenAI-compatible requests over backends that each serve one width (pinned `matta serve`
-    instances, or vLLM serving exported widths), with the same policies, headers and metrics."""
-    from router.proxy import load_route_config, serve_route
+    instances, or vLLM serving exported widths), with the same front end, policies, headers and metrics.
+    Flags override the config file, which overrides MATTA_<SETTING> variables."""
+    from serving.route import load_route_settings, serve_route
+    from serving.settings import RouteSettings, flag_values
 
-    return serve_route(load_route_config(args.config), host=args.host, port=args.port, log_level=args.log_level)
+    settings = load_route_settings(args.config, flag_values(args, RouteSettings))
+    return serve_route(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_profile(args) -> int:
@@ -226,6 +222,38 @@ def cmd_profile(args) -> int:
 
 
 Command = Callable[[argparse.Namespace], int]
+
+# The modules each optional extra brings (pyproject.toml): a command that misses one names the extra.
+EXTRA_MODULES = {"serve": {"fastapi", "uvicorn", "starlette", "prometheus_client", "httpx", "mmh3", "scipy"},
+                 "deploy": {"ray", "locust"}}
+
+
+def _needs_extra(exc: ModuleNotFoundError) -> Command:
+    """A command that cannot run here: running it reports the missing module (and its extra)."""
+
+    def command(args) -> int:
+        raise exc
+
+    return command
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    top = (exc.name or "").split(".")[0]
+    return next((extra for extra, modules in EXTRA_MODULES.items() if top in modules), None)
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """Where a server listens and how much it logs: flags of the process, not of its settings."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, model: str, skip: frozenset[str] = frozenset()) -> None:
+    """The server's settings as flags, generated from its settings model (serving/settings.py)."""
+    from serving import settings
+
+    settings.add_flags(p, getattr(settings, model), skip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,60 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=40)
 
     p = add("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API")
-    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--policy", help="width policy for unpinned requests: fixed:<width> or slo[:key=value,...] "
-                                    "(default: fixed:<widest>)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting before 429")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM, how long in-flight requests may take to finish")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores but one, left to the HTTP loop)")
-    p.add_argument("--slo-ms", type=float, help="latency target (ms) for requests that give none (slo policy)")
-    p.add_argument("--min-width", help="slo policy: never serve unpinned requests below this width")
-    p.add_argument("--shed", action="store_true",
-                   help="slo policy: answer 429 + Retry-After when no width can meet the SLO (default: best effort)")
-    p.add_argument("--profile", type=Path, help="latency profile from `matta profile` (default: measured at start-up)")
-    p.add_argument("--calibration-quantile", type=float, metavar="Q",
-                   help="slo policy: scale predictions by the Q-quantile of recent actual/predicted latency "
-                        "(e.g. 0.9; default off)")
-    p.add_argument("--experiment", type=Path, help="A/B experiment config (YAML): arms are width policies")
-    p.add_argument("--ab-db", type=Path, help="SQLite log of exposures and outcomes "
-                                              "(default: runs/ab/<experiment>.<host>.<pid>.sqlite)")
-    p.add_argument("--admin-key", help="Bearer key for /admin/* (experiment reload); default: $MATTA_ADMIN_KEY; "
-                                       "unset disables the admin API")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
-                                     "(default: $MATTA_API_KEY; prefer the variable, flags show in `ps`)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="cancel a completion running longer (504); 0 disables")
-    p.add_argument("--max-concurrency", type=int, default=1024, metavar="N",
-                   help="more requests in the server at once get 503 + Retry-After (/health and /metrics "
-                        "excepted); bounds memory under overload; 0 disables")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="close a connection whose request head takes longer (idle or slowloris clients)")
-    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="answer 408 when a request body takes longer than this after its head")
-    p.add_argument("--quality-metric", default="cloze_acc", choices=["cloze_acc", "inverse_ppl"],
-                   help="per-width quality (from training.json) behind matta_effective_quality")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_server_flags(p)
+    _add_settings_flags(p, "ServeSettings")
 
     ab = sub.add_parser("ab", help="A/B experiments over width policies").add_subparsers(dest="ab_command",
                                                                                        required=True)
-    from router.ab_analysis import add_analyze_arguments, run_analyze
-
     p = ab.add_parser("analyze", help="per-arm units, SRM check, metric means, lifts and tests",
                       description="Analyse an experiment from one or more SQLite log shards (merged).")
-    p.set_defaults(func=run_analyze)
-    add_analyze_arguments(p)
+    try:
+        from router.ab_analysis import add_analyze_arguments, run_analyze
+    except ModuleNotFoundError as exc:  # its statistics need the serve extra (scipy)
+        p.set_defaults(func=_needs_extra(exc))
+    else:
+        p.set_defaults(func=run_analyze)
+        add_analyze_arguments(p)
 
     p = add("route", cmd_route, "width router (proxy) in front of one backend per width")
-    p.add_argument("config", type=Path, help="route config YAML (see router/proxy.py)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("config", type=Path, help="route config YAML (see serving/route.py)")
+    _add_server_flags(p)
+    _add_settings_flags(p, "RouteSettings", skip=frozenset({"model", "checkpoint"}))
 
     p = add("profile", cmd_profile, "measure per-width step times on this machine (latency profile for the router)")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
@@ -351,10 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from matta.checkpoint import CheckpointError
 
+    command = " ".join(filter(None, (args.command, getattr(args, "ab_command", None))))
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        extra = _missing_extra(exc)
+        hint = f": install its extra, pip install -e '.[{extra}]'" if extra else ""
+        print(f"matta {command}: error: {exc}{hint}", file=sys.stderr)
+        return 1
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"matta {args.command}: error: {exc}", file=sys.stderr)
+        print(f"matta {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

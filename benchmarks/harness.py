@@ -1,0 +1,447 @@
+"""What the benchmarks and the tests share: real servers on port 0, load clients, prompts, metric parsing.
+
+- :class:`Server`: ``matta serve`` as a subprocess (its own process, as users run it);
+  :class:`ServerThread`: any front-end app under uvicorn in a background thread;
+- load: :func:`open_loop` (raw-socket open-loop client, on a schedule from :func:`make_trace`),
+  :func:`saturate` (closed loop), :func:`load_test` (headless locust and its report);
+- :func:`make_prompts` (prompt windows whose greedy continuation has no early end-of-text),
+  :func:`model_decode_step` (bare decode-step timing), :func:`metric` (Prometheus text).
+
+Benchmarks run from the repo root as modules (``python -m benchmarks.slo_router``); tests import
+this module the same way. Nothing here is installed with the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+
+from matta.checkpoint import Checkpoint
+from matta.model import StaticKVCache
+from serving.server import uvicorn_config
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+
+
+# Public-domain English (Shakespeare): the default checkpoint is trained on Shakespeare, so these
+# prompts are in distribution and its greedy continuations rarely end early.
+TEXT = """\
+To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and
+arrows of outrageous fortune, or to take arms against a sea of troubles, and by opposing end them. To
+die, to sleep; no more; and by a sleep to say we end the heart-ache and the thousand natural shocks that
+flesh is heir to: 'tis a consummation devoutly to be wish'd. To die, to sleep; to sleep, perchance to
+dream: ay, there's the rub; for in that sleep of death what dreams may come when we have shuffled off
+this mortal coil, must give us pause: there's the respect that makes calamity of so long life; for who
+would bear the whips and scorns of time, the oppressor's wrong, the proud man's contumely, the pangs of
+despised love, the law's delay, the insolence of office and the spurns that patient merit of the
+unworthy takes, when he himself might his quietus make with a bare bodkin?
+Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day, to the last syllable of
+recorded time; and all our yesterdays have lighted fools the way to dusty death. Out, out, brief candle!
+Life's but a walking shadow, a poor player that struts and frets his hour upon the stage and then is
+heard no more. It is a tale told by an idiot, full of sound and fury, signifying nothing.
+Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. The evil that
+men do lives after them; the good is oft interred with their bones; so let it be with Caesar. The noble
+Brutus hath told you Caesar was ambitious: if it were so, it was a grievous fault, and grievously hath
+Caesar answer'd it. Here, under leave of Brutus and the rest, for Brutus is an honourable man; so are
+they all, all honourable men, come I to speak in Caesar's funeral. He was my friend, faithful and just
+to me: but Brutus says he was ambitious; and Brutus is an honourable man.
+All the world's a stage, and all the men and women merely players: they have their exits and their
+entrances; and one man in his time plays many parts, his acts being seven ages. At first the infant,
+mewling and puking in the nurse's arms. And then the whining school-boy, with his satchel and shining
+morning face, creeping like snail unwillingly to school. And then the lover, sighing like furnace, with
+a woeful ballad made to his mistress' eyebrow. Then a soldier, full of strange oaths and bearded like
+the pard, jealous in honour, sudden and quick in quarrel, seeking the bubble reputation even in the
+cannon's mouth. And then the justice, in fair round belly with good capon lined, with eyes severe and
+beard of formal cut, full of wise saws and modern instances; and so he plays his part.
+The quality of mercy is not strain'd, it droppeth as the gentle rain from heaven upon the place beneath:
+it is twice blest; it blesseth him that gives and him that takes: 'tis mightiest in the mightiest: it
+becomes the throned monarch better than his crown; his sceptre shows the force of temporal power, the
+attribute to awe and majesty, wherein doth sit the dread and fear of kings; but mercy is above this
+sceptred sway; it is enthroned in the hearts of kings, it is an attribute to God himself.
+Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds do shake the
+darling buds of May, and summer's lease hath all too short a date: sometime too hot the eye of heaven
+shines, and often is his gold complexion dimm'd; and every fair from fair sometime declines, by chance or
+nature's changing course untrimm'd; but thy eternal summer shall not fade.
+Once more unto the breach, dear friends, once more; or close the wall up with our English dead. In peace
+there's nothing so becomes a man as modest stillness and humility: but when the blast of war blows in our
+ears, then imitate the action of the tiger; stiffen the sinews, summon up the blood, disguise fair nature
+with hard-favour'd rage. This day is called the feast of Crispian: he that outlives this day, and comes
+safe home, will stand a tip-toe when the day is named, and rouse him at the name of Crispian. We few, we
+happy few, we band of brothers; for he to-day that sheds his blood with me shall be my brother.
+Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that
+lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious
+wreaths; our bruised arms hung up for monuments; our stern alarums changed to merry meetings, our
+dreadful marches to delightful measures.
+But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun. Arise, fair
+sun, and kill the envious moon, who is already sick and pale with grief, that thou her maid art far more
+fair than she. O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name; or, if thou
+wilt not, be but sworn my love, and I'll no longer be a Capulet. What's in a name? that which we call a
+rose by any other name would smell as sweet.
+"""
+
+
+@torch.inference_mode()
+def greedy_batch(model, prompts: list[list[int]], width: str, max_tokens: int) -> list[list[int]]:
+    """Greedy continuations of equal-length prompts, batched, ``max_tokens`` each (end-of-text not special)."""
+    ids = torch.tensor(prompts, dtype=torch.long)
+    out = model(ids, width=width, use_cache=True)
+    generated = []
+    for step in range(max_tokens):
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(next_ids)
+        if step + 1 < max_tokens:
+            out = model(next_ids, width=width, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(generated, dim=1).tolist()
+
+
+def make_prompts(ckpt: Checkpoint, widths: list[str], prompt_tokens: int, max_tokens: int,
+                 candidates: int = 96) -> tuple[list[list[int]], dict]:
+    """Windows of ``TEXT`` whose greedy continuation has no end-of-text at any benchmarked width."""
+    config = ckpt.config
+    tokens = ckpt.tokenizer.encode(" ".join(TEXT.split()))
+    if len(tokens) < prompt_tokens:
+        raise SystemExit(f"the built-in text is only {len(tokens)} tokens; use --prompt-tokens <= {len(tokens)}")
+    count = min(candidates, len(tokens) - prompt_tokens + 1)
+    stride = max(1, (len(tokens) - prompt_tokens) // max(1, count - 1))
+    windows = [tokens[s:s + prompt_tokens] for s in range(0, len(tokens) - prompt_tokens + 1, stride)][:count]
+    eos = config.eos_token_id
+    early = set()
+    for width in widths:
+        for i, row in enumerate(greedy_batch(ckpt.model, windows, width, max_tokens)):
+            if eos in row:
+                early.add(i)
+    kept = [w for i, w in enumerate(windows) if i not in early]
+    info = {"source": "windows of the built-in English (Shakespeare) text, checkpoint tokenizer, sent as token ids",
+            "text_tokens": len(tokens), "candidates": len(windows), "stride": stride,
+            "dropped_for_early_eos": len(early), "kept": len(kept)}
+    if len(kept) < 4:  # almost everything ends early: keep them all, counts in the JSON say so
+        kept, info["fallback"] = windows, "too few windows without end-of-text; using all, lengths vary"
+    return kept, info
+
+
+class Server:
+    """``matta serve CKPT --port 0`` as a subprocess; the bound port is read from its stdout."""
+
+    def __init__(self, checkpoint: Path, threads: int, max_batch: int, log_path: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.cmd = [sys.executable, "-m", "cli", "serve", str(checkpoint), "--port", "0", "--threads",
+                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning", *extra_args]
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.exit_code: int | None = None
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self._log = open(self.log_path, "w")  # closed in stop()
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if "listening on " in line:
+                self.url = line.split("listening on ", 1)[1].strip()
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError(f"matta serve did not start; log:\n{self.log_path.read_text()[-3000:]}")
+        import httpx
+
+        while time.monotonic() < deadline:  # the socket listens before the app is up; wait for /health
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("matta serve never became healthy")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (graceful drain), then kill if it does not exit; returns the exit code."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.exit_code = self.proc.returncode
+            self._log.close()
+        return self.exit_code
+
+
+@torch.inference_mode()
+def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10) -> dict:
+    """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
+
+    The cache is a :class:`StaticKVCache`, as in the engine; it is rewound before every step so
+    all steps see the same context.
+    """
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ctx = torch.randint(0, vocab, (batch, context), generator=gen)
+    step = torch.randint(0, vocab, (batch, 1), generator=gen)
+    mask = torch.ones(batch, context + 1, dtype=torch.long)
+    pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
+             for w in widths}
+
+    def run(w: str) -> None:
+        pasts[w].length = context
+        model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
+
+    times: dict[str, list[float]] = {w: [] for w in widths}
+    for w in widths:
+        run(w)
+    for r in range(repeats * 3):
+        for w in widths[r % len(widths):] + widths[: r % len(widths)]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                run(w)
+            times[w].append((time.perf_counter() - t0) / inner)
+    return {w: {"step_ms": [t * 1e3 for t in ts], "median_step_ms": statistics.median(ts) * 1e3,
+                "tokens_per_s": batch / statistics.median(ts)} for w, ts in times.items()}
+
+
+async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
+    """Send each completion body at its arrival time (seconds from now) on its own connection,
+    whatever the server is doing; per request: status, latency from when it was due, width,
+    ``Retry-After``, the router's prediction and the completion tokens.
+
+    Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
+    hundred or more requests/s starves the server it measures, and the schedule slips (a slo
+    replay at 150 req/s sent its last 10 s of requests up to 5 s late)."""
+    host, port = url.removeprefix("http://").split(":")
+
+    async def one(body: dict, due: float) -> dict:
+        payload = json.dumps(body).encode()
+        request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                   f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            raw = await asyncio.wait_for(reader.read(), timeout_s)
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            return {"t": due - start, "status": 0, "latency_s": time.monotonic() - due, "width": None,
+                    "error": type(exc).__name__}
+        done = time.monotonic()
+        head, _, content = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        status = int(lines[0].split()[1]) if lines[0] else 0
+        out = {"t": due - start, "status": status, "latency_s": done - due, "width": headers.get("x-matta-width"),
+               "retry_after": headers.get("retry-after"),
+               "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
+               else None}
+        if status == 200:
+            out["tokens"] = json.loads(content)["usage"]["completion_tokens"]
+        return out
+
+    start = time.monotonic()
+    return await on_schedule(bodies, one, start)  # latency counts from when each was due
+
+
+async def on_schedule(items: list[tuple[float, object]], send, start: float) -> list:
+    """Open loop: start ``send(item, due)`` at each item's arrival (seconds after ``start``),
+    whatever the earlier ones are doing; their results in order."""
+    tasks = []
+    for arrival, item in items:
+        delay = start + arrival - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(item, start + arrival)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def saturate(url: str, model: str, prompts: list[list[int]], max_tokens: int, clients: int,
+                   seconds: float) -> dict:
+    """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def client_loop(j: int, client: httpx.AsyncClient) -> None:
+        k = 0
+        while time.monotonic() < deadline:
+            body = {"model": model, "prompt": prompts[(j * 7 + k) % len(prompts)], "max_tokens": max_tokens,
+                    "temperature": 0}
+            sent = time.monotonic()
+            r = await client.post(f"{url}/v1/completions", json=body)
+            r.raise_for_status()
+            latencies.append(time.monotonic() - sent)
+            k += 1
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        start = time.monotonic()
+        await asyncio.gather(*[client_loop(j, client) for j in range(clients)])
+        elapsed = time.monotonic() - start
+    return {"requests_per_s": len(latencies) / elapsed, "p50_s": statistics.median(latencies),
+            "p99_s": float(np.percentile(latencies, 99)), "requests": len(latencies)}
+
+
+def make_trace(prompts: list[list[int]], rate_from: float, rate_to: float, duration: float,
+               seed: int) -> list[tuple[float, list[int]]]:
+    """Poisson arrivals with a linearly ramping rate (thinning of a process at the peak rate)."""
+    rng = random.Random(seed)
+    peak = max(rate_from, rate_to)
+    t, trace = 0.0, []
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration:
+            return trace
+        rate = rate_from + (rate_to - rate_from) * t / duration
+        if rng.random() < rate / peak:
+            trace.append((t, prompts[rng.randrange(len(prompts))]))
+
+
+def run_locust(host: str, users: int, spawn_rate: float, seconds: int, user_classes: list[str], prefix: Path,
+               env: dict | None = None) -> None:
+    """locust --headless with CSV output at ``prefix``; raises if locust fails to run."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(BENCHMARKS / "locustfile.py"), *user_classes, "--headless",
+           "-u", str(users), "-r", str(spawn_rate), "-t", f"{seconds}s", "-H", host, "--csv", str(prefix),
+           "--csv-full-history", "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 120)
+    # locust exits 1 when any request failed; that is a result, not a crash. Other codes are crashes.
+    if done.returncode not in (0, 1) or not Path(f"{prefix}_stats.csv").exists():
+        raise RuntimeError(f"locust failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_stats(prefix: Path) -> dict:
+    """Per-endpoint totals and the aggregated time series from locust's CSV files."""
+    endpoints = {}
+    with open(f"{prefix}_stats.csv") as f:
+        for row in csv.DictReader(f):
+            endpoints[f"{row['Type']} {row['Name']}".strip()] = {
+                "requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                "median_ms": _float(row["Median Response Time"]), "p95_ms": _float(row["95%"]),
+                "p99_ms": _float(row["99%"]), "requests_per_s": _float(row["Requests/s"]),
+                "failures_per_s": _float(row["Failures/s"])}
+    history = []
+    with open(f"{prefix}_stats_history.csv") as f:
+        for row in csv.DictReader(f):
+            if row["Name"] != "Aggregated":
+                continue
+            history.append({"t": int(row["Timestamp"]), "users": int(row["User Count"]),
+                            "requests_per_s": _float(row["Requests/s"]), "failures_per_s": _float(row["Failures/s"]),
+                            "p50_ms": _float(row["50%"]), "p95_ms": _float(row["95%"]), "p99_ms": _float(row["99%"])})
+    if history:
+        t0 = history[0]["t"]
+        for h in history:
+            h["t"] -= t0
+    return {"endpoints": endpoints, "history": history}
+
+
+def plot(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = report["history"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    t = [h["t"] for h in history]
+    axes[0].plot(t, [h["requests_per_s"] or 0 for h in history], label="requests/s")
+    axes[0].plot(t, [h["failures_per_s"] or 0 for h in history], label="failures/s", color="tab:red")
+    axes[0].set(xlabel="seconds", title="throughput")
+    axes[0].legend()
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        axes[1].plot(t, [h[key] for h in history], label=key.removesuffix("_ms"))
+    axes[1].set(xlabel="seconds", ylabel="ms", title="latency (all endpoints)")
+    axes[1].legend()
+    axes[2].axis("off")
+    rows = [[name.replace("POST ", "").replace("GET ", ""), e["requests"], e["failures"], e["median_ms"], e["p99_ms"],
+             f"{e['requests_per_s']:.1f}"] for name, e in report["endpoints"].items()]
+    table = axes[2].table(cellText=rows, colLabels=["endpoint", "reqs", "fails", "p50 ms", "p99 ms", "req/s"],
+                          loc="center", cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_test(host: str, users: int, spawn_rate: float, seconds: int, user_classes: list[str], out: Path,
+              env: dict | None = None) -> dict:
+    """Run locust, write ``out``.json and ``out``.png, return the report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "locust"
+        run_locust(host, users, spawn_rate, seconds, user_classes, prefix, env)
+        report = read_stats(prefix)
+    report["settings"] = {"host": host, "users": users, "spawn_rate": spawn_rate, "seconds": seconds,
+                          "user_classes": user_classes}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, out.with_suffix(".png"), f"locust {' '.join(user_classes) or 'all users'}: {users} users, {host}")
+    return report
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a free port in a background thread, for a ``with`` block."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        config = (uvicorn_config(app, log_level="warning") if hasattr(app.state, "settings")
+                  else uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(config)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.sock.close()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of a metric's samples in Prometheus text whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (for servers that cannot take port 0, like Ray Serve's proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

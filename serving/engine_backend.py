@@ -1,0 +1,135 @@
+"""``matta serve``'s backend: the checkpoint's engine behind the one front end (:mod:`serving.frontend`).
+
+Tokenizing, detokenized text, echo and logprob tokens as text happen here, on the API side;
+the engine (:mod:`serving.engine`) sees token ids only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from matta.tokenizer import Tokenizer
+from router.cost import EngineCostModel
+from router.policy import LoadSnapshot
+from serving.backend import Delta, LogprobEntry, PreparedPrompts
+from serving.engine import Engine, EngineStoppedError, QueueFullError, RequestStream, SamplingParams, TokenLogprob
+from serving.http import APIError
+from serving.protocol import CompletionRequest
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    ids: list[int]
+    text: str | None  # what echo returns; None: token ids, decoded only if echo asks
+
+
+class EngineStream:
+    """A request's engine events as :class:`~serving.backend.Delta`: text, echo and logprobs rendered."""
+
+    usage: tuple[int, int] | None = None
+
+    def __init__(self, events: RequestStream, prompts: list[_Prompt], tokenizer: Tokenizer, echo: bool) -> None:
+        self._events, self._prompts, self._tokenizer = events, prompts, tokenizer
+        self._echo_pending = [echo] * len(prompts)
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, Delta]]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        async for index, event in self._events:
+            text = event.text
+            if self._echo_pending[index]:
+                self._echo_pending[index] = False
+                prompt = self._prompts[index]
+                text = (prompt.text if prompt.text is not None else self._tokenizer.decode(prompt.ids)) + text
+            logprobs = [*map(self._entry, event.prompt_logprobs or ()), *map(self._entry, event.logprobs or ())]
+            yield index, Delta(text, event.time, tokens=len(event.token_ids), logprobs=logprobs,
+                               finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
+                               queue_s=event.queue_s if event.finish_reason is not None else None)
+
+    def _entry(self, lp: TokenLogprob) -> LogprobEntry:
+        token = self._tokenizer.token_bytes
+        return LogprobEntry(token(lp.token_id), lp.logprob,
+                            None if lp.logprob is None else {token(t): v for t, v in lp.top})
+
+    def cancel(self) -> None:
+        self._events.cancel()
+
+
+class EngineBackend:
+    """The engine of one checkpoint: every width from one copy of the weights."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, cost: EngineCostModel | None = None,
+                 retry_after_s: int = 1) -> None:
+        config = engine.config
+        self.engine, self.tokenizer, self.cost, self.retry_after_s = engine, tokenizer, cost, retry_after_s
+        self.name = config.name
+        self.widths = config.width_names
+        self.max_model_len = config.n_ctx
+        self.vocab_size = config.vocab_size
+
+    @property
+    def accepting(self) -> bool:
+        return self.engine.accepting
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        self.engine.start()
+        try:
+            yield
+        finally:
+            self.engine.stop()
+
+    def prepare(self, prompt) -> PreparedPrompts:
+        if isinstance(prompt, str):
+            prompts = [_Prompt(self.tokenizer.encode(prompt), prompt)]
+        elif all(isinstance(p, str) for p in prompt):
+            prompts = [_Prompt(ids, text) for ids, text in zip(self.tokenizer.encode_batch(prompt), prompt, strict=True)]
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [_Prompt(list(prompt), None)]
+        else:
+            prompts = [_Prompt(list(p), None) for p in prompt]
+        vocab, n_ctx = self.vocab_size, self.max_model_len
+        for i, p in enumerate(prompts):
+            if not p.ids:
+                raise APIError(400, f"prompt {i} is empty (it has no tokens)", param="prompt")
+            bad = next((t for t in p.ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary 0..{vocab - 1}",
+                               param="prompt")
+            if len(p.ids) > n_ctx:
+                raise APIError(413, f"prompt {i} has {len(p.ids)} tokens; this model's context window is {n_ctx} "
+                                    "tokens", param="prompt", code="context_length_exceeded")
+        if len(prompts) > self.engine.max_queue:
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server queues at most "
+                                f"{self.engine.max_queue}", param="prompt")
+        return PreparedPrompts(n_prompts=len(prompts), prompt_tokens=sum(len(p.ids) for p in prompts),
+                               longest_prompt=max(len(p.ids) for p in prompts), payload=prompts)
+
+    def load(self) -> LoadSnapshot:
+        s = self.engine.stats()
+        return LoadSnapshot(waiting=s.waiting, running=s.running, running_by_width=s.running_by_width,
+                            waiting_by_width=s.waiting_by_width, max_batch=s.max_batch, max_queue=s.max_queue,
+                            groups=s.groups, remaining_tokens=s.remaining_tokens)
+
+    async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
+               deadline: float | None) -> EngineStream:
+        params = SamplingParams(
+            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
+            deadline=deadline,
+        )
+        retry = {"retry-after": str(self.retry_after_s)}
+        try:
+            events = self.engine.submit([p.ids for p in prompts.payload], width, params)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full", headers=retry) from exc
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), type_="service_unavailable", code="shutting_down", headers=retry) from exc
+        return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
+
+    async def health(self) -> tuple[bool, dict]:
+        stats = self.engine.stats()
+        return True, {"running": stats.running, "waiting": stats.waiting}

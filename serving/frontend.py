@@ -1,0 +1,518 @@
+"""The one OpenAI-compatible front end, for ``matta serve`` (engine backend) and ``matta route`` (HTTP backends).
+
+:func:`build_frontend_app` wires a :class:`~serving.backend.Backend` behind the same surface:
+``/v1/completions`` (JSON or SSE), ``/v1/models`` with pinned ids, ``/v1/feedback`` and
+``/admin/experiment`` (A/B), ``/health``, ``/metrics``; the request guard (API key, body limit
+and deadline, concurrency cap), the OpenAI error bodies, the width policy and A/B arms, SLO
+accounting and metrics, request deadlines and client disconnects. :class:`Frontend` holds the
+request logic, kept free of FastAPI routing as vLLM's ``serving_completion.py`` is: it returns a
+response or raises :class:`~serving.http.APIError`, which the app turns into the error body.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+
+from router.ab_log import ABLog, Exposure, default_shard_path
+from router.experiment import LiveExperiment, load_experiment
+from router.policies import make_policy
+from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy, decide_width
+from serving.ab_routes import describe, install_experiment_routes
+from serving.backend import Backend, BackendError, CompletionStream, Delta, LogprobEntry
+from serving.http import (
+    ARM_HEADER,
+    COMPLETION_RESPONSES,
+    PREDICTED_HEADER,
+    REQUEST_ID_HEADER,
+    WIDTH_HEADER,
+    APIError,
+    document_api,
+    install_error_handlers,
+    install_request_guard,
+    slo_ms_from,
+)
+from serving.metrics import ServingMetrics
+from serving.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    completion_id,
+    error_body,
+)
+from serving.settings import FrontendSettings
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
+
+# The fraction of a request's SLO by which the engine must be able to finish it (see
+# Frontend.create_completion). In tests/test_overload.py (10x burst) the admitted p99 came out
+# over the SLO in 2 of 3 runs with 1.0, and within 2-10% of it (over in 2 of 9 runs) with 0.8:
+# 0.7 leaves the HTTP side room.
+QUEUE_DEADLINE_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How a request was routed, for the SLO metrics, the cost model and the A/B log when it ends."""
+
+    width: str
+    reason: str
+    slo_s: float | None
+    predicted_s: float | None
+    info: RequestInfo
+    load: LoadSnapshot
+    policy: str = ""  # name of the policy that chose (the server's, or the A/B arm's)
+    request_id: str = ""
+    arm: str | None = None  # A/B arm, when the request is in an experiment
+    experiment: str | None = None
+    unit: str | None = None
+    assignment: str | None = None
+
+
+@dataclass
+class _Choice:
+    """What one prompt of a request has produced so far, plus its timings for the metrics."""
+
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    text_offset: int = 0  # characters already streamed (logprobs text_offset when streaming)
+
+
+class Frontend:
+    """``/v1/completions`` and ``/v1/models`` over one :class:`~serving.backend.Backend`."""
+
+    def __init__(self, backend: Backend, policy: WidthPolicy, metrics: ServingMetrics, settings: FrontendSettings,
+                 quality: dict[str, float] | None = None, experiment: LiveExperiment | None = None,
+                 ab_log: ABLog | None = None) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.metrics = metrics
+        self.settings = settings
+        self.quality = quality or {}
+        self.experiment = experiment
+        self.ab_log = ab_log
+        self._background: set[asyncio.Future] = set()
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.name
+
+    def models(self) -> ModelList:
+        """The routed model id plus one pinned id ``<name>:<width>`` per width."""
+        name, n_ctx = self.model_name, self.backend.max_model_len
+        cards = [ModelCard(id=name, root=name, max_model_len=n_ctx)]
+        cards += [ModelCard(id=f"{name}:{w}", root=name, parent=name, max_model_len=n_ctx, width=w)
+                  for w in self.backend.widths]
+        return ModelList(data=cards)
+
+    # --- request handling ----------------------------------------------------------------------
+
+    async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
+        """Serve one completion request (streaming or not); raises :class:`APIError` for the client's errors."""
+        started = time.monotonic()
+        request_id = completion_id()
+        width, route = None, None
+        try:
+            pinned = self._pinned_width(body)
+            slo_ms = slo_ms_from(body.latency_slo_ms, raw_request, self.settings.slo_ms)
+            prompts = self.backend.prepare(body.prompt)
+            info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms,
+                               max_tokens=self._generable_tokens(body.max_tokens, prompts.longest_prompt),
+                               prompt_tokens=prompts.prompt_tokens, user=body.user, n_prompts=prompts.n_prompts)
+            load = self.backend.load()
+            policy, ab = self.policy, {}
+            if pinned is None and self.experiment is not None:
+                # Pinned requests stay outside experiments: the client chose the width, no arm did.
+                unit = self._unit(body, raw_request)
+                assigned = self.experiment.assign(unit)
+                if assigned is not None:
+                    arm, policy, assignment, exp = assigned
+                    ab = {"arm": arm, "experiment": exp.name, "unit": unit, "assignment": assignment}
+            decision = decide_width(policy, info, load, started)
+            width = decision.width
+            predicted = decision.predicted_s if decision.predicted_s is None or math.isfinite(decision.predicted_s) \
+                else None
+            route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, predicted, info, load,
+                           policy=policy.name, request_id=request_id, **ab)
+            self.metrics.decisions.labels(policy.name, width, decision.reason).inc()
+            if decision.shed:
+                self.metrics.shed.labels(policy.name).inc()
+                self.metrics.observe_slo(policy.name, "shed")
+                wait = self._retry_after((decision.predicted_s or 0) - route.slo_s)
+                shown = "an unbounded time" if predicted is None else f"{1000 * predicted:.0f} ms"
+                raise APIError(429, f"no width can meet the latency SLO of {slo_ms:g} ms now (predicted {shown} at "
+                                    f"width {width!r}); retry later", type_="rate_limit_error",
+                               code="slo_unattainable", headers={"retry-after": str(wait)})
+            # A shedding policy also sheds from the queue: a request that waited past the point
+            # where it could still finish within its SLO is refused then, not served late. The
+            # engine aims inside the SLO: the rest is for time it cannot see (parsing, the event
+            # loop, sending the response), which grows under a burst of arrivals.
+            # Pinned requests are the client's choice, served whatever their SLO, as by the router.
+            deadline = (started + QUEUE_DEADLINE_FRACTION * route.slo_s
+                        if route.slo_s is not None and pinned is None and getattr(policy, "shed", False) else None)
+            stream = await self.backend.submit(prompts, width, body, deadline)
+        except APIError as exc:
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            if width is not None:
+                exc.headers[WIDTH_HEADER] = width
+            self.metrics.requests.labels(width or "none", str(exc.status)).inc()
+            if route is not None and route.arm is not None:
+                exc.headers[ARM_HEADER] = route.arm
+                await self._log_exposure(route, exc.status, time.monotonic() - started, 0)
+            raise
+        choices = [_Choice() for _ in range(prompts.n_prompts)]
+        headers = {WIDTH_HEADER: width, REQUEST_ID_HEADER: request_id}
+        if route.arm is not None:
+            headers[ARM_HEADER] = route.arm
+        if route.predicted_s is not None:
+            headers[PREDICTED_HEADER] = f"{1000 * route.predicted_s:.1f}"
+        if body.stream:
+            # The background cancel also covers a client gone before the first chunk, when the
+            # generator never started and its ``finally`` cannot run.
+            return StreamingResponse(self._sse(body, stream, choices, route, started), media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"},
+                                     background=BackgroundTask(stream.cancel))
+        return await self._complete(body, stream, choices, route, started, raw_request, headers)
+
+    def _generable_tokens(self, max_tokens: int, longest_prompt: int) -> int:
+        """``max_tokens`` as far as the context window lets it go: what predictions should price."""
+        n_ctx = self.backend.max_model_len
+        return max_tokens if n_ctx is None else max(0, min(max_tokens, n_ctx - longest_prompt))
+
+    def _retry_after(self, seconds: float) -> int:
+        """Whole seconds for ``Retry-After``: at least the default, at most the configured cap."""
+        s = self.settings
+        wait = math.ceil(seconds) if math.isfinite(seconds) else s.max_retry_after_s
+        return int(min(s.max_retry_after_s, max(s.retry_after_s, wait)))
+
+    def _unit(self, body: CompletionRequest, raw_request: Request) -> str | None:
+        """The experiment unit id: the ``user`` field or the configured header."""
+        source = self.experiment.config.unit
+        if source == "user":
+            return body.user or None
+        return raw_request.headers.get(source.removeprefix("header:")) or None
+
+    async def _log_exposure(self, route: _Route, status: int, elapsed: float, completion_tokens: int,
+                            wait: bool = True) -> None:
+        """Record an A/B exposure; with ``wait`` (the default) return only once it is durable."""
+        if route.arm is None or self.ab_log is None:
+            return
+        self.metrics.ab_exposures.labels(route.experiment, route.arm, route.width, str(status)).inc()
+        row = Exposure(route.request_id, route.experiment, route.unit, route.assignment, route.arm, route.policy,
+                       route.width, status, elapsed, route.info.prompt_tokens, completion_tokens, time.time())
+        if wait:
+            await self.ab_log.write(row)
+        else:
+            task = asyncio.ensure_future(self.ab_log.write(row))
+            self._background.add(task)  # held until done, or the loop could drop it half-written
+            task.add_done_callback(self._background.discard)
+
+    def _pinned_width(self, body: CompletionRequest) -> str | None:
+        name, widths = self.model_name, self.backend.widths
+        model_name, sep, model_width = body.model.partition(":")
+        if model_name != name:
+            raise APIError(404, f"the model {body.model!r} does not exist; available: {name!r} or "
+                                f"'{name}:<width>' with width in {widths}", param="model", code="model_not_found")
+        if sep and model_width not in widths:
+            raise APIError(404, f"unknown width {model_width!r} in model {body.model!r}; known: {widths}",
+                           param="model", code="width_not_found")
+        if body.width is not None and body.width not in widths:
+            raise APIError(404, f"unknown width {body.width!r}; known: {widths}", param="width",
+                           code="width_not_found")
+        if sep and body.width is not None and body.width != model_width:
+            raise APIError(400, f"model pins width {model_width!r} but width is {body.width!r}", param="width")
+        return model_width if sep else body.width
+
+    # --- responses -------------------------------------------------------------------------------
+
+    async def _complete(self, body: CompletionRequest, stream: CompletionStream, choices: list[_Choice],
+                        route: _Route, started: float, raw_request: Request, headers: dict[str, str]) -> Response:
+        """Collect a whole response, cancelling generation if the client goes away or the deadline passes."""
+        width = route.width
+        consume = asyncio.ensure_future(self._consume(stream, choices, width))
+        timeout_s = self.settings.request_timeout_s
+        deadline = started + timeout_s if timeout_s else float("inf")
+        try:
+            while not consume.done():
+                await asyncio.wait({consume}, timeout=DISCONNECT_POLL_S)
+                if not consume.done() and time.monotonic() > deadline:
+                    self._finish_metrics(choices, route, started, 504)
+                    await self._log_exposure(route, 504, time.monotonic() - started, 0)
+                    raise APIError(504, f"the completion ran past this server's deadline of {timeout_s:g} s "
+                                        "and was cancelled; ask for fewer max_tokens", type_="timeout_error",
+                                   code="deadline_exceeded", headers={WIDTH_HEADER: width})
+                if not consume.done() and await raw_request.is_disconnected():
+                    self._finish_metrics(choices, route, started, CLIENT_CLOSED)
+                    await self._log_exposure(route, CLIENT_CLOSED, time.monotonic() - started, 0, wait=False)
+                    return Response(status_code=CLIENT_CLOSED)
+            consume.result()
+        except BackendError as exc:
+            self._finish_metrics(choices, route, started, exc.status)
+            await self._log_exposure(route, exc.status, time.monotonic() - started, 0)
+            raise APIError(exc.status, exc.message, exc.type, code=exc.code,
+                           headers={"retry-after": str(self.settings.retry_after_s), WIDTH_HEADER: width}) from exc
+        finally:
+            consume.cancel()
+            stream.cancel()
+        if any(c.finish_reason == "shed" for c in choices):
+            self._finish_metrics(choices, route, started, 429)
+            await self._log_exposure(route, 429, time.monotonic() - started, 0)
+            raise APIError(429, _late_shed_message(route), type_="rate_limit_error", code="slo_unattainable",
+                           headers={"retry-after": str(self.settings.retry_after_s), WIDTH_HEADER: width})
+        usage = self._usage(stream, choices, route)
+        if any(c.finish_reason == "abort" for c in choices):
+            self._finish_metrics(choices, route, started, 503)
+            await self._log_exposure(route, 503, time.monotonic() - started, usage.completion_tokens)
+            raise APIError(503, "the engine aborted this completion (shutting down, or an engine error); retry",
+                           "service_unavailable", code="aborted",
+                           headers={"retry-after": str(self.settings.retry_after_s), WIDTH_HEADER: width})
+        response = CompletionResponse(
+            id=route.request_id,
+            model=body.model,
+            choices=[CompletionChoice(index=i, text=c.text, logprobs=self._logprobs(body, c.logprobs, 0),
+                                      finish_reason=c.finish_reason)
+                     for i, c in enumerate(choices)],
+            usage=usage,
+        )
+        self._finish_metrics(choices, route, started, 200, usage)
+        # The exposure is durable before the client can see the answer (see router/ab_log.py).
+        await self._log_exposure(route, 200, time.monotonic() - started, usage.completion_tokens)
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    async def _consume(self, stream: CompletionStream, choices: list[_Choice], width: str) -> None:
+        async for index, delta in stream:
+            self._apply(choices[index], delta, width)
+
+    async def _sse(self, body: CompletionRequest, stream: CompletionStream, choices: list[_Choice], route: _Route,
+                   started: float) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per step with new text, then usage (if asked) and ``[DONE]``.
+
+        Whatever ends the stream early (the deadline, a shed, a failed backend) ends it with an
+        error event and ``[DONE]``, so a client always sees why."""
+        width = route.width
+        request_id, created = route.request_id, int(time.time())
+        status = CLIENT_CLOSED
+        logged = False
+        timeout_s = self.settings.request_timeout_s
+        deadline = started + timeout_s if timeout_s else None
+        events = aiter(stream)
+        try:
+            while True:
+                try:
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    index, delta = await asyncio.wait_for(anext(events), remaining)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    status = 504
+                    yield _sse_error(f"the completion ran past this server's deadline of {timeout_s:g} s and was "
+                                     "cancelled", "timeout_error", "deadline_exceeded")
+                    return
+                except BackendError as exc:
+                    status = exc.status
+                    yield _sse_error(exc.message, exc.type, exc.code)
+                    return
+                choice = choices[index]
+                if delta.finish_reason == "shed":
+                    self._apply(choice, delta, width)
+                    status = 429
+                    yield _sse_error(_late_shed_message(route), "rate_limit_error", "slo_unattainable")
+                    return
+                self._apply(choice, delta, width)
+                logprobs = self._logprobs(body, delta.logprobs, choice.text_offset)
+                choice.text_offset += len(delta.text)
+                if not delta.text and not delta.finish_reason and not (logprobs and logprobs.tokens):
+                    continue
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=body.model,
+                    choices=[CompletionChoice(index=index, text=delta.text, logprobs=logprobs,
+                                              finish_reason=delta.finish_reason)],
+                )
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            usage = self._usage(stream, choices, route)
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
+                                             "model": body.model, "choices": [], "usage": usage.model_dump()}) + "\n\n"
+            status = 503 if any(c.finish_reason == "abort" for c in choices) else 200
+            self._finish_metrics(choices, route, started, status, usage)
+            await self._log_exposure(route, status, time.monotonic() - started, usage.completion_tokens)
+            logged = True
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.cancel()  # a no-op when everything finished; frees the slots when the client left
+            if not logged:  # ended early: record it, without waiting on the disk
+                self._finish_metrics(choices, route, started, status)
+                await self._log_exposure(route, status, time.monotonic() - started, 0, wait=False)
+
+    def _apply(self, choice: _Choice, delta: Delta, width: str) -> None:
+        """Fold one delta into ``choice``; per-token metrics are observed here."""
+        choice.text += delta.text
+        if delta.tokens:
+            if choice.first_token_at is None:
+                choice.first_token_at = delta.time
+            else:
+                self.metrics.inter_token_latency.labels(width).observe(delta.time - choice.last_token_at)
+            choice.last_token_at = delta.time
+            choice.tokens += delta.tokens
+        choice.logprobs += delta.logprobs
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+            choice.completion_tokens = delta.completion_tokens or choice.tokens
+            if delta.queue_s is not None:
+                self.metrics.queue_time.labels(width).observe(delta.queue_s)
+
+    @staticmethod
+    def _logprobs(body: CompletionRequest, entries: list[LogprobEntry], offset: int) -> CompletionLogprobs | None:
+        """The OpenAI ``logprobs`` object for ``entries``, the first at character ``offset`` of the text."""
+        if body.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        for entry in entries:
+            out.tokens.append(entry.token)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append(entry.top)
+            out.text_offset.append(offset)
+            offset += len(entry.token)
+        return out
+
+    @staticmethod
+    def _usage(stream: CompletionStream, choices: list[_Choice], route: _Route) -> UsageInfo:
+        if stream.usage is not None:
+            prompt, completion = stream.usage
+        else:
+            prompt, completion = route.info.prompt_tokens, sum(c.completion_tokens for c in choices)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _finish_metrics(self, choices: list[_Choice], route: _Route, started: float, status: int,
+                        usage: UsageInfo | None = None) -> None:
+        m, width = self.metrics, route.width
+        elapsed = time.monotonic() - started
+        policy = route.policy or self.policy.name
+        if status == 429 and route.slo_s is not None:  # shed from the queue (the engine's "shed")
+            m.shed.labels(policy).inc()
+            m.observe_slo(policy, "shed")
+        elif route.slo_s is not None:
+            outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
+            m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
+        generated = usage.completion_tokens if usage is not None else sum(c.tokens for c in choices)
+        if status == 200:
+            cost = self.backend.cost
+            if cost is not None:
+                cost.observe_request(width, route.info, route.load, elapsed, route.predicted_s, generated)
+            if route.predicted_s:
+                m.prediction_ratio.labels(policy, width).observe(elapsed / route.predicted_s)
+                m.prediction_error.labels(policy, width).observe(abs(elapsed - route.predicted_s))
+        m.requests.labels(width, str(status)).inc()
+        m.prompt_tokens.labels(width).inc(usage.prompt_tokens if usage is not None else route.info.prompt_tokens)
+        m.generation_tokens.labels(width).inc(generated)
+        for c in choices:
+            if c.first_token_at is not None:
+                m.time_to_first_token.labels(width).observe(c.first_token_at - started)
+        if status == 200:
+            m.e2e_latency.labels(width).observe(elapsed)
+
+
+def _late_shed_message(route: _Route) -> str:
+    return (f"waited for a batch slot until the latency SLO of {1000 * route.slo_s:.0f} ms could no longer be met "
+            f"at width {route.width!r}; retry later")
+
+
+def _sse_error(message: str, type_: str, code: str) -> str:
+    """A final SSE error event (the OpenAI error body) followed by ``[DONE]``."""
+    return f"data: {json.dumps(error_body(message, type_, code=code))}\n\ndata: [DONE]\n\n"
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+def needs_cost_model(settings: FrontendSettings) -> bool:
+    """Whether the server's policy, or any arm of its experiment, needs a latency predictor."""
+    from router.policies import needs_predictor
+
+    specs = [settings.policy]
+    if settings.experiment is not None:
+        specs += [arm.policy.spec() for arm in load_experiment(settings.experiment).arms]
+    return any(needs_predictor(spec) for spec in specs)
+
+
+def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: str, description: str,
+                       quality: dict[str, float] | None = None) -> FastAPI:
+    """The OpenAI-compatible app over ``backend``: every route, guard, policy, experiment and metric."""
+    widths = backend.widths
+    context = PolicyContext(predictor=backend.cost, default_slo_ms=settings.slo_ms, min_width=settings.min_width,
+                            shed=settings.shed)
+    policy = make_policy(settings.policy, widths, context)
+    metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None)
+    live, ab_log = None, None
+    if settings.experiment is not None:
+        live = LiveExperiment(load_experiment(settings.experiment), widths, context, source=settings.experiment)
+        ab_log = ABLog(settings.ab_db or default_shard_path(live.config.name))
+        log.info("experiment %s, log %s", describe(live), ab_log.path)
+    frontend = Frontend(backend, policy, metrics, settings, quality=quality, experiment=live, ab_log=ab_log)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Iterator[None]:
+        async with backend.lifespan():
+            log.info("%s: serving %s (widths %s, policy %s)", title, backend.name, widths, policy.name)
+            yield
+        if ab_log is not None:
+            ab_log.close()
+
+    app = FastAPI(title=title, description=description, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.metrics = metrics
+    app.state.frontend = frontend
+    app.state.experiment = live
+    app.state.ab_log = ab_log
+    install_error_handlers(app, metrics)
+    install_request_guard(app, settings.api_key, settings.max_body_bytes, settings.max_concurrency,
+                          settings.body_timeout_s, settings.retry_after_s)
+    install_experiment_routes(app, live, ab_log, metrics, settings.admin_key)
+    document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size)
+
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await frontend.create_completion(body, request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return frontend.models()
+
+    @app.get("/health", responses={503: {"description": "shutting down, or no backend can serve"}})
+    async def health() -> JSONResponse:
+        if not backend.accepting:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        ok, details = await backend.health()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": backend.name, **details},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,227 @@
+"""One settings model per server, the only place their defaults are written.
+
+:class:`ServeSettings` (``matta serve``: an engine over a checkpoint) and :class:`RouteSettings`
+(``matta route``: a proxy over one backend per width) share :class:`FrontendSettings`, everything
+the one OpenAI front end needs. Every source is read through them: the CLI flags are generated
+from the fields (:func:`add_flags`), ``MATTA_<FIELD>`` environment variables fill fields no
+flag or file gave (:func:`settings_from`), the route YAML and the Ray Serve app's arguments are
+validated by them (strings coerced and checked as pydantic does, errors naming the field).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from matta.config import DEFAULT_CHECKPOINT
+
+ENV_PREFIX = "MATTA_"
+
+
+def _flag(name: str, **extra: Any) -> dict:
+    """Field metadata: the CLI flag's name when it is not the field's (``--<flag>``), and more."""
+    return {"json_schema_extra": {"flag": name, **extra}}
+
+
+class FrontendSettings(BaseModel):
+    """What the OpenAI front end needs, whichever backend it serves from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = Field(None, description="width policy for unpinned requests: fixed:<width> or "
+                                                 "slo[:key=value,...] (default: fixed:<widest>)")
+    slo_ms: float | None = Field(None, gt=0, description="latency target (ms) of requests that give none (slo policy)")
+    min_width: str | None = Field(None, description="slo policy: never serve unpinned requests below this width")
+    shed: bool = Field(False, description="slo policy: answer 429 + Retry-After when no width can meet the SLO "
+                                          "(default: best effort)")
+    quality_metric: Literal["cloze_acc", "inverse_ppl"] = Field(
+        "cloze_acc", description="per-width quality (from training.json) behind matta_effective_quality")
+    experiment: Path | None = Field(None, description="A/B experiment config (YAML): arms are width policies")
+    ab_db: Path | None = Field(None, description="SQLite log of exposures and outcomes "
+                                                 "(default: runs/ab/<experiment>.<host>.<pid>.sqlite)")
+    admin_key: str | None = Field(None, description="Bearer key for /admin/* (experiment reload); unset disables "
+                                                    "the admin API", **_flag("admin-key", secret=True))
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health "
+                                                  "(prefer $MATTA_API_KEY: flags show in `ps`)",
+                                **_flag("api-key", secret=True))
+    retry_after_s: int = Field(1, ge=1, description="Retry-After (s) of 429/503 answers that have no better estimate")
+    max_retry_after_s: int = Field(60, ge=1, description="the longest Retry-After any answer gives")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to "
+                                                              "finish")
+    request_timeout_s: float | None = Field(300.0, gt=0, description="cancel a completion running longer (504); "
+                                                                     "0 disables")
+    max_concurrency: int | None = Field(1024, gt=0, description="more requests in the server at once get 503 + "
+                                                                "Retry-After (/health and /metrics excepted); 0 disables")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request head takes longer "
+                                                            "(idle or slowloris clients)")
+    body_timeout_s: float = Field(30.0, gt=0, description="answer 408 when a request body takes longer than this "
+                                                          "after its head")
+
+    @field_validator("request_timeout_s", "max_concurrency", mode="before")
+    @classmethod
+    def _zero_disables(cls, value: Any) -> Any:
+        return None if value in (0, "0", 0.0) else value
+
+
+class ServeSettings(FrontendSettings):
+    """``matta serve``: one checkpoint, every width, the in-process engine."""
+
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory", **_flag("checkpoint",
+                                                                                               positional=True))
+    max_batch: int = Field(32, ge=1, description="sequences decoded together")
+    max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores but one, left to "
+                                                        "the HTTP loop)")
+    profile: Path | None = Field(None, description="latency profile from `matta profile` (default: measured at "
+                                                   "start-up when a policy needs one)")
+    # Request-level calibration of the slo predictor (router.latency.RequestCalibration): off by
+    # default, because in benchmarks/slo_router.py it did worse (89% vs 96% of served requests in SLO).
+    calibration_quantile: float | None = Field(None, gt=0, lt=1, description="slo policy: scale predictions by the "
+                                               "Q-quantile of recent actual/predicted latency (e.g. 0.9; default off)")
+
+
+class BackendSpec(BaseModel):
+    """One backend of ``matta route``: an OpenAI-compatible server serving one width."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: str = Field(min_length=1)
+    url: str = Field(description="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8001")
+    model: str = Field(description="the model id to send to this backend")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"backend url must start with http:// or https://, got {url!r}")
+        return url.rstrip("/")
+
+
+class RouteSettings(FrontendSettings):
+    """``matta route CONFIG.yaml``: the same front end over one backend per width (narrowest first)."""
+
+    model: str = Field(min_length=1, description="the model id clients ask for; '<model>:<width>' pins a width")
+    checkpoint: Path | None = Field(None, description="per-width quality from this checkpoint's training.json")
+    quality: dict[str, float] | None = Field(None, description="explicit per-width quality (overrides checkpoint)")
+    max_in_flight: int = Field(1024, gt=0, description="requests in flight through the proxy before 429")
+    backends: list[BackendSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _widths(self) -> RouteSettings:
+        widths = [b.width for b in self.backends]
+        if len(set(widths)) != len(widths):
+            raise ValueError(f"backends: each width once, got {widths}")
+        if self.min_width is not None and self.min_width not in widths:
+            raise ValueError(f"min_width {self.min_width!r} is not a backend width {widths}")
+        return self
+
+    @property
+    def widths(self) -> list[str]:
+        return [b.width for b in self.backends]
+
+
+Settings = TypeVar("Settings", bound=BaseModel)
+
+
+def settings_from(model: type[Settings], *sources: Mapping[str, Any], source: str = "settings",
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate ``model`` from ``sources`` (later ones win) over ``MATTA_<FIELD>`` environment variables.
+
+    Precedence: defaults < environment < sources in order (e.g. a YAML file, then CLI flags).
+    Raises ValueError naming the field and the source on any invalid value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in model.model_fields:
+        env = environ.get(ENV_PREFIX + name.upper())
+        if env is not None and _is_scalar(model.model_fields[name].annotation):
+            values[name] = env
+    for given in sources:
+        values.update(given)
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, source)) from None
+
+
+def describe_errors(exc: ValidationError, source: str) -> str:
+    """One line per problem, naming the field: ``source: field.path: message``."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"{source}: {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _is_scalar(annotation: Any) -> bool:
+    return _scalar_type(annotation) is not None
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """The one scalar type of a field (``float | None`` -> float), or None for lists, dicts and models."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _scalar_type(args[0]) if len(args) == 1 else None
+    if typing.get_origin(annotation) is Literal:
+        return str
+    if annotation in (str, int, float, bool, Path):
+        return annotation
+    return None
+
+
+def flag_name(name: str, field) -> str:
+    extra = field.json_schema_extra or {}
+    return extra.get("flag") or name.removesuffix("_s").replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: frozenset[str] = frozenset()) -> None:
+    """One flag per scalar field of ``model`` (``--max-batch``), with its type, choices, help and
+    default as the field says. Flags the user does not give stay out of the namespace
+    (``argparse.SUPPRESS``), so :func:`flag_values` passes only what was given and the model's
+    default, the environment or a config file decide the rest."""
+    for name, field in model.model_fields.items():
+        scalar = _scalar_type(field.annotation)
+        if name in skip or scalar is None:
+            continue
+        extra = field.json_schema_extra or {}
+        default = field.get_default(call_default_factory=True)
+        shown = "" if extra.get("secret") or default is None else f" (default: {default})"
+        options: dict[str, Any] = {"help": (field.description or "") + shown, "default": argparse.SUPPRESS}
+        if typing.get_origin(_non_none(field.annotation)) is Literal:
+            options["choices"] = list(typing.get_args(_non_none(field.annotation)))
+        if scalar is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = scalar
+            unit = {"_s": "SECONDS", "_ms": "MS", "_bytes": "BYTES"}
+            metavar = next((m for suffix, m in unit.items() if name.endswith(suffix)), None)
+            if metavar:
+                options["metavar"] = metavar
+        if extra.get("positional"):
+            parser.add_argument(name, nargs="?", **{**options, "metavar": name.upper()})
+        else:
+            parser.add_argument(f"--{flag_name(name, field)}", dest=name, **options)
+
+
+def _non_none(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def flag_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``model`` that were given on the command line."""
+    # An omitted optional positional comes back as the SUPPRESS marker itself (through its type).
+    return {name: value for name, value in vars(args).items()
+            if name in model.model_fields and str(value) != argparse.SUPPRESS}
