@@ -178,17 +178,23 @@ class Server:
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful drain), then kill if it does not exit; returns the exit code."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
-            self.exit_code = self.proc.returncode
+            self.exit_code = terminate(self.proc, timeout_s)
             self._log.close()
         return self.exit_code
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM a process (servers drain on it), SIGKILL it if it has not exited within ``timeout_s``;
+    its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 @torch.inference_mode()

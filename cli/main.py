@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         from router.ab_analysis import add_analyze_arguments, run_analyze
     except ModuleNotFoundError as exc:  # its statistics need the serve extra (scipy)
         p.set_defaults(func=_needs_extra(exc))
+        p.add_argument("args", nargs=argparse.REMAINDER, help="(unavailable: install the serve extra)")
     else:
         p.set_defaults(func=run_analyze)
         add_analyze_arguments(p)

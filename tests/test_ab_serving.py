@@ -183,6 +183,26 @@ def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path
 
 
 @pytest.mark.slow
+def test_an_experiment_with_an_slo_arm_starts_like_the_slo_policy(checkpoint_512, tmp_path):
+    """No --profile: the server measures one at start-up, as `--policy slo` does, and the slo arm serves."""
+    _, path = checkpoint_512
+    config = {**CONFIG, "arms": [CONFIG["arms"][0], {"name": "treatment", "weight": 50,
+                                                      "policy": {"kind": "slo", "slo_ms": 60_000}}]}
+    settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml", config),
+                             ab_db=tmp_path / "ab.sqlite")
+    app = build_app(settings)
+    assert app.state.backend.cost is not None  # the measured profile behind the slo arm
+    with ServerThread(app) as server:
+        arms = {}
+        for user in (f"user-{i}" for i in range(40)):
+            r = complete(server.url, user=user)
+            assert r.status_code == 200
+            arms[r.headers["x-matta-arm"]] = r
+        assert set(arms) == {"control", "treatment"}
+        assert "x-matta-predicted-ms" in arms["treatment"].headers  # chosen by the slo policy
+
+
+@pytest.mark.slow
 def test_sigkill_during_load_loses_no_acknowledged_exposure_and_sighup_reloads(checkpoint_512, tmp_path):
     """A real `matta serve` process under concurrent load, killed with SIGKILL: every response
     a client received has its exposure in the log. SIGHUP with a bad file keeps the old config."""

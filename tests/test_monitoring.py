@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.harness import free_port, terminate
 from router.latency import LatencyModel, WidthCost
 from tests.helpers import REPO
 
@@ -86,12 +85,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def alert_rules() -> list[dict]:
     return [rule for group in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- promtool ----------------------------------------------------------------------------------
@@ -201,16 +194,7 @@ class Prometheus:
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (Prometheus flushes and exits 0), then kill if it hangs; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else terminate(self.proc, timeout_s)
 
 
 def scrape_config(server_port: int, path: Path) -> Path:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import openai
 import pytest
+
+from benchmarks.harness import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow  # Ray start + 2 replicas loading the model: ~30-60 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

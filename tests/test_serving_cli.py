@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from benchmarks.harness import Server
 from cli.main import build_parser
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
@@ -59,14 +60,33 @@ def test_every_setting_comes_from_one_model_through_flags_environment_and_files(
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(long_context_checkpoint):
+    assert_drains_on_sigterm(["serve", str(long_context_checkpoint), "--policy", "fixed:s"])
+
+
+@pytest.mark.slow
+def test_the_route_proxy_drains_on_sigterm_like_serve(long_context_checkpoint, tmp_path):
+    """`matta route` runs through the same server code as `matta serve`: SIGTERM closes the
+    listening socket, lets the in-flight stream finish, then exits 0."""
+    backend = Server(long_context_checkpoint, threads=1, max_batch=4, log_path=tmp_path / "backend.log",
+                     extra_args=("--policy", "fixed:s"))
+    try:
+        url = backend.start()
+        config = tmp_path / "route.yaml"
+        config.write_text(f"model: tiny\nbackends: [{{width: s, url: '{url}', model: 'tiny:s'}}]\n")
+        assert_drains_on_sigterm(["route", str(config)], name="matta route")
+    finally:
+        backend.stop()
+
+
+def assert_drains_on_sigterm(command: list[str], name: str = "matta serve") -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", str(long_context_checkpoint), "--port", "0",
-         "--policy", "fixed:s", "--shutdown-timeout", "20", "--log-level", "warning"],
+        [sys.executable, "-m", "cli", *command, "--port", "0", "--shutdown-timeout", "20", "--log-level", "warning"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert f"{name}: listening on http://127.0.0.1:" in line, (
+            line, proc.stderr.read() if proc.poll() is not None else "")
         url = line.split()[-1]
         _wait_healthy(url)
 
@@ -93,6 +113,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(long_context_checkpoin
         assert chunks[-1]["at"] > refused_at, "the stream ended before the shutdown began; nothing was drained"
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == 0, proc.stderr.read()
+        assert f"{name}: stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

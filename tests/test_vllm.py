@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.harness import ServerThread
+from benchmarks.harness import ServerThread, free_port
 from deploy.vllm.launch import check_export, vllm_command, vllm_env
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width
@@ -33,12 +32,6 @@ VLLM_START_TIMEOUT_S = 300  # 30-50 s on 2 busy cores: imports, engine and worke
 
 requires_vllm = pytest.mark.skipif(not (VLLM_VENV / "bin" / "vllm").is_file(),
                                    reason=f"no vLLM in {VLLM_VENV}: create it with deploy/vllm/setup_venv.sh")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class VLLMServer:
