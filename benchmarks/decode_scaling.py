@@ -15,7 +15,7 @@ attainable FLOP rate (a large sgemm) and copy bandwidth (a large tensor sum) in 
 reports per point the FLOP rate each width achieves. Measured speed-up over the FLOP prediction
 is the figure the serving issue sets a goal for (>= 0.9).
 
-    python benchmarks/decode_scaling.py [--checkpoint checkpoints/default] [--threads 2]
+    python -m benchmarks.decode_scaling [--checkpoint checkpoints/default] [--threads 2]
 
 Takes about a minute on 2 cores for the default grid; run it on an otherwise idle machine.
 Writes ``--out``.json and ``--out``.png and prints a markdown table.

@@ -1,7 +1,7 @@
 """Run the locust scenarios headless against a server and turn locust's CSV into a report (JSON + PNG).
 
-    python benchmarks/load_test.py --host http://127.0.0.1:8000 --users 16 --time 60 --user-class SloUser
-    python benchmarks/load_test.py --host http://127.0.0.1:8000 --user-class ABUser --out benchmarks/results/load_ab
+    python -m benchmarks.load_test --host http://127.0.0.1:8000 --users 16 --time 60 --user-class SloUser
+    python -m benchmarks.load_test --host http://127.0.0.1:8000 --user-class ABUser --out benchmarks/results/load_ab
 
 Works against `matta serve`, `matta route` and the Ray Serve app alike (same API). The report
 has requests/s and failures/s over time, latency percentiles over time, and a per-endpoint

@@ -16,8 +16,8 @@ its step count, and a later invocation with the same teacher skips it: the bench
 on 2 cores, so it can be run a few variants or seeds at a time (and an interrupted run resumes
 from its state under --work). Runs made with another teacher are dropped from the results.
 
-    python benchmarks/matta_vs_baselines.py --steps 1400 --seeds 0 1 2
-    python benchmarks/matta_vs_baselines.py --seeds 0 --variants student kd   # part of it
+    python -m benchmarks.matta_vs_baselines --steps 1400 --seeds 0 1 2
+    python -m benchmarks.matta_vs_baselines --seeds 0 --variants student kd   # part of it
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Requests/s and p99 of the Ray Serve app with 1 and with 2 replicas, same locust load, same run.
 
-    python benchmarks/ray_replicas.py --users 16 --time 40
+    python -m benchmarks.ray_replicas --users 16 --time 40
 
 Local Ray (num_cpus=2, no dashboard); each replica has 1 torch thread and loads the shipped
 checkpoint; locust (PinnedUser: every width in turn, 32 tokens) runs on the same machine.

@@ -45,8 +45,8 @@ and its asyncio clients (which run in this process, on the same cores); HF runs 
 no serving layer at all, so the comparison is conservative for matta. As a sanity check, the
 matta text at 1 client is compared with the HF one-at-a-time greedy text (agreement fraction).
 
-    python benchmarks/serving_throughput.py [--checkpoint checkpoints/default] [--threads 2]
-    python benchmarks/serving_throughput.py --checkpoint /tmp/tiny --quick --threads 1   # smoke run
+    python -m benchmarks.serving_throughput [--checkpoint checkpoints/default] [--threads 2]
+    python -m benchmarks.serving_throughput --checkpoint /tmp/tiny --quick --threads 1   # smoke run
 
 With the defaults (prompt 64 + 64 tokens, 16 requests per client, 3 repeats) the default-size
 model (d_model 128, 4 layers) takes about 2-3 minutes on an otherwise idle 2-core machine; other
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
-        "server": {"command": " ".join(server.cmd[1:]).replace("-m matta.cli", "matta"), "exit_code_after_sigterm": exit_code},
+        "server": {"command": " ".join(server.cmd[1:]).replace("-m cli", "matta"), "exit_code_after_sigterm": exit_code},
         "prompts": prompt_info, "widths": {}, "decode": {},
         "runtime_s": None,
     }

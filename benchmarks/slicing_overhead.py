@@ -5,7 +5,7 @@ FFN units and nothing more), interleaved in one process, so the ratio isolates t
 serving a width as a view of a wider matrix. HF ``GPT2LMHeadModel`` at the same width runs in the
 same loop as an outside reference. Medians over repeats; writes JSON + PNG.
 
-    python benchmarks/slicing_overhead.py [--checkpoint checkpoints/default] [--repeats 30]
+    python -m benchmarks.slicing_overhead [--checkpoint checkpoints/default] [--repeats 30]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ shed requests, width mix over time, effective quality (mean quality of the serve
 answers within the SLO, 0 for late or refused ones; quality = the checkpoint's cloze accuracy),
 and the router's prediction error (actual / predicted latency). JSON + PNG.
 
-    python benchmarks/slo_router.py --duration 60
+    python -m benchmarks.slo_router --duration 60
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     profile_path = work / "profile.json"
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "matta.cli", "profile", str(args.checkpoint), "--out", str(profile_path),
+    subprocess.run([sys.executable, "-m", "cli", "profile", str(args.checkpoint), "--out", str(profile_path),
                     "--threads", str(args.threads)], check=True)
     profile = json.loads(profile_path.read_text())
     common = ("--max-queue", "100000", "--profile", str(profile_path))
