@@ -224,7 +224,8 @@ def cmd_profile(args) -> int:
 Command = Callable[[argparse.Namespace], int]
 
 # The modules each optional extra brings (pyproject.toml): a command that misses one names the extra.
-EXTRA_MODULES = {"serve": {"fastapi", "uvicorn", "starlette", "prometheus_client", "httpx", "mmh3", "scipy"},
+EXTRA_MODULES = {"serve": {"fastapi", "uvicorn", "starlette", "prometheus_client", "httpx", "mmh3", "scipy", "zmq",
+                           "msgspec"},
                  "deploy": {"ray", "locust"}}
 
 

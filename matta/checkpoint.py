@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     path: Path
     config: ModelConfig
-    model: NestedGPT
+    model: NestedGPT | None  # None when loaded without weights
     tokenizer: Tokenizer
     training: dict
 
@@ -151,8 +151,9 @@ def load_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Verify and load a checkpoint directory; the model is returned in eval mode."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> Checkpoint:
+    """Verify and load a checkpoint directory; the model is returned in eval mode. With ``weights=False``
+    only the config, tokenizer and training record are read (a server's API process needs no more)."""
     path = Path(path)
     config = load_config(path)
     try:
@@ -168,6 +169,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"{path / TOKENIZER_FILE}: end-of-text id {tokenizer.eos_id} != config eos_token_id {config.eos_token_id}"
         )
     training = _read_json(path / TRAINING_FILE)
+    if not weights:
+        return Checkpoint(path=path, config=config, model=None, tokenizer=tokenizer, training=training)
     weights_path = path / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))

@@ -115,6 +115,17 @@ class LatencyModel:
             with self._lock:
                 self._iteration.update(seconds / decode_predicted_s, self.alpha)
 
+    def set_corrections(self, corrections: dict[str, float]) -> None:
+        """Take correction factors measured elsewhere (the engine-core process), as :meth:`corrections` names them."""
+        with self._lock:
+            for key, value in corrections.items():
+                kind, _, width = key.partition(":")
+                table = {"decode": self._decode, "prefill": self._prefill}.get(kind)
+                if kind == "iteration":
+                    self._iteration.value = value
+                elif table is not None and width in table:
+                    table[width].value = value
+
     def corrections(self) -> dict[str, float]:
         """Current correction factors, for metrics and logs."""
         out = {f"decode:{w}": e.value for w, e in self._decode.items()}

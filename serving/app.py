@@ -18,6 +18,7 @@ from router.cost import EngineCostModel
 from router.latency import LatencyModel, RequestCalibration
 from router.quality import width_quality
 from serving import server
+from serving.core_client import EngineCoreClient
 from serving.engine import Engine
 from serving.engine_backend import EngineBackend
 from serving.frontend import build_frontend_app, needs_cost_model
@@ -27,24 +28,46 @@ log = logging.getLogger(__name__)
 
 
 def build_app(settings: ServeSettings) -> FastAPI:
-    """Load the checkpoint once and build the app; the engine thread runs while the app's lifespan does."""
+    """Build the app over the checkpoint's engine: in its own process (``engine="process"``, the
+    default: this process reads only the config and tokenizer) or on a thread of this one
+    (``"inproc"``, which loads the weights here). The engine runs while the app's lifespan does."""
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(settings.checkpoint, device=device)
-    widths = ckpt.config.width_names
-    latency = load_or_measure_profile(settings, ckpt.model)
-    cost = None
-    if latency is not None:
-        calibration = (RequestCalibration(settings.calibration_quantile)
-                       if settings.calibration_quantile is not None else None)
-        cost = EngineCostModel(latency, calibration)
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue, cost=cost)
+    if settings.engine == "process":
+        ckpt = load_checkpoint(settings.checkpoint, weights=False)
+        engine = EngineCoreClient(settings.checkpoint, ckpt.config, max_batch=settings.max_batch,
+                                  max_queue=settings.max_queue, device=device,
+                                  threads=settings.threads or default_torch_threads(), profile=settings.profile,
+                                  measure_profile=needs_cost_model(settings))
+        latency = engine.latency
+        check_profile_widths(latency, ckpt.config.width_names, settings.profile)
+        cost = cost_model(latency, settings)
+    else:
+        ckpt = load_checkpoint(settings.checkpoint, device=device)
+        latency = load_or_measure_profile(settings, ckpt.model)
+        cost = cost_model(latency, settings)
+        engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                        cost=cost)
     backend = EngineBackend(engine, ckpt.tokenizer, cost, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",
-                             quality=width_quality(ckpt.training, widths, settings.quality_metric))
+                             quality=width_quality(ckpt.training, ckpt.config.width_names, settings.quality_metric))
     app.state.checkpoint = ckpt
     app.state.engine = engine
     return app
+
+
+def cost_model(latency: LatencyModel | None, settings: ServeSettings) -> EngineCostModel | None:
+    """The server's one cost model over its latency profile (none without a profile)."""
+    if latency is None:
+        return None
+    calibration = RequestCalibration(settings.calibration_quantile) if settings.calibration_quantile else None
+    return EngineCostModel(latency, calibration)
+
+
+def check_profile_widths(latency: LatencyModel | None, widths: list[str], source) -> None:
+    missing = [w for w in widths if latency is not None and w not in latency.costs]
+    if missing:
+        raise ValueError(f"{source}: the profile has no costs for width(s) {missing} of this checkpoint")
 
 
 def load_or_measure_profile(settings: ServeSettings, model) -> LatencyModel | None:
@@ -53,9 +76,7 @@ def load_or_measure_profile(settings: ServeSettings, model) -> LatencyModel | No
     widths = model.config.width_names
     if settings.profile is not None:
         latency = LatencyModel.load(settings.profile)
-        missing = [w for w in widths if w not in latency.costs]
-        if missing:
-            raise ValueError(f"{settings.profile}: the profile has no costs for width(s) {missing} of this checkpoint")
+        check_profile_widths(latency, widths, settings.profile)
         return latency
     if not needs_cost_model(settings):
         return None
@@ -75,9 +96,11 @@ def default_torch_threads() -> int:
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
     """Run ``matta serve`` until SIGTERM/SIGINT, then drain (see :func:`serving.server.run`)."""
-    # Process-wide, hence here and not in build_app. OpenMP threads that spin on cores another
-    # process is using can make each small decode step ~100x slower; by default one core is left
-    # to the HTTP event loop (measured on 2 cores: 16-client throughput 3519 vs 2412 tok/s for
-    # width s with 1 vs 2 torch threads, benchmarks/serving_throughput.py).
-    torch.set_num_threads(settings.threads or default_torch_threads())
+    # Process-wide, hence here and not in build_app (the engine-core process sets its own). OpenMP
+    # threads that spin on cores another process is using can make each small decode step ~100x
+    # slower; by default one core is left to the HTTP event loop (measured on 2 cores: 16-client
+    # throughput 3519 vs 2412 tok/s for width s with 1 vs 2 torch threads,
+    # benchmarks/serving_throughput.py).
+    if settings.engine == "inproc":
+        torch.set_num_threads(settings.threads or default_torch_threads())
     return server.run(build_app(settings), "matta serve", host, port, log_level)

@@ -125,6 +125,7 @@ class EngineStats:
     cancelled: int
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)  # width -> (rows, cache length)
     remaining_tokens: tuple[int, ...] = ()  # tokens each running sequence may still generate, ascending
+    recent_iteration_s: float = 0.0  # measured seconds of recent scheduler iterations (EWMA; 0 when idle)
 
 
 @dataclass(eq=False)
@@ -228,6 +229,9 @@ class Engine:
         # Written by the scheduler thread after every iteration (a reference swap), read by stats().
         self._shapes: dict[str, tuple[int, int]] = {}
         self._remaining: tuple[int, ...] = ()
+        # Called on the scheduler thread after every iteration, once its events are out: the
+        # engine-core process sends one message per step from here (serving/core.py).
+        self.on_step: Callable[[], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -257,6 +261,15 @@ class Engine:
         Raises ValueError for a prompt the model cannot take, :class:`QueueFullError` when the
         queue has no room for all prompts, :class:`EngineStoppedError` when stopping.
         """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = self.add(prompts, width, params, lambda index: _threadsafe_emit(loop, queue, index))
+        return RequestStream(self, seqs, queue)
+
+    def add(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams,
+            emitter: Callable[[int], Callable[[SequenceEvent], None]]) -> list[_Sequence]:
+        """Queue one sequence per prompt, all or none; ``emitter(index)`` is the callback that
+        receives prompt ``index``'s events (on the scheduler thread). Errors as :meth:`submit`."""
         if width not in self.config.widths:
             raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
         for prompt in prompts:
@@ -264,12 +277,10 @@ class Engine:
                 raise ValueError("prompt is empty")
             if len(prompt) > self.config.n_ctx:
                 raise ValueError(f"prompt has {len(prompt)} tokens; the context window is {self.config.n_ctx}")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         now = time.monotonic()
         seqs = [
             _Sequence(seq_id=next(self._ids), prompt=list(p), width=width, params=params, arrival=now,
-                      emit=_threadsafe_emit(loop, queue, index))
+                      emit=emitter(index))
             for index, p in enumerate(prompts)
         ]
         with self._cond:
@@ -282,7 +293,7 @@ class Engine:
             self._waiting.extend(seqs)
             self._waiting_by_width[width] += len(seqs)
             self._cond.notify_all()
-        return RequestStream(self, seqs, queue)
+        return seqs
 
     def cancel(self, seqs: Sequence[_Sequence]) -> None:
         """Cancel sequences: waiting ones leave the queue now, running ones at the next step boundary."""
@@ -313,6 +324,7 @@ class Engine:
                 cancelled=self._cancelled,
                 groups=self._shapes,
                 remaining_tokens=self._remaining,
+                recent_iteration_s=self._iteration_s,
             )
 
     # --- scheduler thread ----------------------------------------------------------------------
@@ -345,6 +357,8 @@ class Engine:
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
                 self._publish_shapes()
+                if self.on_step is not None:
+                    self.on_step()
         with self._cond:
             leftover = list(self._waiting)
             self._waiting.clear()

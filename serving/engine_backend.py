@@ -14,7 +14,7 @@ from matta.tokenizer import Tokenizer
 from router.cost import EngineCostModel
 from router.policy import LoadSnapshot
 from serving.backend import Delta, LogprobEntry, PreparedPrompts
-from serving.engine import Engine, EngineStoppedError, QueueFullError, RequestStream, SamplingParams, TokenLogprob
+from serving.engine import EngineStoppedError, QueueFullError, RequestStream, SamplingParams, TokenLogprob
 from serving.http import APIError
 from serving.protocol import CompletionRequest
 
@@ -59,9 +59,11 @@ class EngineStream:
 
 
 class EngineBackend:
-    """The engine of one checkpoint: every width from one copy of the weights."""
+    """The engine of one checkpoint: every width from one copy of the weights. ``engine`` is the
+    in-process :class:`~serving.engine.Engine` or the :class:`~serving.core_client.EngineCoreClient`
+    of an engine-core process; both have the same interface."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, cost: EngineCostModel | None = None,
+    def __init__(self, engine, tokenizer: Tokenizer, cost: EngineCostModel | None = None,
                  retry_after_s: int = 1) -> None:
         config = engine.config
         self.engine, self.tokenizer, self.cost, self.retry_after_s = engine, tokenizer, cost, retry_after_s
@@ -131,5 +133,7 @@ class EngineBackend:
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
 
     async def health(self) -> tuple[bool, dict]:
+        if not getattr(self.engine, "alive", True):
+            return False, {"error": "the engine core process has died; restart the server"}
         stats = self.engine.stats()
         return True, {"running": stats.running, "waiting": stats.waiting}

@@ -503,11 +503,11 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     async def models() -> ModelList:
         return frontend.models()
 
-    @app.get("/health", responses={503: {"description": "shutting down, or no backend can serve"}})
+    @app.get("/health", responses={503: {"description": "shutting down, the engine is gone, or no backend can serve"}})
     async def health() -> JSONResponse:
-        if not backend.accepting:
-            return JSONResponse({"status": "stopping"}, status_code=503)
         ok, details = await backend.health()
+        if ok and not backend.accepting:
+            return JSONResponse({"status": "stopping"}, status_code=503)
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": backend.name, **details},
                             status_code=200 if ok else 503)
 

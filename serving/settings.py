@@ -77,6 +77,9 @@ class ServeSettings(FrontendSettings):
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory", **_flag("checkpoint",
                                                                                                positional=True))
+    engine: Literal["process", "inproc"] = Field(
+        "process", description="where the engine runs: its own process (scheduler, model and sampler away from "
+                               "the HTTP side's GIL) or a thread of the server process")
     max_batch: int = Field(32, ge=1, description="sequences decoded together")
     max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")

@@ -18,7 +18,7 @@ from training.data import TokenData
 from training.state import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("matta", "training", "serving", "router", "deploy", "benchmarks")
+PACKAGES = ("matta", "training", "serving", "router", "cli", "deploy", "benchmarks")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 

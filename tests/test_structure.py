@@ -14,7 +14,8 @@ from tests.helpers import REPO
 # Blocks every module of the serve and deploy extras, as on a base `pip install -e .`.
 WITHOUT_EXTRAS = """
 import sys
-for name in ("fastapi", "uvicorn", "starlette", "prometheus_client", "httpx", "mmh3", "scipy", "ray", "locust"):
+for name in ("fastapi", "uvicorn", "starlette", "prometheus_client", "httpx", "mmh3", "scipy", "zmq", "msgspec", "ray",
+             "locust"):
     sys.modules[name] = None
 from cli.main import main
 sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,261 @@
+"""The API process's handle on the engine-core process (:mod:`serving.core`).
+
+:class:`EngineCoreClient` has the engine's interface (``submit`` -> an async stream of
+:class:`~serving.engine.SequenceEvent`, ``cancel``, ``stats``, ``start``/``stop``), so the
+engine backend serves through it exactly as through the in-process engine (``--engine inproc``).
+It starts the core as a subprocess (``python -m serving.core``: no multiprocessing, so nothing is
+pickled on the way), talks to it over two ZMQ IPC sockets with msgspec MessagePack, and reads one
+:class:`~serving.core_protocol.StepOutput` per engine step on a reader thread that hands it to
+the event loop.
+
+Death of the core is detected (the reader sees the process exit): every request in flight ends
+with finish reason "abort" (503 to its client), new requests get 503, and ``/health`` turns
+unhealthy. The API process never loads the weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import zmq
+
+from matta.config import ModelConfig
+from router.latency import LatencyModel
+from serving import core_protocol as msg
+from serving.engine import EngineStats, EngineStoppedError, QueueFullError, SamplingParams, SequenceEvent, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0  # loading a checkpoint and measuring a profile on a slow CPU
+STOP_TIMEOUT_S = 30.0
+POLL_MS = 100
+
+
+class CoreDiedError(RuntimeError):
+    """The engine-core process exited while the server was running."""
+
+
+class CoreStream:
+    """One request's events from the core: ``async for index, event in stream``; :meth:`cancel` frees it."""
+
+    def __init__(self, client: EngineCoreClient, request_id: int, n: int) -> None:
+        self._client, self._id, self._open = client, request_id, n
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self) -> CoreStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, SequenceEvent]:
+        if self._open == 0:
+            raise StopAsyncIteration
+        index, event = await self._queue.get()
+        if event.finish_reason is not None:
+            self._open -= 1
+            if self._open == 0:
+                self._client._finished(self._id)
+        return index, event
+
+    @property
+    def done(self) -> bool:
+        return self._open == 0
+
+    def cancel(self) -> None:
+        self._client.cancel(self._id)
+
+
+def _events(out: msg.SequenceOutput) -> SequenceEvent:
+    def lp(entries):
+        return None if entries is None else [TokenLogprob(t, v, tuple(tuple(x) for x in top)) for t, v, top in entries]
+
+    return SequenceEvent(out.token_ids, out.text, out.time, lp(out.logprobs), lp(out.prompt_logprobs),
+                         out.finish_reason, out.prompt_tokens, out.completion_tokens, out.queue_s)
+
+
+class EngineCoreClient:
+    """Starts, feeds, reads and stops one engine-core process."""
+
+    def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
+                 threads: int, profile: Path | None = None, measure_profile: bool = False,
+                 log_level: str = "warning") -> None:
+        self.config, self.max_batch, self.max_queue = config, max_batch, max_queue
+        self._dir = tempfile.TemporaryDirectory(prefix="matta-core-")
+        self._context = zmq.Context()
+        self._input = self._context.socket(zmq.PUSH)
+        self._output = self._context.socket(zmq.PULL)
+        input_addr, output_addr = f"ipc://{self._dir.name}/input", f"ipc://{self._dir.name}/output"
+        self._input.bind(input_addr)
+        self._output.bind(output_addr)
+        cmd = [sys.executable, "-m", "serving.core", "--checkpoint", str(checkpoint), "--input", input_addr,
+               "--output", output_addr, "--device", device, "--threads", str(threads), "--max-batch", str(max_batch),
+               "--max-queue", str(max_queue), "--log-level", log_level]
+        if profile is not None:
+            cmd += ["--profile", str(profile)]
+        elif measure_profile:
+            cmd.append("--measure-profile")
+        self.process = subprocess.Popen(cmd)
+        self.latency: LatencyModel | None = None
+        self._ready()
+        self._ids = itertools.count()
+        self._streams: dict[int, tuple[CoreStream, str, int]] = {}  # request id -> (stream, width, sequences)
+        self._load: msg.Load | None = None
+        self._stopping = False
+        self._dead = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+
+    def _ready(self) -> None:
+        """Wait for the core's Ready (its latency profile), or fail with the core's own message."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._output.poll(POLL_MS):
+                reply = msg.output_decoder.decode(self._output.recv())
+                if isinstance(reply, msg.Failed):
+                    self._close()
+                    raise ValueError(f"the engine core could not start: {reply.message}")
+                if isinstance(reply, msg.Ready):
+                    if reply.profile is not None:
+                        self.latency = LatencyModel.from_json(reply.profile, "the engine core's profile")
+                    return
+            if self.process.poll() is not None:
+                self._close()
+                raise ValueError(f"the engine core exited with code {self.process.returncode} before it was ready")
+        self._close()
+        raise ValueError(f"the engine core was not ready within {READY_TIMEOUT_S:g} s")
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reading step outputs; call from the event loop that will consume them."""
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read, name="matta-core-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Tell the core to stop (it aborts what is left), wait for it, and release everything."""
+        self._stopping = True
+        if self.process.poll() is None:
+            self._input.send(msg.encoder.encode(msg.Stop()))
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("the engine core did not stop within %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        self._close()
+
+    def _close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._input.close(linger=0)
+        self._output.close(linger=0)
+        self._context.term()
+        self._dir.cleanup()
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and not self._dead
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> CoreStream:
+        """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
+        if width not in self.config.widths:
+            raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
+        if self._dead:
+            raise EngineStoppedError("the engine core has died; the server cannot serve")
+        if self._stopping:
+            raise EngineStoppedError("the server is shutting down")
+        stats = self.stats()
+        if stats.waiting + len(prompts) > self.max_queue:
+            raise QueueFullError(f"the queue is full ({stats.waiting} waiting, limit {self.max_queue}); retry later")
+        request_id = next(self._ids)
+        stream = CoreStream(self, request_id, len(prompts))
+        self._streams[request_id] = (stream, width, len(prompts))
+        sampling = msg.Sampling(params.max_tokens, params.temperature, params.top_p, params.seed, tuple(params.stop),
+                                params.logprobs, params.prompt_logprobs, params.deadline)
+        self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], width, sampling)))
+        return stream
+
+    def cancel(self, request_id: int) -> None:
+        """Free a request's slots in the core (idempotent; a finished request is already free)."""
+        if self._streams.pop(request_id, None) is not None and not self._dead:
+            self._input.send(msg.encoder.encode(msg.Cancel(request_id)))
+
+    def _finished(self, request_id: int) -> None:
+        self._streams.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        """The core's last load snapshot, with requests sent since then counted as waiting: a burst
+        must see its own earlier arrivals, not a snapshot one step old."""
+        load = self._load
+        widths = self.config.width_names
+        outstanding = dict.fromkeys(widths, 0)
+        for _, width, n in list(self._streams.values()):
+            outstanding[width] += n
+        if load is None:
+            return EngineStats(0, sum(outstanding.values()), dict.fromkeys(widths, 0), outstanding, self.max_batch,
+                               self.max_queue, 0, 0, 0)
+        waiting = {w: max(load.waiting_by_width.get(w, 0), outstanding[w] - load.running_by_width.get(w, 0))
+                   for w in widths}
+        return EngineStats(load.running, sum(waiting.values()), dict(load.running_by_width), waiting,
+                           load.max_batch, load.max_queue, load.steps, load.finished, load.cancelled,
+                           {w: tuple(g) for w, g in load.groups.items()}, tuple(load.remaining_tokens),
+                           load.recent_iteration_s)
+
+    # --- the reader thread -----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            if self._output.poll(POLL_MS):
+                try:
+                    message = msg.output_decoder.decode(self._output.recv())
+                except (zmq.ZMQError, ValueError) as exc:
+                    log.error("unreadable message from the engine core: %s", exc)
+                    continue
+                if isinstance(message, msg.StepOutput):
+                    self._call(self._apply, message)
+                continue
+            if self.process.poll() is not None:
+                if not self._stopping:
+                    log.error("the engine core exited with code %s; failing every request in flight",
+                              self.process.returncode)
+                    self._call(self._died)
+                return
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _apply(self, step: msg.StepOutput) -> None:
+        self._load = step.load
+        if self.latency is not None and step.load.corrections:
+            self.latency.set_corrections(step.load.corrections)
+        for out in step.outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                entry[0]._queue.put_nowait((out.index, _events(out)))
+
+    def _died(self) -> None:
+        self._dead = True
+        for request_id, (stream, _, n) in list(self._streams.items()):
+            for index in range(n):
+                stream._queue.put_nowait((index, SequenceEvent([], "", time.monotonic(), finish_reason="abort")))
+            self._streams.pop(request_id, None)
