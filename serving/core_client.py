@@ -35,6 +35,7 @@ from serving.engine import EngineStats, EngineStoppedError, QueueFullError, Samp
 
 log = logging.getLogger(__name__)
 
+CORE_COMMAND = (sys.executable, "-m", "serving.core")  # how the core is started (tests wrap it)
 READY_TIMEOUT_S = 600.0  # loading a checkpoint and measuring a profile on a slow CPU
 STOP_TIMEOUT_S = 30.0
 POLL_MS = 100
@@ -94,7 +95,7 @@ class EngineCoreClient:
         input_addr, output_addr = f"ipc://{self._dir.name}/input", f"ipc://{self._dir.name}/output"
         self._input.bind(input_addr)
         self._output.bind(output_addr)
-        cmd = [sys.executable, "-m", "serving.core", "--checkpoint", str(checkpoint), "--input", input_addr,
+        cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--input", input_addr,
                "--output", output_addr, "--device", device, "--threads", str(threads), "--max-batch", str(max_batch),
                "--max-queue", str(max_queue), "--log-level", log_level]
         if profile is not None:

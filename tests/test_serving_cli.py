@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -106,6 +107,8 @@ def assert_drains_on_sigterm(command: list[str], name: str = "matta serve") -> N
         reader = threading.Thread(target=stream)
         reader.start()
         assert first_chunk.wait(20)
+        children = _children(proc.pid)  # the engine-core process, for `matta serve`
+        assert children or name != "matta serve", "matta serve runs its engine core in a child process"
         proc.send_signal(signal.SIGTERM)
         refused_at = _wait_refused(url)  # the listening socket closes first: no new connections
         reader.join(60)
@@ -114,6 +117,7 @@ def assert_drains_on_sigterm(command: list[str], name: str = "matta serve") -> N
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == 0, proc.stderr.read()
         assert f"{name}: stopped" in proc.stderr.read()
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a child outlived the server"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -125,6 +129,11 @@ def test_serve_refuses_a_bad_checkpoint_with_exit_1(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "not a checkpoint directory" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
 def _wait_refused(url: str) -> float:

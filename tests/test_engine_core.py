@@ -1,0 +1,110 @@
+"""The engine core in its own process: the same answers as the in-process engine, no pickle on the
+wire or in the core, and a core that dies fails its requests and the health check instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import serving.core_client
+from benchmarks.harness import ServerThread
+from serving.app import build_app
+from serving.settings import ServeSettings
+from tests.helpers import REPO
+
+PROMPTS = ["To be, or not to be", "Now is the winter of our discontent", [5, 6, 7, 8]]
+
+# The core under a guard: any unpickling in it fails (as tests/test_no_pickle.py does in-process).
+GUARDED_CORE = """
+import pickle, sys, torch
+def refuse(*args, **kwargs):
+    raise AssertionError("the engine core tried to unpickle")
+pickle.load = pickle.loads = torch.load = refuse
+from serving.core import main
+sys.exit(main())
+"""
+
+
+def answers(url: str) -> list[dict]:
+    out = []
+    for width in ("s", "m", "ta"):
+        for prompt in PROMPTS:
+            body = {"model": f"tiny:{width}", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2,
+                    "echo": True}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            out.append({"text": choice["text"], "finish": choice["finish_reason"], "usage": r.json()["usage"],
+                        "tokens": choice["logprobs"]["tokens"],
+                        "logprobs": [round(v, 4) if v is not None else None
+                                     for v in choice["logprobs"]["token_logprobs"]]})
+    sampled = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": ["Friends", "Romans"],
+                                                          "max_tokens": 8, "temperature": 0.8, "seed": 7}, timeout=60)
+    out.append([c["text"] for c in sampled.json()["choices"]])
+    return out
+
+
+@pytest.mark.slow
+def test_the_core_process_answers_exactly_as_the_in_process_engine(checkpoint_512, monkeypatch):
+    _, path = checkpoint_512
+    monkeypatch.setattr(serving.core_client, "CORE_COMMAND", (sys.executable, "-c", GUARDED_CORE))
+    results = {}
+    for engine in ("inproc", "process"):
+        app = build_app(ServeSettings(checkpoint=path, device="cpu", engine=engine, max_batch=8))
+        with ServerThread(app) as server:
+            results[engine] = answers(server.url)
+            if engine == "process":
+                assert app.state.checkpoint.model is None  # the API process holds no weights
+    assert results["process"] == results["inproc"]
+
+
+@pytest.mark.slow
+def test_a_core_that_dies_fails_its_requests_and_health_instead_of_hanging(checkpoint_512):
+    _, path = checkpoint_512
+    app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=4))
+    client = app.state.engine
+    with ServerThread(app) as server:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        results = {}
+
+        def long_request(name, stream):
+            body = {"model": "tiny", "prompt": "To be", "max_tokens": 400, "temperature": 0, "stream": stream}
+            if stream:
+                with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+                    results[name] = [line for line in r.iter_lines() if line]
+            else:
+                results[name] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+
+        threads = [threading.Thread(target=long_request, args=(n, n == "stream")) for n in ("json", "stream")]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while client.stats().running < 2:
+            assert time.monotonic() < deadline, client.stats()
+            time.sleep(0.01)
+        os.kill(client.process.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "a request hung after the core died"
+        assert results["json"].status_code == 503 and results["json"].json()["error"]["code"] == "aborted"
+        assert results["stream"][-1] == "data: [DONE]"
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and "died" in health.json()["error"]
+        after = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert after.status_code == 503 and after.headers["retry-after"]
+
+
+def test_what_the_core_cannot_start_with_is_refused_with_its_own_message(tmp_path, checkpoint_dir):
+    (checkpoint_dir / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="sha256 mismatch"):  # checked before any process starts
+        build_app(ServeSettings(checkpoint=checkpoint_dir, device="cpu"))
+    profile = tmp_path / "profile.json"
+    profile.write_text("{not json")
+    with pytest.raises(ValueError, match="the engine core could not start: .*invalid JSON"):
+        build_app(ServeSettings(checkpoint=REPO / "checkpoints/default", device="cpu", profile=profile))
