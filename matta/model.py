@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,29 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y), (k, v)
 
 
+FFNBlocks = list[tuple[int, int, "int | torch.Tensor"]]
+"""One layer's plan of a mixed-width batch: hidden-unit blocks ``[lo, hi)`` in ascending order, each
+with the rows that run it, as a prefix length (rows sorted widest first) or an index tensor."""
+
+
+def ffn_plan(sizes: Sequence[int], device: torch.device | str = "cpu") -> int | FFNBlocks:
+    """How one layer's FFN runs rows whose widths are ``sizes`` (one FFN size per row).
+
+    A nested FFN decomposes by blocks of hidden units, out = sum over blocks of
+    gelu(x W_in[block]) W_out[block], so the first block runs for every row and each further
+    block only for the rows whose width includes it. One width for all rows is a plain int.
+    """
+    distinct = sorted(set(sizes))
+    if len(distinct) == 1:
+        return distinct[0]
+    widest_first = all(a >= b for a, b in pairwise(sizes))
+    blocks: FFNBlocks = [(0, distinct[0], len(sizes))]
+    for lo, hi in pairwise(distinct):
+        rows = [i for i, size in enumerate(sizes) if size >= hi]
+        blocks.append((lo, hi, len(rows) if widest_first else torch.tensor(rows, device=device)))
+    return blocks
+
+
 class NestedMLP(nn.Module):
     """GPT-2 FFN whose hidden units are nested: width m runs on the first m units only."""
 
@@ -135,10 +159,24 @@ class NestedMLP(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(m, d))  # W_out: row i is hidden unit i's output
         self.proj_bias = nn.Parameter(torch.zeros(d))
 
-    def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        h = F.linear(x, self.fc_weight[:width], self.fc_bias[:width])  # (B, T, m)
-        h = F.gelu(h, approximate="tanh")
-        return torch.matmul(h, self.proj_weight[:width]) + self.proj_bias  # (B, T, d)
+    def forward(self, x: torch.Tensor, width: int | FFNBlocks) -> torch.Tensor:
+        """``width``: one FFN size for every row, or a mixed-width plan from :func:`ffn_plan`."""
+        if isinstance(width, int):
+            h = F.linear(x, self.fc_weight[:width], self.fc_bias[:width])  # (B, T, m)
+            h = F.gelu(h, approximate="tanh")
+            return torch.matmul(h, self.proj_weight[:width]) + self.proj_bias  # (B, T, d)
+        out = None
+        for lo, hi, rows in width:
+            xr = x[:rows] if isinstance(rows, int) else x.index_select(0, rows)  # (rows, T, d)
+            h = F.gelu(F.linear(xr, self.fc_weight[lo:hi], self.fc_bias[lo:hi]), approximate="tanh")  # (rows, T, hi-lo)
+            y = torch.matmul(h, self.proj_weight[lo:hi])  # (rows, T, d)
+            if out is None:  # the first block: every row
+                out = y
+            elif isinstance(rows, int):
+                out[:rows] += y
+            else:
+                out.index_add_(0, rows, y)
+        return out + self.proj_bias
 
 
 class Block(nn.Module):
@@ -196,8 +234,14 @@ class NestedGPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
+        row_widths: Sequence[WidthSpec] | None = None,
     ) -> GPTOutput:
         """Logits for ``input_ids`` (B, T) at ``width`` (name, FFN size, or one per layer).
+
+        ``row_widths`` instead gives every row its own width (one spec per row): one forward
+        then serves a mixed batch, attention, norms, embeddings and the LM head shared, each
+        row's FFN exactly as it would run alone at its width (see :func:`ffn_plan`); rows sorted
+        widest first take the cheapest path (prefixes instead of gathers).
 
         ``attention_mask`` (B, T_past + T) marks real tokens with 1 and padding with 0; with
         it, positions count only real tokens, so a left- or right-padded row computes exactly
@@ -205,8 +249,16 @@ class NestedGPT(nn.Module):
         by an earlier call with ``use_cache=True``; a :class:`StaticKVCache` is extended in place
         and returned as the new cache.
         """
-        widths = self.config.resolve_width(width)
         B, T = input_ids.shape
+        if row_widths is not None:
+            if width is not None:
+                raise ValueError("give width (all rows) or row_widths (one per row), not both")
+            if len(row_widths) != B:
+                raise ValueError(f"row_widths has {len(row_widths)} entries; the batch has {B} rows")
+            per_row = [self.config.resolve_width(w) for w in row_widths]
+            widths = [ffn_plan([sizes[i] for sizes in per_row], input_ids.device) for i in range(self.config.n_layer)]
+        else:
+            widths = self.config.resolve_width(width)
         static = past_key_values if isinstance(past_key_values, StaticKVCache) else None
         if static is not None:
             past_len = static.length

@@ -179,3 +179,55 @@ def test_a_preallocated_cache_decodes_exactly_like_the_concatenating_one(model, 
     for (k, v), (ks, vs) in zip(cache, static.as_list(), strict=True):
         torch.testing.assert_close(k, ks)
         torch.testing.assert_close(v, vs)
+
+
+WIDTH_SPECS = st.one_of(st.sampled_from(["s", "m", "l", "ta"]), st.integers(1, 256),
+                        st.lists(st.integers(1, 256), min_size=3, max_size=3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(row_widths=st.lists(WIDTH_SPECS, min_size=1, max_size=6), T=st.integers(1, 8), decode_steps=st.integers(0, 3),
+       pad=st.lists(st.integers(0, 3), min_size=6, max_size=6), sort=st.booleans())
+def test_one_forward_over_mixed_widths_equals_each_row_alone_property(row_widths, T, decode_steps, pad, sort):
+    """The mixed-width forward (shared attention, norms, embeddings and LM head; FFN by blocks of
+    hidden units) gives every row what it gets alone at its width, per-layer mixes included, with
+    left padding and through decode steps on a preallocated cache (fp32, <= 1e-5)."""
+    torch.manual_seed(0)
+    m = NestedGPT(tiny_config()).eval()
+    config = m.config
+    if sort:  # widest first: the engine's order, where blocks run on row prefixes
+        row_widths = sorted(row_widths, key=lambda w: config.resolve_width(w), reverse=True)
+    B = len(row_widths)
+    x = ids(config, B=B, T=T, seed=T + B)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for i in range(B):
+        mask[i, : min(pad[i], T - 1)] = 0  # left padding, at least one real token
+    steps = ids(config, B=B, T=decode_steps, seed=7) if decode_steps else None
+    with torch.no_grad():
+        mixed = m(x, row_widths=row_widths, attention_mask=mask, use_cache=True)
+        cache = StaticKVCache.from_list(mixed.past_key_values, T + decode_steps)
+        mixed_logits, step_mask = [mixed.logits[:, -1]], mask
+        for t in range(decode_steps):
+            step_mask = torch.cat([step_mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            out = m(steps[:, t : t + 1], row_widths=row_widths, attention_mask=step_mask, past_key_values=cache,
+                    use_cache=True)
+            mixed_logits.append(out.logits[:, -1])
+        for i, width in enumerate(row_widths):
+            real = mask[i].bool()
+            alone = m(x[i : i + 1, real], width=width, use_cache=True)
+            torch.testing.assert_close(mixed.logits[i, real], alone.logits[0], atol=1e-5, rtol=0)
+            past = alone.past_key_values
+            for t in range(decode_steps):
+                alone = m(steps[i : i + 1, t : t + 1], width=width, past_key_values=past, use_cache=True)
+                torch.testing.assert_close(mixed_logits[t + 1][i], alone.logits[0, -1], atol=1e-5, rtol=0)
+                past = alone.past_key_values
+
+
+def test_mixed_widths_are_refused_with_a_clear_error_when_they_do_not_fit(model, config):
+    x = ids(config, B=2, T=4)
+    with pytest.raises(ValueError, match="row_widths has 1 entries; the batch has 2 rows"):
+        model(x, row_widths=["s"])
+    with pytest.raises(ValueError, match="not both"):
+        model(x, width="s", row_widths=["s", "ta"])
+    with pytest.raises(ValueError, match="unknown width"):
+        model(x, row_widths=["s", "xl"])
