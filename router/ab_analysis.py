@@ -167,16 +167,17 @@ def unit_estimate(values: Iterable[tuple[str, float]]) -> RatioEstimate:
         (counts[u] for u in sums), float, len(sums)))
 
 
-def interval_half_width(estimate: RatioEstimate, tuning_units: float | None = None):
-    """Half-width of one arm's 95% interval: Student t over units, or a confidence sequence."""
+def interval_half_width(estimate: RatioEstimate, tuning_units: float | None = None, alpha: float = 1 - CI_LEVEL):
+    """Half-width of one arm's (1 - alpha) interval: Student t over units, or a confidence sequence."""
     if tuning_units is not None:
-        return sequential.half_width(estimate.var, estimate.units, 1 - CI_LEVEL, tuning_units)
+        return sequential.half_width(estimate.var, estimate.units, alpha, tuning_units)
     with np.errstate(invalid="ignore"):
-        return stats.t.ppf((1 + CI_LEVEL) / 2, estimate.units - 1) * np.sqrt(estimate.var)
+        return stats.t.ppf(1 - alpha / 2, estimate.units - 1) * np.sqrt(estimate.var)
 
 
-def compare(control: RatioEstimate, arm: RatioEstimate, tuning_units: float | None = None) -> dict[str, np.ndarray]:
-    """One arm against the control, elementwise: ``diff``, ``lift`` and their 95% interval half-widths, ``p``.
+def compare(control: RatioEstimate, arm: RatioEstimate, tuning_units: float | None = None,
+            alpha: float = 1 - CI_LEVEL) -> dict[str, np.ndarray]:
+    """One arm against the control, elementwise: ``diff``, ``lift``, their (1 - alpha) interval half-widths, ``p``.
 
     ``tuning_units`` None: fixed horizon (Welch's t over units, Welch-Satterthwaite degrees of
     freedom; lift by the delta method). A number: sequential (confidence sequences and always-valid
@@ -189,14 +190,14 @@ def compare(control: RatioEstimate, arm: RatioEstimate, tuning_units: float | No
         lift_var = arm.var / control.mean**2 + arm.mean**2 * control.var / control.mean**4
         if tuning_units is None:
             df = var**2 / (arm.var**2 / (arm.units - 1) + control.var**2 / (control.units - 1))
-            q = stats.t.ppf((1 + CI_LEVEL) / 2, df)
+            q = stats.t.ppf(1 - alpha / 2, df)
             half, lift_half = q * np.sqrt(var), q * np.sqrt(lift_var)
             p = 2 * stats.t.sf(np.abs(diff) / np.sqrt(var), df)
         else:
             units = arm.units + control.units
-            half = sequential.half_width(var, units, 1 - CI_LEVEL, tuning_units)
-            lift_half = sequential.half_width(lift_var, units, 1 - CI_LEVEL, tuning_units)
-            p = sequential.p_value(diff, 0.0, var, units, tuning_units, 1 - CI_LEVEL)
+            half = sequential.half_width(var, units, alpha, tuning_units)
+            lift_half = sequential.half_width(lift_var, units, alpha, tuning_units)
+            p = sequential.p_value(diff, 0.0, var, units, tuning_units, alpha)
     # Both arms constant (every request failed, say): the difference is exact, not unknown.
     exact = var == 0
     return {"diff": diff, "diff_half": np.where(exact, 0.0, half), "lift": lift,
@@ -394,10 +395,12 @@ def _comparison(control: RatioEstimate, arm: RatioEstimate, tuning_units: float 
 
 
 def _srm(expected: dict[str, float], observed: dict[str, int]) -> dict:
-    total = sum(observed.values())
+    # An arm of weight 0 (rolled back) expects no units; the test is over the arms that do.
+    arms = [a for a in expected if expected[a] > 0]
+    total = sum(observed[a] for a in arms)
     chi2 = p = None
-    if total and len(observed) > 1:
-        test = stats.chisquare([observed[a] for a in expected], [total * expected[a] for a in expected])
+    if total and len(arms) > 1:
+        test = stats.chisquare([observed[a] for a in arms], [total * expected[a] for a in arms])
         chi2, p = _num(test.statistic), _num(test.pvalue)
     return {"chi2": chi2, "p": p, "flag": p is not None and p < SRM_P_THRESHOLD,
             "expected": expected, "observed_units": observed}
