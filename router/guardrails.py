@@ -24,6 +24,7 @@ still analyse.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def _check(g: Guardrail, arm: str, estimate: RatioEstimate, control: RatioEstima
         center, half = float(c["lift"]), float(c["lift_half"])
     else:
         center, half = float(estimate.mean), float(interval_half_width(estimate, g.tuning_units, g.alpha))
+    if not (math.isfinite(center) and math.isfinite(half)):  # e.g. a lift against a control mean of 0
+        return GuardrailCheck(arm, g.label, units, None, None, limit, False, f"cannot judge: {what} is undefined")
     low, high = center - half, center + half
     breached = low > limit if upper else high < limit
     verdict = "breached" if breached else "kept"

@@ -28,6 +28,7 @@ from router.latency import LatencyModel, RequestCalibration
 from router.policy import PolicyContext, make_policy
 from router.quality import width_quality
 from router.slo import EnginePredictor
+from serving.ab_guardrails import install_guardrail_monitor
 from serving.ab_routes import describe, install_experiment_routes
 from serving.connection import head_deadline_protocol
 from serving.engine import Engine
@@ -122,7 +123,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
     install_error_handlers(app, metrics)
     install_request_guard(app, settings.api_key or os.environ.get("MATTA_API_KEY"), settings.max_body_bytes,
                           settings.max_concurrency, settings.body_timeout_s, settings.retry_after_s)
-    install_experiment_routes(app, live, ab_log, metrics, settings.admin_key or os.environ.get("MATTA_ADMIN_KEY"))
+    admin_key = settings.admin_key or os.environ.get("MATTA_ADMIN_KEY")
+    install_experiment_routes(app, live, ab_log, metrics, admin_key)
+    install_guardrail_monitor(app, live, ab_log, metrics, admin_key)
 
     document_api(app, [card.id for card in service.models().data], widths, ckpt.config.vocab_size)
 

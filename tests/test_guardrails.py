@@ -103,6 +103,10 @@ def test_quantile_limits_and_relative_drops():
     drop = checks["success_max_drop"]  # lift -50%, limit -10%
     assert drop.breached and drop.interval[1] < -0.1 and drop.estimate == pytest.approx(-0.5, abs=0.15)
     assert not checks["rise"].breached
+    zero_control = [Outcome("exp", o.request_id, None, "success", 0.0 if o.request_id.startswith("control") else o.value,
+                            o.created_unix) for o in outcomes]
+    (undefined,) = evaluate(config({"metric": "success", "max_drop": 0.1}), exposures, zero_control)
+    assert not undefined.breached and undefined.reason == "cannot judge: lift of success against the control is undefined"
 
 
 def test_guardrails_wait_for_min_units_and_skip_arms_already_at_weight_zero():

@@ -98,6 +98,7 @@ def test_router_policy_does_not_import_torch():
 
 def test_the_router_package_does_not_import_torch():
     """DESIGN: router never imports torch-heavy serving internals (the proxy runs without the engine)."""
-    code = ("import sys, router.policy, router.slo, router.latency, router.quality, router.proxy; "
+    code = ("import sys, router.policy, router.slo, router.latency, router.quality, router.proxy, "
+            "router.ab_analysis, router.sequential, router.guardrails; "
             "assert 'torch' not in sys.modules, 'the router imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
