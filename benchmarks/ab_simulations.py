@@ -155,10 +155,9 @@ def plot(result: dict, path: Path) -> None:
                                   strict=True):
         names = list(rates)
         ax.barh(names, [rates[n] for n in names], color=["tab:red" if rates[n] > high else "tab:green" for n in names])
-        ax.axvspan(low, high, color="grey", alpha=0.3, label="99% binomial interval of 5%")
+        ax.axvspan(low, high, color="grey", alpha=0.3)
         ax.axvline(ALPHA, color="black", lw=1)
-        ax.set(title=title, xlabel="false-positive rate at alpha 0.05")
-        ax.legend(fontsize="small", loc="lower right")
+        ax.set(title=title, xlabel="false-positive rate at alpha 0.05\n(grey: 99% binomial interval of 5%)")
     ratios = result["ci_width_ratio_per_row_over_per_unit"]
     axes[2].plot([int(m) for m in ratios], list(ratios.values()), "o-")
     axes[2].axhline(1, color="black", lw=1)
