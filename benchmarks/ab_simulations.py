@@ -11,7 +11,9 @@ the same functions ``matta ab analyze`` uses:
 2. **Peeking.** The same experiments looked at after every batch of exposures (12 looks while
    units arrive and send requests), stopping at the first ``p < alpha``: the fixed-horizon test
    exceeds alpha, the sequential one (confidence sequences) stays at or below it.
-3. **CI width.** Per-row / per-unit 95% CI width on issue 19's example (40 users, p 0.1 or 0.9,
+3. **Guardrails.** An arm exactly at a ``max`` limit, checked at every look: how often it is
+   wrongly rolled back (at most alpha).
+4. **CI width.** Per-row / per-unit 95% CI width on issue 19's example (40 users, p 0.1 or 0.9,
    1 to 30 requests each), and sequential / fixed-horizon width as units accrue.
 
 ``tests/test_ab_simulations.py`` asserts the same rates; this script writes the figures:
@@ -30,7 +32,7 @@ import numpy as np
 from scipy import stats
 
 from router import sequential
-from router.ab_analysis import compare, ratio_estimate
+from router.ab_analysis import compare, interval_half_width, ratio_estimate
 
 RESULTS = Path(__file__).parent / "results"
 ALPHA = 0.05
@@ -122,6 +124,23 @@ def peeking_fpr(rng: np.random.Generator, experiments: int = 2000, units_per_arm
     }
 
 
+def guardrail_false_rollback_rate(rng: np.random.Generator, experiments: int = 2000, units: int = 100,
+                                  looks: int = 12, alpha: float = ALPHA) -> float:
+    """How often a ``max`` guardrail rolls back an arm that sits exactly at its limit, checked ``looks`` times.
+
+    The arm's success rate per request is 0.5 (units at 0.1 or 0.9), the limit ``max: 0.5``: the
+    worst case for a guardrail that must not act on an arm that keeps its limit. The check is the
+    one of :mod:`router.guardrails`: the arm's confidence sequence wholly above the limit, from
+    ``min_units`` (30) units on.
+    """
+    sim = simulate_aa(rng, experiments, units, looks)
+    successes, requests = (np.moveaxis(sim[k][:, 1], -1, 1) for k in ("successes", "requests"))  # (exp, looks, units)
+    estimate = ratio_estimate(successes, requests)
+    low = estimate.mean - interval_half_width(estimate, sequential.DEFAULT_TUNING_UNITS, alpha)
+    breached = (estimate.units >= 30) & (np.nan_to_num(low, nan=-np.inf) > 0.5)
+    return float(breached.any(axis=1).mean())
+
+
 def ci_width_ratios(rng: np.random.Generator, requests_per_unit: list[int], users: int = 40,
                     experiments: int = 500) -> dict[int, float]:
     """Mean per-row / per-unit 95% CI width of the difference, on issue 19's A/A example."""
@@ -187,6 +206,7 @@ def main(argv=None) -> int:
         "binomial_99_interval": binomial_interval(args.experiments),
         "unit_level": unit_level_fpr(rng, args.experiments),
         "peeking": peeking_fpr(rng, args.experiments),
+        "guardrail_false_rollback_at_the_limit": guardrail_false_rollback_rate(rng, args.experiments),
         "ci_width_ratio_per_row_over_per_unit": ci_width_ratios(rng, [1, 2, 5, 10, 15, 30]),
         "sequential_width_ratio": {"units_over_tuning": units_over_tuning.tolist(),
                                    "ratio": sequential_width_ratio(1000 * units_over_tuning, 1000).tolist()},

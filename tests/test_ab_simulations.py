@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.ab_simulations import binomial_interval, peeking_fpr, unit_level_fpr
+from benchmarks.ab_simulations import binomial_interval, guardrail_false_rollback_rate, peeking_fpr, unit_level_fpr
 from router import sequential
 
 EXPERIMENTS = 2000
@@ -31,6 +31,10 @@ def test_peeking_inflates_the_fixed_horizon_test_but_not_the_sequential_one():
     rates = peeking_fpr(np.random.default_rng(1), EXPERIMENTS, units_per_arm=100, looks=12)
     assert rates["fixed_horizon_any_look"] > HIGH, rates  # stop at the first p < alpha: about 0.2
     assert rates["sequential_any_look"] <= 0.05, rates
+
+
+def test_a_guardrail_checked_at_every_look_rarely_rolls_back_an_arm_that_keeps_its_limit():
+    assert guardrail_false_rollback_rate(np.random.default_rng(2), EXPERIMENTS, units=100, looks=12) <= 0.05
 
 
 @pytest.mark.parametrize("units", [3, 50, 1000, 10**6])
