@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge
 
@@ -107,12 +107,13 @@ def install_guardrail_monitor(app: FastAPI, live: LiveExperiment | None, ab_log:
         return JSONResponse({"experiment": live.config.name, "guardrails": [g.label for g in live.config.guardrails],
                              "checks": [asdict(c) for c in monitor.last_checks], "rollbacks": rollbacks})
 
-    @app.get("/admin/experiment/analysis", responses=error_responses(400, 403))
-    async def analysis(request: Request, sequential: bool = True, alpha: float = 0.05) -> JSONResponse:
+    @app.get("/admin/experiment/analysis", responses=error_responses(400, 403, 404))
+    async def analysis(request: Request, sequential: bool = True,
+                       alpha: float = Query(0.05, gt=0, lt=1, description="significance level")) -> JSONResponse:
         check_bearer(request, admin_key, "admin")
         try:
             result = await asyncio.to_thread(lambda: analyze(live.config, *load_shards([ab_log.path]), alpha=alpha,
                                                              sequential_test=sequential))
-        except ValueError as exc:  # nothing logged yet, or a bad alpha
-            raise APIError(400, str(exc), code="no_analysis") from exc
+        except ValueError as exc:  # no exposure of the running experiment logged yet
+            raise APIError(404, str(exc), code="no_exposures") from exc
         return JSONResponse(result)

@@ -218,6 +218,8 @@ def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logge
     with caplog.at_level("WARNING", logger="serving.ab_guardrails"), ServerThread(build_app(settings)) as server:
         text = httpx.get(f"{server.url}/metrics").text
         assert 'matta_ab_arm_weight{arm="treatment",experiment="width-test"} 50.0' in text
+        empty = httpx.get(f"{server.url}/admin/experiment/analysis", headers=auth)
+        assert empty.status_code == 404 and empty.json()["error"]["code"] == "no_exposures"
         arms = [complete(server.url, user=f"g{i}").headers["x-matta-arm"] for i in range(24)]
         assert arms.count("treatment") >= 5, arms
         deadline = time.monotonic() + 20
@@ -237,6 +239,8 @@ def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logge
         live = httpx.get(f"{server.url}/admin/experiment/analysis", headers=auth).json()
         assert live["inference"] == "sequential" and live["arms"]["treatment"]["units"] >= 5
         assert httpx.get(f"{server.url}/admin/experiment/analysis").status_code == 401
+        bad = httpx.get(f"{server.url}/admin/experiment/analysis?alpha=0", headers=auth)
+        assert bad.status_code == 400 and "alpha" in bad.text
     (record,) = [r for r in caplog.records if "guardrail" in r.getMessage()]
     assert "guardrail latency_s_p50_max breached by arm 'treatment' of experiment width-test, weight set to 0: " \
            "breached: share of requests" in record.getMessage()
