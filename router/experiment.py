@@ -40,6 +40,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from matta.configfile import read_yaml, validate
+from router.sequential import DEFAULT_TUNING_UNITS
 
 BUCKETS = 10_000
 
@@ -101,7 +102,7 @@ class Guardrail(BaseModel):
     max_rise: float | None = Field(None, gt=0, description="the arm's mean at most this fraction above the control's")
     alpha: float = Field(0.05, gt=0, lt=1, description="chance of a false rollback, however often it is checked")
     min_units: int = Field(30, ge=2, description="units the arm (and the control) need before the limit can act")
-    tuning_units: float = Field(1000, gt=0, description="units at which the confidence sequence is tightest")
+    tuning_units: float = Field(DEFAULT_TUNING_UNITS, gt=0, description="units at which the confidence sequence is tightest")
 
     @model_validator(mode="after")
     def _one_limit(self) -> Guardrail:
