@@ -199,6 +199,9 @@ def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path
     with ServerThread(build_app(settings)) as server:
         r = httpx.post(f"{server.url}/admin/experiment", content="{}", headers={"authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        for route in ("/admin/experiment/guardrails", "/admin/experiment/analysis"):
+            r = httpx.get(f"{server.url}{route}", headers={"authorization": "Bearer x"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled", route
 
 
 def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logged_reason(
