@@ -9,6 +9,14 @@ Config (YAML, validated; errors name the field)::
     arms:                   # weights are proportions, they need not sum to 100
       - {name: control,   weight: 50, policy: {kind: fixed, width: ta}}
       - {name: treatment, weight: 50, policy: {kind: slo, min_width: m}}
+    guardrails:             # optional: a treatment arm that breaches one is rolled back (weight 0)
+      - {metric: latency_s, quantile: 0.99, max: 2.0}   # the arm's p99 latency stays under 2 s
+      - {metric: error_rate, max: 0.02}                 # at most 2% of its requests fail
+      - {metric: success, max_drop: 0.10}               # its success rate at most 10% below the control's
+    guardrail_check_s: 10   # how often a server evaluates them (default 10)
+
+Guardrails are evaluated by :mod:`router.guardrails` (semantics and statistics there); every
+limit is on one arm, each of ``max``, ``min``, ``max_drop`` and ``max_rise`` alone.
 
 Assignment is deterministic: MurmurHash3 (``mmh3``, 32-bit, unsigned) of ``"<salt>:<unit>"`` picks
 one of 10,000 buckets, and the arms own consecutive bucket ranges in config order, sized by
@@ -33,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from matta.configfile import read_yaml, validate
 from router.policies import make_policy
+from router.sequential import DEFAULT_TUNING_UNITS
 
 BUCKETS = 10_000
 
@@ -72,8 +81,46 @@ class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    weight: float = Field(gt=0)
+    weight: float = Field(ge=0, description="0 keeps the arm in the config but sends it no units (a rollback)")
     policy: ArmPolicy
+
+
+LIMITS = ("max", "min", "max_drop", "max_rise")
+
+
+class Guardrail(BaseModel):
+    """A limit one treatment arm must keep; breaching it, with the sequential test's confidence, rolls the arm back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$",
+                        description="latency_s, completion_tokens, error_rate, or an outcome metric of /v1/feedback")
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="default: from the limit")
+    quantile: float | None = Field(None, gt=0, lt=1, description="with max: a limit on this quantile, not the mean")
+    max: float | None = Field(None, description="the arm's mean (or quantile) must stay at or below this")
+    min: float | None = Field(None, description="the arm's mean must stay at or above this")
+    max_drop: float | None = Field(None, gt=0, description="the arm's mean at most this fraction below the control's")
+    max_rise: float | None = Field(None, gt=0, description="the arm's mean at most this fraction above the control's")
+    alpha: float = Field(0.05, gt=0, lt=1, description="chance of a false rollback, however often it is checked")
+    min_units: int = Field(30, ge=2, description="units the arm (and the control) need before the limit can act")
+    tuning_units: float = Field(DEFAULT_TUNING_UNITS, gt=0, description="units at which the confidence sequence is tightest")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Guardrail:
+        given = [k for k in LIMITS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(LIMITS)}; got {given or 'none'}")
+        if self.quantile is not None and given != ["max"]:
+            raise ValueError(f"quantile {self.quantile} needs `max` (a p99 limit is `quantile: 0.99, max: <value>`)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The guardrail's name in logs and metrics: ``name``, or e.g. ``latency_s_p99_max``."""
+        if self.name is not None:
+            return self.name
+        limit = next(k for k in LIMITS if getattr(self, k) is not None)
+        return self.metric + (f"_p{100 * self.quantile:g}" if self.quantile is not None else "") + f"_{limit}"
 
 
 class ExperimentConfig(BaseModel):
@@ -84,6 +131,8 @@ class ExperimentConfig(BaseModel):
     unit: str = Field("user", description="'user' (the request's user field) or 'header:<name>'")
     traffic: float = Field(1.0, gt=0, le=1)
     arms: list[Arm] = Field(min_length=1)
+    guardrails: list[Guardrail] = Field(default_factory=list)
+    guardrail_check_s: float = Field(10.0, gt=0, description="seconds between a server's guardrail evaluations")
 
     @field_validator("unit")
     @classmethod
@@ -97,6 +146,11 @@ class ExperimentConfig(BaseModel):
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
+        if not any(a.weight > 0 for a in self.arms):
+            raise ValueError(f"at least one arm needs a weight > 0, got {[a.weight for a in self.arms]}")
+        labels = [g.label for g in self.guardrails]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"guardrail names must be unique (set `name`), got {labels}")
         return self
 
     def check_widths(self, widths: list[str]) -> None:

@@ -30,6 +30,7 @@ from router.ab_log import ABLog, Exposure, default_shard_path
 from router.experiment import LiveExperiment, load_experiment
 from router.policies import make_policy
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy, decide_width
+from serving.ab_guardrails import install_guardrail_monitor
 from serving.ab_routes import describe, install_experiment_routes
 from serving.backend import Backend, BackendError, CompletionStream, Delta, LogprobEntry
 from serving.http import (
@@ -493,6 +494,7 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     install_request_guard(app, settings.api_key, settings.max_body_bytes, settings.max_concurrency,
                           settings.body_timeout_s, settings.retry_after_s)
     install_experiment_routes(app, live, ab_log, metrics, settings.admin_key)
+    install_guardrail_monitor(app, live, ab_log, metrics, settings.admin_key)
     document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size)
 
     @app.post("/v1/completions", responses=COMPLETION_RESPONSES)

@@ -109,7 +109,7 @@ def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
                          "held_out_max": max(held_err) if held_err else None}
         samples[width] = {"decode": [list(x) for x in decode], "prefill": [list(x) for x in pre],
                           "held_out_decode": [list(x) for x in held]}
-    meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
             "machine": platform.machine(), "processor": platform.processor(), "model": model.config.name,
             "created_unix": time.time(), "relative_error": errors, "samples": samples}
     return LatencyModel(costs, meta=meta)

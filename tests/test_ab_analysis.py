@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from router.ab_analysis import (
     PEEKING_WARNING,
@@ -125,18 +126,69 @@ def test_planted_effect_is_detected_for_binary_and_continuous_metrics():
     result = analyze(experiment(), exposures, outcomes)
 
     success = result["comparisons"]["success"]["treatment"]
-    assert success["significant"] and success["p_ztest"] < 0.05
+    assert success["significant"] and success["p"] < 0.05
     assert success["lift_ci95"][0] > 0 and success["diff_ci95"][0] > 0
     assert success["lift_ci95"][0] < 0.25 < success["lift_ci95"][1]
     assert success["lift"] == pytest.approx(0.25, abs=0.125)  # two standard errors (delta method, about 0.06 here)
 
     rating = result["comparisons"]["rating"]["treatment"]
-    assert rating["p_ztest"] is None  # not a 0/1 metric: Welch decides
-    assert rating["significant"] and rating["p_welch"] < 0.001
+    assert rating["significant"] and rating["p"] < 0.001
     assert rating["lift_ci95"][0] < 0.25 < rating["lift_ci95"][1]
     assert rating["lift"] == pytest.approx(0.25, abs=0.05)  # two standard errors (about 0.025 here)
     control_rating = result["arms"]["control"]["metrics"]["rating"]
-    assert control_rating["n"] == 1000 and control_rating["ci95"][0] < 4.0 < control_rating["ci95"][1]
+    assert control_rating["n"] == control_rating["units"] == 1000
+    assert control_rating["ci95"][0] < 4.0 < control_rating["ci95"][1]
+
+    sequential = analyze(experiment(), exposures, outcomes, sequential_test=True, tuning_units=2000)
+    assert sequential["inference"] == "sequential" and PEEKING_WARNING not in sequential["warnings"]
+    for metric in ("success", "rating"):
+        fixed_ci, seq_ci = (r["comparisons"][metric]["treatment"]["diff_ci95"] for r in (result, sequential))
+        assert seq_ci[0] < fixed_ci[0] < fixed_ci[1] < seq_ci[1]  # valid at any look, hence wider
+        assert sequential["comparisons"][metric]["treatment"]["p"] > result["comparisons"][metric]["treatment"]["p"]
+
+
+def test_issue_19_example_is_analysed_per_user():
+    """40 users x 15 requests, success probability 0.1 or 0.9 per user: the CI of the difference is the
+    CI of per-user means (Welch), not the 0.3x narrower per-request one the issue found."""
+    rng = np.random.default_rng(19)
+    exposures, outcomes, user_means = [], [], {"control": [], "treatment": []}
+    for u in range(40):
+        arm, p = ("control", "treatment")[u % 2], rng.choice([0.1, 0.9])
+        won = rng.random(15) < p
+        user_means[arm].append(won.mean())
+        for j in range(15):
+            rid = f"r{u}-{j}"
+            exposures.append(Exposure(rid, "exp", f"user-{u}", "hash", arm, "p", "ta", 200, 0.1, 8, 16, u * 15 + j))
+            outcomes.append(Outcome("exp", rid, None, "success", float(won[j]), u * 15 + j + 0.5))
+    result = analyze(experiment(), exposures, outcomes)
+    assert result["unit_of_analysis"].startswith("user")
+    success = result["comparisons"]["success"]["treatment"]
+    per_user = stats.ttest_ind(user_means["treatment"], user_means["control"], equal_var=False)
+    ci = per_user.confidence_interval(0.95)
+    assert success["diff_ci95"] == pytest.approx([ci.low, ci.high], rel=1e-9)
+    assert success["p"] == pytest.approx(per_user.pvalue, rel=1e-9)
+    assert result["arms"]["control"]["metrics"]["success"] == {
+        "n": 300, "units": 20, "mean": pytest.approx(np.mean(user_means["control"])),
+        "ci95": pytest.approx(list(stats.t.interval(0.95, 19, np.mean(user_means["control"]),
+                                                    stats.sem(user_means["control"]))))}
+
+
+def test_requests_without_a_unit_are_their_own_units_and_ratio_metrics_weight_requests():
+    def exposure(rid, unit, arm, latency, assignment="hash"):
+        return Exposure(rid, "exp", unit, assignment, arm, "p", "ta", 200, latency, 8, 16, float(len(rid)))
+
+    # control: unit a sends 3 requests at 1 s, unit b one at 3 s; treatment: two anonymous requests.
+    exposures = [exposure("a1", "a", "control", 1.0), exposure("a2", "a", "control", 1.0),
+                 exposure("a3", "a", "control", 1.0), exposure("b1", "b", "control", 3.0),
+                 exposure("x1", None, "treatment", 1.0, "random"), exposure("x2", None, "treatment", 2.0, "random")]
+    result = analyze(experiment(), exposures, [])
+    control, treatment = (result["arms"][a]["metrics"]["latency_s"] for a in ("control", "treatment"))
+    assert (control["n"], control["units"], control["mean"]) == (4, 2, 1.5)  # (1+1+1+3)/4 per request, 2 units
+    assert (treatment["n"], treatment["units"], treatment["mean"]) == (2, 2, 1.5)
+    # Delta method by hand: R = 1.5, residuals S_u - R N_u = 3 - 4.5 and 3 - 1.5, n/(n-1) = 2, (sum N)^2 = 16.
+    expected_var = 2 * ((3 - 4.5) ** 2 + (3 - 1.5) ** 2) / 16
+    half = stats.t.ppf(0.975, 1) * expected_var**0.5
+    assert control["ci95"] == pytest.approx([1.5 - half, 1.5 + half])
 
 
 @pytest.mark.parametrize(("weights", "units", "flag"), [
@@ -180,8 +232,8 @@ def test_unit_outcomes_follow_the_units_first_arm_and_random_exposures_count_apa
     assert result["srm"]["observed_units"] == {"control": 2, "treatment": 1}
     assert result["units_in_several_arms"] == 1
     assert result["unattributed_outcomes"] == 1
-    assert control["metrics"]["thumbs"] == {"n": 2, "mean": 1.0, "ci95": [1.0, 1.0]}
-    assert treatment["metrics"]["thumbs"]["n"] == 3
+    assert control["metrics"]["thumbs"] == {"n": 2, "units": 2, "mean": 1.0, "ci95": [1.0, 1.0]}
+    assert treatment["metrics"]["thumbs"]["n"] == treatment["metrics"]["thumbs"]["units"] == 3  # u2, u3, r5's request
     assert treatment["metrics"]["thumbs"]["mean"] == pytest.approx(1 / 3)
     assert sum("units (< 30)" in w for w in result["warnings"]) == 2
 
@@ -197,16 +249,17 @@ def test_result_shape_is_json():
     assert result["experiment"] == "exp" and list(result["arms"]) == ["control", "treatment"]
     arm = result["arms"]["treatment"]
     assert {"units", "exposures", "random_exposures", "latency_p50_s", "latency_p99_s", "width_mix", "metrics"} <= set(arm)
-    assert set(arm["metrics"]) == {"success", "latency_s", "completion_tokens"}
-    assert set(arm["metrics"]["success"]) == {"n", "mean", "ci95"}
+    assert set(arm["metrics"]) == {"success", "latency_s", "completion_tokens", "error_rate"}
+    assert set(arm["metrics"]["success"]) == {"n", "units", "mean", "ci95"}
     assert sum(arm["width_mix"].values()) == pytest.approx(1.0) and set(arm["width_mix"]) == {"m", "ta"}
     assert set(result["srm"]) == {"chi2", "p", "flag", "expected", "observed_units"}
-    assert set(result["comparisons"]) == {"success", "latency_s", "completion_tokens"}
+    assert set(result["comparisons"]) == {"success", "latency_s", "completion_tokens", "error_rate"}
     assert set(result["comparisons"]["success"]) == {"treatment"}  # the control is the first arm
     comparison = result["comparisons"]["success"]["treatment"]
-    assert set(comparison) == {"lift", "lift_ci95", "diff", "diff_ci95", "p_welch", "p_ztest", "significant"}
-    assert result["comparisons"]["latency_s"]["treatment"]["p_ztest"] is None
+    assert set(comparison) == {"lift", "lift_ci95", "diff", "diff_ci95", "p", "significant"}
     assert result["warnings"][0] == PEEKING_WARNING
+    assert (result["inference"], result["tuning_units"]) == ("fixed-horizon", None)
+    assert "unit of randomisation" in result["unit_of_analysis"]
 
 
 def test_run_analyze_prints_a_table_and_writes_json_and_png(tmp_path, capsys):
@@ -219,15 +272,22 @@ def test_run_analyze_prints_a_table_and_writes_json_and_png(tmp_path, capsys):
     add_analyze_arguments(parser)
     args = parser.parse_args(["--db", str(shard.parent), "--experiment", str(config_path),
                               "--json", str(tmp_path / "out" / "result.json"), "--plot", str(tmp_path / "out" / "ab.png")])
-    assert args.alpha == 0.05
+    assert args.alpha == 0.05 and not args.sequential
 
     assert run_analyze(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert format_table(result) in printed
-    for word in ("control", "treatment", "success", "rating", "latency_s", "SRM", "lift", PEEKING_WARNING):
+    for word in ("control", "treatment", "success", "rating", "latency_s", "SRM", "lift", "unit of analysis: user",
+                 "inference: fixed-horizon", PEEKING_WARNING):
         assert word in printed
     assert (tmp_path / "out" / "ab.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    assert run_analyze(parser.parse_args(["--db", str(shard), "--experiment", str(config_path), "--sequential",
+                                          "--tuning-units", "500"])) == 0
+    printed = capsys.readouterr().out
+    assert "inference: sequential (confidence sequences tuned to 500 units)" in printed
+    assert PEEKING_WARNING not in printed
 
 
 def test_analysis_does_not_import_torch():

@@ -180,6 +180,54 @@ def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path
     with ServerThread(build_app(settings)) as server:
         r = httpx.post(f"{server.url}/admin/experiment", content="{}", headers={"authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        for route in ("/admin/experiment/guardrails", "/admin/experiment/analysis"):
+            r = httpx.get(f"{server.url}{route}", headers={"authorization": "Bearer x"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled", route
+
+
+def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logged_reason(
+        checkpoint_512, tmp_path, monkeypatch, caplog):
+    """A latency limit the treatment cannot meet (median under 1 microsecond): after min_units units the
+    server sets its weight to 0 through the reload path; new units all get the control."""
+    import serving.ab_guardrails
+
+    monkeypatch.setattr(serving.ab_guardrails, "POLL_S", 0.05)
+    _, path = checkpoint_512
+    guarded = {**CONFIG, "guardrail_check_s": 0.2, "guardrails": [
+        {"metric": "latency_s", "quantile": 0.5, "max": 1e-6, "min_units": 5},
+        {"metric": "error_rate", "max": 0.5, "min_units": 5}]}
+    settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml", guarded),
+                             ab_db=tmp_path / "ab.sqlite", admin_key="sesame")
+    auth = {"authorization": "Bearer sesame"}
+    with caplog.at_level("WARNING", logger="serving.ab_guardrails"), ServerThread(build_app(settings)) as server:
+        text = httpx.get(f"{server.url}/metrics").text
+        assert 'matta_ab_arm_weight{arm="treatment",experiment="width-test"} 50.0' in text
+        empty = httpx.get(f"{server.url}/admin/experiment/analysis", headers=auth)
+        assert empty.status_code == 404 and empty.json()["error"]["code"] == "no_exposures"
+        arms = [complete(server.url, user=f"g{i}").headers["x-matta-arm"] for i in range(24)]
+        assert arms.count("treatment") >= 5, arms
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.url}/admin/experiment", headers=auth).json()["arms"][1]["weight"] != 0:
+            assert time.monotonic() < deadline, "the guardrail did not roll the treatment back"
+            time.sleep(0.1)
+        assert {complete(server.url, user=f"new-{i}").headers["x-matta-arm"] for i in range(10)} == {"control"}
+        text = httpx.get(f"{server.url}/metrics").text
+        assert ('matta_ab_guardrail_breaches_total{arm="treatment",experiment="width-test",'
+                'guardrail="latency_s_p50_max"} 1.0') in text
+        assert 'matta_ab_arm_weight{arm="treatment",experiment="width-test"} 0.0' in text
+        assert 'guardrail="error_rate_max"' not in text  # kept: nothing failed
+        status = httpx.get(f"{server.url}/admin/experiment/guardrails", headers=auth).json()
+        (rollback,) = status["rollbacks"]
+        assert (rollback["arm"], rollback["guardrail"], rollback["breached"]) == ("treatment", "latency_s_p50_max", True)
+        assert rollback["reason"].startswith("breached: share of requests with latency_s > 1e-06")
+        live = httpx.get(f"{server.url}/admin/experiment/analysis", headers=auth).json()
+        assert live["inference"] == "sequential" and live["arms"]["treatment"]["units"] >= 5
+        assert httpx.get(f"{server.url}/admin/experiment/analysis").status_code == 401
+        bad = httpx.get(f"{server.url}/admin/experiment/analysis?alpha=0", headers=auth)
+        assert bad.status_code == 400 and "alpha" in bad.text
+    (record,) = [r for r in caplog.records if "guardrail" in r.getMessage()]
+    assert "guardrail latency_s_p50_max breached by arm 'treatment' of experiment width-test, weight set to 0: " \
+           "breached: share of requests" in record.getMessage()
 
 
 @pytest.mark.slow
