@@ -92,9 +92,22 @@ class LatencyModel:
         """Observed scheduler iteration time over the sum of its predicted decode steps."""
         return self._iteration.value
 
+    def step_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
+        """Predicted seconds of one decode forward over rows of several widths, ``groups`` {width:
+        (rows, context)}: the engine decodes every width in one forward, so the fixed cost of a
+        forward (dispatch, attention set-up, the LM head's launch) is paid once, the widest present
+        width's, and each width adds its per-row costs for its rows."""
+        present = {w: bc for w, bc in groups.items() if bc[0] > 0}
+        if not present:
+            return 0.0
+        fixed = max(self.costs[w].decode_base * self._decode[w].value for w in present)
+        rows = sum((self.costs[w].decode_s(b, c) - self.costs[w].decode_base) * self._decode[w].value
+                   for w, (b, c) in present.items())
+        return max(0.0, fixed + rows)
+
     def iteration_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
         """Predicted seconds of one scheduler iteration running ``groups`` {width: (batch, context)}."""
-        return self.iteration_factor * sum(self.decode_step_s(w, b, c) for w, (b, c) in groups.items() if b > 0)
+        return self.iteration_factor * self.step_s(groups)
 
     # --- online correction ---------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """The serving engine: one copy of the weights, every width, continuous batching on a background thread.
 
 Requests enter a bounded FIFO queue. A scheduler thread loops: admit waiting sequences into
-free slots and prefill them (one left-padded batch per width), then run one decode step per
-width group (one batched forward each), sample, emit, and drop finished or cancelled rows.
-Sequences therefore join and leave between decode steps.
+free slots and prefill them (one left-padded batch per width), then run one decode step for
+every running sequence, whatever its width, in one forward (attention, norms, embeddings and the
+LM head shared; each FFN block of hidden units only for the rows whose width includes it, rows
+kept widest first so a block runs on a prefix), sample, emit, and drop finished or cancelled
+rows. Sequences therefore join and leave between decode steps. (``mixed=False`` keeps the older
+one-forward-per-width-group step, for side-by-side benchmarks.)
 
-KV cache layout: each width group keeps one left-padded, preallocated cache
+KV cache layout: the running group keeps one left-padded, preallocated cache
 (:class:`~matta.model.StaticKVCache`, per layer (B, n_head, capacity, head_dim), filled to L)
 with an attention mask (B, L) marking real tokens. ``NestedGPT.forward`` derives positions from
 the mask, so a padded row computes exactly what it would alone. A decode step writes its keys
@@ -196,10 +199,14 @@ class Engine:
     """Continuous-batching generation over one :class:`NestedGPT`, at any of its named widths."""
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
-                 cost: EngineCostModel | None = None) -> None:
+                 cost: EngineCostModel | None = None, mixed: bool = True) -> None:
         """``cost``, when given, is the server's one cost model: its latency model is told the
         duration of every prefill, decode step and scheduler iteration, so its online corrections
-        track this machine (see :mod:`router.latency`), and it prices the queue-shedding check."""
+        track this machine (see :mod:`router.latency`), and it prices the queue-shedding check.
+
+        ``mixed`` (the default) decodes every running sequence in one forward whatever its width
+        (:meth:`NestedGPT.forward` with ``row_widths``); ``False`` runs one forward per width
+        group, as the engine did before (kept for side-by-side benchmarks)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -212,6 +219,9 @@ class Engine:
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
+        self.mixed = mixed
+        self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.width_names}
+        # Running rows by key: one group for every width (MIXED) or one per width.
         self._groups: dict[str, _Group] = {}
         self._running_by_width = dict.fromkeys(self.config.width_names, 0)
         self._waiting_by_width = dict.fromkeys(self.config.width_names, 0)
@@ -367,7 +377,8 @@ class Engine:
 
     def _publish_shapes(self) -> None:
         n_ctx = self.config.n_ctx
-        self._shapes = {w: (len(g.seqs), int(g.mask.shape[1])) for w, g in self._groups.items()}
+        self._shapes = {w: (n, int(g.mask.shape[1])) for g in self._groups.values()
+                        for w, n in self._rows_by_width(g.seqs).items()}
         self._remaining = tuple(sorted(
             min(s.params.max_tokens - len(s.tokens), n_ctx - len(s.prompt) - len(s.tokens))
             for g in self._groups.values() for s in g.seqs))
@@ -490,23 +501,29 @@ class Engine:
                 self._merge(group)
 
     def _decode(self) -> float:
-        """One decode step per width group: feed each row's last token, sample the next.
-
-        Returns the latency model's prediction for these steps (0 without a model).
+        """One decode step per group (one for all widths when mixed): feed each row's last token,
+        sample the next. Returns the latency model's prediction for these steps (0 without a model).
         """
         predicted = 0.0
         for width, group in list(self._groups.items()):
             B = len(group.seqs)
             started = time.perf_counter()
             mask = torch.cat([group.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
-            out = self.model(group.next_ids, width=width, attention_mask=mask,
-                             past_key_values=group.cache, use_cache=True)
+            if width == MIXED:
+                out = self.model(group.next_ids, row_widths=[s.width for s in group.seqs], attention_mask=mask,
+                                 past_key_values=group.cache, use_cache=True)
+            else:
+                out = self.model(group.next_ids, width=width, attention_mask=mask,
+                                 past_key_values=group.cache, use_cache=True)
             group.cache, group.mask = out.past_key_values, mask
             group.next_ids = self._sample_and_emit(group.seqs, out.logits[:, -1], None)
             if self.latency is not None:
                 context = int(mask.shape[1])
-                predicted += self.latency.decode_step_s(width, B, context)
-                self.latency.observe_decode(width, B, context, time.perf_counter() - started)
+                rows = self._rows_by_width(group.seqs)
+                predicted += self.latency.step_s({w: (n, context) for w, n in rows.items()})
+                if len(rows) == 1:  # a one-width step corrects that width's profile
+                    (only,) = rows
+                    self.latency.observe_decode(only, B, context, time.perf_counter() - started)
             with self._cond:
                 self._steps += 1
             self._drop_finished(group)
@@ -604,10 +621,14 @@ class Engine:
         group.seqs = [group.seqs[i] for i in keep]
 
     def _merge(self, new: _Group) -> None:
-        """Add freshly prefilled rows to the running group of their width (left-padding the shorter)."""
-        old = self._groups.get(new.width)
+        """Add freshly prefilled rows to the running group they join (left-padding the shorter);
+        a mixed group keeps its rows widest first, so each FFN block runs on a prefix of rows."""
+        key = MIXED if self.mixed else new.width
+        old = self._groups.get(key)
         if old is None:
-            self._groups[new.width] = new
+            new.width = key
+            self._groups[key] = new
+            self._sort_widest_first(new)
             return
         L, P = old.mask.shape[1], new.mask.shape[1]
         T = max(L, P)
@@ -620,6 +641,30 @@ class Engine:
         old.mask = torch.cat([F.pad(old.mask, (T - L, 0)), F.pad(new.mask, (T - P, 0))])
         old.next_ids = torch.cat([old.next_ids, new.next_ids])
         old.seqs = old.seqs + new.seqs
+        self._sort_widest_first(old)
+
+    @staticmethod
+    def _rows_by_width(seqs: list[_Sequence]) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        for seq in seqs:
+            rows[seq.width] = rows.get(seq.width, 0) + 1
+        return rows
+
+    def _sort_widest_first(self, group: _Group) -> None:
+        """Reorder a mixed group's rows by FFN size, widest first (stable; a no-op when sorted)."""
+        if group.width != MIXED:
+            return
+        sizes = [self._ffn_size[s.width] for s in group.seqs]
+        order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+        if order == list(range(len(sizes))):
+            return
+        index = torch.tensor(order, device=self.device)
+        group.cache = StaticKVCache(
+            [k.index_select(0, index) for k in group.cache.keys], [v.index_select(0, index) for v in group.cache.values],
+            group.cache.length)
+        group.mask = group.mask.index_select(0, index)
+        group.next_ids = group.next_ids.index_select(0, index)
+        group.seqs = [group.seqs[i] for i in order]
 
     def _capacity(self, length: int, seqs: list[_Sequence]) -> int:
         """Initial cache capacity: room for the longest generation in the group, within the context."""
@@ -650,6 +695,8 @@ def _threadsafe_emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, inde
 
     return emit
 
+
+MIXED = "*"  # the key of the one group of every width, when the engine decodes mixed widths together
 
 # Temperatures below this decode greedily, as vLLM does: logits / 1e-300 overflows to inf and NaN.
 GREEDY_BELOW = 1e-5

@@ -284,3 +284,14 @@ def test_request_calibration_is_a_quantile_of_recent_ratios_and_scales_predictio
         calibration.observe(3.0, 1.0, queued=True)
     assert calibrated.predict_s("ta", r, full) == pytest.approx(3.0 * plain.predict_s("ta", r, full))
     assert calibration.factor(queued=False) == pytest.approx(1.91)  # the absurd ratio pushed out 1.00
+
+
+def test_a_mixed_width_step_pays_the_fixed_cost_of_a_forward_once():
+    """The engine decodes every width in one forward: the prediction of a mixed step is the widest
+    present width's fixed cost plus each width's per-row costs, not the sum of one-width steps."""
+    m = LatencyModel({"s": WidthCost(0.004, 0.0001, 1e-6, 0.001, 1e-5), "ta": WidthCost(0.006, 0.0004, 2e-6, 0.001, 1e-5)})
+    s_only, ta_only = m.step_s({"s": (8, 100)}), m.step_s({"ta": (8, 100)})
+    assert s_only == pytest.approx(m.decode_step_s("s", 8, 100))
+    mixed = m.step_s({"s": (8, 100), "ta": (8, 100)})
+    assert mixed == pytest.approx(s_only + ta_only - 0.004)
+    assert m.iteration_s({"s": (8, 100), "ta": (0, 0)}) == pytest.approx(s_only)

@@ -258,3 +258,29 @@ def test_the_same_engine_code_runs_on_cuda(model, tokenizer):
         torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]].cpu(), atol=1e-4, rtol=0)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, tokenizer, mixed):
+    """With ``mixed`` (the default) a batch of four widths takes one decode forward per step; the
+    per-width engine takes one per width group. Either way every row decodes as it would alone."""
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=16, mixed=mixed)
+    prompts = [("Now is the winter", "ta"), ("To be, or not to be", "s"), ("Friends, Romans", "l"),
+               ("and all the clouds", "m"), ("the slings and arrows", "s")]
+    n = 20
+
+    async def main():
+        streams = [engine.submit([tokenizer.encode(p)], w, SamplingParams(max_tokens=n, temperature=0.0))
+                   for p, w in prompts]
+        engine.start()  # every sequence is queued before the first step: they run together
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        outputs = asyncio.run(main())
+        steps = engine.stats().steps
+    finally:
+        engine.stop()
+    for (text, width), result in zip(prompts, outputs, strict=True):
+        assert result[0][0] == model.generate_greedy(tokenizer.encode(text), n, width=width), (text, width)
+    # n - 1 decode steps after the prefill's token (fewer for a row that ends early).
+    assert steps <= n - 1 if mixed else steps >= 3 * (n - 1) - 4, steps
