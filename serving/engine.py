@@ -536,10 +536,10 @@ class Engine:
         """Sample one token per row of ``logits`` (B, V) for ``seqs``, emit events; returns the tokens (B, 1)."""
         logits = logits.float()
         next_ids = logits.argmax(dim=-1)  # (B,) greedy rows are done here, in one call
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature >= GREEDY_BELOW:
-                next_ids[i] = _sample_row(logits[i], p.temperature, p.top_p, seq.generator)
+        sampled = [i for i, seq in enumerate(seqs) if seq.params.temperature >= GREEDY_BELOW]
+        if sampled:
+            next_ids[sampled] = sample_rows(logits[sampled], [seqs[i].params for i in sampled],
+                                            [seqs[i].generator for i in sampled])
         want_lp = any(s.params.logprobs is not None for s in seqs)
         logprobs_all = F.log_softmax(logits, dim=-1) if want_lp else None
         tokens = next_ids.tolist()
@@ -702,18 +702,32 @@ MIXED = "*"  # the key of the one group of every width, when the engine decodes 
 GREEDY_BELOW = 1e-5
 
 
-def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Sample from softmax(logits / temperature) restricted to the top-p nucleus."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V) from softmax(logits / temperature) restricted to the
+    row's top-p nucleus, for the whole batch in tensor ops.
+
+    Draws use the exponential race (argmax of p / E with E ~ Exp(1) is a draw from p): unseeded
+    rows take their noise in one call, a seeded row from its own generator, so its tokens do not
+    depend on what else is in the batch.
+    """
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        outside[0] = False  # a top_p below float32's resolution (5e-324) would otherwise drop every token
-        sorted_probs[outside] = 0
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+        outside[:, 0] = False  # a top_p below float32's resolution (5e-324) would otherwise drop every token
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            noise[i].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def _token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:

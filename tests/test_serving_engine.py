@@ -284,3 +284,25 @@ def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, toke
         assert result[0][0] == model.generate_greedy(tokenizer.encode(text), n, width=width), (text, width)
     # n - 1 decode steps after the prefill's token (fewer for a row that ends early).
     assert steps <= n - 1 if mixed else steps >= 3 * (n - 1) - 4, steps
+
+
+def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
+    """sample_rows: one call for the whole batch; each row's empirical distribution is its own
+    softmax(logits / T) renormalised over its top-p nucleus, and a seeded row ignores its batch."""
+    from serving.engine import sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    n = 40_000
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_p=0.8)] * (n // 2)
+    draws = sample_rows(logits.repeat(n, 1), params, [None] * n)
+    for row, (t, top_p) in enumerate([(0.7, 1.0), (1.3, 0.8)]):
+        p = torch.softmax(logits / t, dim=-1)
+        keep = (p.cumsum(0) - p) < top_p  # sorted already: logits descend
+        expected = torch.where(keep, p, 0) / p[keep].sum()
+        observed = torch.bincount(draws[row::2], minlength=5).float() / (n // 2)
+        torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
+    alone = sample_rows(logits[None], [SamplingParams(temperature=1.0)], [torch.Generator().manual_seed(3)])
+    crowd = sample_rows(logits.repeat(4, 1), [SamplingParams(temperature=1.0)] * 4,
+                        [None, torch.Generator().manual_seed(3), None, None])
+    assert int(alone[0]) == int(crowd[1])
