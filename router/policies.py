@@ -87,6 +87,7 @@ def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPol
             dwell_s=float(options.get("dwell_s", 1.0)),
             utilization=float(options.get("utilization", 0.9)),
             rate_window_s=float(options.get("rate_window_s", 2.0)),
+            dispatch=context.dispatch,
         )
     except ValueError as exc:
         raise ValueError(f"policy 'slo:{argument}': {exc}") from exc

@@ -56,6 +56,9 @@ class WidthDecision:
     reason: str
     predicted_s: float | None = None
     shed: bool = False
+    # Widths (narrowest first) the backend may choose among when the request gets its batch slot,
+    # when it chooses at dispatch (PolicyContext.dispatch); ``width`` is then provisional.
+    candidates: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -73,6 +76,9 @@ class PolicyContext:
     default_slo_ms: float | None = None  # for requests that give no latency_slo_ms
     min_width: str | None = None  # quality floor for load-adaptive policies
     shed: bool = False  # refuse requests no width can serve in time (else best effort at the floor)
+    # The backend picks the width when a request is dispatched (the engine does; a proxy cannot):
+    # a policy may then leave it a range of widths instead of one.
+    dispatch: bool = False
 
 
 @runtime_checkable

@@ -69,7 +69,8 @@ class SloPolicy:
 
     def __init__(self, widths: Sequence[str], predictor: LatencyPredictor, *, default_slo_ms: float | None = None,
                  min_width: str | None = None, shed: bool = False, headroom: float = 0.2,
-                 dwell_s: float = 1.0, utilization: float = 0.9, rate_window_s: float = 2.0) -> None:
+                 dwell_s: float = 1.0, utilization: float = 0.9, rate_window_s: float = 2.0,
+                 dispatch: bool = False) -> None:
         if not widths:
             raise ValueError("slo policy: no widths")
         if min_width is not None and min_width not in widths:
@@ -87,6 +88,7 @@ class SloPolicy:
         self.headroom = headroom
         self.dwell_s = dwell_s
         self.utilization = utilization
+        self.dispatch = dispatch
         self.name = "slo"
         self._classes: dict[float, _ClassState] = {}
         self._arrivals = ArrivalRate(rate_window_s)
@@ -129,14 +131,30 @@ class SloPolicy:
                 continue
             chosen = i
             break
+        candidates = tuple(self.widths[i] for i in allowed) if self.dispatch else ()
         if chosen is None:
             chosen = self.floor
-            if self.shed:
+            if self.dispatch and self._fits_at_best(request, load, budget):
+                reason = "at_dispatch"  # the engine narrows what waits ahead of it when it must
+            elif self.shed:
                 return WidthDecision(self.widths[chosen], "shed", predicted[chosen], shed=True)
-            reason = "best_effort"
+            else:
+                reason = "best_effort"
         if chosen != state.level:
             state.level, state.changed_at = chosen, now
-        return WidthDecision(self.widths[chosen], reason, predicted[chosen])
+        return WidthDecision(self.widths[chosen], reason, predicted[chosen], candidates=candidates)
+
+    def _fits_at_best(self, request: RequestInfo, load: LoadSnapshot, budget: float) -> bool:
+        """Whether the request meets its SLO at the floor if every request waiting ahead of it is
+        also served at the floor: with the width chosen at dispatch, that is the best case the
+        backend can still reach, so only a request that misses even then is refused on arrival
+        (the engine refuses the rest, later, if they can no longer make it)."""
+        floor = self.widths[self.floor]
+        waiting = sum(load.waiting_by_width.values())
+        best = LoadSnapshot(waiting=load.waiting, running=load.running, running_by_width=load.running_by_width,
+                            waiting_by_width={floor: waiting}, max_batch=load.max_batch, max_queue=load.max_queue,
+                            groups=load.groups, remaining_tokens=load.remaining_tokens)
+        return self.predictor.predict_s(floor, request, best) <= budget
 
     def __repr__(self) -> str:
         return (f"SloPolicy(default_slo_ms={self.default_slo_ms}, min_width={self.widths[self.floor]!r}, "

@@ -54,6 +54,7 @@ class Delta:
     finish_reason: str | None = None
     completion_tokens: int = 0
     queue_s: float | None = None  # submit -> first scheduled, when the backend knows it
+    width: str | None = None  # the width served, when the backend chose it at dispatch
 
 
 class BackendError(Exception):
@@ -88,6 +89,7 @@ class Backend(Protocol):
     max_model_len: int | None  # context window, when known
     vocab_size: int | None  # token-id bound, when known
     cost: CostModel | None  # how long a request will take here (the slo policy's predictor)
+    dispatches_width: bool  # it can choose a request's width when the request gets a batch slot
 
     @property
     def accepting(self) -> bool: ...
@@ -105,12 +107,15 @@ class Backend(Protocol):
         ...
 
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-               deadline: float | None) -> CompletionStream:
+                     deadline: float | None, candidates: tuple[str, ...] = (),
+                     slo_deadline: float | None = None) -> CompletionStream:
         """Start generating every prompt at ``width``; APIError 429/503 when it cannot take them now
         (a proxy relays its upstream's refusal with the upstream's status).
 
         ``deadline`` (time.monotonic()) is when a prompt still waiting for a batch slot can no
-        longer finish within its SLO: a backend that queues sheds it then ("shed").
+        longer finish within its SLO: a backend that queues sheds it then ("shed"). With
+        ``candidates`` a backend that ``dispatches_width`` serves the width it picks among them
+        when the request gets its slot, aiming at ``slo_deadline``; the deltas name it.
         """
         ...
 

@@ -60,7 +60,7 @@ class EngineCore:
                 out = msg.SequenceOutput(request_id, index, event.token_ids, event.text, event.time,
                                          _logprobs(event.logprobs), _logprobs(event.prompt_logprobs),
                                          event.finish_reason, event.prompt_tokens, event.completion_tokens,
-                                         event.queue_s)
+                                         event.queue_s, event.width)
                 with self._lock:
                     self._outbox.append(out)
             return emit
@@ -90,11 +90,13 @@ class EngineCore:
             seqs = self._requests.pop(message.request_id, None)
             if seqs:
                 self.engine.cancel(seqs)
+                if not self.engine.stats().running:
+                    self.flush()  # an idle engine runs no step that would report the freed queue slots
             return True
         p = message.sampling
         params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
                                 stop=tuple(p.stop), logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-                                deadline=p.deadline)
+                                deadline=p.deadline, widths=tuple(p.widths), slo_deadline=p.slo_deadline)
         try:
             self._requests[message.request_id] = self.engine.add(message.prompts, message.width, params,
                                                                  self._emitter(message.request_id))

@@ -78,7 +78,7 @@ def _events(out: msg.SequenceOutput) -> SequenceEvent:
         return None if entries is None else [TokenLogprob(t, v, tuple(tuple(x) for x in top)) for t, v, top in entries]
 
     return SequenceEvent(out.token_ids, out.text, out.time, lp(out.logprobs), lp(out.prompt_logprobs),
-                         out.finish_reason, out.prompt_tokens, out.completion_tokens, out.queue_s)
+                         out.finish_reason, out.prompt_tokens, out.completion_tokens, out.queue_s, out.width)
 
 
 class EngineCoreClient:
@@ -176,8 +176,9 @@ class EngineCoreClient:
 
     def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> CoreStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
-        if width not in self.config.widths:
-            raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
+        for name in (width, *params.widths):
+            if name not in self.config.widths:
+                raise ValueError(f"unknown width {name!r}; known: {self.config.width_names}")
         if self._dead:
             raise EngineStoppedError("the engine core has died; the server cannot serve")
         if self._stopping:
@@ -189,7 +190,8 @@ class EngineCoreClient:
         stream = CoreStream(self, request_id, len(prompts))
         self._streams[request_id] = (stream, width, len(prompts))
         sampling = msg.Sampling(params.max_tokens, params.temperature, params.top_p, params.seed, tuple(params.stop),
-                                params.logprobs, params.prompt_logprobs, params.deadline)
+                                params.logprobs, params.prompt_logprobs, params.deadline, tuple(params.widths),
+                                params.slo_deadline)
         self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], width, sampling)))
         return stream
 

@@ -22,6 +22,8 @@ class Sampling(msgspec.Struct, frozen=True):
     logprobs: int | None
     prompt_logprobs: bool
     deadline: float | None  # time.monotonic() (one clock for every process on the machine)
+    widths: tuple[str, ...]  # chosen among at dispatch, narrowest first (empty: the request's width)
+    slo_deadline: float | None
 
 
 class Add(msgspec.Struct, tag=True, frozen=True):
@@ -62,6 +64,7 @@ class SequenceOutput(msgspec.Struct, array_like=True, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     queue_s: float
+    width: str | None  # the width served (chosen at dispatch, when it was)
 
 
 class Load(msgspec.Struct, frozen=True):

@@ -71,6 +71,12 @@ class SamplingParams:
     # can no longer make it (by the latency model, when the engine has one) is never started: it
     # ends with finish_reason "shed", so its client hears at once instead of being served late.
     deadline: float | None = None
+    # Width chosen at dispatch: when ``widths`` (narrowest first) is given, the engine picks among
+    # them when the sequence gets its batch slot, the widest that still finishes by
+    # ``slo_deadline`` without making the running sequences late; waiting sequences with an
+    # ``slo_deadline`` are served earliest deadline first.
+    widths: tuple[str, ...] = ()
+    slo_deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -111,6 +117,7 @@ class SequenceEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float = 0.0  # submit -> prefill start
+    width: str | None = None  # the width the sequence is served at (chosen at dispatch, when it was)
 
 
 @dataclass(frozen=True)
@@ -280,8 +287,9 @@ class Engine:
             emitter: Callable[[int], Callable[[SequenceEvent], None]]) -> list[_Sequence]:
         """Queue one sequence per prompt, all or none; ``emitter(index)`` is the callback that
         receives prompt ``index``'s events (on the scheduler thread). Errors as :meth:`submit`."""
-        if width not in self.config.widths:
-            raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
+        for name in (width, *params.widths):
+            if name not in self.config.widths:
+                raise ValueError(f"unknown width {name!r}; known: {self.config.width_names}")
         for prompt in prompts:
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -403,20 +411,53 @@ class Engine:
         time of recent iterations (0 without a latency model: then only a passed deadline counts)."""
         if self.cost is None:
             return 0.0
-        return self.cost.service_s(seq.width, 1, len(seq.prompt), seq.params.max_tokens, self._shapes,
-                                   self._iteration_s)
+        width = seq.params.widths[0] if seq.params.widths else seq.width  # at dispatch it may go narrowest
+        return self.cost.service_s(width, 1, len(seq.prompt), seq.params.max_tokens, self._shapes, self._iteration_s)
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
         admitted = []
+        now = time.monotonic()
+        shapes = dict(self._shapes)  # the batch the admitted join, grown as they join
         while self._waiting and free > 0:
-            seq = self._waiting.popleft()
+            seq = self._next_waiting_locked()
             self._waiting_by_width[seq.width] -= 1
+            if seq.params.widths and self.cost is not None:
+                seq.width = self._dispatch_width(seq, now, shapes)
+            rows, context = shapes.get(seq.width, (0, 0))
+            shapes[seq.width] = (rows + 1, max(context, len(seq.prompt)))
             self._running_by_width[seq.width] += 1
             seq.running = True
             admitted.append(seq)
             free -= 1
         return admitted
+
+    def _next_waiting_locked(self) -> _Sequence:
+        """Earliest SLO deadline first (sequences without one after them, in arrival order)."""
+        if not any(seq.params.slo_deadline is not None for seq in self._waiting):
+            return self._waiting.popleft()
+        seq = min(self._waiting, key=lambda s: (s.params.slo_deadline is None, s.params.slo_deadline or 0.0, s.seq_id))
+        self._waiting.remove(seq)
+        return seq
+
+    def _dispatch_width(self, seq: _Sequence, now: float, shapes: dict[str, tuple[int, int]]) -> str:
+        """SlackFit at dispatch: the widest allowed width at which ``seq`` finishes by its SLO deadline
+        (prefill, then its tokens at the iteration time of the batch it joins) while every running
+        sequence with a deadline still makes its own (the tightest one's remaining time per token
+        bounds the joined batch's iteration time); the narrowest when none fits."""
+        p, latency = seq.params, self.cost.model
+        running = [s for g in self._groups.values() for s in g.seqs if s.params.slo_deadline is not None]
+        tightest = min(((s.params.slo_deadline - now) / max(1, s.params.max_tokens - len(s.tokens)) for s in running),
+                       default=float("inf"))
+        for width in reversed(p.widths):
+            joined = dict(shapes)
+            rows, context = joined.get(width, (0, 0))
+            joined[width] = (rows + 1, max(context, len(seq.prompt)) + p.max_tokens // 2)
+            per_token = latency.iteration_s(joined)
+            finish = now + self.cost.service_s(width, 1, len(seq.prompt), p.max_tokens, shapes, self._iteration_s)
+            if (p.slo_deadline is None or finish <= p.slo_deadline) and per_token <= tightest:
+                return width
+        return p.widths[0]
 
     def _release(self, seq: _Sequence) -> None:
         """Free the sequence's batch slot (idempotent)."""
@@ -582,7 +623,7 @@ class Engine:
         text = seq.text[seq.emitted:end]
         seq.emitted = end
         if finish is None:
-            seq.emit(SequenceEvent([token], text, now, lp, prompt_lp))
+            seq.emit(SequenceEvent([token], text, now, lp, prompt_lp, width=seq.width))
         else:
             # Count the slot free before the consumer hears of the end; _drop_finished removes the row.
             self._release(seq)
@@ -592,7 +633,7 @@ class Engine:
                       prompt_logprobs=None, now: float | None = None) -> None:
         seq.emit(SequenceEvent(token_ids, text, time.monotonic() if now is None else now, lp, prompt_logprobs,
                                finish_reason=reason, prompt_tokens=len(seq.prompt),
-                               completion_tokens=len(seq.tokens), queue_s=seq.queue_s))
+                               completion_tokens=len(seq.tokens), queue_s=seq.queue_s, width=seq.width))
 
     def _drop_finished(self, group: _Group, registered: bool = True) -> None:
         keep = [i for i, s in enumerate(group.seqs) if not s.finished]

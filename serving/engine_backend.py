@@ -47,7 +47,8 @@ class EngineStream:
             logprobs = [*map(self._entry, event.prompt_logprobs or ()), *map(self._entry, event.logprobs or ())]
             yield index, Delta(text, event.time, tokens=len(event.token_ids), logprobs=logprobs,
                                finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
-                               queue_s=event.queue_s if event.finish_reason is not None else None)
+                               queue_s=event.queue_s if event.finish_reason is not None else None,
+                               width=event.width)
 
     def _entry(self, lp: TokenLogprob) -> LogprobEntry:
         token = self._tokenizer.token_bytes
@@ -71,6 +72,7 @@ class EngineBackend:
         self.widths = config.width_names
         self.max_model_len = config.n_ctx
         self.vocab_size = config.vocab_size
+        self.dispatches_width = cost is not None  # it needs the cost model to choose
 
     @property
     def accepting(self) -> bool:
@@ -117,11 +119,12 @@ class EngineBackend:
                             groups=s.groups, remaining_tokens=s.remaining_tokens)
 
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-               deadline: float | None) -> EngineStream:
+                     deadline: float | None, candidates: tuple[str, ...] = (),
+                     slo_deadline: float | None = None) -> EngineStream:
         params = SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
-            deadline=deadline,
+            deadline=deadline, widths=candidates, slo_deadline=slo_deadline,
         )
         retry = {"retry-after": str(self.retry_after_s)}
         try:

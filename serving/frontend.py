@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -175,7 +175,11 @@ class Frontend:
             # Pinned requests are the client's choice, served whatever their SLO, as by the router.
             deadline = (started + QUEUE_DEADLINE_FRACTION * route.slo_s
                         if route.slo_s is not None and pinned is None and getattr(policy, "shed", False) else None)
-            stream = await self.backend.submit(prompts, width, body, deadline)
+            # The width may be left to dispatch: the backend picks among the policy's candidates when
+            # the request gets its batch slot (one prompt: all prompts of a request share a width).
+            candidates = decision.candidates if prompts.n_prompts == 1 and route.slo_s is not None else ()
+            slo_deadline = started + route.slo_s if candidates else None
+            stream = await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
         except APIError as exc:
             exc.headers[REQUEST_ID_HEADER] = request_id
             if width is not None:
@@ -186,6 +190,15 @@ class Frontend:
                 await self._log_exposure(route, exc.status, time.monotonic() - started, 0)
             raise
         choices = [_Choice() for _ in range(prompts.n_prompts)]
+        events = aiter(stream)
+        if candidates:
+            # The width is known once the engine dispatched the request: wait for its first delta
+            # (or the end of the request's deadline) so the response head can name it.
+            first = await self._first_delta(events, started)
+            if first is not None and first[1].width is not None:
+                route = replace(route, width=first[1].width)
+            events = _chain(first, events)
+        width = route.width
         headers = {WIDTH_HEADER: width, REQUEST_ID_HEADER: request_id}
         if route.arm is not None:
             headers[ARM_HEADER] = route.arm
@@ -194,10 +207,22 @@ class Frontend:
         if body.stream:
             # The background cancel also covers a client gone before the first chunk, when the
             # generator never started and its ``finally`` cannot run.
-            return StreamingResponse(self._sse(body, stream, choices, route, started), media_type="text/event-stream",
+            return StreamingResponse(self._sse(body, stream, events, choices, route, started),
+                                     media_type="text/event-stream",
                                      headers={**headers, "cache-control": "no-cache"},
                                      background=BackgroundTask(stream.cancel))
-        return await self._complete(body, stream, choices, route, started, raw_request, headers)
+        return await self._complete(body, stream, events, choices, route, started, raw_request, headers)
+
+    async def _first_delta(self, events: AsyncIterator, started: float) -> tuple[int, Delta] | BaseException | None:
+        """The first delta, or what ended the request before one came (None: the deadline passed)."""
+        timeout_s = self.settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(anext(events), None if not timeout_s else
+                                          max(0.0, started + timeout_s - time.monotonic()))
+        except TimeoutError:
+            return None
+        except (StopAsyncIteration, BackendError) as exc:
+            return exc
 
     def _generable_tokens(self, max_tokens: int, longest_prompt: int) -> int:
         """``max_tokens`` as far as the context window lets it go: what predictions should price."""
@@ -250,11 +275,12 @@ class Frontend:
 
     # --- responses -------------------------------------------------------------------------------
 
-    async def _complete(self, body: CompletionRequest, stream: CompletionStream, choices: list[_Choice],
-                        route: _Route, started: float, raw_request: Request, headers: dict[str, str]) -> Response:
+    async def _complete(self, body: CompletionRequest, stream: CompletionStream, events: AsyncIterator,
+                        choices: list[_Choice], route: _Route, started: float, raw_request: Request,
+                        headers: dict[str, str]) -> Response:
         """Collect a whole response, cancelling generation if the client goes away or the deadline passes."""
         width = route.width
-        consume = asyncio.ensure_future(self._consume(stream, choices, width))
+        consume = asyncio.ensure_future(self._consume(events, choices, width))
         timeout_s = self.settings.request_timeout_s
         deadline = started + timeout_s if timeout_s else float("inf")
         try:
@@ -304,12 +330,12 @@ class Frontend:
         await self._log_exposure(route, 200, time.monotonic() - started, usage.completion_tokens)
         return JSONResponse(response.model_dump(), headers=headers)
 
-    async def _consume(self, stream: CompletionStream, choices: list[_Choice], width: str) -> None:
-        async for index, delta in stream:
+    async def _consume(self, events: AsyncIterator, choices: list[_Choice], width: str) -> None:
+        async for index, delta in events:
             self._apply(choices[index], delta, width)
 
-    async def _sse(self, body: CompletionRequest, stream: CompletionStream, choices: list[_Choice], route: _Route,
-                   started: float) -> AsyncIterator[str]:
+    async def _sse(self, body: CompletionRequest, stream: CompletionStream, events: AsyncIterator,
+                   choices: list[_Choice], route: _Route, started: float) -> AsyncIterator[str]:
         """Server-sent events: one chunk per step with new text, then usage (if asked) and ``[DONE]``.
 
         Whatever ends the stream early (the deadline, a shed, a failed backend) ends it with an
@@ -320,7 +346,6 @@ class Frontend:
         logged = False
         timeout_s = self.settings.request_timeout_s
         deadline = started + timeout_s if timeout_s else None
-        events = aiter(stream)
         try:
             while True:
                 try:
@@ -437,6 +462,20 @@ class Frontend:
             m.e2e_latency.labels(width).observe(elapsed)
 
 
+async def _chain(first: tuple[int, Delta] | BaseException | None, rest: AsyncIterator) -> AsyncIterator:
+    """The request's deltas again, ``first`` (already read) before the rest: what ended the request
+    early is raised where it would have been (None, the deadline: waiting on an idle stream)."""
+    if isinstance(first, StopAsyncIteration):
+        return
+    if isinstance(first, BaseException):
+        raise first
+    if first is None:
+        await asyncio.Event().wait()  # the deadline already passed: the caller's timeout fires
+    yield first
+    async for item in rest:
+        yield item
+
+
 def _late_shed_message(route: _Route) -> str:
     return (f"waited for a batch slot until the latency SLO of {1000 * route.slo_s:.0f} ms could no longer be met "
             f"at width {route.width!r}; retry later")
@@ -465,7 +504,7 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     """The OpenAI-compatible app over ``backend``: every route, guard, policy, experiment and metric."""
     widths = backend.widths
     context = PolicyContext(predictor=backend.cost, default_slo_ms=settings.slo_ms, min_width=settings.min_width,
-                            shed=settings.shed)
+                            shed=settings.shed, dispatch=backend.dispatches_width)
     policy = make_policy(settings.policy, widths, context)
     metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None)
     live, ab_log = None, None

@@ -164,6 +164,7 @@ class HttpBackend:
         self.max_model_len = None
         self.vocab_size = None
         self.cost = BackendCostModel(self.widths)
+        self.dispatches_width = False  # a backend serves one width: the choice is made on arrival
         self.backends: dict[str, BackendSpec] = {b.width: b for b in settings.backends}
         self._in_flight = dict.fromkeys(self.widths, 0)
         self._lock = threading.Lock()
@@ -209,7 +210,8 @@ class HttpBackend:
             self._in_flight[width] -= 1
 
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-                     deadline: float | None) -> HttpStream:
+                     deadline: float | None, candidates: tuple[str, ...] = (),
+                     slo_deadline: float | None = None) -> HttpStream:
         limit = self.settings.max_in_flight
         retry = {"retry-after": str(self.settings.retry_after_s)}
         with self._lock:

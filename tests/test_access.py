@@ -94,7 +94,9 @@ def test_100_clients_that_leave_mid_stream_leak_no_slots_or_memory(checkpoint_51
     import asyncio
 
     _, path = checkpoint_512
-    app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=32, max_queue=256))
+    # In-process, so this process's RSS includes the engine's memory (and the engine shares the
+    # loop's GIL: every stream is still running when its client's departure is noticed).
+    app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=32, max_queue=256, engine="inproc"))
     engine = app.state.engine
     body = {"model": "tiny", "prompt": "Now", "max_tokens": SERVED_N_CTX - 10, "temperature": 0, "stream": True}
 
