@@ -417,19 +417,16 @@ class Engine:
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
         admitted = []
-        now = time.monotonic()
-        shapes = dict(self._shapes)  # the batch the admitted join, grown as they join
         while self._waiting and free > 0:
             seq = self._next_waiting_locked()
             self._waiting_by_width[seq.width] -= 1
-            if seq.params.widths and self.cost is not None:
-                seq.width = self._dispatch_width(seq, now, shapes)
-            rows, context = shapes.get(seq.width, (0, 0))
-            shapes[seq.width] = (rows + 1, max(context, len(seq.prompt)))
-            self._running_by_width[seq.width] += 1
-            seq.running = True
             admitted.append(seq)
             free -= 1
+        if self.cost is not None and any(seq.params.widths for seq in admitted):
+            self._dispatch_widths(admitted, time.monotonic())
+        for seq in admitted:
+            self._running_by_width[seq.width] += 1
+            seq.running = True
         return admitted
 
     def _next_waiting_locked(self) -> _Sequence:
@@ -440,24 +437,49 @@ class Engine:
         self._waiting.remove(seq)
         return seq
 
-    def _dispatch_width(self, seq: _Sequence, now: float, shapes: dict[str, tuple[int, int]]) -> str:
-        """SlackFit at dispatch: the widest allowed width at which ``seq`` finishes by its SLO deadline
-        (prefill, then its tokens at the iteration time of the batch it joins) while every running
-        sequence with a deadline still makes its own (the tightest one's remaining time per token
-        bounds the joined batch's iteration time); the narrowest when none fits."""
-        p, latency = seq.params, self.cost.model
-        running = [s for g in self._groups.values() for s in g.seqs if s.params.slo_deadline is not None]
-        tightest = min(((s.params.slo_deadline - now) / max(1, s.params.max_tokens - len(s.tokens)) for s in running),
-                       default=float("inf"))
-        for width in reversed(p.widths):
-            joined = dict(shapes)
-            rows, context = joined.get(width, (0, 0))
-            joined[width] = (rows + 1, max(context, len(seq.prompt)) + p.max_tokens // 2)
-            per_token = latency.iteration_s(joined)
-            finish = now + self.cost.service_s(width, 1, len(seq.prompt), p.max_tokens, shapes, self._iteration_s)
-            if (p.slo_deadline is None or finish <= p.slo_deadline) and per_token <= tightest:
-                return width
-        return p.widths[0]
+    def _dispatch_widths(self, admitted: list[_Sequence], now: float) -> None:
+        """SlackFit at dispatch: spend the slack of the batch on width.
+
+        Every sequence admitted now with a choice of widths starts at its narrowest; then, earliest
+        deadline first, each is widened one step at a time while every deadline that is reachable
+        at the narrowest widths stays reachable: the running sequences' and the admitted ones'
+        (prefill, then their remaining tokens at the joined batch's iteration time), and the next
+        waiting ones' (each starts when a running row ends, then runs at its narrowest width).
+        """
+        latency = self.cost.model
+        running = [s for g in self._groups.values() for s in g.seqs]
+        waiting = sorted((s for s in self._waiting if _target(s) < float("inf")),
+                         key=lambda s: (_target(s), s.seq_id))[: self.max_batch]
+        choosing = [s for s in admitted if s.params.widths]
+        for seq in choosing:
+            seq.width = seq.params.widths[0]
+
+        def misses() -> set[int]:
+            shapes: dict[str, tuple[int, int]] = {}
+            for s in running + admitted:
+                rows, context = shapes.get(s.width, (0, 0))
+                shapes[s.width] = (rows + 1, max(context, len(s.prompt) + len(s.tokens) + s.params.max_tokens // 2))
+            per_token = latency.iteration_s(shapes)  # corrected by what iterations measure (its factor)
+            missed, ends = set(), []
+            for s in running + admitted:
+                prefill = latency.prefill_s(s.width, len(s.prompt)) if not s.running else 0.0
+                end = now + prefill + max(0, s.params.max_tokens - len(s.tokens) - 1) * per_token
+                ends.append(end)
+                if end > _target(s):
+                    missed.add(s.seq_id)
+            for start, s in zip(sorted(ends), waiting, strict=False):
+                narrow = s.params.widths[0] if s.params.widths else s.width
+                if start + self.cost.service_s(narrow, 1, len(s.prompt), s.params.max_tokens, shapes) > _target(s):
+                    missed.add(s.seq_id)
+            return missed
+
+        reachable_misses = misses()
+        for seq in sorted(choosing, key=lambda s: (s.params.slo_deadline or float("inf"), s.seq_id)):
+            for wider in seq.params.widths[1:]:
+                narrower, seq.width = seq.width, wider
+                if not misses() <= reachable_misses:
+                    seq.width = narrower
+                    break
 
     def _release(self, seq: _Sequence) -> None:
         """Free the sequence's batch slot (idempotent)."""
@@ -735,6 +757,13 @@ def _threadsafe_emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, inde
             pass
 
     return emit
+
+
+def _target(seq: _Sequence) -> float:
+    """When a sequence should be done: its shedding deadline (the SLO less the server's own margin),
+    else its SLO deadline, else never."""
+    p = seq.params
+    return p.deadline if p.deadline is not None else p.slo_deadline if p.slo_deadline is not None else float("inf")
 
 
 MIXED = "*"  # the key of the one group of every width, when the engine decodes mixed widths together

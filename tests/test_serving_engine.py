@@ -306,3 +306,42 @@ def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
     crowd = sample_rows(logits.repeat(4, 1), [SamplingParams(temperature=1.0)] * 4,
                         [None, torch.Generator().manual_seed(3), None, None])
     assert int(alone[0]) == int(crowd[1])
+
+
+def _dispatched(engine, requests, now):
+    """Queue (width candidates, seconds to the deadline) requests, admit once, return their widths."""
+    from serving.engine import SamplingParams as Params
+
+    seqs = []
+    for candidates, slack_s in requests:
+        params = Params(max_tokens=20, temperature=0.0, widths=candidates, slo_deadline=now + slack_s)
+        seqs += engine.add([[5, 6, 7]], candidates[0], params, lambda index: (lambda event: None))
+    with engine._cond:
+        engine._admit_locked()
+    return [s.width for s in seqs]
+
+
+def test_the_width_is_chosen_at_dispatch_spending_the_batchs_slack(model, tokenizer):
+    """SlackFit at dispatch (no timing: a made-up latency model, the engine not started): a request
+    alone with slack gets the widest width; a batch whose deadlines only the narrow width meets
+    gets the narrow width; with room for some, the earliest deadlines are widened first."""
+    from router.cost import EngineCostModel
+    from router.latency import LatencyModel, WidthCost
+
+    # Per decode step: 1 ms fixed + 1 ms per Student row or 4 ms per TA row; prefill 1 ms.
+    costs = {"s": WidthCost(0.001, 0.001, 0.0, 0.001, 0.0), "m": WidthCost(0.001, 0.002, 0.0, 0.001, 0.0),
+             "l": WidthCost(0.001, 0.003, 0.0, 0.001, 0.0), "ta": WidthCost(0.001, 0.004, 0.0, 0.001, 0.0)}
+    all_widths = ("s", "m", "l", "ta")
+
+    def engine():
+        return Engine(model, tokenizer, max_batch=8, max_queue=64, cost=EngineCostModel(LatencyModel(dict(costs))))
+
+    now = time.monotonic()
+    assert _dispatched(engine(), [(all_widths, 10.0)], now) == ["ta"]
+    # 8 rows, 19 decode steps each: all Student (9 ms a step) end at 0.172 s; one row wider (10 ms
+    # a step or more) at 0.191 s or later, past a 0.18 s deadline.
+    assert _dispatched(engine(), [(all_widths, 0.18)] * 8, now) == ["s"] * 8
+    widths = _dispatched(engine(), [(all_widths, 0.30 + 0.01 * i) for i in range(8)], now)
+    sizes = [model.config.widths[w] for w in widths]
+    assert sizes[0] > model.config.widths["s"] and sorted(sizes, reverse=True) == sizes, widths
+    assert _dispatched(engine(), [(("s", "m"), 10.0), (("ta",), 10.0)], now) == ["m", "ta"]  # within its candidates
