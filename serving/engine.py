@@ -444,7 +444,9 @@ class Engine:
         deadline first, each is widened one step at a time while every deadline that is reachable
         at the narrowest widths stays reachable: the running sequences' and the admitted ones'
         (prefill, then their remaining tokens at the joined batch's iteration time), and the next
-        waiting ones' (each starts when a running row ends, then runs at its narrowest width).
+        waiting ones' (each starts when a running row ends, then runs at its narrowest width). When
+        a waiting sequence misses even with everything at the narrowest, the server is overloaded
+        and nothing is widened: the queue drains fastest at the narrowest widths.
         """
         latency = self.cost.model
         running = [s for g in self._groups.values() for s in g.seqs]
@@ -474,6 +476,8 @@ class Engine:
             return missed
 
         reachable_misses = misses()
+        if any(s.seq_id in reachable_misses for s in waiting):
+            return  # overload: the queue misses even at the narrowest widths; drain it as fast as it can go
         for seq in sorted(choosing, key=lambda s: (s.params.slo_deadline or float("inf"), s.seq_id)):
             for wider in seq.params.widths[1:]:
                 narrower, seq.width = seq.width, wider
