@@ -1,6 +1,7 @@
 """What the benchmarks and the tests share: real servers on port 0, load clients, prompts, metric parsing.
 
-- :class:`Server`: ``matta serve`` as a subprocess (its own process, as users run it);
+- :class:`Server`: ``matta serve`` as a subprocess (its own process, as users run it); :class:`Route`:
+  ``matta route CONFIG`` the same way;
   :class:`ServerThread`: any front-end app under uvicorn in a background thread;
 - load: :func:`open_loop` (raw-socket open-loop client, on a schedule from :func:`make_trace`),
   :func:`saturate` (closed loop), :func:`load_test` (headless locust and its report);
@@ -163,7 +164,7 @@ class Server:
                 break
         if not self.url:
             self.stop()
-            raise RuntimeError(f"matta serve did not start; log:\n{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"matta {self.cmd[3]} did not start; log:\n{self.log_path.read_text()[-3000:]}")
         import httpx
 
         while time.monotonic() < deadline:  # the socket listens before the app is up; wait for /health
@@ -174,7 +175,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("matta serve never became healthy")
+        raise RuntimeError(f"matta {self.cmd[3]} never became healthy")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful drain), then kill if it does not exit; returns the exit code."""
@@ -182,6 +183,19 @@ class Server:
             self.exit_code = terminate(self.proc, timeout_s)
             self._log.close()
         return self.exit_code
+
+
+class Route(Server):
+    """``matta route CONFIG --port 0`` as a subprocess (the proxy over one backend per width); start and
+    stop as :class:`Server`."""
+
+    def __init__(self, config: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.cmd = [sys.executable, "-m", "cli", "route", str(config), "--port", "0", "--log-level", "warning",
+                    *extra_args]
+        self.log_path = log_path
+        self.proc = None
+        self.url = ""
+        self.exit_code = None
 
 
 def terminate(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
