@@ -27,46 +27,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import model_decode_step
+from benchmarks.harness import machine_peaks, model_decode_step, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-
-BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU
-
-
-def step_flops(config, width: str, batch: int, context: int) -> int:
-    """FLOPs of one decode step: ``batch`` tokens, each attending ``context`` cached keys."""
-    return batch * config.flops_per_token(width, context=context)
-
-
-def step_bytes(config, width: str, batch: int, context: int) -> dict:
-    """Bytes one decode step must read: the width's matmul weights, and the KV cache."""
-    d = config.d_model
-    ffn = sum(2 * d * m for m in config.resolve_width(width))
-    weights = config.n_layer * 4 * d * d + ffn + d * config.vocab_size
-    kv = config.n_layer * 2 * batch * context * d
-    return {"weights": weights * BYTES_PER_PARAM, "kv_cache": kv * BYTES_PER_PARAM}
-
-
-@torch.inference_mode()
-def machine_peaks(repeats: int = 5) -> dict:
-    """Attainable sgemm GFLOP/s (1024^3) and streaming-read GB/s (sum of 256 MB) on this machine."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    x = torch.randn(64 * 1024 * 1024)
-    torch.mm(a, b), x.sum()
-    gemm, read = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        gemm.append(2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
-        t0 = time.perf_counter()
-        x.sum()
-        read.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return {"sgemm_gflops": statistics.median(gemm), "read_gb_per_s": statistics.median(read)}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -294,17 +294,19 @@ async def on_schedule(items: list[tuple[float, object]], send, start: float) -> 
     return list(await asyncio.gather(*tasks))
 
 
-async def saturate(url: str, model: str, prompts: list[list[int]], max_tokens: int, clients: int,
+async def saturate(url: str, model: str | list[str], prompts: list[list[int]], max_tokens: int, clients: int,
                    seconds: float) -> dict:
-    """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies."""
+    """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies.
+    With a list of model ids, client j asks for ``model[j % len(model)]`` (e.g. a 50/50 width mix)."""
+    models = [model] if isinstance(model, str) else list(model)
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
 
     async def client_loop(j: int, client: httpx.AsyncClient) -> None:
         k = 0
         while time.monotonic() < deadline:
-            body = {"model": model, "prompt": prompts[(j * 7 + k) % len(prompts)], "max_tokens": max_tokens,
-                    "temperature": 0}
+            body = {"model": models[j % len(models)], "prompt": prompts[(j * 7 + k) % len(prompts)],
+                    "max_tokens": max_tokens, "temperature": 0}
             sent = time.monotonic()
             r = await client.post(f"{url}/v1/completions", json=body)
             r.raise_for_status()
@@ -465,3 +467,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- the machine's limits (roofline) ----------------------------------------------------------
+
+
+BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU
+
+
+def step_flops(config, width: str, batch: int, context: int) -> int:
+    """FLOPs of one decode step: ``batch`` tokens, each attending ``context`` cached keys."""
+    return batch * config.flops_per_token(width, context=context)
+
+
+def step_bytes(config, width: str, batch: int, context: int) -> dict:
+    """Bytes one decode step must read: the width's matmul weights, and the KV cache."""
+    d = config.d_model
+    ffn = sum(2 * d * m for m in config.resolve_width(width))
+    weights = config.n_layer * 4 * d * d + ffn + d * config.vocab_size
+    kv = config.n_layer * 2 * batch * context * d
+    return {"weights": weights * BYTES_PER_PARAM, "kv_cache": kv * BYTES_PER_PARAM}
+
+
+@torch.inference_mode()
+def machine_peaks(repeats: int = 5) -> dict:
+    """Attainable sgemm GFLOP/s (1024^3) and streaming-read GB/s (sum of 256 MB) on this machine."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x = torch.randn(64 * 1024 * 1024)
+    torch.mm(a, b), x.sum()
+    gemm, read = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        gemm.append(2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        x.sum()
+        read.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return {"sgemm_gflops": statistics.median(gemm), "read_gb_per_s": statistics.median(read)}

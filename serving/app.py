@@ -37,7 +37,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
         engine = EngineCoreClient(settings.checkpoint, ckpt.config, max_batch=settings.max_batch,
                                   max_queue=settings.max_queue, device=device,
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
-                                  measure_profile=needs_cost_model(settings))
+                                  measure_profile=needs_cost_model(settings), mixed=settings.forward == "mixed")
         latency = engine.latency
         check_profile_widths(latency, ckpt.config.width_names, settings.profile)
         cost = cost_model(latency, settings)
@@ -46,7 +46,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
         latency = load_or_measure_profile(settings, ckpt.model)
         cost = cost_model(latency, settings)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        cost=cost)
+                        cost=cost, mixed=settings.forward == "mixed")
     backend = EngineBackend(engine, ckpt.tokenizer, cost, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",

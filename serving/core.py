@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, required=True)
     p.add_argument("--profile", type=Path, help="latency profile JSON to serve with")
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
+    p.add_argument("--per-width-forward", action="store_true", help="one forward per width group (the old step)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
             latency = profile_model(ckpt.model)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                        cost=EngineCostModel(latency) if latency is not None else None)
+                        cost=EngineCostModel(latency) if latency is not None else None,
+                        mixed=not args.per_width_forward)
     except Exception as exc:  # told to the API process, which refuses to start with this message
         push.send(msg.encoder.encode(msg.Failed(f"{type(exc).__name__}: {exc}")))
         push.close(linger=2000)

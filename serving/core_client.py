@@ -85,7 +85,7 @@ class EngineCoreClient:
     """Starts, feeds, reads and stops one engine-core process."""
 
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
-                 threads: int, profile: Path | None = None, measure_profile: bool = False,
+                 threads: int, profile: Path | None = None, measure_profile: bool = False, mixed: bool = True,
                  log_level: str = "warning") -> None:
         self.config, self.max_batch, self.max_queue = config, max_batch, max_queue
         self._dir = tempfile.TemporaryDirectory(prefix="matta-core-")
@@ -98,6 +98,8 @@ class EngineCoreClient:
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--input", input_addr,
                "--output", output_addr, "--device", device, "--threads", str(threads), "--max-batch", str(max_batch),
                "--max-queue", str(max_queue), "--log-level", log_level]
+        if not mixed:
+            cmd.append("--per-width-forward")
         if profile is not None:
             cmd += ["--profile", str(profile)]
         elif measure_profile:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
 from router.cost import EngineCostModel
+from router.slo import ArrivalRate
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,10 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self.mixed = mixed
+        # Arrivals per second (sequences), a short-memory estimate: at dispatch, the batch a request
+        # joins is also the rows that will arrive while it runs (a burst reaches the engine one
+        # request at a time, and the first to arrive must not take the widths the rest need).
+        self._arrivals = ArrivalRate(ARRIVAL_WINDOW_S)
         self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.width_names}
         # Running rows by key: one group for every width (MIXED) or one per width.
         self._groups: dict[str, _Group] = {}
@@ -310,6 +315,7 @@ class Engine:
                 )
             self._waiting.extend(seqs)
             self._waiting_by_width[width] += len(seqs)
+            self._arrivals.arrive(now, len(seqs))
             self._cond.notify_all()
         return seqs
 
@@ -441,20 +447,25 @@ class Engine:
         """SlackFit at dispatch: spend the slack of the batch on width.
 
         Every sequence admitted now with a choice of widths starts at its narrowest; then, earliest
-        deadline first, each is widened one step at a time while every deadline that is reachable
-        at the narrowest widths stays reachable: the running sequences' and the admitted ones'
-        (prefill, then their remaining tokens at the joined batch's iteration time), and the next
-        waiting ones' (each starts when a running row ends, then runs at its narrowest width). When
-        a waiting sequence misses even with everything at the narrowest, the server is overloaded
-        and nothing is widened: the queue drains fastest at the narrowest widths.
+        deadline first, each is widened one step at a time while every deadline stays met: the
+        running sequences' and the admitted ones' (prefill, then their remaining tokens at the
+        joined batch's iteration time), and the next waiting ones' (each starts when a running row
+        ends, then runs at its narrowest width). When some deadline is missed even with everything
+        at the narrowest, the server is overloaded and nothing is widened: the queue drains fastest
+        at the narrowest widths.
         """
         latency = self.cost.model
         running = [s for g in self._groups.values() for s in g.seqs]
+        free = self.max_batch - len(running) - len(admitted)
         waiting = sorted((s for s in self._waiting if _target(s) < float("inf")),
                          key=lambda s: (_target(s), s.seq_id))[: self.max_batch]
         choosing = [s for s in admitted if s.params.widths]
         for seq in choosing:
             seq.width = seq.params.widths[0]
+        narrowest = min((s.params.widths[0] for s in choosing), key=lambda w: self._ffn_size[w])
+        horizon = max(s.params.max_tokens for s in choosing) * latency.iteration_s(
+            {narrowest: (len(running) + len(admitted), 1)})
+        expected = min(max(0, free), int(self._arrivals.rate(now) * horizon))
 
         def misses() -> set[int]:
             shapes: dict[str, tuple[int, int]] = {}
@@ -462,6 +473,10 @@ class Engine:
                 rows, context = shapes.get(s.width, (0, 0))
                 shapes[s.width] = (rows + 1, max(context, len(s.prompt) + len(s.tokens) + s.params.max_tokens // 2))
             per_token = latency.iteration_s(shapes)  # corrected by what iterations measure (its factor)
+            if expected:  # rows that will arrive while these run, at the narrowest width
+                rows, context = shapes.get(narrowest, (0, 0))
+                shapes[narrowest] = (rows + expected, max(context, 1))
+                per_token = latency.iteration_s(shapes)
             missed, ends = set(), []
             for s in running + admitted:
                 prefill = latency.prefill_s(s.width, len(s.prompt)) if not s.running else 0.0
@@ -475,13 +490,12 @@ class Engine:
                     missed.add(s.seq_id)
             return missed
 
-        reachable_misses = misses()
-        if any(s.seq_id in reachable_misses for s in waiting):
-            return  # overload: the queue misses even at the narrowest widths; drain it as fast as it can go
+        if misses():
+            return  # overload: some deadline is missed even at the narrowest widths; drain as fast as it can go
         for seq in sorted(choosing, key=lambda s: (s.params.slo_deadline or float("inf"), s.seq_id)):
             for wider in seq.params.widths[1:]:
                 narrower, seq.width = seq.width, wider
-                if not misses() <= reachable_misses:
+                if misses():
                     seq.width = narrower
                     break
 
@@ -770,6 +784,7 @@ def _target(seq: _Sequence) -> float:
     return p.deadline if p.deadline is not None else p.slo_deadline if p.slo_deadline is not None else float("inf")
 
 
+ARRIVAL_WINDOW_S = 0.25  # time constant of the engine's arrival-rate estimate (short: bursts are short)
 MIXED = "*"  # the key of the one group of every width, when the engine decodes mixed widths together
 
 # Temperatures below this decode greedily, as vLLM does: logits / 1e-300 overflows to inf and NaN.

@@ -80,6 +80,9 @@ class ServeSettings(FrontendSettings):
     engine: Literal["process", "inproc"] = Field(
         "process", description="where the engine runs: its own process (scheduler, model and sampler away from "
                                "the HTTP side's GIL) or a thread of the server process")
+    forward: Literal["mixed", "per_width"] = Field(
+        "mixed", description="decode every width in one forward per step, or one forward per width group "
+                             "(the engine before; kept for side-by-side benchmarks)")
     max_batch: int = Field(32, ge=1, description="sequences decoded together")
     max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")
