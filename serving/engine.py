@@ -370,11 +370,14 @@ class Engine:
                     started = time.perf_counter()
                     self._drop_cancelled()
                     self._prefill(admitted)
+                    decoding = time.perf_counter()
                     predicted = self._decode()
                     if self.latency is not None and predicted > 0:
-                        took = time.perf_counter() - started
-                        self.latency.observe_iteration(took, predicted)
-                        self._iteration_s += 0.3 * (took - self._iteration_s)
+                        done = time.perf_counter()
+                        self.latency.observe_iteration(done - started, predicted)
+                        # What a token costs now is the decode step: a burst's prefills are a one-off,
+                        # and counting them made every waiting request look late (and shed).
+                        self._iteration_s += 0.3 * (done - decoding - self._iteration_s)
                     if not self._groups:
                         self._iteration_s = 0.0  # idle: a stale busy figure must not refuse the next arrival
                 except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
