@@ -43,7 +43,10 @@ from matta.model import StaticKVCache
 from serving.profile import profile_model
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"old": ("--engine", "inproc", "--forward", "per_width"), "new": ("--engine", "process", "--forward", "mixed")}
+VARIANTS = {"old": ("--engine", "inproc", "--forward", "per_width"), "new": ("--engine", "process", "--forward", "mixed"),
+            # the two changes apart, to see what each buys (--variants old,new,inproc_mixed,...)
+            "inproc_mixed": ("--engine", "inproc", "--forward", "mixed"),
+            "process_per_width": ("--engine", "process", "--forward", "per_width")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server's engine")
+    p.add_argument("--variants", default="old,new", help=f"comma-separated, from {sorted(VARIANTS)}; the first "
+                                                          "is the reference of the ratios")
+    p.add_argument("--skip-burst", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "engine_v2")
     return p.parse_args(argv)
 
@@ -65,9 +71,10 @@ def capacity(args, ckpt, prompts, logs: Path) -> dict:
     name, widths = ckpt.config.name, ckpt.config.width_names
     workloads = {"ta": f"{name}:{widths[-1]}", "s": f"{name}:{widths[0]}",
                  "mix": [f"{name}:{widths[0]}", f"{name}:{widths[-1]}"]}
-    runs: dict[str, dict[str, list[float]]] = {v: {w: [] for w in workloads} for v in VARIANTS}
+    variants = args.variants.split(",")
+    runs: dict[str, dict[str, list[float]]] = {v: {w: [] for w in workloads} for v in variants}
     for r in range(args.rounds):
-        for variant in (list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))):
+        for variant in (variants if r % 2 == 0 else list(reversed(variants))):
             server = Server(args.checkpoint, args.threads, args.max_batch, logs / f"{variant}-{r}.log",
                             VARIANTS[variant])
             url = server.start()
@@ -80,9 +87,10 @@ def capacity(args, ckpt, prompts, logs: Path) -> dict:
             finally:
                 server.stop()
     med = {v: {w: statistics.median(x) for w, x in per.items()} for v, per in runs.items()}
-    return {"runs_req_per_s": runs, "median_req_per_s": med,
-            "new_over_old": {w: med["new"][w] / med["old"][w] for w in workloads},
-            "student_over_ta": {v: med[v]["s"] / med[v]["ta"] for v in VARIANTS}}
+    reference = variants[0]
+    return {"runs_req_per_s": runs, "median_req_per_s": med, "reference": reference,
+            "over_reference": {v: {w: med[v][w] / med[reference][w] for w in workloads} for v in variants[1:]},
+            "student_over_ta": {v: med[v]["s"] / med[v]["ta"] for v in variants}}
 
 
 @torch.inference_mode()
@@ -191,10 +199,13 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     cap = results["capacity"]["median_req_per_s"]
-    workloads = list(cap["old"])
+    variants = list(cap)
+    workloads = list(cap[variants[0]])
     x = range(len(workloads))
-    for offset, variant in ((-0.2, "old"), (0.2, "new")):
-        axes[0].bar([i + offset for i in x], [cap[variant][w] for w in workloads], width=0.4, label=variant)
+    bar = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        axes[0].bar([i - 0.4 + bar * (k + 0.5) for i in x], [cap[variant][w] for w in workloads], width=bar,
+                    label=variant)
     axes[0].set_xticks(list(x), workloads)
     axes[0].set_ylabel("requests/s (closed loop)")
     axes[0].set_title("capacity: old vs new engine")
@@ -207,8 +218,8 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set_ylabel("ms per decode step")
     axes[1].set_title(f"half Student, half TA, batch {step['batch']}")
     axes[1].legend()
-    bursts = results["burst"]
-    for offset, variant in ((-0.2, "old"), (0.2, "new")):
+    bursts = results.get("burst", {})
+    for offset, variant in zip((-0.2, 0.2), bursts, strict=False):
         b = bursts[variant]
         axes[2].bar([i + offset for i in range(3)], [b["served_within_slo"], b["refused_429"], b["other_status"]],
                     width=0.4, label=variant)
@@ -233,15 +244,16 @@ def main(argv=None) -> int:
                    "args": {k: str(v) for k, v in vars(args).items()}, "prompts": prompt_info}
         results["mixed_step"] = mixed_step(ckpt, args.max_batch, args.prompt_tokens + args.max_tokens // 2)
         print(json.dumps(results["mixed_step"], indent=1), flush=True)
-        results["burst"] = {v: burst(args, ckpt, prompts, logs, v) for v in VARIANTS}
-        print(json.dumps(results["burst"], indent=1), flush=True)
+        if not args.skip_burst:
+            results["burst"] = {v: burst(args, ckpt, prompts, logs, v) for v in ("old", "new")}
+            print(json.dumps(results["burst"], indent=1), flush=True)
         results["capacity"] = capacity(args, ckpt, prompts, logs)
         results["roofline"] = roofline(ckpt.config, args.max_batch, args.prompt_tokens + args.max_tokens // 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
     cap = results["capacity"]
-    print(json.dumps({"new_over_old": cap["new_over_old"], "student_over_ta": cap["student_over_ta"],
+    print(json.dumps({"over_reference": cap["over_reference"], "student_over_ta": cap["student_over_ta"],
                       "roofline": results["roofline"]}, indent=1))
     print(f"wrote {args.out}.json and .png")
     return 0
