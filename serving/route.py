@@ -161,7 +161,7 @@ class HttpBackend:
         self.settings = settings
         self.name = settings.model
         self.widths = settings.widths
-        self.max_model_len = None
+        self.max_model_len = settings.max_model_len
         self.vocab_size = None
         self.cost = BackendCostModel(self.widths)
         self.backends: dict[str, BackendSpec] = {b.width: b for b in settings.backends}
