@@ -318,3 +318,29 @@ def test_the_proxy_bounds_the_whole_request_and_cancels_upstream_when_the_client
             time.sleep(0.02)
         assert upstream.closed and upstream.closed[0][1] - left < 1.0, upstream.closed  # upstream cancelled
         assert app.state.backend.load().running == 0
+
+
+def test_the_proxy_prices_max_tokens_within_the_context_and_caps_retry_after():
+    with BadUpstream() as upstream, ServerThread(_proxy_to(upstream, policy="slo", shed=True, max_model_len=64,
+                                                           max_retry_after_s=20)) as proxy, \
+            httpx.Client(base_url=proxy.url, timeout=10) as client:
+        body = {"model": "tiny", "prompt": "ok", "latency_slo_ms": 60_000}
+        for _ in range(3):  # the cost model learns the upstream's speed
+            assert client.post("/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+        most = float(client.post("/v1/completions", json={**body, "max_tokens": 64}).headers["x-matta-predicted-ms"])
+        for max_tokens in (10**6, 10**12, 2**63 - 1):
+            r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "stream": True})
+            assert r.status_code == 200, r.text
+            assert float(r.headers["x-matta-predicted-ms"]) <= most * 1.5
+            r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "latency_slo_ms": 1e-300})
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20, r.text
+    with BadUpstream() as upstream, ServerThread(_proxy_to(upstream, policy="slo", shed=True,
+                                                           max_retry_after_s=20)) as proxy, \
+            httpx.Client(base_url=proxy.url, timeout=10) as client:  # no context known: finite, capped
+        for _ in range(3):
+            client.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 2})
+        for max_tokens in (10**12, 2**63 - 1):
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": max_tokens,
+                                                     "latency_slo_ms": 5, "stream": True})
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20, r.text
+        assert client.get("/health").status_code == 200
