@@ -75,6 +75,7 @@ QUEUE_DEADLINE_FRACTION = 0.7
 # the event loop (other requests, /health) keeps running: 200 echoed prompts with logprobs built a
 # 27 MB body on the loop and stalled /health for 1.5 s.
 INLINE_JSON_ENTRIES = 4096
+LOOP_YIELD_ENTRIES = 64  # a delta with more logprob entries than this lets the loop run after it
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,10 @@ class Frontend:
     async def _consume(self, stream: CompletionStream, choices: list[_Choice], width: str) -> None:
         async for index, delta in stream:
             self._apply(choices[index], delta, width)
+            if len(delta.logprobs) > LOOP_YIELD_ENTRIES:
+                # Deltas already queued come without a pause: let other requests (and /health) run
+                # between big ones (an echoed prompt's logprobs), not after all of them.
+                await asyncio.sleep(0)
 
     async def _sse(self, body: CompletionRequest, stream: CompletionStream, choices: list[_Choice], route: _Route,
                    started: float) -> AsyncIterator[str]:

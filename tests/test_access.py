@@ -355,3 +355,71 @@ def test_request_heads_over_the_limit_get_431_before_any_key_check_and_the_loop_
     assert data.startswith(b"HTTP/1.1 431 ") and _error_code(data) == "headers_too_large", data[:200]
     assert sent < 8 * 2**20, f"the server read {sent} bytes of a head before refusing it"
     assert max(health_s) < 0.5, f"/health took up to {max(health_s):.2f} s"
+
+
+def test_a_request_for_a_huge_response_is_a_400_naming_the_limit(checkpoint_512):
+    _, path = checkpoint_512
+    app = build_app(ServeSettings(checkpoint=path, device="cpu"))
+    prompts = [[(7 * i + j) % 300 for j in range(256)] for i in range(200)]  # 200 prompts x 256 ids: ~280 KB
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 16, "echo": True, "logprobs": 20}
+    with ServerThread(app) as server:
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "response_too_large", r.text
+        assert "524288" in r.json()["error"]["message"] and "stream" in r.json()["error"]["message"]
+        small = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": prompts[:2]}, timeout=60)
+        assert small.status_code == 200 and len(small.json()["choices"][1]["logprobs"]["tokens"]) == 256 + 16
+
+
+@pytest.mark.slow
+def test_big_responses_are_built_off_the_event_loop_with_flat_memory(checkpoint_512, tmp_path):
+    """A real `matta serve` sends 50 responses of ~1.4 MB (16 echoed prompts x 256 ids, logprobs 20)
+    one after another: /health, probed all along, answers within 0.5 s and the server's RSS stays flat."""
+    import threading
+
+    from benchmarks.harness import Server
+
+    _, path = checkpoint_512
+    prompts = [[(7 * i + j) % 300 for j in range(256)] for i in range(16)]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 20}
+    health_s: list[float] = []
+    stop = threading.Event()
+
+    def probe(url: str) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                client.get(f"{url}/health")
+                health_s.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    def rss(pid: int) -> int:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    server = Server(path, threads=1, max_batch=32, log_path=tmp_path / "serve.log")
+    url = server.start()
+    try:
+        with httpx.Client(timeout=60) as client:
+            for _ in range(5):  # warm-up: allocator and caches reach their size
+                assert client.post(f"{url}/v1/completions", json=body).status_code == 200
+            before = rss(server.proc.pid)
+            prober = threading.Thread(target=probe, args=(url,))
+            prober.start()
+            sizes, peak = [], before
+            try:
+                for _ in range(50):
+                    r = client.post(f"{url}/v1/completions", json=body)
+                    assert r.status_code == 200
+                    sizes.append(len(r.content))
+                    peak = max(peak, rss(server.proc.pid))
+            finally:
+                stop.set()
+                prober.join()
+            after = rss(server.proc.pid)
+    finally:
+        server.stop()
+    print(f"responses {min(sizes) / 1e6:.2f} MB, server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB "
+          f"(peak {peak / 2**20:.0f}), /health max {max(health_s) * 1000:.0f} ms over {len(health_s)} probes")
+    assert min(sizes) > 1_000_000
+    assert after - before < 32 * 2**20, f"RSS grew by {(after - before) / 2**20:.0f} MiB over 50 responses"
+    assert max(health_s) < 0.5, f"/health took up to {max(health_s):.2f} s"
