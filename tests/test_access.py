@@ -418,8 +418,11 @@ def test_big_responses_are_built_off_the_event_loop_with_flat_memory(checkpoint_
             after = rss(server.proc.pid)
     finally:
         server.stop()
+    p95 = sorted(health_s)[int(0.95 * len(health_s))]
     print(f"responses {min(sizes) / 1e6:.2f} MB, server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB "
-          f"(peak {peak / 2**20:.0f}), /health max {max(health_s) * 1000:.0f} ms over {len(health_s)} probes")
+          f"(peak {peak / 2**20:.0f}), /health p95 {p95 * 1000:.0f} ms, max {max(health_s) * 1000:.0f} ms over "
+          f"{len(health_s)} probes")
     assert min(sizes) > 1_000_000
     assert after - before < 32 * 2**20, f"RSS grew by {(after - before) / 2**20:.0f} MiB over 50 responses"
-    assert max(health_s) < 0.5, f"/health took up to {max(health_s):.2f} s"
+    # Loose enough for a shared 2-core machine; the response built on the loop took /health's p95 over it.
+    assert p95 < 0.15 and max(health_s) < 1.0, f"/health p95 {p95:.2f} s, max {max(health_s):.2f} s"
