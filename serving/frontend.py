@@ -222,8 +222,10 @@ class Frontend:
         if timeout_s is None:
             return await self.backend.submit(prompts, width, body, deadline)
         try:
-            return await asyncio.wait_for(self.backend.submit(prompts, width, body, deadline),
-                                          max(0.0, started + timeout_s - time.monotonic()))
+            # asyncio.timeout, not wait_for: no task of its own, so an engine's submit still runs
+            # before the next request's policy decision reads the load.
+            async with asyncio.timeout(max(0.0, started + timeout_s - time.monotonic())):
+                return await self.backend.submit(prompts, width, body, deadline)
         except TimeoutError:
             raise APIError(504, f"the backend did not start answering within this server's deadline of "
                                 f"{timeout_s:g} s", type_="timeout_error", code="deadline_exceeded") from None
@@ -545,7 +547,8 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     install_request_guard(app, settings)
     install_experiment_routes(app, live, ab_log, metrics, settings)
     install_guardrail_monitor(app, live, ab_log, metrics, settings.admin_key)
-    document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size)
+    document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size,
+                 settings.max_feedback_abs)
 
     @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

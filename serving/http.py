@@ -82,23 +82,25 @@ COMPLETION_RESPONSES = {
 
 
 def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[str] | None = None,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, max_feedback_abs: float | None = None) -> None:
     """Make the OpenAPI schema say everything the server does, so generated clients and schema
     fuzzers (schemathesis, in the tests) can rely on it: the guard's 401 on every route but
-    ``/health``, its 413 on every POST, and what this server serves: its model ids and widths
-    (others get 404) and the checkpoint's token-id bound."""
+    ``/health``, its 431 on every route, its 413 on every POST, and what this server serves: its
+    model ids and widths (others get 404), the checkpoint's token-id bound, and the default range
+    of feedback values (an experiment config may narrow it per metric)."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        guard = error_responses(401, 408, 413, 503)
+        guard = error_responses(401, 408, 413, 431, 503)
         for path, operations in schema.get("paths", {}).items():
             for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
                 if path not in OPEN_PATHS:
                     responses.setdefault("401", _openapi_error(guard[401]))
+                responses.setdefault("431", _openapi_error(guard[431]))
                 if path not in UNCOUNTED_PATHS:
                     responses.setdefault("503", _openapi_error(guard[503]))
                 if method == "post":
@@ -115,6 +117,9 @@ def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[
             schema["components"]["schemas"]["CompletionRequest"]["allOf"] = [
                 {"if": {"properties": {"model": {"const": m}}, "required": ["model"]},
                  "then": {"properties": {"width": {"enum": [m.rsplit(":", 1)[1], None]}}}} for m in pins]
+        feedback = schema["components"]["schemas"].get("FeedbackRequest")
+        if max_feedback_abs is not None and feedback is not None:
+            feedback["properties"]["value"].update(minimum=-max_feedback_abs, maximum=max_feedback_abs)
         if vocab_size is not None:
             prompt = request["prompt"]
             for branch in prompt["anyOf"]:
