@@ -255,7 +255,12 @@ class Frontend:
         source = self.experiment.config.unit
         if source == "user":
             return body.user or None
-        return raw_request.headers.get(source.removeprefix("header:")) or None
+        name = source.removeprefix("header:")
+        values = raw_request.headers.getlist(name)
+        if len(values) > 1:  # which one is the unit? (the guard refuses repeats of the headers it knows)
+            raise APIError(400, f"header {name!r} (the experiment's unit) given more than once; send it once",
+                           param=name, code="duplicate_header")
+        return values[0] if values and values[0] else None
 
     async def _log_exposure(self, route: _Route, status: int, elapsed: float, completion_tokens: int,
                             wait: bool = True) -> None:

@@ -226,6 +226,20 @@ def test_feedback_values_must_be_finite_and_within_their_metrics_range(ab_server
     assert [(o["metric"], o["value"]) for o in rows(db, "outcomes")] == [("revenue", 1e12), ("thumbs_up", 1.0)]
 
 
+def test_a_unit_header_sent_twice_is_a_400_not_whichever_copy_a_check_reads(ab_server):
+    server, db = ab_server
+    by_header = {**CONFIG, "unit": "header:x-user"}
+    auth = {"authorization": "Bearer sesame"}
+    assert httpx.post(f"{server.url}/admin/experiment", content=yaml.safe_dump(by_header), headers=auth).status_code \
+        == 200
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 2}
+    one = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-user": "alice"})
+    assert one.status_code == 200 and one.headers["x-matta-arm"] in ("control", "treatment")
+    two = httpx.post(f"{server.url}/v1/completions", json=body, headers=[("x-user", "alice"), ("x-user", "bob")])
+    assert two.status_code == 400 and two.json()["error"]["code"] == "duplicate_header"
+    assert {r["unit"] for r in rows(db)} == {"alice"}
+
+
 def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path, monkeypatch):
     monkeypatch.delenv("MATTA_ADMIN_KEY", raising=False)
     _, path = checkpoint_512
