@@ -4,7 +4,9 @@ narrower widths, calm brings them back to the TA; SLO metrics and shedding throu
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
 
 import httpx
@@ -135,4 +137,26 @@ def test_extreme_max_tokens_and_slos_get_finite_predictions_and_a_capped_retry_a
                 assert 1 <= int(r.headers["retry-after"]) <= 30
                 assert "unbounded" not in r.json()["error"]["message"]
                 assert r.headers.get("connection") != "close"
-        assert client.get("/health").status_code == 200  # the same kept-alive connection still serves
+        assert client.get("/health").status_code == 200
+        # On one raw socket: the refusal, then another request on the same kept-alive connection.
+        host, port = server.url.removeprefix("http://").split(":")
+        refused = json.dumps({**body, "max_tokens": 10**12, "latency_slo_ms": 1e-300}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(refused), refused))
+            first = _read_response(sock)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = _read_response(sock)
+        assert first.startswith(b"HTTP/1.1 429 ") and second.startswith(b"HTTP/1.1 200 "), (first, second)
+
+
+def _read_response(sock) -> bytes:
+    """One HTTP/1.1 response with a Content-Length body, read off a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
