@@ -47,7 +47,8 @@ def _bounded_loader(max_depth: int, max_nodes: int) -> type[yaml.SafeLoader]:
             node = super().compose_document()
             size = _expanded_size(node, {}, max_nodes)
             if size > max_nodes:
-                raise ConfigTooLargeError(f"more than {max_nodes} values once aliases are expanded")
+                raise ConfigTooLargeError(f"more than {max_nodes} values once aliases are expanded "
+                                          "(or an alias inside what it names)")
             return node
 
     return BoundedLoader
@@ -56,10 +57,11 @@ def _bounded_loader(max_depth: int, max_nodes: int) -> type[yaml.SafeLoader]:
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], limit: int) -> int:
     """Nodes in ``node``'s tree with every alias expanded, stopping soon after ``limit``; memoised by
     node identity, so a document of shared subtrees costs its distinct nodes, not its expansion.
-    Depth is already bounded, so recursion is safe here."""
+    Composing bounded the depth and a cycle counts as over the limit, so the recursion is shallow."""
     known = sizes.get(id(node))
     if known is not None:
         return known
+    sizes[id(node)] = limit + 1  # until done: a node that contains itself (`&a [*a]`) is endless
     total = 1
     if isinstance(node, yaml.SequenceNode):
         children = node.value

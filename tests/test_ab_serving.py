@@ -184,6 +184,7 @@ def _alias_bomb(levels: int, fan_out: int) -> str:
     ("{a: " * 12_000 + "1" + "}" * 12_000, "config_too_large"),  # YAML flow mappings, 12,000 deep
     ("a:\n" + "".join("  " * i + "- \n" for i in range(1, 40)), "config_too_large"),  # block style, 40 deep
     (_alias_bomb(6, 10), "config_too_large"),  # 10^6 arms through aliases, from 300 bytes
+    ("name: x\nsalt: s\narms: &a [*a]\n", "config_too_large"),  # an alias inside itself: endless
     ("name: x\nsalt: s\narms:\n" + "  - {name: a, weight: -1, policy: {kind: fixed}}\n" * 600,
      "invalid_experiment"),  # 600 invalid arms: 1800 problems, one bounded message
 ])
