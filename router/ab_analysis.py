@@ -157,14 +157,25 @@ def ratio_estimate(sums, counts) -> RatioEstimate:
 
 
 def unit_estimate(values: Iterable[tuple[str, float]]) -> RatioEstimate:
-    """The ratio estimate of ``(unit, value)`` pairs: values are summed and counted per unit first."""
+    """The ratio estimate of ``(unit, value)`` pairs: values are summed and counted per unit first.
+
+    Values are scaled by the largest magnitude before summing, so finite values near float's limit
+    (two of 1.7e308 sum to ``inf``) still give a finite mean; only a variance too large for a float
+    comes out ``inf`` (and its interval None)."""
+    pairs = list(values)
+    scale = max((abs(v) for _, v in pairs), default=0.0)
+    scale = scale if math.isfinite(scale) and scale > 1.0 else 1.0
     sums: dict[str, float] = defaultdict(float)
     counts: Counter[str] = Counter()
-    for unit, value in values:
-        sums[unit] += value
+    for unit, value in pairs:
+        sums[unit] += value / scale
         counts[unit] += 1
-    return ratio_estimate(np.fromiter(sums.values(), float, len(sums)), np.fromiter(
+    scaled = ratio_estimate(np.fromiter(sums.values(), float, len(sums)), np.fromiter(
         (counts[u] for u in sums), float, len(sums)))
+    if scale == 1.0:
+        return scaled
+    with np.errstate(over="ignore"):
+        return RatioEstimate(scaled.mean * scale, scaled.var * scale * scale, scaled.units, scaled.n)
 
 
 def interval_half_width(estimate: RatioEstimate, tuning_units: float | None = None, alpha: float = 1 - CI_LEVEL):
@@ -183,9 +194,10 @@ def compare(control: RatioEstimate, arm: RatioEstimate, tuning_units: float | No
     freedom; lift by the delta method). A number: sequential (confidence sequences and always-valid
     p-values over all units of both arms, tuned to be tightest at that many units).
     """
-    diff = arm.mean - control.mean
-    var = arm.var + control.var
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = arm.mean - control.mean
+        var = arm.var + control.var
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lift = arm.mean / control.mean - 1
         lift_var = arm.var / control.mean**2 + arm.mean**2 * control.var / control.mean**4
         if tuning_units is None:
@@ -344,10 +356,14 @@ def _outcome_values(experiment: str, outcomes: Iterable[Mapping | Outcome], arms
     """``(unit, value)`` pairs per metric and arm (metrics sorted by name), and how many could not be attributed."""
     values: dict[str, dict[str, list[tuple[str, float]]]] = {}
     unattributed = 0
-    shadowed = Counter()
+    shadowed, not_numbers = Counter(), Counter()
     for o in sorted((o for o in map(_as_dict, outcomes) if o["experiment"] == experiment), key=lambda o: o["created_unix"]):
         if o["metric"] in BUILTIN_METRICS:
             shadowed[o["metric"]] += 1
+            continue
+        value = _finite(o["value"])
+        if value is None:  # stored before values were checked at the door, or written by hand
+            not_numbers[o["metric"]] += 1
             continue
         served = exposure.get(o["request_id"])
         if served is not None:
@@ -357,12 +373,23 @@ def _outcome_values(experiment: str, outcomes: Iterable[Mapping | Outcome], arms
         else:
             unattributed += 1
             continue
-        values.setdefault(o["metric"], {a: [] for a in arms})[arm].append((unit, float(o["value"])))
+        values.setdefault(o["metric"], {a: [] for a in arms})[arm].append((unit, value))
+    if not_numbers:
+        warnings.append(f"outcome values that are not finite numbers are ignored: {dict(not_numbers)}")
     if unattributed:
         warnings.append(f"{unattributed} outcomes match no exposure by request_id or unit (a shard missing?); ignored")
     if shadowed:
         warnings.append(f"outcomes named like built-in metrics are ignored: {dict(shadowed)}")
     return dict(sorted(values.items())), unattributed
+
+
+def _finite(value) -> float | None:
+    """A stored value as a finite float, or None (NaN, infinities, text, NULL)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _num(x) -> float | None:

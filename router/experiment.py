@@ -14,6 +14,8 @@ Config (YAML, validated; errors name the field)::
       - {metric: error_rate, max: 0.02}                 # at most 2% of its requests fail
       - {metric: success, max_drop: 0.10}               # its success rate at most 10% below the control's
     guardrail_check_s: 10   # how often a server evaluates them (default 10)
+    metrics:                # optional: the values /v1/feedback accepts per outcome metric (a 400 outside);
+      success: {min: 0, max: 1}   # a metric not listed: finite, |value| <= the server's --max-feedback-abs
 
 Guardrails are evaluated by :mod:`router.guardrails` (semantics and statistics there); every
 limit is on one arm, each of ``max``, ``min``, ``max_drop`` and ``max_rise`` alone.
@@ -85,6 +87,21 @@ class Arm(BaseModel):
     policy: ArmPolicy
 
 
+class MetricRange(BaseModel):
+    """The values ``/v1/feedback`` accepts for one outcome metric (both ends included)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float | None = Field(None, allow_inf_nan=False, description="smallest value accepted")
+    max: float | None = Field(None, allow_inf_nan=False, description="largest value accepted")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MetricRange:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
 LIMITS = ("max", "min", "max_drop", "max_rise")
 
 
@@ -133,6 +150,8 @@ class ExperimentConfig(BaseModel):
     arms: list[Arm] = Field(min_length=1)
     guardrails: list[Guardrail] = Field(default_factory=list)
     guardrail_check_s: float = Field(10.0, gt=0, description="seconds between a server's guardrail evaluations")
+    metrics: dict[str, MetricRange] = Field(default_factory=dict, description="outcome metric -> the values "
+                                            "/v1/feedback accepts (others: the server's --max-feedback-abs)")
 
     @field_validator("unit")
     @classmethod

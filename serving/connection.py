@@ -1,4 +1,4 @@
-"""Connection-level limits uvicorn does not have: a deadline for the request head.
+"""Connection-level limits uvicorn does not have: a deadline and a size bound for the request head.
 
 uvicorn closes a keep-alive connection that stays idle after a response (``timeout_keep_alive``),
 but a connection that never sends a complete request head (opened and left idle, or sending its
@@ -6,7 +6,12 @@ headers a byte at a time: "slowloris") is held forever, and with it a file descr
 parser. :func:`head_deadline_protocol` returns uvicorn's own HTTP protocol class with a deadline:
 the whole request head must arrive within ``seconds`` of the connection opening, or of the first
 byte of the next request on a kept-alive connection; otherwise the server answers 408 and closes.
-Slow bodies are bounded separately, in the ASGI layer (:class:`serving.http.RequestGuard`).
+The head must also fit in ``max_bytes``: uvicorn (with httptools) buffers headers of any size
+before the app sees them (a 96 MiB header took ~200 MiB and stalled the loop for 6 s), so the bytes
+of a head still on its way are counted as they arrive and past the limit the server answers 431
+and closes, before any key check. A head that arrives whole in one read (at most the transport's
+read size, 256 KiB) is measured by :class:`serving.http.RequestGuard`, which answers 431 too.
+Slow bodies are bounded separately, in the ASGI layer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application
                      b"content-length: %d\r\n\r\n%s")
 _TIMEOUT_BODY = (b'{"error":{"message":"the request head did not arrive in time","type":"invalid_request_error",'
                  b'"param":null,"code":"header_timeout"}}')
+_TOO_LARGE_RESPONSE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                       b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+_TOO_LARGE_BODY = (b'{"error":{"message":"request headers over the limit of %d bytes","type":"invalid_request_error",'
+                   b'"param":null,"code":"headers_too_large"}}')
 
 
 def _base_protocol() -> type:
@@ -34,25 +43,34 @@ def _base_protocol() -> type:
     return H11Protocol
 
 
-def head_deadline_protocol(seconds: float) -> type:
-    """uvicorn's HTTP protocol class, closing connections whose request head takes over ``seconds``."""
+def head_deadline_protocol(seconds: float, max_bytes: int | None = None) -> type:
+    """uvicorn's HTTP protocol class, closing connections whose request head takes over ``seconds``
+    (408) or, still incomplete, has sent over ``max_bytes`` (431)."""
     base = _base_protocol()
 
     class HeadDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         head_timeout = seconds
+        head_limit = max_bytes
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
+            self._head_bytes = 0
             self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
             super().data_received(data)
             # Between requests (none yet, or the last one answered) the head is still on its way.
             if self.cycle is None or self.cycle.response_complete:
                 self._arm_head_timer()
+                self._head_bytes += len(data)
+                if self.head_limit is not None and self._head_bytes > self.head_limit:
+                    self._head_too_large()
             else:
                 self._cancel_head_timer()
+                self._head_bytes = 0
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()
@@ -67,6 +85,13 @@ def head_deadline_protocol(seconds: float) -> type:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+
+        def _head_too_large(self) -> None:
+            self._cancel_head_timer()
+            log.info("closing a connection whose request head grew over %d bytes", self.head_limit)
+            body = _TOO_LARGE_BODY % self.head_limit
+            self.transport.write(_TOO_LARGE_RESPONSE % (len(body), body))
+            self.transport.close()
 
         def _head_expired(self) -> None:
             self._head_timer = None

@@ -421,7 +421,9 @@ class Engine:
         if self.cost is None:
             return 0.0
         width = seq.params.widths[0] if seq.params.widths else seq.width  # at dispatch it may go narrowest
-        return self.cost.service_s(width, 1, len(seq.prompt), seq.params.max_tokens, self._shapes, self._iteration_s)
+        # Priced as far as the context window lets it generate: max_tokens 10**12 is not 10**12 steps.
+        generable = max(0, min(seq.params.max_tokens, self.config.n_ctx - len(seq.prompt)))
+        return self.cost.service_s(width, 1, len(seq.prompt), generable, self._shapes, self._iteration_s)
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())

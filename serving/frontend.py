@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
@@ -70,6 +71,12 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever
 # 0.7 leaves the HTTP side room.
 QUEUE_DEADLINE_FRACTION = 0.7
 
+# A response that may hold more token entries than this is rendered to JSON on a worker thread, so
+# the event loop (other requests, /health) keeps running: 200 echoed prompts with logprobs built a
+# 27 MB body on the loop and stalled /health for 1.5 s.
+INLINE_JSON_ENTRIES = 4096
+LOOP_YIELD_ENTRIES = 64  # a delta with more logprob entries than this lets the loop run after it
+
 
 @dataclass(frozen=True)
 class _Route:
@@ -117,6 +124,8 @@ class Frontend:
         self.experiment = experiment
         self.ab_log = ab_log
         self._background: set[asyncio.Future] = set()
+        # One thread: big bodies are rendered one at a time, in one malloc arena.
+        self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matta-json")
 
     @property
     def model_name(self) -> str:
@@ -141,6 +150,13 @@ class Frontend:
             pinned = self._pinned_width(body)
             slo_ms = slo_ms_from(body.latency_slo_ms, raw_request, self.settings.slo_ms)
             prompts = self.backend.prepare(body.prompt)
+            entries = self._response_entries(body, prompts)
+            if not body.stream and entries > self.settings.max_response_entries:
+                raise APIError(400, f"this request could produce a response of {entries} token entries ({prompts.n_prompts} "
+                                    f"prompts x (echoed prompt + max_tokens) x (2 + logprobs)), over this server's "
+                                    f"limit of {self.settings.max_response_entries} (--max-response-entries); ask for "
+                                    "fewer prompts, tokens or logprobs, or stream it", param="max_tokens",
+                               code="response_too_large")
             info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms,
                                max_tokens=self._generable_tokens(body.max_tokens, prompts.longest_prompt),
                                prompt_tokens=prompts.prompt_tokens, user=body.user, n_prompts=prompts.n_prompts)
@@ -179,7 +195,7 @@ class Frontend:
             # the request gets its batch slot (one prompt: all prompts of a request share a width).
             candidates = decision.candidates if prompts.n_prompts == 1 and route.slo_s is not None else ()
             slo_deadline = started + route.slo_s if candidates else None
-            stream = await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
+            stream = await self._submit(prompts, width, body, deadline, started, candidates, slo_deadline)
         except APIError as exc:
             exc.headers[REQUEST_ID_HEADER] = request_id
             if width is not None:
@@ -211,7 +227,7 @@ class Frontend:
                                      media_type="text/event-stream",
                                      headers={**headers, "cache-control": "no-cache"},
                                      background=BackgroundTask(stream.cancel))
-        return await self._complete(body, stream, events, choices, route, started, raw_request, headers)
+        return await self._complete(body, stream, events, choices, route, started, raw_request, headers, entries)
 
     async def _first_delta(self, events: AsyncIterator, started: float) -> tuple[int, Delta] | BaseException | None:
         """The first delta, or what ended the request before one came (None: the deadline passed)."""
@@ -223,6 +239,31 @@ class Frontend:
             return None
         except (StopAsyncIteration, BackendError) as exc:
             return exc
+
+    async def _submit(self, prompts, width: str, body: CompletionRequest, deadline: float | None,
+                      started: float, candidates: tuple[str, ...] = (),
+                      slo_deadline: float | None = None) -> CompletionStream:
+        """``backend.submit`` within the request's deadline (a proxy waits there for its upstream's head)."""
+        timeout_s = self.settings.request_timeout_s
+        if timeout_s is None:
+            return await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
+        try:
+            # asyncio.timeout, not wait_for: no task of its own, so an engine's submit still runs
+            # before the next request's policy decision reads the load.
+            async with asyncio.timeout(max(0.0, started + timeout_s - time.monotonic())):
+                return await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
+        except TimeoutError:
+            raise APIError(504, f"the backend did not start answering within this server's deadline of "
+                                f"{timeout_s:g} s", type_="timeout_error", code="deadline_exceeded") from None
+
+    def _response_entries(self, body: CompletionRequest, prompts) -> int:
+        """An upper bound on the token entries of the response: tokens (echoed prompts and generated),
+        each with its logprob and ``logprobs`` alternatives when asked."""
+        tokens = (prompts.prompt_tokens if body.echo else 0) + prompts.n_prompts * body.max_tokens
+        n_ctx = self.backend.max_model_len
+        if n_ctx is not None:
+            tokens = min(tokens, prompts.n_prompts * n_ctx)
+        return tokens * (2 + body.logprobs) if body.logprobs is not None else tokens
 
     def _generable_tokens(self, max_tokens: int, longest_prompt: int) -> int:
         """``max_tokens`` as far as the context window lets it go: what predictions should price."""
@@ -240,7 +281,12 @@ class Frontend:
         source = self.experiment.config.unit
         if source == "user":
             return body.user or None
-        return raw_request.headers.get(source.removeprefix("header:")) or None
+        name = source.removeprefix("header:")
+        values = raw_request.headers.getlist(name)
+        if len(values) > 1:  # which one is the unit? (the guard refuses repeats of the headers it knows)
+            raise APIError(400, f"header {name!r} (the experiment's unit) given more than once; send it once",
+                           param=name, code="duplicate_header")
+        return values[0] if values and values[0] else None
 
     async def _log_exposure(self, route: _Route, status: int, elapsed: float, completion_tokens: int,
                             wait: bool = True) -> None:
@@ -277,7 +323,7 @@ class Frontend:
 
     async def _complete(self, body: CompletionRequest, stream: CompletionStream, events: AsyncIterator,
                         choices: list[_Choice], route: _Route, started: float, raw_request: Request,
-                        headers: dict[str, str]) -> Response:
+                        headers: dict[str, str], entries: int) -> Response:
         """Collect a whole response, cancelling generation if the client goes away or the deadline passes."""
         width = route.width
         consume = asyncio.ensure_future(self._consume(events, choices, width))
@@ -317,22 +363,33 @@ class Frontend:
             raise APIError(503, "the engine aborted this completion (shutting down, or an engine error); retry",
                            "service_unavailable", code="aborted",
                            headers={"retry-after": str(self.settings.retry_after_s), WIDTH_HEADER: width})
-        response = CompletionResponse(
-            id=route.request_id,
-            model=body.model,
-            choices=[CompletionChoice(index=i, text=c.text, logprobs=self._logprobs(body, c.logprobs, 0),
-                                      finish_reason=c.finish_reason)
-                     for i, c in enumerate(choices)],
-            usage=usage,
-        )
+
+        def render() -> bytes:
+            return CompletionResponse(
+                id=route.request_id,
+                model=body.model,
+                choices=[CompletionChoice(index=i, text=c.text, logprobs=self._logprobs(body, c.logprobs, 0),
+                                          finish_reason=c.finish_reason)
+                         for i, c in enumerate(choices)],
+                usage=usage,
+            ).model_dump_json().encode()
+
+        if entries > INLINE_JSON_ENTRIES:
+            content = await asyncio.get_running_loop().run_in_executor(self._render_pool, render)
+        else:
+            content = render()
         self._finish_metrics(choices, route, started, 200, usage)
         # The exposure is durable before the client can see the answer (see router/ab_log.py).
         await self._log_exposure(route, 200, time.monotonic() - started, usage.completion_tokens)
-        return JSONResponse(response.model_dump(), headers=headers)
+        return Response(content, media_type="application/json", headers=headers)
 
     async def _consume(self, events: AsyncIterator, choices: list[_Choice], width: str) -> None:
         async for index, delta in events:
             self._apply(choices[index], delta, width)
+            if len(delta.logprobs) > LOOP_YIELD_ENTRIES:
+                # Deltas already queued come without a pause: let other requests (and /health) run
+                # between big ones (an echoed prompt's logprobs), not after all of them.
+                await asyncio.sleep(0)
 
     async def _sse(self, body: CompletionRequest, stream: CompletionStream, events: AsyncIterator,
                    choices: list[_Choice], route: _Route, started: float) -> AsyncIterator[str]:
@@ -521,6 +578,7 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
             yield
         if ab_log is not None:
             ab_log.close()
+        frontend._render_pool.shutdown(wait=False)
 
     app = FastAPI(title=title, description=description, lifespan=lifespan)
     app.state.settings = settings
@@ -530,11 +588,11 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     app.state.experiment = live
     app.state.ab_log = ab_log
     install_error_handlers(app, metrics)
-    install_request_guard(app, settings.api_key, settings.max_body_bytes, settings.max_concurrency,
-                          settings.body_timeout_s, settings.retry_after_s)
-    install_experiment_routes(app, live, ab_log, metrics, settings.admin_key)
+    install_request_guard(app, settings)
+    install_experiment_routes(app, live, ab_log, metrics, settings)
     install_guardrail_monitor(app, live, ab_log, metrics, settings.admin_key)
-    document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size)
+    document_api(app, [card.id for card in frontend.models().data], widths, backend.vocab_size,
+                 settings.max_feedback_abs)
 
     @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import ServingMetrics
 from serving.protocol import CompletionResponse, ErrorResponse, error_body
+from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ _ERROR_MEANINGS = {
     404: "unknown model, width, request id, or no experiment running",
     408: "the request body did not arrive in time (--body-timeout)",
     413: "request body or prompt over the limit",
+    431: "request headers over the limit (--max-header-bytes)",
     429: "queue full or no width can meet the latency SLO now: retry after `Retry-After` seconds",
     503: "at the concurrency cap, shutting down, or a backend unavailable: retry after `Retry-After` seconds",
     504: "the completion ran past the server's request deadline and was cancelled",
@@ -80,23 +82,25 @@ COMPLETION_RESPONSES = {
 
 
 def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[str] | None = None,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, max_feedback_abs: float | None = None) -> None:
     """Make the OpenAPI schema say everything the server does, so generated clients and schema
     fuzzers (schemathesis, in the tests) can rely on it: the guard's 401 on every route but
-    ``/health``, its 413 on every POST, and what this server serves: its model ids and widths
-    (others get 404) and the checkpoint's token-id bound."""
+    ``/health``, its 431 on every route, its 413 on every POST, and what this server serves: its
+    model ids and widths (others get 404), the checkpoint's token-id bound, and the default range
+    of feedback values (an experiment config may narrow it per metric)."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        guard = error_responses(401, 408, 413, 503)
+        guard = error_responses(401, 408, 413, 431, 503)
         for path, operations in schema.get("paths", {}).items():
             for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
                 if path not in OPEN_PATHS:
                     responses.setdefault("401", _openapi_error(guard[401]))
+                responses.setdefault("431", _openapi_error(guard[431]))
                 if path not in UNCOUNTED_PATHS:
                     responses.setdefault("503", _openapi_error(guard[503]))
                 if method == "post":
@@ -113,6 +117,9 @@ def document_api(app: FastAPI, model_ids: list[str] | None = None, widths: list[
             schema["components"]["schemas"]["CompletionRequest"]["allOf"] = [
                 {"if": {"properties": {"model": {"const": m}}, "required": ["model"]},
                  "then": {"properties": {"width": {"enum": [m.rsplit(":", 1)[1], None]}}}} for m in pins]
+        feedback = schema["components"]["schemas"].get("FeedbackRequest")
+        if max_feedback_abs is not None and feedback is not None:
+            feedback["properties"]["value"].update(minimum=-max_feedback_abs, maximum=max_feedback_abs)
         if vocab_size is not None:
             prompt = request["prompt"]
             for branch in prompt["anyOf"]:
@@ -206,6 +213,15 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, probes)
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapes pass even at the concurrency cap
+ADMIN_PREFIX = "/admin/"  # routes behind the admin key, which passes the API-key check there too
+# Headers that one check reads as a single value: sent twice, two checks could each read a different
+# one (the API-key guard the first Authorization, the admin check the last), so a repeat is a 400.
+SINGLE_VALUED_HEADERS = frozenset({"authorization", "content-length", "content-type", "host", "transfer-encoding",
+                                   SLO_HEADER})
+
+
+def is_admin_path(path: str) -> bool:
+    return path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/")
 
 
 def bearer_matches(request: Request, key: str) -> bool:
@@ -219,32 +235,47 @@ def _bearer_matches(authorization: str, key: str) -> bool:
 
 
 class RequestGuard:
-    """ASGI middleware: the optional API key, a concurrency cap, and limits on request bodies.
+    """ASGI middleware: request-head limits, the optional API key, a concurrency cap, and limits on request bodies.
 
-    With a key, every route but ``/health`` answers 401 (OpenAI error body) unless the request
-    carries ``Authorization: Bearer <key>``, as vLLM's ``--api-key`` and the ``openai`` client do;
-    admin routes check their own, separate key on top. More than ``max_concurrency`` requests in
-    the server at once get 503 + ``Retry-After`` (probes and scrapes, ``/health`` and ``/metrics``,
-    are not counted or refused), which bounds the memory an overload can take. Bodies over
-    ``max_bytes`` get 413: at once from Content-Length, or as soon as a chunked body outgrows the
-    limit; a body not complete within ``body_timeout_s`` of the head gets 408, so a client that
-    trickles its body cannot hold the connection. Pure ASGI rather than Starlette's
-    ``BaseHTTPMiddleware``, which would hide client disconnects from the handlers (and so keep
-    batch slots of clients that left).
+    A head whose headers total over ``max_header_bytes`` gets 431 (heads that never end are cut
+    earlier, by :mod:`serving.connection`); a repeated single-valued header
+    (:data:`SINGLE_VALUED_HEADERS`: ``Authorization``, ``Content-Length``...) gets 400, so every
+    check reads the same value. With a key, every route but ``/health`` answers 401 (OpenAI error
+    body) unless the request carries ``Authorization: Bearer <key>``, as vLLM's ``--api-key`` and
+    the ``openai`` client do. Admin routes (``/admin/...``) take the admin key instead of the API
+    key (one ``Authorization`` header can carry only one key; the admin key is the stronger), and
+    their handlers check it. More than ``max_concurrency`` requests in the server at once get 503 +
+    ``Retry-After`` (probes and scrapes, ``/health`` and ``/metrics``, are not counted or refused),
+    which bounds the memory an overload can take. Bodies over ``max_bytes`` get 413: at once from
+    Content-Length, or as soon as a chunked body outgrows the limit; a body not complete within
+    ``body_timeout_s`` of the head gets 408, so a client that trickles its body cannot hold the
+    connection. Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would hide client
+    disconnects from the handlers (and so keep batch slots of clients that left).
     """
 
     def __init__(self, app, api_key: str | None, max_bytes: int, max_concurrency: int | None = None,
-                 body_timeout_s: float | None = None, retry_after_s: int = 1) -> None:
+                 body_timeout_s: float | None = None, retry_after_s: int = 1, admin_key: str | None = None,
+                 max_header_bytes: int | None = None) -> None:
         self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
         self.max_concurrency, self.body_timeout_s, self.retry_after_s = max_concurrency, body_timeout_s, retry_after_s
+        self.admin_key, self.max_header_bytes = admin_key, max_header_bytes
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] not in OPEN_PATHS and not _bearer_matches(
-                headers.get("authorization", ""), self.api_key):
+        raw = scope["headers"]
+        if self.max_header_bytes is not None and sum(len(k) + len(v) + 4 for k, v in raw) > self.max_header_bytes:
+            return await _send_error(send, 431, f"request headers over the limit of {self.max_header_bytes} bytes",
+                                     "invalid_request_error", "headers_too_large", {"connection": "close"})
+        headers: dict[str, str] = {}
+        for k, v in raw:
+            name = k.decode("latin-1").lower()
+            if name in headers and name in SINGLE_VALUED_HEADERS:
+                return await _send_error(send, 400, f"header {name!r} given more than once; send it once",
+                                         "invalid_request_error", "duplicate_header", {"connection": "close"})
+            headers[name] = v.decode("latin-1")
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope["path"], headers):
             return await _send_error(send, 401, "missing or wrong API key (Authorization: Bearer <key>)",
                                      "authentication_error", "invalid_api_key", {"www-authenticate": "Bearer"})
         counted = scope["path"] not in UNCOUNTED_PATHS
@@ -257,6 +288,12 @@ class RequestGuard:
             await self._call_with_body(scope, receive, send, headers)
         finally:
             self.in_flight -= counted
+
+    def _authorized(self, path: str, headers: dict[str, str]) -> bool:
+        authorization = headers.get("authorization", "")
+        if self.admin_key and is_admin_path(path):
+            return _bearer_matches(authorization, self.admin_key)
+        return _bearer_matches(authorization, self.api_key)
 
     async def _call_with_body(self, scope, receive, send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
@@ -311,8 +348,9 @@ async def _send_error(send, status: int, message: str, type_: str, code: str | N
     await send({"type": "http.response.body", "body": body})
 
 
-def install_request_guard(app: FastAPI, api_key: str | None, max_bytes: int, max_concurrency: int | None = None,
-                          body_timeout_s: float | None = None, retry_after_s: int = 1) -> None:
-    """Put :class:`RequestGuard` in front of every route."""
-    app.add_middleware(RequestGuard, api_key=api_key, max_bytes=max_bytes, max_concurrency=max_concurrency,
-                       body_timeout_s=body_timeout_s, retry_after_s=retry_after_s)
+def install_request_guard(app: FastAPI, settings: FrontendSettings) -> None:
+    """Put :class:`RequestGuard` in front of every route, with the limits ``settings`` give."""
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_bytes=settings.max_body_bytes,
+                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s,
+                       retry_after_s=settings.retry_after_s, admin_key=settings.admin_key,
+                       max_header_bytes=settings.max_header_bytes)

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from matta.configfile import shorten
+
 MAX_LOGPROBS = 20  # vLLM's default limit; OpenAI's is 5
 MAX_STOP_STRINGS = 4
 
@@ -214,8 +216,10 @@ class ModelList(BaseModel):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
-    """An error body as a plain dict, ready for a JSONResponse."""
-    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+    """An error body as a plain dict, ready for a JSONResponse; the message is cut to a bounded
+    length (it may quote what a client sent)."""
+    return ErrorResponse(error=ErrorInfo(message=shorten(message), type=type_, param=param,
+                                         code=code)).model_dump()
 
 
 class FeedbackRequest(BaseModel):

@@ -20,6 +20,7 @@ Config (YAML; every field of :class:`serving.settings.RouteSettings`)::
     shed: false                       # slo policy: 429 instead of best effort
     checkpoint: checkpoints/default   # optional: per-width quality from its training.json
     quality: {s: 0.016, ta: 0.020}    # optional: explicit per-width quality (overrides checkpoint)
+    max_model_len: 512                # optional: the backends' context, so predictions clamp max_tokens
     backends:                         # narrowest first
       - {width: s, url: "http://127.0.0.1:8001", model: "matta-shakespeare:s"}
       - {width: ta, url: "http://127.0.0.1:8002", model: "matta-shakespeare:ta"}
@@ -161,7 +162,7 @@ class HttpBackend:
         self.settings = settings
         self.name = settings.model
         self.widths = settings.widths
-        self.max_model_len = None
+        self.max_model_len = settings.max_model_len
         self.vocab_size = None
         self.cost = BackendCostModel(self.widths)
         self.dispatches_width = False  # a backend serves one width: the choice is made on arrival

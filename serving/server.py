@@ -1,7 +1,7 @@
 """Running a front-end app (``matta serve`` or ``matta route``) on a socket: one way to start, reload and drain.
 
 :func:`run` binds (``port=0`` picks a free port, printed before anything is served), runs
-uvicorn with the request-head deadline (:mod:`serving.connection`) until SIGTERM/SIGINT, then
+uvicorn with the request-head deadline and size bound (:mod:`serving.connection`) until SIGTERM/SIGINT, then
 drains: it stops accepting, lets in-flight requests finish within the settings'
 ``shutdown_timeout_s``, stops the backend, and returns 0. SIGHUP re-reads the A/B experiment file.
 """
@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def uvicorn_config(app: FastAPI, **overrides) -> uvicorn.Config:
-    """uvicorn's settings for a front-end app: graceful shutdown, and the request-head deadline
-    from the app's :class:`~serving.settings.FrontendSettings`."""
+    """uvicorn's settings for a front-end app: graceful shutdown, and the request-head deadline and
+    size bound from the app's :class:`~serving.settings.FrontendSettings`."""
     settings: FrontendSettings = app.state.settings
     options = dict(lifespan="on", timeout_graceful_shutdown=settings.shutdown_timeout_s,
-                   http=head_deadline_protocol(settings.header_timeout_s))
+                   http=head_deadline_protocol(settings.header_timeout_s, settings.max_header_bytes))
     return uvicorn.Config(app, **{**options, **overrides})
 
 

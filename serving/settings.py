@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from matta.config import DEFAULT_CHECKPOINT
+from matta.configfile import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 
 ENV_PREFIX = "MATTA_"
 
@@ -65,6 +66,16 @@ class FrontendSettings(BaseModel):
                                                             "(idle or slowloris clients)")
     body_timeout_s: float = Field(30.0, gt=0, description="answer 408 when a request body takes longer than this "
                                                           "after its head")
+    max_header_bytes: int = Field(64 * 1024, gt=0, description="a request head (request line and headers) over "
+                                                               "this gets 431 and the connection is closed")
+    max_response_entries: int = Field(1 << 19, gt=0, description="non-streaming requests that could produce more "
+                                      "tokens than this, each logprobs alternative counted as one (prompts x (echoed "
+                                      "prompt + max_tokens) x (2 + logprobs)), get 400; stream them instead")
+    max_feedback_abs: float = Field(1e12, gt=0, allow_inf_nan=False, description="/v1/feedback values must be "
+                                    "within +-this, unless the experiment config gives the metric its own range")
+    max_config_depth: int = Field(MAX_CONFIG_DEPTH, gt=0, description="experiment reloads nested deeper get 400")
+    max_config_nodes: int = Field(MAX_CONFIG_NODES, gt=0, description="experiment reloads with more values, "
+                                  "YAML aliases expanded, get 400")
 
     @field_validator("request_timeout_s", "max_concurrency", mode="before")
     @classmethod
@@ -120,6 +131,8 @@ class RouteSettings(FrontendSettings):
     checkpoint: Path | None = Field(None, description="per-width quality from this checkpoint's training.json")
     quality: dict[str, float] | None = Field(None, description="explicit per-width quality (overrides checkpoint)")
     max_in_flight: int = Field(1024, gt=0, description="requests in flight through the proxy before 429")
+    max_model_len: int | None = Field(None, gt=0, description="the backends' context window (tokens): clamps "
+                                      "max_tokens in the latency predictions (default: unknown, no clamp)")
     backends: list[BackendSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

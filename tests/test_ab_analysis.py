@@ -293,3 +293,32 @@ def test_run_analyze_prints_a_table_and_writes_json_and_png(tmp_path, capsys):
 def test_analysis_does_not_import_torch():
     code = "import sys, router.ab_analysis; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+@pytest.mark.parametrize("sequential_test", [False, True])
+def test_any_stored_outcome_value_gives_a_finite_json_result(tmp_path, capsys, sequential_test):
+    """Two feedbacks of 1.7e308 used to make a mean `inf`, and `--json` exit 1; values that are not
+    finite numbers (written before the front end checked them) are ignored with a warning."""
+    exposures, outcomes = simulate(np.random.default_rng(5), {"control": 40, "treatment": 40},
+                                   {"control": 0.3, "treatment": 0.5})
+    extreme = [Outcome("exp", f"{arm}-{i}", None, "revenue", 1.7e308, 1e6) for arm in ("control", "treatment")
+               for i in range(3)]
+    extreme += [Outcome("exp", f"control-{i}", None, "revenue", -1.7e308, 1e6) for i in range(3, 5)]
+    junk = [Outcome("exp", "control-9", None, "success", value, 1e6) for value in (float("inf"), float("-inf"),
+                                                                                    float("nan"))]
+    result = analyze(experiment(), exposures, outcomes + extreme + junk, sequential_test=sequential_test)
+    result = json.loads(json.dumps(result, allow_nan=False))
+    revenue = result["arms"]["treatment"]["metrics"]["revenue"]
+    assert revenue["n"] == 3 and revenue["mean"] == pytest.approx(1.7e308)
+    assert result["arms"]["control"]["metrics"]["revenue"]["mean"] == pytest.approx(1.7e308 / 5)
+    assert result["arms"]["control"]["metrics"]["success"]["n"] == 40  # the three junk values left out
+    assert any("not finite numbers" in w for w in result["warnings"])
+
+    shard = write_shard(tmp_path / "exp.sqlite", exposures + outcomes + extreme + junk[:2])  # SQLite has no NaN
+    config_path = tmp_path / "exp.yaml"
+    config_path.write_text(json.dumps(experiment().model_dump()))
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    args = ["--db", str(shard), "--experiment", str(config_path), "--json", str(tmp_path / "result.json")]
+    assert run_analyze(parser.parse_args(args + ["--sequential"] * sequential_test)) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["arms"]["treatment"]["metrics"]["revenue"]["n"] == 3

@@ -172,6 +172,75 @@ def test_hot_reload_through_the_admin_api_and_an_invalid_config_keeps_the_old_on
     assert (r.headers["x-matta-arm"], r.headers["x-matta-width"]) == ("all-m", "m")
 
 
+def _alias_bomb(levels: int, fan_out: int) -> str:
+    """YAML whose arms expand to fan_out**levels entries through aliases, in a few hundred bytes."""
+    lines = [f"l0: &l0 [{', '.join(['{name: x}'] * fan_out)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan_out)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: bomb\nsalt: s\narms: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("body, code", [
+    ("[" * 20_000 + "]" * 20_000, "config_too_large"),  # JSON nested 20,000 deep: was a RecursionError, a 500
+    ("{a: " * 12_000 + "1" + "}" * 12_000, "config_too_large"),  # YAML flow mappings, 12,000 deep
+    ("a:\n" + "".join("  " * i + "- \n" for i in range(1, 40)), "config_too_large"),  # block style, 40 deep
+    (_alias_bomb(6, 10), "config_too_large"),  # 10^6 arms through aliases, from 300 bytes
+    ("name: x\nsalt: s\narms: &a [*a]\n", "config_too_large"),  # an alias inside itself: endless
+    ("name: x\nsalt: s\narms:\n" + "  - {name: a, weight: -1, policy: {kind: fixed}}\n" * 600,
+     "invalid_experiment"),  # 600 invalid arms: 1800 problems, one bounded message
+])
+def test_reload_bodies_too_deep_too_large_or_with_endless_errors_are_a_bounded_400(ab_server, body, code, caplog):
+    server, _ = ab_server
+    url = f"{server.url}/admin/experiment"
+    auth = {"authorization": "Bearer sesame"}
+    started = time.monotonic()
+    r = httpx.post(url, content=body, headers=auth, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text[:500]
+    assert len(r.content) < 3000, len(r.content)
+    assert time.monotonic() - started < 5
+    assert max(len(record.getMessage()) for record in caplog.records if record.name == "serving.ab_routes") < 1000
+    assert [a["name"] for a in httpx.get(url, headers=auth).json()["arms"]] == ["control", "treatment"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_feedback_values_must_be_finite_and_within_their_metrics_range(ab_server):
+    server, db = ab_server
+    feedback = f"{server.url}/v1/feedback"
+    for value in (1.7e308, -1.7e308, 1e13):  # beyond the default range (+-max_feedback_abs, 1e12)
+        r = httpx.post(feedback, json={"unit": "alice", "metric": "revenue", "value": value})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "value_out_of_range", value
+        assert r.json()["error"]["param"] == "value"
+    for text in ('1e999', 'Infinity', 'NaN'):  # not finite: refused by the schema
+        r = httpx.post(feedback, content=f'{{"unit": "alice", "metric": "revenue", "value": {text}}}',
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, text
+    assert httpx.post(feedback, json={"unit": "alice", "metric": "revenue", "value": 1e12}).status_code == 200
+    ranged = {**CONFIG, "metrics": {"thumbs_up": {"min": 0, "max": 1}}}
+    auth = {"authorization": "Bearer sesame"}
+    assert httpx.post(f"{server.url}/admin/experiment", content=yaml.safe_dump(ranged), headers=auth).status_code == 200
+    assert httpx.post(feedback, json={"unit": "alice", "metric": "thumbs_up", "value": 1}).status_code == 200
+    for value in (2, -0.5):
+        r = httpx.post(feedback, json={"unit": "alice", "metric": "thumbs_up", "value": value})
+        assert r.status_code == 400 and "experiment config" in r.json()["error"]["message"], value
+    bad_range = {**CONFIG, "metrics": {"thumbs_up": {"min": 1, "max": 0}}}
+    r = httpx.post(f"{server.url}/admin/experiment", content=yaml.safe_dump(bad_range), headers=auth)
+    assert r.status_code == 400 and "metrics.thumbs_up" in r.json()["error"]["message"]
+    assert [(o["metric"], o["value"]) for o in rows(db, "outcomes")] == [("revenue", 1e12), ("thumbs_up", 1.0)]
+
+
+def test_a_unit_header_sent_twice_is_a_400_not_whichever_copy_a_check_reads(ab_server):
+    server, db = ab_server
+    by_header = {**CONFIG, "unit": "header:x-user"}
+    auth = {"authorization": "Bearer sesame"}
+    assert httpx.post(f"{server.url}/admin/experiment", content=yaml.safe_dump(by_header), headers=auth).status_code \
+        == 200
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 2}
+    one = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-user": "alice"})
+    assert one.status_code == 200 and one.headers["x-matta-arm"] in ("control", "treatment")
+    two = httpx.post(f"{server.url}/v1/completions", json=body, headers=[("x-user", "alice"), ("x-user", "bob")])
+    assert two.status_code == 400 and two.json()["error"]["code"] == "duplicate_header"
+    assert {r["unit"] for r in rows(db)} == {"alice"}
+
+
 def test_without_an_admin_key_the_admin_api_is_disabled(checkpoint_512, tmp_path, monkeypatch):
     monkeypatch.delenv("MATTA_ADMIN_KEY", raising=False)
     _, path = checkpoint_512

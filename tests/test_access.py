@@ -8,11 +8,12 @@ import time
 import httpx
 import openai
 import pytest
+import yaml
 
 from benchmarks.harness import ServerThread
 from serving.app import build_app
 from serving.settings import ServeSettings
-from tests.helpers import SERVED_N_CTX
+from tests.helpers import CONFIG, SERVED_N_CTX, write_config
 
 
 @pytest.fixture
@@ -273,3 +274,158 @@ def test_the_route_proxy_needs_the_api_key_too(monkeypatch):
         big = httpx.post(f"{server.url}/v1/completions", content=b"x" * 2048,
                          headers={"authorization": "Bearer proxy-key", "content-type": "application/json"})
         assert big.status_code == 413
+
+
+def _admin_and_api_keys_are_separate(url: str, reload_status: int) -> None:
+    """API key k1, admin key k2: each opens its own routes, neither the other's; two Authorization headers are 400."""
+    admin = f"{url}/admin/experiment"
+    config = yaml.safe_dump(CONFIG)
+    r = httpx.post(admin, content=config, headers={"authorization": "Bearer k2"})
+    assert r.status_code == reload_status, r.text
+    assert httpx.get(admin, headers={"authorization": "Bearer k2"}).status_code == reload_status
+    for route in ("/admin/experiment/guardrails", "/admin/experiment/analysis"):
+        assert httpx.get(f"{url}{route}", headers={"authorization": "Bearer k1"}).status_code == 401, route
+    r = httpx.post(admin, content=config, headers={"authorization": "Bearer k1"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer k2"}).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200
+    for order in (["Bearer k1", "Bearer k2"], ["Bearer k2", "Bearer k1"], ["Bearer k1", "Bearer k1"]):
+        for path in ("/admin/experiment", "/v1/models"):
+            r = httpx.get(f"{url}{path}", headers=[("authorization", v) for v in order])
+            assert r.status_code == 400 and r.json()["error"]["code"] == "duplicate_header", (path, order)
+    r = httpx.get(f"{url}/v1/models", headers=[("authorization", "Bearer k1"), ("x-matta-slo-ms", "5"),
+                                               ("x-matta-slo-ms", "50000")])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "duplicate_header"
+
+
+def test_an_admin_key_that_differs_from_the_api_key_opens_the_admin_api_and_repeated_keys_are_400(
+        checkpoint_512, tmp_path, monkeypatch):
+    from serving.route import build_route_app
+    from serving.settings import RouteSettings
+
+    monkeypatch.delenv("MATTA_API_KEY", raising=False)
+    monkeypatch.delenv("MATTA_ADMIN_KEY", raising=False)
+    _, path = checkpoint_512
+    settings = ServeSettings(checkpoint=path, device="cpu", api_key="k1", admin_key="k2",
+                             experiment=write_config(tmp_path / "exp.yaml"), ab_db=tmp_path / "ab.sqlite")
+    with ServerThread(build_app(settings)) as server:
+        _admin_and_api_keys_are_separate(server.url, 200)
+    route = RouteSettings(model="tiny", api_key="k1", admin_key="k2",
+                          backends=[{"width": "s", "url": "http://127.0.0.1:9", "model": "tiny:s"}])
+    with ServerThread(build_route_app(route)) as proxy:  # the same guard: past it, no experiment is running
+        _admin_and_api_keys_are_separate(proxy.url, 404)
+
+
+def test_request_heads_over_the_limit_get_431_before_any_key_check_and_the_loop_stays_responsive(checkpoint_512):
+    import socket
+    import threading
+
+    _, path = checkpoint_512
+    settings = ServeSettings(checkpoint=path, device="cpu", api_key="k1", max_header_bytes=16 * 1024)
+    with ServerThread(build_app(settings)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        auth = {"authorization": "Bearer k1"}
+        # One header of 20 KB that arrives whole, and one of 64 MiB sent as fast as the server reads.
+        r = httpx.get(f"{server.url}/v1/models", headers={**auth, "x-big": "a" * 20_000})
+        assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+        assert httpx.get(f"{server.url}/v1/models", headers={**auth, "x-fits": "a" * 8_000}).status_code == 200
+        health_s: list[float] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                httpx.get(f"{server.url}/health", timeout=30)
+                health_s.append(time.monotonic() - started)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        sock = socket.create_connection((host, int(port)))
+        sent = 0
+        try:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+            chunk = b"a" * 65536
+            while sent < 64 * 2**20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # closed by the server
+        data, _ = _read_until_closed(sock, 5)
+        sock.close()
+        stop.set()
+        prober.join()
+    print(f"431 after {sent / 2**20:.1f} MiB accepted by the socket; /health max {max(health_s) * 1000:.0f} ms")
+    assert data.startswith(b"HTTP/1.1 431 ") and _error_code(data) == "headers_too_large", data[:200]
+    assert sent < 8 * 2**20, f"the server read {sent} bytes of a head before refusing it"
+    assert max(health_s) < 0.5, f"/health took up to {max(health_s):.2f} s"
+
+
+def test_a_request_for_a_huge_response_is_a_400_naming_the_limit(checkpoint_512):
+    _, path = checkpoint_512
+    app = build_app(ServeSettings(checkpoint=path, device="cpu"))
+    prompts = [[(7 * i + j) % 300 for j in range(256)] for i in range(200)]  # 200 prompts x 256 ids: ~280 KB
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 16, "echo": True, "logprobs": 20}
+    with ServerThread(app) as server:
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "response_too_large", r.text
+        assert "524288" in r.json()["error"]["message"] and "stream" in r.json()["error"]["message"]
+        small = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": prompts[:2]}, timeout=60)
+        assert small.status_code == 200 and len(small.json()["choices"][1]["logprobs"]["tokens"]) == 256 + 16
+
+
+@pytest.mark.slow
+def test_big_responses_are_built_off_the_event_loop_with_flat_memory(checkpoint_512, tmp_path):
+    """A real `matta serve` sends 50 responses of ~1.4 MB (16 echoed prompts x 256 ids, logprobs 20)
+    one after another: /health, probed all along, answers within 0.5 s and the server's RSS stays flat."""
+    import threading
+
+    from benchmarks.harness import Server
+
+    _, path = checkpoint_512
+    prompts = [[(7 * i + j) % 300 for j in range(256)] for i in range(16)]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 20}
+    health_s: list[float] = []
+    stop = threading.Event()
+
+    def probe(url: str) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                client.get(f"{url}/health")
+                health_s.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    def rss(pid: int) -> int:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    server = Server(path, threads=1, max_batch=32, log_path=tmp_path / "serve.log")
+    url = server.start()
+    try:
+        with httpx.Client(timeout=60) as client:
+            for _ in range(5):  # warm-up: allocator and caches reach their size
+                assert client.post(f"{url}/v1/completions", json=body).status_code == 200
+            before = rss(server.proc.pid)
+            prober = threading.Thread(target=probe, args=(url,))
+            prober.start()
+            sizes, peak = [], before
+            try:
+                for _ in range(50):
+                    r = client.post(f"{url}/v1/completions", json=body)
+                    assert r.status_code == 200
+                    sizes.append(len(r.content))
+                    peak = max(peak, rss(server.proc.pid))
+            finally:
+                stop.set()
+                prober.join()
+            after = rss(server.proc.pid)
+    finally:
+        server.stop()
+    p95 = sorted(health_s)[int(0.95 * len(health_s))]
+    print(f"responses {min(sizes) / 1e6:.2f} MB, server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB "
+          f"(peak {peak / 2**20:.0f}), /health p95 {p95 * 1000:.0f} ms, max {max(health_s) * 1000:.0f} ms over "
+          f"{len(health_s)} probes")
+    assert min(sizes) > 1_000_000
+    assert after - before < 32 * 2**20, f"RSS grew by {(after - before) / 2**20:.0f} MiB over 50 responses"
+    # Loose enough for a shared 2-core machine; the response built on the loop took /health's p95 over it.
+    assert p95 < 0.15 and max(health_s) < 1.0, f"/health p95 {p95:.2f} s, max {max(health_s):.2f} s"

@@ -4,7 +4,9 @@ narrower widths, calm brings them back to the TA; SLO metrics and shedding throu
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
 
 import httpx
@@ -103,3 +105,58 @@ def test_a_server_with_a_profile_for_other_widths_refuses_to_start(checkpoint_51
     other = LatencyModel({"xl": WidthCost(0.001, 0.0, 0.0, 0.001, 0.0)}).save(tmp_path / "other.json")
     with pytest.raises(ValueError, match=r"no costs for width\(s\) \['s', 'm', 'l', 'ta'\]"):
         build_app(ServeSettings(checkpoint=path, policy="slo", profile=other))
+
+
+def test_extreme_max_tokens_and_slos_get_finite_predictions_and_a_capped_retry_after(checkpoint_512, profile_path):
+    """max_tokens is priced as far as the context lets it go; every prediction is finite, every
+    Retry-After at most max_retry_after_s, and a refusal keeps the connection (no 500)."""
+    from tests.helpers import SERVED_N_CTX
+
+    _, path = checkpoint_512
+    app = build_app(ServeSettings(checkpoint=path, policy="slo", shed=True, max_batch=4, device="cpu",
+                                  profile=profile_path, max_retry_after_s=30))
+    body = {"model": "tiny", "prompt": "To be or not", "temperature": 0}
+    prompt_tokens = len(app.state.backend.tokenizer.encode("To be or not"))
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        for _ in range(3):  # warm up the corrections
+            client.post("/v1/completions", json={**body, "max_tokens": 4})
+        most = client.post("/v1/completions", json={**body, "max_tokens": SERVED_N_CTX - prompt_tokens,
+                                                    "latency_slo_ms": 600_000})
+        assert most.status_code == 200
+        for max_tokens in (4096, 10**12, 2**63 - 1):
+            r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "latency_slo_ms": 600_000})
+            assert r.status_code == 200, (max_tokens, r.text)
+            # Priced as the most the context allows, not as max_tokens.
+            predicted, bound = float(r.headers["x-matta-predicted-ms"]), float(most.headers["x-matta-predicted-ms"])
+            assert predicted < 2 * bound, (max_tokens, predicted, bound)
+            assert r.json()["usage"]["completion_tokens"] <= SERVED_N_CTX - prompt_tokens
+        for max_tokens in (10**12, 2**63 - 1):
+            for slo_ms in (1.0, 1e-300):
+                r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "latency_slo_ms": slo_ms})
+                assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable", r.text
+                assert 1 <= int(r.headers["retry-after"]) <= 30
+                assert "unbounded" not in r.json()["error"]["message"]
+                assert r.headers.get("connection") != "close"
+        assert client.get("/health").status_code == 200
+        # On one raw socket: the refusal, then another request on the same kept-alive connection.
+        host, port = server.url.removeprefix("http://").split(":")
+        refused = json.dumps({**body, "max_tokens": 10**12, "latency_slo_ms": 1e-300}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(refused), refused))
+            first = _read_response(sock)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = _read_response(sock)
+        assert first.startswith(b"HTTP/1.1 429 ") and second.startswith(b"HTTP/1.1 200 "), (first, second)
+
+
+def _read_response(sock) -> bytes:
+    """One HTTP/1.1 response with a Content-Length body, read off a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest

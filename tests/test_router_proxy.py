@@ -1,10 +1,13 @@
-"""`matta route`: the proxy in front of two real `matta serve` backends (subprocesses on port 0)."""
+"""`matta route`: the proxy in front of two real `matta serve` backends (subprocesses on port 0), and in
+front of a misbehaving upstream written here (a raw asyncio HTTP server on port 0)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -17,8 +20,6 @@ from router.cost import BackendCostModel
 from router.policy import LoadSnapshot, RequestInfo
 from serving.route import build_route_app, load_route_settings
 from serving.settings import RouteSettings
-
-pytestmark = pytest.mark.slow  # starts two server processes (~10 s)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def route_config(urls: dict[str, str], **extra) -> RouteSettings:
         **extra})
 
 
+@pytest.mark.slow  # starts two server processes (~10 s)
 def test_the_proxy_relays_what_each_backend_answers(backends, checkpoint_512, tokenizer):
     model, _ = checkpoint_512
     with ServerThread(build_route_app(route_config(backends))) as proxy:
@@ -72,6 +74,7 @@ def test_the_proxy_relays_what_each_backend_answers(backends, checkpoint_512, to
     assert metric(text, "matta_router_decisions_total", reason="pinned") >= 4
 
 
+@pytest.mark.slow  # starts two server processes (~10 s)
 def test_the_slo_policy_moves_a_burst_to_the_narrow_backend_and_back(backends):
     cfg = route_config(backends, policy="slo:dwell_s=0.3")
     with ServerThread(build_route_app(cfg)) as proxy:
@@ -105,6 +108,7 @@ def test_the_slo_policy_moves_a_burst_to_the_narrow_backend_and_back(backends):
     assert metric(text, "matta_effective_quality", policy="slo") > 0
 
 
+@pytest.mark.slow  # starts two server processes (~10 s)
 def test_a_dead_backend_gives_503_with_the_error_body_and_the_other_keeps_serving(backends):
     urls = {"s": backends["s"], "ta": "http://127.0.0.1:9"}  # nothing listens on the discard port
     with ServerThread(build_route_app(route_config(urls))) as proxy:
@@ -126,6 +130,7 @@ def test_a_dead_backend_gives_503_with_the_error_body_and_the_other_keeps_servin
     ({"model": "m", "min_width": "l", "backends": [{"width": "s", "url": "http://a", "model": "x"}]}, "min_width"),
     ({"model": "m", "backends": [{"width": "s", "url": "http://a", "model": "x", "weight": 2}]}, "weight"),
 ])
+@pytest.mark.slow  # a `matta route` process per config
 def test_route_configs_are_validated_with_the_field_named(tmp_path, config, message):
     path = tmp_path / "route.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -147,3 +152,195 @@ def test_backend_predictor_learns_per_concurrency_and_extrapolates_conservativel
     p.observe("ta", in_flight=8, tokens=10, seconds=0.3)  # batching: much better than linear
     assert p.predict_s("ta", request, busy) == pytest.approx(0.3)
     assert p.predict_s("s", request, busy) == 0.0  # per backend
+
+
+# --- a misbehaving upstream ----------------------------------------------------------------------
+
+
+def _chunk(text: str = "a", finish: str | None = None, index: int = 0) -> str:
+    return "data: " + json.dumps({"id": "cmpl-up", "object": "text_completion", "created": 0, "model": "m",
+                                  "choices": [{"index": index, "text": text, "logprobs": None,
+                                               "finish_reason": finish}]}) + "\n\n"
+
+
+class BadUpstream:
+    """An OpenAI-ish server on port 0 that answers each request as its prompt says (see ``MODES``),
+    in a thread with its own loop; it records when the connections it was streaming on close."""
+
+    SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[str, float]] = []  # (mode, time.monotonic()) of each connection the client closed
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BadUpstream:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mode = "?"
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                mode = body.get("prompt", "?")
+                if not await self._answer(mode, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed.append((mode, time.monotonic()))
+        finally:
+            writer.close()
+
+    async def _answer(self, mode: str, reader, writer) -> bool:
+        """Answer one request; False when the connection must end (the answer was cut on purpose)."""
+        def plain(content_type: str, content: bytes) -> None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                         % (content_type.encode(), len(content), content))
+
+        def sse(*events: str) -> None:
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event.encode()), event.encode()))
+
+        if mode == "html":
+            plain("text/html", b"<html><body>maintenance</body></html>")
+        elif mode == "list":
+            plain("application/json", b"[1,2,3]")
+        elif mode == "hang":  # never answers
+            await reader.read()
+            raise ConnectionError
+        else:
+            writer.write(self.SSE_HEAD)
+            if mode == "ok":
+                sse(_chunk("a"), _chunk("b", "stop"), "data: [DONE]\n\n")
+            elif mode == "sse-list":
+                sse("data: [1,2,3]\n\n")
+            elif mode == "sse-html":
+                sse("data: <html>\n\n")
+            elif mode == "wrong-index":
+                sse(_chunk("a", index=3))
+            elif mode == "no-done":  # a clean end of the body, but the answer never finished
+                sse(_chunk("a"))
+            elif mode == "die":  # one chunk, then the connection drops mid-body
+                sse(_chunk("a"))
+                await writer.drain()
+                writer.transport.abort()
+                return False
+            elif mode == "trickle":  # a chunk every 0.3 s, forever
+                while True:
+                    sse(_chunk("a"))
+                    await writer.drain()
+                    await asyncio.sleep(0.3)
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+
+def _proxy_to(upstream: BadUpstream, **extra):
+    return build_route_app(route_config({"s": upstream.url}, **extra))
+
+
+def _sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+BAD_ANSWERS = ["html", "list", "sse-list", "sse-html", "wrong-index", "no-done", "die"]
+
+
+def test_every_kind_of_bad_upstream_answer_is_a_502_with_the_error_body_and_frees_its_slot():
+    """Each bad answer, streamed or not, more times than the proxy has slots: every one a 502 (or a
+    final SSE error event and [DONE]), then a good request still gets through."""
+    with BadUpstream() as upstream, ServerThread(app := _proxy_to(upstream, max_in_flight=2)) as proxy:
+        url = f"{proxy.url}/v1/completions"
+        for mode in BAD_ANSWERS:
+            for _ in range(3):  # more than max_in_flight: a leaked slot would make the third a 429
+                r = httpx.post(url, json={"model": "tiny", "prompt": mode, "max_tokens": 4}, timeout=10)
+                assert r.status_code == 502, (mode, r.status_code, r.text)
+                assert r.json()["error"]["code"] in ("bad_upstream_response", "upstream_failed"), mode
+                s = httpx.post(url, json={"model": "tiny", "prompt": mode, "max_tokens": 4, "stream": True},
+                               timeout=10)
+                if s.status_code == 200:  # the bad part came after the stream began
+                    events = _sse_events(s)
+                    assert events[-1] == "[DONE]", (mode, events)
+                    assert json.loads(events[-2])["error"]["code"] in ("bad_upstream_response", "upstream_failed")
+                else:
+                    assert s.status_code == 502 and "error" in s.json(), (mode, s.status_code)
+            assert app.state.backend.load().running == 0, mode
+        ok = httpx.post(url, json={"model": "tiny", "prompt": "ok", "max_tokens": 4}, timeout=10)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ab"
+        text = httpx.get(f"{proxy.url}/metrics").text
+    assert metric(text, "matta_requests_total", status="502") == 2 * 3 * len(BAD_ANSWERS)
+    assert metric(text, "matta_requests_total", status="499") == 0  # an upstream failure, not a client gone
+    assert metric(text, "matta_requests_total", status="429") == 0
+
+
+def test_the_proxy_bounds_the_whole_request_and_cancels_upstream_when_the_client_leaves():
+    with BadUpstream() as upstream, ServerThread(app := _proxy_to(upstream, request_timeout_s=1.5)) as proxy:
+        url = f"{proxy.url}/v1/completions"
+        for mode in ("trickle", "hang"):  # a chunk every 0.3 s; no answer at all
+            started = time.monotonic()
+            r = httpx.post(url, json={"model": "tiny", "prompt": mode, "max_tokens": 4}, timeout=30)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", (mode, r.text)
+            assert time.monotonic() - started < 3, mode
+        started = time.monotonic()
+        s = httpx.post(url, json={"model": "tiny", "prompt": "trickle", "max_tokens": 4, "stream": True}, timeout=30)
+        events = _sse_events(s)
+        assert time.monotonic() - started < 3
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "deadline_exceeded"
+        assert len(events) > 3  # the chunks before the deadline were relayed
+        deadline = time.monotonic() + 3
+        while sum(m == "trickle" for m, _ in upstream.closed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(m == "trickle" for m, _ in upstream.closed) == 2  # the proxy closed both upstream streams
+        assert app.state.backend.load().running == 0
+
+    with BadUpstream() as upstream, ServerThread(app := _proxy_to(upstream, request_timeout_s=60)) as proxy:
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a plain (non-streaming) request
+            httpx.post(f"{proxy.url}/v1/completions", json={"model": "tiny", "prompt": "trickle", "max_tokens": 4},
+                       timeout=0.8)
+        left = time.monotonic()
+        while not upstream.closed and time.monotonic() - left < 3:
+            time.sleep(0.02)
+        assert upstream.closed and upstream.closed[0][1] - left < 1.0, upstream.closed  # upstream cancelled
+        assert app.state.backend.load().running == 0
+
+
+def test_the_proxy_prices_max_tokens_within_the_context_and_caps_retry_after():
+    with BadUpstream() as upstream, ServerThread(_proxy_to(upstream, policy="slo", shed=True, max_model_len=64,
+                                                           max_retry_after_s=20)) as proxy, \
+            httpx.Client(base_url=proxy.url, timeout=10) as client:
+        body = {"model": "tiny", "prompt": "ok", "latency_slo_ms": 60_000}
+        for _ in range(3):  # the cost model learns the upstream's speed
+            assert client.post("/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+        most = float(client.post("/v1/completions", json={**body, "max_tokens": 64}).headers["x-matta-predicted-ms"])
+        for max_tokens in (10**6, 10**12, 2**63 - 1):
+            r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "stream": True})
+            assert r.status_code == 200, r.text
+            assert float(r.headers["x-matta-predicted-ms"]) <= most * 1.5
+            r = client.post("/v1/completions", json={**body, "max_tokens": max_tokens, "latency_slo_ms": 1e-300})
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20, r.text
+    with BadUpstream() as upstream, ServerThread(_proxy_to(upstream, policy="slo", shed=True,
+                                                           max_retry_after_s=20)) as proxy, \
+            httpx.Client(base_url=proxy.url, timeout=10) as client:  # no context known: finite, capped
+        for _ in range(3):
+            client.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 2})
+        for max_tokens in (10**12, 2**63 - 1):
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": max_tokens,
+                                                     "latency_slo_ms": 5, "stream": True})
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20, r.text
+        assert client.get("/health").status_code == 200
