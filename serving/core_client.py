@@ -31,7 +31,15 @@ import zmq
 from matta.config import ModelConfig
 from router.latency import LatencyModel
 from serving import core_protocol as msg
-from serving.engine import EngineStats, EngineStoppedError, QueueFullError, SamplingParams, SequenceEvent, TokenLogprob
+from serving.engine import (
+    EngineStats,
+    EngineStoppedError,
+    QueueFullError,
+    RequestStream,
+    SamplingParams,
+    SequenceEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +51,6 @@ POLL_MS = 100
 
 class CoreDiedError(RuntimeError):
     """The engine-core process exited while the server was running."""
-
-
-class CoreStream:
-    """One request's events from the core: ``async for index, event in stream``; :meth:`cancel` frees it."""
-
-    def __init__(self, client: EngineCoreClient, request_id: int, n: int) -> None:
-        self._client, self._id, self._open = client, request_id, n
-        self._queue: asyncio.Queue = asyncio.Queue()
-
-    def __aiter__(self) -> CoreStream:
-        return self
-
-    async def __anext__(self) -> tuple[int, SequenceEvent]:
-        if self._open == 0:
-            raise StopAsyncIteration
-        index, event = await self._queue.get()
-        if event.finish_reason is not None:
-            self._open -= 1
-            if self._open == 0:
-                self._client._finished(self._id)
-        return index, event
-
-    @property
-    def done(self) -> bool:
-        return self._open == 0
-
-    def cancel(self) -> None:
-        self._client.cancel(self._id)
 
 
 def _events(out: msg.SequenceOutput) -> SequenceEvent:
@@ -108,7 +88,7 @@ class EngineCoreClient:
         self.latency: LatencyModel | None = None
         self._ready()
         self._ids = itertools.count()
-        self._streams: dict[int, tuple[CoreStream, str, int]] = {}  # request id -> (stream, width, sequences)
+        self._streams: dict[int, tuple[RequestStream, str, int]] = {}  # request id -> (stream, width, sequences)
         self._load: msg.Load | None = None
         self._stopping = False
         self._dead = False
@@ -176,7 +156,7 @@ class EngineCoreClient:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> CoreStream:
+    def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> RequestStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
         for name in (width, *params.widths):
             if name not in self.config.widths:
@@ -189,7 +169,7 @@ class EngineCoreClient:
         if stats.waiting + len(prompts) > self.max_queue:
             raise QueueFullError(f"the queue is full ({stats.waiting} waiting, limit {self.max_queue}); retry later")
         request_id = next(self._ids)
-        stream = CoreStream(self, request_id, len(prompts))
+        stream = RequestStream(len(prompts), lambda: self.cancel(request_id), lambda: self._finished(request_id))
         self._streams[request_id] = (stream, width, len(prompts))
         sampling = msg.Sampling(params.max_tokens, params.temperature, params.top_p, params.seed, tuple(params.stop),
                                 params.logprobs, params.prompt_logprobs, params.deadline, tuple(params.widths),
@@ -256,11 +236,11 @@ class EngineCoreClient:
         for out in step.outputs:
             entry = self._streams.get(out.request_id)
             if entry is not None:
-                entry[0]._queue.put_nowait((out.index, _events(out)))
+                entry[0].queue.put_nowait((out.index, _events(out)))
 
     def _died(self) -> None:
         self._dead = True
         for request_id, (stream, _, n) in list(self._streams.items()):
             for index in range(n):
-                stream._queue.put_nowait((index, SequenceEvent([], "", time.monotonic(), finish_reason="abort")))
+                stream.queue.put_nowait((index, SequenceEvent([], "", time.monotonic(), finish_reason="abort")))
             self._streams.pop(request_id, None)

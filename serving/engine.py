@@ -178,11 +178,12 @@ class RequestStream:
     request's slots at the next step boundary.
     """
 
-    def __init__(self, engine: Engine, seqs: list[_Sequence], queue: asyncio.Queue) -> None:
-        self._engine = engine
-        self._seqs = seqs
-        self._queue = queue
-        self._open = len(seqs)
+    def __init__(self, sequences: int, cancel: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
+        """``cancel`` frees the request's sequences wherever they run; ``on_done`` runs after the last
+        final event is read. Events are put into ``queue`` as (index, :class:`SequenceEvent`)."""
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._open = sequences
+        self._cancel, self._on_done = cancel, on_done
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -190,9 +191,11 @@ class RequestStream:
     async def __anext__(self) -> tuple[int, SequenceEvent]:
         if self._open == 0:
             raise StopAsyncIteration
-        index, event = await self._queue.get()
+        index, event = await self.queue.get()
         if event.finish_reason is not None:
             self._open -= 1
+            if self._open == 0 and self._on_done is not None:
+                self._on_done()
         return index, event
 
     @property
@@ -200,7 +203,7 @@ class RequestStream:
         return self._open == 0
 
     def cancel(self) -> None:
-        self._engine.cancel(self._seqs)
+        self._cancel()
 
 
 class Engine:
@@ -284,9 +287,10 @@ class Engine:
         queue has no room for all prompts, :class:`EngineStoppedError` when stopping.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        seqs = self.add(prompts, width, params, lambda index: _threadsafe_emit(loop, queue, index))
-        return RequestStream(self, seqs, queue)
+        seqs: list[_Sequence] = []
+        stream = RequestStream(len(prompts), lambda: self.cancel(seqs))
+        seqs += self.add(prompts, width, params, lambda index: _threadsafe_emit(loop, stream.queue, index))
+        return stream
 
     def add(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams,
             emitter: Callable[[int], Callable[[SequenceEvent], None]]) -> list[_Sequence]:
