@@ -74,7 +74,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     """Load the checkpoint once and build the app; the engine thread runs while the app's lifespan does."""
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(settings.checkpoint, device=device)
-    widths = ckpt.config.width_names
+    widths = ckpt.config.served_widths  # Mix'n'Match profiles are operating points too
     latency = load_or_measure_profile(settings, ckpt.model)
     calibration = (RequestCalibration(settings.calibration_quantile)
                    if latency is not None and settings.calibration_quantile is not None else None)
@@ -104,7 +104,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        log.info("serving %s (widths %s, policy %s) on %s", ckpt.name, ckpt.config.width_names, policy.name, device)
+        log.info("serving %s (widths %s, policy %s) on %s", ckpt.name, widths, policy.name, device)
         yield
         engine.stop()
         if ab_log is not None:
@@ -160,7 +160,7 @@ def uvicorn_config(app: FastAPI, **overrides) -> uvicorn.Config:
 def load_or_measure_profile(settings: ServerSettings, model) -> LatencyModel | None:
     """The latency model for this server: the given profile, or one measured now when the policy
     needs predictions (a few seconds on CPU), or None."""
-    widths = model.config.width_names
+    widths = model.config.served_widths
     if settings.profile is not None:
         latency = LatencyModel.load(settings.profile)
         missing = [w for w in widths if w not in latency.costs]

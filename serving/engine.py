@@ -211,8 +211,8 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._groups: dict[str, _Group] = {}
-        self._running_by_width = dict.fromkeys(self.config.width_names, 0)
-        self._waiting_by_width = dict.fromkeys(self.config.width_names, 0)
+        self._running_by_width = dict.fromkeys(self.config.served_widths, 0)
+        self._waiting_by_width = dict.fromkeys(self.config.served_widths, 0)
         self._ids = itertools.count()
         self._steps = self._finished = self._cancelled = 0
         self._stopping = False
@@ -255,8 +255,8 @@ class Engine:
         Raises ValueError for a prompt the model cannot take, :class:`QueueFullError` when the
         queue has no room for all prompts, :class:`EngineStoppedError` when stopping.
         """
-        if width not in self.config.widths:
-            raise ValueError(f"unknown width {width!r}; known: {self.config.width_names}")
+        if width not in self._running_by_width:
+            raise ValueError(f"unknown width {width!r}; known: {self.config.served_widths}")
         for prompt in prompts:
             if not prompt:
                 raise ValueError("prompt is empty")

@@ -121,7 +121,7 @@ class CompletionService:
         name, n_ctx = self.model_name, self.config.n_ctx
         cards = [ModelCard(id=name, root=name, max_model_len=n_ctx)]
         cards += [ModelCard(id=f"{name}:{w}", root=name, parent=name, max_model_len=n_ctx, width=w)
-                  for w in self.config.width_names]
+                  for w in self.config.served_widths]
         return ModelList(data=cards)
 
     # --- request handling ----------------------------------------------------------------------
@@ -225,13 +225,13 @@ class CompletionService:
         name, sep, model_width = body.model.partition(":")
         if name != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; available: {self.model_name!r} or "
-                                f"'{self.model_name}:<width>' with width in {self.config.width_names}",
+                                f"'{self.model_name}:<width>' with width in {self.config.served_widths}",
                            param="model", code="model_not_found")
-        if sep and model_width not in self.config.widths:
+        if sep and model_width not in self.config.served_widths:
             raise APIError(404, f"unknown width {model_width!r} in model {body.model!r}; known: "
-                                f"{self.config.width_names}", param="model", code="width_not_found")
-        if body.width is not None and body.width not in self.config.widths:
-            raise APIError(404, f"unknown width {body.width!r}; known: {self.config.width_names}",
+                                f"{self.config.served_widths}", param="model", code="width_not_found")
+        if body.width is not None and body.width not in self.config.served_widths:
+            raise APIError(404, f"unknown width {body.width!r}; known: {self.config.served_widths}",
                            param="width", code="width_not_found")
         if sep and body.width is not None and body.width != model_width:
             raise APIError(400, f"model pins width {model_width!r} but width is {body.width!r}", param="width")
