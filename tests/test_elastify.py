@@ -140,3 +140,48 @@ def test_calibration_windows_are_seeded():
     b = calibration_batches(tokens, 1024, 32, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert sum(x.shape[0] for x in a) == 32 and a[0].shape[1] == 33
+
+
+def _finetune_config(tmp_path, corpus_dir, name: str, init_from, teacher) -> dict:
+    return {"recipe": "matta", "data": str(corpus_dir), "init_from": str(init_from), "out": str(tmp_path / name),
+            "run_dir": str(tmp_path / f"{name}-run"), "seed": 3, "steps": 6, "batch_size": 4, "seq_len": 32,
+            "eval_every": 0, "save_every": 0, "log_every": 1, "final_eval": False, "teacher": {"path": str(teacher)},
+            "optim": {"lr": 3e-4, "warmup_steps": 2}}
+
+
+def test_matta_fine_tune_from_an_elastified_checkpoint_is_resumable(tmp_path, corpus_dir):
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    dense_cfg = {"recipe": "teacher", "data": str(corpus_dir), "out": str(tmp_path / "dense"),
+                 "run_dir": str(tmp_path / "dense-run"), "steps": 4, "batch_size": 4, "seq_len": 32, "eval_every": 0,
+                 "final_eval": False, "model": {"n_ctx": 32, "d_model": 64, "n_layer": 2, "n_head": 1,
+                                                "widths": {"full": 128}}}
+    dense = train(TrainConfig.model_validate(dense_cfg), progress=False)
+    elastic, _ = elastify(dense, tmp_path / "elastic", corpus_dir, widths={"s": 32, "m": 64, "ta": 128},
+                          calibration_tokens=1024, evaluate=False)
+    whole = _finetune_config(tmp_path / "whole", corpus_dir, "ft", elastic, dense)
+    train(TrainConfig.model_validate(whole), progress=False)
+    split = _finetune_config(tmp_path / "split", corpus_dir, "ft", elastic, dense)
+    assert train(TrainConfig.model_validate(split), progress=False, stop_after=3) is None
+    train(TrainConfig.model_validate(split), resume=True, progress=False)
+    a = [json.loads(x) for x in (tmp_path / "whole" / "ft-run" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "split" / "ft-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_total"] for r in a] == pytest.approx([r["loss_total"] for r in b], rel=1e-6)
+    # The TA starts as the teacher itself, so its first loss is far below a random TA's (~ln V).
+    assert a[0]["loss_ta"] < 0.5 * np.log(2048)
+    ckpt = load_checkpoint(whole["out"])
+    assert ckpt.config.widths == {"s": 32, "m": 64, "ta": 128}
+    assert ckpt.training["init_from"]["recipe"] == "elastify"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"d_model": 64}}, "give `init_from:` or `model:`, not both"),
+    ({"recipe": "kd"}, "init_from needs recipe 'matta', got 'kd'"),
+])
+def test_init_from_config_errors(tmp_path, corpus_dir, change, message):
+    from training.config import TrainConfig
+
+    cfg = {**_finetune_config(tmp_path, corpus_dir, "ft", tmp_path / "x", tmp_path / "t"), **change}
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.model_validate(cfg)

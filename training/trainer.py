@@ -386,13 +386,14 @@ def evaluate_widths(model: NestedGPT, data: TokenData, tokenizer: Tokenizer, clo
     tokens = data.tokens(split)
     items = data.cloze(split)[:cloze_items]
     specs: dict[str, list[int] | str] = {name: name for name in config.width_names}
+    specs.update({name: name for name in config.profiles})
     if mix_n_match:
         specs.update(mix_n_match_profiles(config))
     results: dict[str, dict] = {}
     for label, spec in tqdm(specs.items(), desc="eval", disable=not progress):
         fn = width_logits_fn(model, spec)
         results[label] = {
-            "ffn": list(config.resolve_width(spec)) if isinstance(spec, list) else config.widths[spec],
+            "ffn": config.widths[spec] if isinstance(spec, str) and spec in config.widths else list(config.resolve_width(spec)),
             "ppl": perplexity(fn, tokens, config.n_ctx, device=device),
             "cloze": cloze_accuracy(fn, tokenizer, items, config.n_ctx, device=device) if items else None,
             "params": config.param_count(spec),
