@@ -177,3 +177,25 @@ def test_slo_policy_and_profile_get_the_profiles_as_operating_points(mixnmatch_c
     policy = app.state.service.policy
     assert policy.widths == ["s", "m", "mnm1", "l", "mnm2", "ta"]
     assert app.state.service.quality["mnm1"] == pytest.approx(0.03)
+
+
+def test_add_profiles_searches_writes_and_evaluates(tmp_path, corpus_dir):
+    from training.data import TokenData
+    from training.mixnmatch import add_profiles
+
+    tokenizer = TokenData(corpus_dir).tokenizer()
+    torch.manual_seed(0)
+    model = NestedGPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_ctx=64, d_model=64, n_layer=2, n_head=1,
+                                  widths={"s": 32, "m": 64, "ta": 128}, name="tiny-mnm"))
+    source = save_checkpoint(tmp_path / "src", model, tokenizer, {"recipe": "test"})
+    out, training = add_profiles(source, corpus_dir, tmp_path / "out", count=2, search_tokens=1024, cloze_items=5)
+    result = training["mixnmatch"]
+    assert result["exhaustive"] and result["space"] == 9 and len(result["points"]) == 9
+    assert {"winner", "max_ppl_gap"} <= set(result["comparison"])
+    assert all(p["decode_step_ms"] > 0 for p in result["points"] if p["uniform"])
+    ckpt = load_checkpoint(out)
+    assert set(ckpt.config.profiles) == set(result["chosen"])
+    front = result["fronts"]["exhaustive"]
+    for name, profile in ckpt.config.profiles.items():
+        assert profile in front and ckpt.training["eval"]["widths"][name]["ffn"] == profile
+    assert load_config(source).profiles == {}  # --out leaves the source as it was
