@@ -113,6 +113,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,6 +128,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set(xscale="log", yscale="log", xticks=ffn, xticklabels=[f"{n}\n{m}" for n, m in zip(names, ffn, strict=True)],
            xlabel="width (FFN units per layer)", ylabel="test perplexity (log)",
            title="elastified dense teacher: held-out ppl per width")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
