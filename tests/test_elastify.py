@@ -185,3 +185,15 @@ def test_init_from_config_errors(tmp_path, corpus_dir, change, message):
     cfg = {**_finetune_config(tmp_path, corpus_dir, "ft", tmp_path / "x", tmp_path / "t"), **change}
     with pytest.raises(ValueError, match=message):
         TrainConfig.model_validate(cfg)
+
+
+@pytest.mark.parametrize("command, option", [("elastify", "--criterion"), ("mixnmatch", "--max-exhaustive")])
+def test_cli_commands_are_registered_with_help(command, option):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    helped = subprocess.run([sys.executable, "-m", "matta.cli", command, "--help"], capture_output=True, text=True,
+                            cwd=REPO)
+    assert helped.returncode == 0 and f"usage: matta {command}" in helped.stdout and option in helped.stdout
