@@ -156,7 +156,8 @@ def elastify_model(model: NestedGPT, widths: dict[str, int], criterion: str, bat
     ffn = model.config.ffn_dim
     if max(widths.values()) != ffn:
         raise ValueError(f"the widest width must equal the source FFN size {ffn}, got {widths}")
-    config = ModelConfig(**{**model.config.to_dict(), "widths": dict(widths), "name": name or model.config.name})
+    config = ModelConfig(**{**model.config.to_dict(), "widths": dict(widths), "name": name or model.config.name,
+                            "profiles": {}})
     nested = NestedGPT(config)
     nested.load_state_dict(model.state_dict())
     scores = unit_importance(model, batches, criterion)
