@@ -13,11 +13,18 @@ the weights the width reads (fp32, including the LM head) and the KV cache every
 for every width, because the widths differ only in FFN units. It also measures the machine's
 attainable FLOP rate (a large sgemm) and copy bandwidth (a large tensor sum) in the same run, and
 reports per point the FLOP rate each width achieves. Measured speed-up over the FLOP prediction
-is the figure the serving issue sets a goal for (>= 0.9).
+is the figure the serving issue sets a goal for (>= 0.9). A roofline prediction sits beside it:
+per width, max(FLOPs / sgemm peak, bytes / read bandwidth) with the peaks measured in this run.
 
-    python -m benchmarks.decode_scaling [--checkpoint checkpoints/default] [--threads 2]
+Two shapes in the same run: the shipped checkpoint (d_model 128, 4 layers) and a GPT-2-small
+shaped elastic model (``gpt2-small``: d_model 768, 12 layers, head_dim 64, FFN 3072 with
+widths 384 / 768 / 1536 / 3072, the shipped tokenizer's 2,048-token vocabulary, random
+weights: a step's time does not depend on the values), so the trade is measured where the FFN
+is most of the work.
 
-Takes about a minute on 2 cores for the default grid; run it on an otherwise idle machine.
+    python -m benchmarks.decode_scaling [--checkpoint checkpoints/default] [--threads 2] [--shapes shipped gpt2-small]
+
+Takes about 6 minutes on 2 cores for the default grid; run it on an otherwise idle machine.
 Writes ``--out``.json and ``--out``.png and prints a markdown table.
 """
 
@@ -33,15 +40,31 @@ import torch
 
 from benchmarks.harness import machine_peaks, model_decode_step, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
+from matta.config import ModelConfig
+from matta.model import NestedGPT
+
+SHAPES = ("shipped", "gpt2-small")
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint)
-    model, config = ckpt.model, ckpt.model.config
+def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
+    """A random-weight elastic model of GPT-2 small's shape, with four nested FFN widths."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab_size, n_ctx=1024, d_model=768, n_layer=12, n_head=12,
+                         widths={"s": 384, "m": 768, "l": 1536, "ta": 3072}, eos_token_id=eos_token_id,
+                         name="gpt2-small-shape")
+    return NestedGPT(config).eval()
+
+
+def roofline_ms(flops: int, nbytes: int, peaks: dict) -> float:
+    """A step's time if it ran at the machine's sgemm peak or its read bandwidth, whichever binds."""
+    return max(flops / (peaks["sgemm_gflops"] * 1e9), nbytes / (peaks["read_gb_per_s"] * 1e9)) * 1e3
+
+
+def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -> dict:
+    """The batch x context grid for one model; per point and width, step time, FLOPs, bytes, roofline."""
+    config = model.config
     widths = args.widths or list(config.widths)
     student, ta = widths[0], widths[-1]
-    peaks = machine_peaks()
     points = []
     for batch in args.batches:
         for context in args.contexts:
@@ -50,40 +73,67 @@ def run(args: argparse.Namespace) -> dict:
             for w in widths:
                 ms = timing[w]["median_step_ms"]
                 flops = step_flops(config, w, batch, context)
+                nbytes = step_bytes(config, w, batch, context)
                 point["widths"][w] = {"median_step_ms": ms, "step_ms": timing[w]["step_ms"], "flops": flops,
-                                      "bytes": step_bytes(config, w, batch, context),
-                                      "achieved_gflops": flops / ms / 1e6}
-            predicted = point["widths"][ta]["flops"] / point["widths"][student]["flops"]
-            measured = point["widths"][ta]["median_step_ms"] / point["widths"][student]["median_step_ms"]
-            point.update(predicted_speedup_flops=predicted, measured_speedup=measured,
-                         measured_over_predicted=measured / predicted)
+                                      "bytes": nbytes, "achieved_gflops": flops / ms / 1e6,
+                                      "roofline_ms": roofline_ms(flops, sum(nbytes.values()), peaks)}
+            ws, wt = point["widths"][student], point["widths"][ta]
+            predicted = wt["flops"] / ws["flops"]
+            roofline = wt["roofline_ms"] / ws["roofline_ms"]
+            measured = wt["median_step_ms"] / ws["median_step_ms"]
+            point.update(predicted_speedup_flops=predicted, predicted_speedup_roofline=roofline,
+                         measured_speedup=measured, measured_over_predicted=measured / predicted,
+                         measured_over_roofline=measured / roofline)
             points.append(point)
-            print(f"batch {batch:4d} context {context:4d}: " + "  ".join(
+            print(f"{label} batch {batch:4d} context {context:4d}: " + "  ".join(
                 f"{w} {point['widths'][w]['median_step_ms']:.2f} ms" for w in widths)
-                + f"  speed-up {measured:.2f}x of {predicted:.2f}x ({measured / predicted:.2f})", flush=True)
+                + f"  speed-up {measured:.2f}x of {predicted:.2f}x FLOPs ({measured / predicted:.2f}), "
+                  f"{roofline:.2f}x roofline ({measured / roofline:.2f})", flush=True)
     best = max(points, key=lambda p: p["measured_over_predicted"])
     return {
-        "benchmark": "decode_scaling", "checkpoint": str(args.checkpoint), "student": student, "ta": ta,
-        "widths": widths, "threads": args.threads, "repeats": args.repeats, "inner": args.inner,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, **peaks},
-        "points": points,
+        "model": {"name": config.name, "d_model": config.d_model, "n_layer": config.n_layer,
+                  "head_dim": config.head_dim, "vocab_size": config.vocab_size, "widths": dict(config.widths)},
+        "student": student, "ta": ta, "widths": widths, "points": points,
         "summary": {"best_measured_over_predicted": best["measured_over_predicted"],
                     "best_at": {"batch": best["batch"], "context": best["context"]},
                     "median_measured_over_predicted": statistics.median(p["measured_over_predicted"] for p in points),
+                    "median_measured_over_roofline": statistics.median(p["measured_over_roofline"] for p in points),
                     "goal_0.9_met_anywhere": best["measured_over_predicted"] >= 0.9},
     }
 
 
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    peaks = machine_peaks()
+    shapes = {}
+    for label in args.shapes:
+        model = ckpt.model if label == "shipped" else gpt2_small_shape(ckpt.config.vocab_size, ckpt.config.eos_token_id)
+        shapes[label] = sweep(model, args, peaks, label)
+        del model
+    return {
+        "benchmark": "decode_scaling", "checkpoint": str(args.checkpoint), "threads": args.threads,
+        "repeats": args.repeats, "inner": args.inner,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, **peaks},
+        "shapes": shapes,
+    }
+
+
 def markdown(results: dict) -> str:
-    s, ta = results["student"], results["ta"]
-    lines = [f"| batch | context | {s} step ms | {ta} step ms | speed-up measured / FLOP-predicted | ratio "
-             f"| {s} GFLOP/s | {ta} GFLOP/s | KV MB per step |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in results["points"]:
-        ws, wt = p["widths"][s], p["widths"][ta]
-        lines.append(f"| {p['batch']} | {p['context']} | {ws['median_step_ms']:.2f} | {wt['median_step_ms']:.2f} | "
-                     f"{p['measured_speedup']:.2f}x / {p['predicted_speedup_flops']:.2f}x | "
-                     f"{p['measured_over_predicted']:.2f} | {ws['achieved_gflops']:.1f} | {wt['achieved_gflops']:.1f} | "
-                     f"{ws['bytes']['kv_cache'] / 1e6:.1f} |")
+    lines = []
+    for label, shape in results["shapes"].items():
+        s, ta, model = shape["student"], shape["ta"], shape["model"]
+        lines += [f"\n{label}: d_model {model['d_model']}, {model['n_layer']} layers, widths {model['widths']}\n",
+                  f"| batch | context | {s} step ms | {ta} step ms | speed-up measured | FLOP-predicted | ratio "
+                  f"| roofline-predicted | ratio | {s} GFLOP/s | {ta} GFLOP/s | KV MB per step |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in shape["points"]:
+            ws, wt = p["widths"][s], p["widths"][ta]
+            lines.append(f"| {p['batch']} | {p['context']} | {ws['median_step_ms']:.2f} | {wt['median_step_ms']:.2f} | "
+                         f"{p['measured_speedup']:.2f}x | {p['predicted_speedup_flops']:.2f}x | "
+                         f"{p['measured_over_predicted']:.2f} | {p['predicted_speedup_roofline']:.2f}x | "
+                         f"{p['measured_over_roofline']:.2f} | {ws['achieved_gflops']:.1f} | "
+                         f"{wt['achieved_gflops']:.1f} | {ws['bytes']['kv_cache'] / 1e6:.1f} |")
     m = results["machine"]
     lines.append(f"\nMachine, same run: sgemm {m['sgemm_gflops']:.0f} GFLOP/s, streaming read {m['read_gb_per_s']:.1f} GB/s.")
     return "\n".join(lines)
@@ -95,26 +145,30 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, ta = results["student"], results["ta"]
-    contexts = sorted({p["context"] for p in results["points"]})
-    batches = sorted({p["batch"] for p in results["points"]})
-    fig, (ax_r, ax_g) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, c in enumerate(contexts):
-        pts = [p for p in results["points"] if p["context"] == c]
-        ax_r.plot([p["batch"] for p in pts], [p["measured_over_predicted"] for p in pts], marker="o",
-                  color=f"C{i}", label=f"context {c}")
-        ax_g.plot([p["batch"] for p in pts], [p["widths"][s]["achieved_gflops"] for p in pts], marker="o",
-                  color=f"C{i}", label=f"{s}, context {c}")
-        ax_g.plot([p["batch"] for p in pts], [p["widths"][ta]["achieved_gflops"] for p in pts], marker="s",
-                  color=f"C{i}", linestyle="--", label=f"{ta}, context {c}")
-    ax_r.axhline(0.9, color="grey", linestyle=":", label="goal 0.9")
-    ax_r.set(xscale="log", xticks=batches, xticklabels=batches, ylim=(0, 1.1), xlabel="decode batch",
-             ylabel="measured / FLOP-predicted speed-up", title=f"{s} over {ta} decode speed-up")
-    ax_g.axhline(results["machine"]["sgemm_gflops"], color="grey", linestyle=":", label="sgemm 1024^3")
-    ax_g.set(xscale="log", yscale="log", xticks=batches, xticklabels=batches, xlabel="decode batch",
-             ylabel="GFLOP/s achieved", title="FLOP rate of a decode step")
-    ax_r.legend(fontsize=7)
-    ax_g.legend(fontsize=6)
+    shapes = results["shapes"]
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)
+    for (label, shape), (ax_r, ax_g) in zip(shapes.items(), axes, strict=True):
+        s, ta = shape["student"], shape["ta"]
+        contexts = sorted({p["context"] for p in shape["points"]})
+        batches = sorted({p["batch"] for p in shape["points"]})
+        for i, c in enumerate(contexts):
+            pts = [p for p in shape["points"] if p["context"] == c]
+            ax_r.plot([p["batch"] for p in pts], [p["measured_over_predicted"] for p in pts], marker="o",
+                      color=f"C{i}", label=f"/ FLOPs, context {c}")
+            ax_r.plot([p["batch"] for p in pts], [p["measured_over_roofline"] for p in pts], marker="^",
+                      color=f"C{i}", linestyle="--", label=f"/ roofline, context {c}")
+            ax_g.plot([p["batch"] for p in pts], [p["widths"][s]["achieved_gflops"] for p in pts], marker="o",
+                      color=f"C{i}", label=f"{s}, context {c}")
+            ax_g.plot([p["batch"] for p in pts], [p["widths"][ta]["achieved_gflops"] for p in pts], marker="s",
+                      color=f"C{i}", linestyle="--", label=f"{ta}, context {c}")
+        ax_r.axhline(0.9, color="grey", linestyle=":", label="goal 0.9")
+        ax_r.set(xscale="log", xticks=batches, xticklabels=batches, ylim=(0, 1.6), xlabel="decode batch",
+                 ylabel="measured / predicted speed-up", title=f"{label}: {s} over {ta} decode speed-up")
+        ax_g.axhline(results["machine"]["sgemm_gflops"], color="grey", linestyle=":", label="sgemm 1024^3")
+        ax_g.set(xscale="log", yscale="log", xticks=batches, xticklabels=batches, xlabel="decode batch",
+                 ylabel="GFLOP/s achieved", title=f"{label}: FLOP rate of a decode step")
+        ax_r.legend(fontsize=6)
+        ax_g.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -128,6 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_scaling")
     args = parser.parse_args()
     results = run(args)

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 def dense_copy(model: NestedGPT, width: str) -> NestedGPT:
     """A dense model of exactly ``width`` FFN units holding a copy of the elastic weights."""
     size = model.config.widths[width]
-    config = ModelConfig(**{**model.config.to_dict(), "widths": {width: size}})
+    config = ModelConfig(**{**model.config.to_dict(), "widths": {width: size}, "profiles": {}})
     dense = NestedGPT(config).eval()
     state = {k: (v[:size].clone() if k.endswith(("fc_weight", "fc_bias", "proj_weight")) else v.clone())
              for k, v in model.state_dict().items()}

@@ -339,7 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median is kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (profile with what the server will use)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    _add_elastic_commands(sub)
     return parser
+
+
+def _add_elastic_commands(sub) -> None:
+    """`matta elastify` and `matta mixnmatch` (issue 18): the logic lives in training/; this only registers it."""
+    from training import elastify, mixnmatch
+
+    for name, module, help_text in (
+        ("elastify", elastify, "reorder a dense GPT-2's FFN units by importance into a nested checkpoint"),
+        ("mixnmatch", mixnmatch, "search per-layer width profiles; add the Pareto-best as named widths"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=module.run)
+        module.add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

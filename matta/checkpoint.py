@@ -1,5 +1,10 @@
 """The checkpoint directory: config.json, model.safetensors, tokenizer.json, training.json, manifest.json.
 
+Named Mix'n'Match profiles (``ModelConfig.profiles``), when there are any, go to a sixth file,
+mixnmatch.json, listed in the manifest, not into config.json: readers that predate profiles
+refuse unknown config.json keys but verify and then ignore extra manifest files, so they keep
+loading such a checkpoint and serve its uniform widths.
+
 Weights are safetensors only; nothing here can execute code from a file. Loading checks the
 manifest (sha256 of every file) before it parses anything, then checks every tensor's name
 and shape, and refuses the first problem with a one-line :class:`CheckpointError`.
@@ -29,6 +34,8 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_FILE = "training.json"
 MANIFEST_FILE = "manifest.json"
+MIXNMATCH_FILE = "mixnmatch.json"
+MIXNMATCH_FORMAT = "matta-mixnmatch/1"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_FILE)
 
 
@@ -67,14 +74,20 @@ def save_checkpoint(path: str | Path, model: NestedGPT, tokenizer: Tokenizer, tr
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        _write_json(staging / CONFIG_FILE, model.config.to_dict())
+        config = model.config.to_dict()
+        profiles = config.pop("profiles")
+        _write_json(staging / CONFIG_FILE, config)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         tokenizer.save(staging / TOKENIZER_FILE)
         _write_json(staging / TRAINING_FILE, training)
-        files = {name: sha256_file(staging / name) for name in REQUIRED_FILES}
+        names = list(REQUIRED_FILES)
+        if profiles:
+            _write_json(staging / MIXNMATCH_FILE, {"format": MIXNMATCH_FORMAT, "profiles": profiles})
+            names.append(MIXNMATCH_FILE)
+        files = {name: sha256_file(staging / name) for name in names}
         _write_json(staging / MANIFEST_FILE, {"format": FORMAT, "files": files})
-        for name in (*REQUIRED_FILES, MANIFEST_FILE):
+        for name in (*names, MANIFEST_FILE):
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
         replace_dir(staging, path)
@@ -144,11 +157,21 @@ def _read_json(path: Path) -> dict:
 def load_config(path: str | Path) -> ModelConfig:
     """The verified config of a checkpoint, without loading its weights."""
     path = Path(path)
-    verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
+    data = _read_json(path / CONFIG_FILE)
+    if "profiles" in data:
+        raise CheckpointError(f"{path / CONFIG_FILE}: 'profiles' belong in {MIXNMATCH_FILE}, not config.json")
+    source = path / CONFIG_FILE
+    if MIXNMATCH_FILE in manifest["files"]:
+        source = path / MIXNMATCH_FILE
+        mixnmatch = _read_json(source)
+        if mixnmatch.get("format") != MIXNMATCH_FORMAT:
+            raise CheckpointError(f"{source}: unknown format {mixnmatch.get('format')!r}; expected {MIXNMATCH_FORMAT!r}")
+        data["profiles"] = mixnmatch.get("profiles")
     try:
-        return ModelConfig.from_dict(_read_json(path / CONFIG_FILE))
+        return ModelConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
+        raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> Checkpoint:

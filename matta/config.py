@@ -21,6 +21,9 @@ class ModelConfig:
 
     ``widths`` maps names to FFN hidden sizes in strictly ascending order; the last one is
     the full (TA) width that the weights are stored at, the first one is the Student.
+    ``profiles`` maps more names to per-layer FFN sizes (MatFormer Mix'n'Match, e.g. chosen by
+    ``matta mixnmatch``): servable by name like a width, but not a uniform width, so training
+    and HF export only ever see ``widths``.
     """
 
     vocab_size: int = 2048
@@ -32,6 +35,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 0
     name: str = "matta"
+    profiles: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for attr in ("vocab_size", "n_ctx", "d_model", "n_layer", "n_head"):
@@ -59,6 +63,18 @@ class ModelConfig:
             raise ValueError(f"eos_token_id {self.eos_token_id!r} is outside the vocabulary 0..{self.vocab_size - 1}")
         if not isinstance(self.layer_norm_eps, float) or self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        if not isinstance(self.profiles, dict):
+            raise ValueError(f"profiles must be a mapping of name -> per-layer FFN sizes, got {self.profiles!r}")
+        for profile_name, sizes in self.profiles.items():
+            if not isinstance(profile_name, str) or not _NAME_RE.match(profile_name) or profile_name in self.widths:
+                raise ValueError(f"profile name {profile_name!r} is invalid or already a width; use a letter then "
+                                 f"letters, digits, '_' or '-', not one of {self.width_names}")
+            if (not isinstance(sizes, list) or len(sizes) != self.n_layer
+                    or any(isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.ffn_dim for m in sizes)):
+                raise ValueError(f"profile {profile_name!r} must list {self.n_layer} FFN sizes in 1..{self.ffn_dim}, "
+                                 f"got {sizes!r}")
+            if len(set(sizes)) == 1:
+                raise ValueError(f"profile {profile_name!r} is uniform ({sizes!r}); name it in widths instead")
 
     @property
     def head_dim(self) -> int:
@@ -73,6 +89,16 @@ class ModelConfig:
     def width_names(self) -> list[str]:
         """Width names from narrowest (Student) to widest (TA)."""
         return list(self.widths)
+
+    @property
+    def served_widths(self) -> list[str]:
+        """Every name a server accepts (widths and profiles), cheapest first by FLOPs per token.
+
+        Width policies take this order as their ladder of operating points; on ties a uniform
+        width comes first.
+        """
+        names = [*self.widths, *self.profiles]
+        return sorted(names, key=lambda n: (self.flops_per_token(n), n in self.profiles))
 
     @property
     def student_width(self) -> str:
@@ -90,6 +116,8 @@ class ModelConfig:
         """
         if width is None:
             return (self.ffn_dim,) * self.n_layer
+        if isinstance(width, str) and width in self.profiles:
+            return tuple(self.profiles[width])
         if isinstance(width, (str, int)) and not isinstance(width, bool):
             return (self._resolve_one(width),) * self.n_layer
         if isinstance(width, Sequence):
@@ -104,7 +132,7 @@ class ModelConfig:
                 return self.widths[width]
             if width.isdigit():
                 return self._resolve_one(int(width))
-            raise ValueError(f"unknown width {width!r}; known: {self.width_names}")
+            raise ValueError(f"unknown width {width!r}; known: {[*self.width_names, *self.profiles]}")
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= self.ffn_dim:
             raise ValueError(f"width {width!r} is out of range 1..{self.ffn_dim}")
         return width
@@ -117,6 +145,9 @@ class ModelConfig:
                 if size == sizes[0]:
                     return width_name
             return str(sizes[0])
+        for profile_name, profile in self.profiles.items():
+            if tuple(profile) == sizes:
+                return profile_name
         return "-".join(str(s) for s in sizes)
 
     def param_count(self, width: WidthSpec | None = None) -> int:

@@ -80,6 +80,9 @@ def export_width(ckpt: Checkpoint, width: str, out: str | Path) -> Path:
     """Write width ``width`` of ``ckpt`` as a HF GPT-2 directory at ``out`` (atomically)."""
     transformers = _require_transformers()
     config = ckpt.config
+    if width in config.profiles:
+        raise ValueError(f"width {width!r} is a per-layer Mix'n'Match profile {config.profiles[width]}; a HF GPT-2 "
+                         f"has one n_inner for every layer, so only uniform widths export: {config.width_names}")
     if width not in config.widths:
         raise ValueError(f"unknown width {width!r}; known: {config.width_names}")
     size = config.widths[width]
@@ -147,13 +150,13 @@ def load_hf_causal_lm(path: str | Path, tokenizer: Tokenizer):
     return model
 
 
-def import_gpt2(path: str | Path, out: str | Path, widths: dict[str, int] | None = None,
-                name: str | None = None) -> Path:
-    """Turn a local HF GPT-2 directory into a matta checkpoint whose full width is its FFN.
+def gpt2_as_nested(path: str | Path, widths: dict[str, int] | None = None,
+                   name: str | None = None) -> tuple[NestedGPT, Tokenizer]:
+    """Load a local HF GPT-2 directory as an in-memory :class:`NestedGPT` (full width = its FFN) and tokenizer.
 
     ``widths`` defaults to 1/8, 1/4, 1/2 and all of the FFN (s, m, l, ta). The narrower widths
-    are only as good as the leading FFN units of the source: train with the ``matta`` recipe to
-    make them good.
+    are only as good as the leading FFN units of the source: reorder them (``matta elastify``)
+    or train with the ``matta`` recipe to make them good.
     """
     path = Path(path)
     hf_model = load_hf_gpt2(path)
@@ -193,5 +196,12 @@ def import_gpt2(path: str | Path, out: str | Path, widths: dict[str, int] | None
             block.mlp.fc_bias.copy_(src[p + "mlp.c_fc.bias"])
             block.mlp.proj_weight.copy_(src[p + "mlp.c_proj.weight"])
             block.mlp.proj_bias.copy_(src[p + "mlp.c_proj.bias"])
+    return model.eval(), tokenizer
+
+
+def import_gpt2(path: str | Path, out: str | Path, widths: dict[str, int] | None = None,
+                name: str | None = None) -> Path:
+    """Turn a local HF GPT-2 directory into a matta checkpoint whose full width is its FFN (see :func:`gpt2_as_nested`)."""
+    model, tokenizer = gpt2_as_nested(path, widths, name)
     training = {"recipe": "import", "source": {"path": str(path), "format": "hf-gpt2"}}
     return save_checkpoint(out, model, tokenizer, training)

@@ -39,7 +39,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
                                   measure_profile=needs_cost_model(settings), mixed=settings.forward == "mixed")
         latency = engine.latency
-        check_profile_widths(latency, ckpt.config.width_names, settings.profile)
+        check_profile_widths(latency, ckpt.config.served_widths, settings.profile)
         cost = cost_model(latency, settings)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device)
@@ -50,7 +50,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     backend = EngineBackend(engine, ckpt.tokenizer, cost, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",
-                             quality=width_quality(ckpt.training, ckpt.config.width_names, settings.quality_metric))
+                             quality=width_quality(ckpt.training, ckpt.config.served_widths, settings.quality_metric))
     app.state.checkpoint = ckpt
     app.state.engine = engine
     return app
@@ -73,7 +73,7 @@ def check_profile_widths(latency: LatencyModel | None, widths: list[str], source
 def load_or_measure_profile(settings: ServeSettings, model) -> LatencyModel | None:
     """The latency model for this server: the given profile, or one measured now when the policy
     or an experiment arm needs predictions (a few seconds on CPU), or None."""
-    widths = model.config.width_names
+    widths = model.config.served_widths  # Mix'n'Match profiles are operating points too
     if settings.profile is not None:
         latency = LatencyModel.load(settings.profile)
         check_profile_widths(latency, widths, settings.profile)

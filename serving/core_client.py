@@ -159,8 +159,8 @@ class EngineCoreClient:
     def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> RequestStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
         for name in (width, *params.widths):
-            if name not in self.config.widths:
-                raise ValueError(f"unknown width {name!r}; known: {self.config.width_names}")
+            if name not in self.config.served_widths:
+                raise ValueError(f"unknown width {name!r}; known: {self.config.served_widths}")
         if self._dead:
             raise EngineStoppedError("the engine core has died; the server cannot serve")
         if self._stopping:
@@ -189,7 +189,7 @@ class EngineCoreClient:
         """The core's last load snapshot, with requests sent since then counted as waiting: a burst
         must see its own earlier arrivals, not a snapshot one step old."""
         load = self._load
-        widths = self.config.width_names
+        widths = self.config.served_widths
         outstanding = dict.fromkeys(widths, 0)
         for _, width, n in list(self._streams.values()):
             outstanding[width] += n

@@ -235,11 +235,11 @@ class Engine:
         # joins is also the rows that will arrive while it runs (a burst reaches the engine one
         # request at a time, and the first to arrive must not take the widths the rest need).
         self._arrivals = ArrivalRate(ARRIVAL_WINDOW_S)
-        self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.width_names}
+        self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
         # Running rows by key: one group for every width (MIXED) or one per width.
         self._groups: dict[str, _Group] = {}
-        self._running_by_width = dict.fromkeys(self.config.width_names, 0)
-        self._waiting_by_width = dict.fromkeys(self.config.width_names, 0)
+        self._running_by_width = dict.fromkeys(self.config.served_widths, 0)
+        self._waiting_by_width = dict.fromkeys(self.config.served_widths, 0)
         self._ids = itertools.count()
         self._steps = self._finished = self._cancelled = 0
         self._stopping = False
@@ -297,8 +297,8 @@ class Engine:
         """Queue one sequence per prompt, all or none; ``emitter(index)`` is the callback that
         receives prompt ``index``'s events (on the scheduler thread). Errors as :meth:`submit`."""
         for name in (width, *params.widths):
-            if name not in self.config.widths:
-                raise ValueError(f"unknown width {name!r}; known: {self.config.width_names}")
+            if name not in self._running_by_width:
+                raise ValueError(f"unknown width {name!r}; known: {self.config.served_widths}")
         for prompt in prompts:
             if not prompt:
                 raise ValueError("prompt is empty")

@@ -69,7 +69,7 @@ class EngineBackend:
         config = engine.config
         self.engine, self.tokenizer, self.cost, self.retry_after_s = engine, tokenizer, cost, retry_after_s
         self.name = config.name
-        self.widths = config.width_names
+        self.widths = config.served_widths  # uniform widths and Mix'n'Match profiles, cheapest first
         self.max_model_len = config.n_ctx
         self.vocab_size = config.vocab_size
         self.dispatches_width = cost is not None  # it needs the cost model to choose

@@ -91,7 +91,7 @@ def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
     held_out = [(b, c) for b, c in HELD_OUT_DECODE if c <= n_ctx]
     generator = torch.Generator().manual_seed(seed)
     costs, samples, errors = {}, {}, {}
-    for width in widths or model.config.width_names:
+    for width in widths or model.config.served_widths:
         decode = [(b, c, _median_time(_decode_case(model, width, b, c, generator), repeats))
                   for b in batches for c in contexts]
         pre = [(b, p, _median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]

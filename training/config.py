@@ -78,6 +78,9 @@ class TrainConfig(_Strict):
     run_dir: Path | None = Field(None, description="metrics and resume state (default: runs/<out name>)")
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
+    init_from: Path | None = Field(None, description="start from this matta checkpoint's weights, architecture "
+                                   "and widths (e.g. one `matta elastify` wrote) instead of a random "
+                                   "`model:`; recipe 'matta' only")
     teacher: TeacherSpec | None = None
     loss: LossSpec = Field(default_factory=LossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -105,6 +108,12 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
+        if self.init_from is not None:
+            if self.recipe != "matta":
+                raise ValueError(f"init_from needs recipe 'matta', got {self.recipe!r}")
+            if "model" in self.model_fields_set:
+                raise ValueError("give `init_from:` or `model:`, not both: the architecture and widths come from "
+                                 f"the checkpoint {str(self.init_from)!r}")
         if self.recipe in ("matta", "kd") and self.teacher is None:
             raise ValueError(f"recipe {self.recipe!r} needs a `teacher:` section")
         if self.recipe in ("teacher", "student") and self.teacher is not None:
@@ -115,7 +124,7 @@ class TrainConfig(_Strict):
             raise ValueError(f"recipe {self.recipe!r} trains one Student-sized model: one width, got {self.model.widths}")
         if self.recipe == "matta" and len(self.model.widths) < 2:
             raise ValueError(f"recipe 'matta' needs a Student and a TA width, got {self.model.widths}")
-        if self.seq_len > self.model.n_ctx:
+        if self.init_from is None and self.seq_len > self.model.n_ctx:
             raise ValueError(f"seq_len {self.seq_len} exceeds model.n_ctx {self.model.n_ctx}")
         if self.teacher is not None and self.teacher.train is not None and self.teacher.train.recipe != "teacher":
             raise ValueError(f"teacher.train must use recipe 'teacher', got {self.teacher.train.recipe!r}")

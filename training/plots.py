@@ -15,7 +15,7 @@ def pareto_plot(result: dict, path: str | Path, title: str = "quality vs cost") 
     widths = result["widths"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, r in widths.items():
-        mix = name.startswith("mix:")
+        mix = not isinstance(r["ffn"], int)  # per-layer: a Mix'n'Match profile
         style = {"marker": "s" if mix else "o", "color": "tab:gray" if mix else "tab:blue"}
         axes[0].scatter(r["flops_per_token"], r["ppl"], **style)
         axes[0].annotate(name, (r["flops_per_token"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -24,7 +24,7 @@ def pareto_plot(result: dict, path: str | Path, title: str = "quality vs cost") 
             acc = r["cloze"]["acc"]
             axes[1].errorbar(r["flops_per_token"], acc, yerr=[[acc - low], [high - acc]], capsize=3, **style)
             axes[1].annotate(name, (r["flops_per_token"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    named = sorted((r["flops_per_token"], r["ppl"]) for n, r in widths.items() if not n.startswith("mix:"))
+    named = sorted((r["flops_per_token"], r["ppl"]) for r in widths.values() if isinstance(r["ffn"], int))
     axes[0].plot([f for f, _ in named], [p for _, p in named], color="tab:blue", alpha=0.5)
     axes[0].set(xlabel="FLOPs / token", ylabel="held-out perplexity (lower is better)", title="perplexity")
     axes[1].set(xlabel="FLOPs / token", ylabel="whole-word cloze accuracy (95% CI)", title="cloze")

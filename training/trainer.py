@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from matta.checkpoint import load_checkpoint, save_checkpoint
+from matta.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint, sha256_file
 from matta.config import ModelConfig
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
@@ -202,9 +202,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
     data = TokenData(cfg.data)
     tokenizer = data.tokenizer()
-    model_config = cfg.model.build(tokenizer.vocab_size, tokenizer.eos_id)
     torch.manual_seed(cfg.seed)
-    model = NestedGPT(model_config).to(device)
+    if cfg.init_from is not None:
+        model, init_description = init_model(cfg, tokenizer)
+        model_config = model.config
+        model.to(device)
+    else:
+        model_config = cfg.model.build(tokenizer.vocab_size, tokenizer.eos_id)
+        model, init_description = NestedGPT(model_config).to(device), None
     teacher = Teacher.load(cfg.teacher, tokenizer, device) if cfg.teacher is not None else None
     module: nn.Module = RecipeLoss(model, cfg)
     if info.world_size > 1:
@@ -303,7 +308,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         training = {
             "recipe": cfg.recipe, "config": json.loads(cfg.model_dump_json()),
             "data": {"path": str(cfg.data), **{k: data.meta[k] for k in ("source", "tokens", "documents")}},
-            "teacher": teacher.description if teacher else None,
+            "teacher": teacher.description if teacher else None, "init_from": init_description,
             "steps": cfg.steps, "tokens_seen": tokens_seen, "world_size": info.world_size,
             "train_seconds_this_run": train_seconds, "final_losses": history[-1] if history else None,
         }
@@ -314,6 +319,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if info.world_size > 1:
         dist.barrier()
     return cfg.out
+
+
+def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[NestedGPT, dict]:
+    """The model ``cfg.init_from`` holds (architecture, widths and weights), and its provenance."""
+    init = load_checkpoint(cfg.init_from)
+    if init.tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise ValueError(f"init_from {str(cfg.init_from)!r} uses a different tokenizer than the data {str(cfg.data)!r}")
+    if len(init.config.widths) < 2:
+        raise ValueError(f"init_from {str(cfg.init_from)!r} has one width {init.config.widths}; recipe 'matta' needs "
+                         f"a Student and a TA (run `matta elastify` on it first)")
+    if cfg.seq_len > init.config.n_ctx:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds init_from's n_ctx {init.config.n_ctx}")
+    return init.model.train(), {"path": str(cfg.init_from), "weights_sha256": sha256_file(cfg.init_from / WEIGHTS_FILE),
+                                "recipe": init.training.get("recipe")}
 
 
 def _to_tuple(value):
@@ -367,13 +386,14 @@ def evaluate_widths(model: NestedGPT, data: TokenData, tokenizer: Tokenizer, clo
     tokens = data.tokens(split)
     items = data.cloze(split)[:cloze_items]
     specs: dict[str, list[int] | str] = {name: name for name in config.width_names}
+    specs.update({name: name for name in config.profiles})
     if mix_n_match:
         specs.update(mix_n_match_profiles(config))
     results: dict[str, dict] = {}
     for label, spec in tqdm(specs.items(), desc="eval", disable=not progress):
         fn = width_logits_fn(model, spec)
         results[label] = {
-            "ffn": list(config.resolve_width(spec)) if isinstance(spec, list) else config.widths[spec],
+            "ffn": config.widths[spec] if isinstance(spec, str) and spec in config.widths else list(config.resolve_width(spec)),
             "ppl": perplexity(fn, tokens, config.n_ctx, device=device),
             "cloze": cloze_accuracy(fn, tokenizer, items, config.n_ctx, device=device) if items else None,
             "params": config.param_count(spec),
