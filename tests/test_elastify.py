@@ -192,7 +192,7 @@ def test_cli_commands_are_registered_with_help(command, option):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     helped = subprocess.run([sys.executable, "-m", "cli", command, "--help"], capture_output=True, text=True,
                             cwd=REPO)

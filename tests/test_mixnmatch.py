@@ -22,7 +22,7 @@ from matta.checkpoint import (
 from matta.config import ModelConfig
 from matta.hf import export_width
 from matta.model import NestedGPT
-from tests.conftest import SERVED_N_CTX, tiny_config
+from tests.helpers import SERVED_N_CTX, tiny_config
 from training.evaluate import perplexity, width_logits_fn
 from training.mixnmatch import (
     choose_profiles,
@@ -132,7 +132,7 @@ def test_pareto_front_and_choice_keep_the_ladder_monotone(config):
 
 @pytest.fixture(scope="module")
 def mixnmatch_checkpoint(tmp_path_factory, tokenizer):
-    from tests.test_serving_engine import sharpen
+    from tests.helpers import sharpen
 
     torch.manual_seed(0)
     model = NestedGPT(tiny_config(n_ctx=SERVED_N_CTX, profiles=PROFILES)).eval()
@@ -145,11 +145,12 @@ def mixnmatch_checkpoint(tmp_path_factory, tokenizer):
 
 
 def test_a_pinned_mixnmatch_id_is_listed_and_served_over_http(mixnmatch_checkpoint, tokenizer):
-    from serving.app import ServerSettings, build_app
-    from tests.test_serving_http import ServerThread
+    from benchmarks.harness import ServerThread
+    from serving.app import build_app
+    from serving.settings import ServeSettings
 
     model, path = mixnmatch_checkpoint
-    app = build_app(ServerSettings(checkpoint=path, max_batch=8, max_queue=16, device="cpu"))
+    app = build_app(ServeSettings(checkpoint=path, max_batch=8, max_queue=16, device="cpu"))
     with ServerThread(app) as server:
         ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
         assert ids == ["tiny", *(f"tiny:{w}" for w in ["s", "m", "mnm1", "l", "mnm2", "ta"])]
@@ -166,17 +167,18 @@ def test_a_pinned_mixnmatch_id_is_listed_and_served_over_http(mixnmatch_checkpoi
 
 
 def test_slo_policy_and_profile_get_the_profiles_as_operating_points(mixnmatch_checkpoint):
-    from serving.app import ServerSettings, build_app
+    from serving.app import build_app
     from serving.profile import profile_model
+    from serving.settings import ServeSettings
 
     model, path = mixnmatch_checkpoint
     latency = profile_model(model, batches=(1, 4), contexts=(8, 32), prefill=((1, 8), (2, 16)), repeats=1)
     assert set(latency.costs) == set(model.config.served_widths)
     profile_path = latency.save(path.parent / "latency.json")
-    app = build_app(ServerSettings(checkpoint=path, policy="slo", profile=profile_path, device="cpu"))
-    policy = app.state.service.policy
+    app = build_app(ServeSettings(checkpoint=path, policy="slo", profile=profile_path, device="cpu"))
+    policy = app.state.frontend.policy
     assert policy.widths == ["s", "m", "mnm1", "l", "mnm2", "ta"]
-    assert app.state.service.quality["mnm1"] == pytest.approx(0.03)
+    assert app.state.frontend.quality["mnm1"] == pytest.approx(0.03)
 
 
 def test_add_profiles_searches_writes_and_evaluates(tmp_path, corpus_dir):

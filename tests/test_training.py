@@ -260,7 +260,7 @@ def test_a_local_hf_gpt2_directory_can_be_the_teacher(tmp_path, corpus_dir):
     other = tmp_path / "other-vocab"
     transformers.GPT2LMHeadModel(hf_config).save_pretrained(other, safe_serialization=True)
     from matta.tokenizer import Tokenizer
-    from tests.conftest import SAMPLE_TEXT
+    from tests.helpers import SAMPLE_TEXT
 
     foreign = Tokenizer.train([SAMPLE_TEXT], vocab_size=300)
     transformers.PreTrainedTokenizerFast(tokenizer_object=foreign.backend, eos_token="<|endoftext|>").save_pretrained(other)
