@@ -281,10 +281,9 @@ def served_ladder(config: ModelConfig, evaluation: dict) -> list[dict]:
 
 def plot(result: dict, path: str | Path, title: str) -> Path:
     """Uniform widths against Mix'n'Match points on one Pareto plot (val ppl vs FLOPs), plus latency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from training.plots import save_figure  # sets the Agg backend
 
     points = result["points"]
     chosen = {tuple(p): n for n, p in result["chosen"].items()}
@@ -322,13 +321,7 @@ def plot(result: dict, path: str | Path, title: str) -> Path:
     for a in (ax, ax_l):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,11 @@ def pareto_plot(result: dict, path: str | Path, title: str = "quality vs cost") 
     axes[1].set(xlabel="FLOPs / token", ylabel="whole-word cloze accuracy (95% CI)", title="cloze")
     for ax in axes:
         ax.grid(alpha=0.3)
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str | Path, title: str) -> Path:
+    """Title, lay out, write (making the folder) and close a figure; its path."""
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
