@@ -131,7 +131,7 @@ class EngineStats:
     waiting_by_width: dict[str, int]
     max_batch: int
     max_queue: int
-    steps: int  # decode steps (one per width group) since start
+    steps: int  # decode forwards since start (one per step; one per width group with mixed=False)
     finished: int
     cancelled: int
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)  # width -> (rows, cache length)
@@ -246,10 +246,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.cost = cost
         self.latency = cost.model if cost is not None else None
-        # The 90th percentile of actual / predicted service time of recent sequences: the deadline
-        # check uses predictions scaled by it, so it errs towards refusing rather than serving late.
-        # Seconds of the recent scheduler iterations (EWMA): what a sequence started now will
-        # really pay per token, contention, width mix and all, which the model alone misses.
+        # Seconds of the recent decode steps (EWMA): what a sequence started now will really pay
+        # per token, contention and width mix included, which the model alone misses.
         self._iteration_s = 0.0
         # Written by the scheduler thread after every iteration (a reference swap), read by stats().
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -397,12 +395,9 @@ class Engine:
         self._abort(leftover + self._all_running())
 
     def _publish_shapes(self) -> None:
-        n_ctx = self.config.n_ctx
         self._shapes = {w: (n, int(g.mask.shape[1])) for g in self._groups.values()
                         for w, n in self._rows_by_width(g.seqs).items()}
-        self._remaining = tuple(sorted(
-            min(s.params.max_tokens - len(s.tokens), n_ctx - len(s.prompt) - len(s.tokens))
-            for g in self._groups.values() for s in g.seqs))
+        self._remaining = tuple(sorted(self._generable(s) for g in self._groups.values() for s in g.seqs))
 
     def _take_late_locked(self, now: float) -> list[_Sequence]:
         """Remove the waiting sequences that cannot finish by their deadline even if started now."""
@@ -421,13 +416,16 @@ class Engine:
     def _service_s(self, seq: _Sequence) -> float:
         """Predicted seconds from starting ``seq`` now to its last token: its prefill, then each
         token at the slower of the model's iteration time for the batch it joins and the measured
-        time of recent iterations (0 without a latency model: then only a passed deadline counts)."""
+        time of recent decode steps (0 without a latency model: then only a passed deadline counts)."""
         if self.cost is None:
             return 0.0
         width = seq.params.widths[0] if seq.params.widths else seq.width  # at dispatch it may go narrowest
-        # Priced as far as the context window lets it generate: max_tokens 10**12 is not 10**12 steps.
-        generable = max(0, min(seq.params.max_tokens, self.config.n_ctx - len(seq.prompt)))
-        return self.cost.service_s(width, 1, len(seq.prompt), generable, self._shapes, self._iteration_s)
+        return self.cost.service_s(width, 1, len(seq.prompt), self._generable(seq), self._shapes, self._iteration_s)
+
+    def _generable(self, seq: _Sequence) -> int:
+        """Tokens ``seq`` may still generate: ``max_tokens`` as far as the context window lets it go
+        (what every prediction prices: max_tokens 10**12 is not 10**12 steps)."""
+        return max(0, min(seq.params.max_tokens, self.config.n_ctx - len(seq.prompt)) - len(seq.tokens))
 
     def _admit_locked(self) -> list[_Sequence]:
         free = self.max_batch - sum(self._running_by_width.values())
@@ -472,7 +470,7 @@ class Engine:
         for seq in choosing:
             seq.width = seq.params.widths[0]
         narrowest = min((s.params.widths[0] for s in choosing), key=lambda w: self._ffn_size[w])
-        horizon = max(s.params.max_tokens for s in choosing) * latency.iteration_s(
+        horizon = max(self._generable(s) for s in choosing) * latency.iteration_s(
             {narrowest: (len(running) + len(admitted), 1)})
         expected = min(max(0, free), int(self._arrivals.rate(now) * horizon))
 
@@ -480,7 +478,7 @@ class Engine:
             shapes: dict[str, tuple[int, int]] = {}
             for s in running + admitted:
                 rows, context = shapes.get(s.width, (0, 0))
-                shapes[s.width] = (rows + 1, max(context, len(s.prompt) + len(s.tokens) + s.params.max_tokens // 2))
+                shapes[s.width] = (rows + 1, max(context, len(s.prompt) + len(s.tokens) + self._generable(s) // 2))
             per_token = latency.iteration_s(shapes)  # corrected by what iterations measure (its factor)
             if expected:  # rows that will arrive while these run, at the narrowest width
                 rows, context = shapes.get(narrowest, (0, 0))
@@ -489,13 +487,13 @@ class Engine:
             missed, ends = set(), []
             for s in running + admitted:
                 prefill = latency.prefill_s(s.width, len(s.prompt)) if not s.running else 0.0
-                end = now + prefill + max(0, s.params.max_tokens - len(s.tokens) - 1) * per_token
+                end = now + prefill + max(0, self._generable(s) - 1) * per_token
                 ends.append(end)
                 if end > _target(s):
                     missed.add(s.seq_id)
             for start, s in zip(sorted(ends), waiting, strict=False):
                 narrow = s.params.widths[0] if s.params.widths else s.width
-                if start + self.cost.service_s(narrow, 1, len(s.prompt), s.params.max_tokens, shapes) > _target(s):
+                if start + self.cost.service_s(narrow, 1, len(s.prompt), self._generable(s), shapes) > _target(s):
                     missed.add(s.seq_id)
             return missed
 
