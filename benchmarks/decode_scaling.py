@@ -4,7 +4,7 @@ The serving benchmark compares the measured Student/TA decode speed-up with the 
 (``ModelConfig.flops_per_token``). This benchmark asks *why* the two differ, by timing one
 ``NestedGPT`` decode step (batch x 1 token against a ``StaticKVCache`` of ``context`` tokens, as in
 the engine; no engine, no HTTP) for each width over a grid of batch sizes and context lengths,
-widths interleaved in rotating order (``serving_throughput.model_decode_step``), median of
+widths interleaved in rotating order (``benchmarks.harness.model_decode_step``), median of
 ``--repeats`` x 3 samples of ``--inner`` steps each.
 
 Per grid point and width it reports the step time, the FLOPs and the bytes a step must move:
