@@ -175,7 +175,9 @@ class Frontend:
                 else None
             route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, predicted, info, load,
                            policy=policy.name, request_id=request_id, **ab)
-            self.metrics.decisions.labels(policy.name, width, decision.reason).inc()
+            if not (decision.candidates and prompts.n_prompts == 1 and route.slo_s is not None):
+                # (a width left to dispatch is counted once the backend has chosen it, below)
+                self.metrics.decisions.labels(policy.name, width, decision.reason).inc()
             if decision.shed:
                 self.metrics.shed.labels(policy.name).inc()
                 self.metrics.observe_slo(policy.name, "shed")
@@ -211,8 +213,9 @@ class Frontend:
             # The width is known once the engine dispatched the request: wait for its first delta
             # (or the end of the request's deadline) so the response head can name it.
             first = await self._first_delta(events, started)
-            if first is not None and first[1].width is not None:
+            if first is not None and not isinstance(first, BaseException) and first[1].width is not None:
                 route = replace(route, width=first[1].width)
+            self.metrics.decisions.labels(policy.name, route.width, route.reason).inc()
             events = _chain(first, events)
         width = route.width
         headers = {WIDTH_HEADER: width, REQUEST_ID_HEADER: request_id}

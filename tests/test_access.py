@@ -364,7 +364,7 @@ def test_a_request_for_a_huge_response_is_a_400_naming_the_limit(checkpoint_512)
     _, path = checkpoint_512
     app = build_app(ServeSettings(checkpoint=path, device="cpu"))
     prompts = [[(7 * i + j) % 300 for j in range(256)] for i in range(200)]  # 200 prompts x 256 ids: ~280 KB
-    body = {"model": "tiny", "prompt": prompts, "max_tokens": 16, "echo": True, "logprobs": 20}
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 16, "echo": True, "logprobs": 20, "temperature": 0}
     with ServerThread(app) as server:
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "response_too_large", r.text
