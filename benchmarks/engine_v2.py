@@ -37,16 +37,12 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.harness import Server, machine_peaks, make_prompts, saturate, step_bytes, step_flops
+from benchmarks.harness import ENGINES, Server, machine_peaks, make_prompts, saturate, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import StaticKVCache
 from serving.profile import profile_model
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"old": ("--engine", "inproc", "--forward", "per_width"), "new": ("--engine", "process", "--forward", "mixed"),
-            # the two changes apart, to see what each buys (--variants old,new,inproc_mixed,...)
-            "inproc_mixed": ("--engine", "inproc", "--forward", "mixed"),
-            "process_per_width": ("--engine", "process", "--forward", "per_width")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server's engine")
-    p.add_argument("--variants", default="old,new", help=f"comma-separated, from {sorted(VARIANTS)}; the first "
+    p.add_argument("--variants", default="old,new", help=f"comma-separated, from {sorted(ENGINES)}; the first "
                                                           "is the reference of the ratios")
     p.add_argument("--skip-burst", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "engine_v2")
@@ -76,7 +72,7 @@ def capacity(args, ckpt, prompts, logs: Path) -> dict:
     for r in range(args.rounds):
         for variant in (variants if r % 2 == 0 else list(reversed(variants))):
             server = Server(args.checkpoint, args.threads, args.max_batch, logs / f"{variant}-{r}.log",
-                            VARIANTS[variant])
+                            ENGINES[variant])
             url = server.start()
             try:
                 asyncio.run(saturate(url, workloads["ta"], prompts, args.max_tokens, args.clients, 2.0))  # warm-up
@@ -142,7 +138,7 @@ def burst(args, ckpt, prompts, logs: Path, variant: str) -> dict:
     """48 concurrent requests, SLO = 4x the Student's solo latency, slo policy with shedding."""
     name, widths = ckpt.config.name, ckpt.config.width_names
     server = Server(args.checkpoint, args.threads, args.max_batch, logs / f"burst-{variant}.log",
-                    (*VARIANTS[variant], "--policy", "slo", "--shed"))
+                    (*ENGINES[variant], "--policy", "slo", "--shed"))
     url = server.start()
     try:
         body = {"model": f"{name}:{widths[0]}", "prompt": prompts[0], "max_tokens": args.max_tokens,

@@ -336,6 +336,29 @@ def make_trace(prompts: list[list[int]], rate_from: float, rate_to: float, durat
             trace.append((t, prompts[rng.randrange(len(prompts))]))
 
 
+def make_bursty_trace(prompts: list[list[int]], rate: float, cv2: float, duration: float,
+                      seed: int) -> list[tuple[float, list[int]]]:
+    """Gamma-distributed inter-arrival times with mean ``1/rate`` and squared coefficient of
+    variation ``cv2`` (1 is Poisson; 4 means arrivals clump into bursts separated by lulls)."""
+    rng = random.Random(seed)
+    shape = 1.0 / cv2
+    t, trace = 0.0, []
+    while True:
+        t += rng.gammavariate(shape, 1.0 / (rate * shape))
+        if t >= duration:
+            return trace
+        trace.append((t, prompts[rng.randrange(len(prompts))]))
+
+
+# How `matta serve` ran its engine before and after the engine-v2 issue, as CLI flags: *old* is the
+# engine on a thread of the server process, one forward per width group; *new* the engine core in
+# its own process, one forward across widths. The two changes apart show what each buys.
+ENGINES = {"old": ("--engine", "inproc", "--forward", "per_width"),
+           "new": ("--engine", "process", "--forward", "mixed"),
+           "inproc_mixed": ("--engine", "inproc", "--forward", "mixed"),
+           "process_per_width": ("--engine", "process", "--forward", "per_width")}
+
+
 def run_locust(host: str, users: int, spawn_rate: float, seconds: int, user_classes: list[str], prefix: Path,
                env: dict | None = None) -> None:
     """locust --headless with CSV output at ``prefix``; raises if locust fails to run."""

@@ -1,22 +1,27 @@
-"""Latency-aware routing under a load ramp: `slo` against the static policies on one arrival trace.
+"""Latency-aware routing under load: `slo` against the static policies, old and new engine, one run.
 
 Steps, all against real `matta serve` subprocesses on this machine:
-  1. profile the checkpoint (`matta profile`), which the `slo` server loads;
-  2. calibrate with `fixed:<TA>`: its saturated throughput (closed loop, max-batch clients) is the
-     rate R the TA sustains, and the SLO is `--slo-factor` x its median latency at that load;
-     the Student's saturated throughput, measured the same way, bounds what any width policy
-     can serve: per 5 s of the trace, at most the Student's capacity (the `attainable` bound);
-  3. draw one open-loop trace: Poisson arrivals whose rate ramps linearly from 0.5 R to 4 R over
-     `--duration` seconds (fixed seed), the same prompts and `max_tokens` for every policy;
-  4. replay the trace against `fixed:<TA>`, `fixed:<Student>`, `slo` and, as its ablation,
-     `slo:utilization=0` (the same policy without its load ceiling); each a fresh server.
+  1. profile the checkpoint (`matta profile`), which the `slo` servers load;
+  2. calibrate each engine (``--engines``, flags in ``benchmarks.harness.ENGINES``): the saturated
+     throughput (closed loop, max-batch clients) of `fixed:<TA>` and of `fixed:<Student>`. The first
+     engine's TA rate R sets the traces and the SLO (`--slo-factor` x its median latency there); the
+     Student's rate is what the server can serve at most, and (the best engine's) bounds what any
+     policy can serve: per 5 s of a trace, at most that many (the `attainable` bound);
+  3. draw the scenarios' open-loop traces (fixed seed, the same prompts and `max_tokens` everywhere):
+     - ramp: Poisson arrivals whose rate ramps linearly from 0.5 R to 4 R over `--duration` s;
+     - bursty: gamma inter-arrivals, CV^2 = 4, mean 1.2 R (within the Student's capacity on average);
+     - overload: Poisson at 10 R for `--overload-seconds` (only `slo --shed`: what it admits in time);
+  4. replay each trace against `fixed:<TA>`, `fixed:<Student>` and `slo` (optionally its ablation
+     `slo:utilization=0`), each a fresh server, for every engine.
 
-Per policy: SLO attainment (answers within the SLO / requests sent), p50/p99 latency, goodput,
-shed requests, width mix over time, effective quality (mean quality of the served width over
-answers within the SLO, 0 for late or refused ones; quality = the checkpoint's cloze accuracy),
-and the router's prediction error (actual / predicted latency). JSON + PNG.
+Per engine, scenario and policy: SLO attainment (answers within the SLO / requests sent), p50/p99
+latency of the served, goodput, shed requests, width mix over time, effective quality (mean quality
+of the served width over answers within the SLO, 0 for late or refused ones; quality = the
+checkpoint's cloze accuracy), the mean quality of the answers within the SLO, and the router's
+prediction error (actual / predicted latency). The client shares the machine's cores with the
+server. JSON + PNG.
 
-    python -m benchmarks.slo_router --duration 60
+    python -m benchmarks.slo_router --engines old,new --max-tokens 64 --prompt-tokens 32
 """
 
 from __future__ import annotations
@@ -33,16 +38,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.harness import Server, make_prompts, make_trace, open_loop, saturate
+from benchmarks.harness import ENGINES, Server, make_bursty_trace, make_prompts, make_trace, open_loop, saturate
 from matta.checkpoint import load_checkpoint
 from router.quality import width_quality
 
 RESULTS = Path(__file__).parent / "results"
 NO_CEILING = "slo:utilization=0"  # the slo policy without its load ceiling: per-request choice only
-
-
-def static_policies(policies: dict) -> list[str]:
-    return [n for n in policies if n.startswith("fixed:")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
-    p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--engines", default="new", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
+                                                  "rate sets the traces and the SLO")
+    p.add_argument("--scenarios", default="ramp,bursty,overload", help="comma-separated, from ramp, bursty, overload")
+    p.add_argument("--bursty-cv2", type=float, default=4.0, help="squared CV of the bursty trace's inter-arrivals")
+    p.add_argument("--bursty-rate", type=float, default=1.2, help="the bursty trace's mean rate, x the TA's")
+    p.add_argument("--overload", type=float, default=10.0, help="the overload trace's rate, x the TA's")
+    p.add_argument("--overload-seconds", type=float, default=20.0)
+    p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=False,
                    help="also replay `slo:utilization=0` (per-request choice without the load ceiling)")
     p.add_argument("--calibration-quantile", type=float, help="passed to the slo server (default: off)")
     p.add_argument("--seed", type=int, default=0)
@@ -114,6 +122,7 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
         "goodput_requests_per_s": len(met) / duration,
         "goodput_tokens_per_s": sum(r.get("tokens", 0) for r in met) / duration,
         "effective_quality": sum(quality[r["width"]] for r in met) / n if n else None,
+        "quality_of_met": sum(quality[r["width"]] for r in met) / len(met) if met else None,
         "width_mix": {w: sum(r["width"] == w for r in ok) / len(ok) for w in quality} if ok else {},
         "prediction_ratio_median": statistics.median(ratios) if ratios else None,
         "prediction_ratio_p10_p90": [float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))]
@@ -123,44 +132,104 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
 
 
 def plot(results: dict, path: Path) -> None:
+    """Top row: SLO attainment per scenario (policy groups, one bar per engine). Bottom row: the
+    `slo` policy's latencies over the ramp, one panel per engine, refusals in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policies = list(results["policies"])
-    widths = results["widths"]
+    scenarios = list(results["scenarios"])
+    engines = results["engines"]
     slo = results["slo_ms"] / 1000
-    fig, axes = plt.subplots(2, len(policies), figsize=(5 * len(policies), 7.5), sharex=True, squeeze=False)
-    for j, name in enumerate(policies):
-        records = results["policies"][name]["records"]
+    ncols = max(len(scenarios), len(engines))
+    fig, axes = plt.subplots(2, ncols, figsize=(5.5 * ncols, 8), squeeze=False)
+    for j, scenario in enumerate(scenarios):
         ax = axes[0][j]
+        runs = results["scenarios"][scenario]["engines"]
+        policies = list(next(iter(runs.values()))["policies"])
+        bar = 0.8 / len(engines)
+        for k, engine in enumerate(engines):
+            values = [100 * runs[engine]["policies"][p]["summary"]["slo_attainment"] for p in policies]
+            ax.bar([i - 0.4 + bar * (k + 0.5) for i in range(len(policies))], values, width=bar, label=engine)
+        ax.axhline(100 * results["scenarios"][scenario]["attainable_bound"], color="black", linestyle=":",
+                   label="attainable bound")
+        ax.set_xticks(range(len(policies)), policies)
+        ax.set(ylabel="% of requests within SLO", ylim=(0, 105), title=f"{scenario}: {results['scenarios'][scenario]['what']}")
+        ax.legend(fontsize=8)
+    for j in range(len(scenarios), ncols):
+        axes[0][j].axis("off")
+    ramp = results["scenarios"].get("ramp") or results["scenarios"][scenarios[0]]
+    for j, engine in enumerate(engines):
+        ax = axes[1][j]
+        records = ramp["engines"][engine]["policies"]["slo"]["records"]
         for status, color, label in ((200, "tab:blue", "served"), (429, "tab:red", "shed (429)")):
             pts = [r for r in records if r["status"] == status]
             ax.scatter([r["t"] for r in pts], [r["latency_s"] for r in pts], s=4, color=color, alpha=0.5, label=label)
         ax.axhline(slo, color="black", linestyle="--", label=f"SLO {results['slo_ms']:.0f} ms")
         ax.set_yscale("log")
-        s = results["policies"][name]["summary"]
-        ax.set_title(f"{name}: {100 * s['slo_attainment']:.1f}% within SLO, EQ {s['effective_quality']:.4f}")
-        ax.set_ylabel("latency (s)")
+        s = ramp["engines"][engine]["policies"]["slo"]["summary"]
+        ax.set(xlabel="time (s)", ylabel="latency (s)",
+               title=f"slo, {engine} engine: {100 * s['slo_attainment']:.1f}% within SLO, "
+                     f"goodput {s['goodput_requests_per_s']:.1f} req/s")
         ax.legend(loc="upper left", fontsize=8)
-        timeline = s["timeline"]
-        t = [b["t_mid"] for b in timeline]
-        bottom = np.zeros(len(t))
-        for w in widths:
-            share = np.array([b["width_mix"].get(w, 0.0) for b in timeline])
-            axes[1][j].bar(t, share, bottom=bottom, width=t[1] - t[0] if len(t) > 1 else 1, label=w)
-            bottom += share
-        axes[1][j].set(xlabel="time (s); offered load ramps " + "x -> ".join(f"{r:g}" for r in results["ramp"]) + "x",
-                       ylabel="width mix of served requests", ylim=(0, 1))
-        axes[1][j].legend(loc="lower left", fontsize=8)
+    for j in range(len(engines), ncols):
+        axes[1][j].axis("off")
+    fig.suptitle("slo_router (2 cores shared by the server and the load generator)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def calibrate(args, ckpt, prompts, work: Path, common: tuple, engine: str, width: str) -> dict:
+    """Saturated closed-loop throughput of ``fixed:<width>`` on ``engine`` (after a warm-up)."""
+    server = Server(args.checkpoint, args.threads, args.max_batch, work / f"calibrate_{engine}_{width}.log",
+                    extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"))
+    url = server.start()
+    try:
+        asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
+        return asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
+    finally:
+        server.stop()
+
+
+def verdict(results: dict) -> dict:
+    """Each engine's figures against the issue's targets (ratios; the booleans say whether met)."""
+    out = {}
+    slo_s = results["slo_ms"] / 1000
+    student = results["widths"][0]
+    for engine in results["engines"]:
+        capacity = results["capacity"][engine]["student"]["requests_per_s"]
+        mine = {"student_capacity_req_s": capacity}
+        scenarios = results["scenarios"]
+        if "ramp" in scenarios:
+            s = scenarios["ramp"]["engines"][engine]["policies"]["slo"]["summary"]
+            mine["ramp"] = {"slo_attainment": s["slo_attainment"],
+                            "goodput_over_student_capacity": s["goodput_requests_per_s"] / capacity,
+                            "share_of_attainable_bound": s["slo_attainment"] / scenarios["ramp"]["attainable_bound"],
+                            "admitted_p99_within_slo": s["p99_s"] is not None and s["p99_s"] <= slo_s}
+        if "bursty" in scenarios:
+            p = scenarios["bursty"]["engines"][engine]["policies"]
+            mine["bursty"] = {"slo_attainment": {n: v["summary"]["slo_attainment"] for n, v in p.items()},
+                              "slo_keeps_99_9pct": p["slo"]["summary"]["slo_attainment"] >= 0.999,
+                              "quality_of_met": {n: v["summary"]["quality_of_met"] for n, v in p.items()},
+                              "slo_quality_above_fixed_student": (p["slo"]["summary"]["quality_of_met"] or 0)
+                              > (p[f"fixed:{student}"]["summary"]["quality_of_met"] or 0)}
+        if "overload" in scenarios:
+            s = scenarios["overload"]["engines"][engine]["policies"]["slo"]["summary"]
+            mine["overload"] = {"admitted_goodput_over_capacity": s["goodput_requests_per_s"] / capacity,
+                                "admitted_p99_within_slo": s["p99_s"] is not None and s["p99_s"] <= slo_s}
+        out[engine] = mine
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    engines = args.engines.split(",")
+    scenarios = args.scenarios.split(",")
+    unknown = [e for e in engines if e not in ENGINES] + [s for s in scenarios if s not in ("ramp", "bursty", "overload")]
+    if unknown:
+        raise SystemExit(f"unknown engine or scenario: {unknown}")
     ckpt = load_checkpoint(args.checkpoint)
     widths = ckpt.config.width_names
     student, ta = widths[0], widths[-1]
@@ -175,76 +244,75 @@ def main(argv=None) -> int:
     profile = json.loads(profile_path.read_text())
     common = ("--max-queue", "100000", "--profile", str(profile_path))
 
-    print("calibrating with fixed:" + ta, flush=True)
-    server = Server(args.checkpoint, args.threads, args.max_batch, work / "calibrate.log",
-                    extra_args=(*common, "--policy", f"fixed:{ta}"))
-    url = server.start()
-    try:
-        asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))  # warm-up
-        capacity = asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
-    finally:
-        server.stop()
-    print("calibrating with fixed:" + student, flush=True)
-    server = Server(args.checkpoint, args.threads, args.max_batch, work / "calibrate_student.log",
-                    extra_args=(*common, "--policy", f"fixed:{student}"))
-    url = server.start()
-    try:
-        asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
-        student_capacity = asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
-    finally:
-        server.stop()
-    rate = capacity["requests_per_s"]
-    slo_ms = args.slo_ms or 1000 * args.slo_factor * capacity["p50_s"]
-    print(f"TA sustains {rate:.1f} req/s (p50 {1000 * capacity['p50_s']:.0f} ms), the Student "
-          f"{student_capacity['requests_per_s']:.1f} req/s; SLO {slo_ms:.0f} ms", flush=True)
-    trace = make_trace(prompts, args.ramp[0] * rate, args.ramp[1] * rate, args.duration, args.seed)
-    bound = attainable([t for t, _ in trace], student_capacity["requests_per_s"], args.duration)
-    policies = {f"fixed:{ta}": ("--policy", f"fixed:{ta}"), f"fixed:{student}": ("--policy", f"fixed:{student}"),
-                "slo": ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
-                        *(("--calibration-quantile", str(args.calibration_quantile))
-                          if args.calibration_quantile else ()))}
+    capacity = {}
+    for engine in engines:
+        print(f"calibrating the {engine} engine", flush=True)
+        capacity[engine] = {"ta": calibrate(args, ckpt, prompts, work, common, engine, ta),
+                            "student": calibrate(args, ckpt, prompts, work, common, engine, student)}
+        print(f"  {engine}: TA {capacity[engine]['ta']['requests_per_s']:.1f} req/s "
+              f"(p50 {1000 * capacity[engine]['ta']['p50_s']:.0f} ms), "
+              f"Student {capacity[engine]['student']['requests_per_s']:.1f} req/s", flush=True)
+    reference = capacity[engines[0]]["ta"]
+    rate = reference["requests_per_s"]
+    slo_ms = args.slo_ms or 1000 * args.slo_factor * reference["p50_s"]
+    print(f"R = {rate:.1f} req/s ({engines[0]} engine's TA); SLO {slo_ms:.0f} ms", flush=True)
+
+    slo_flags = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
+                 *(("--calibration-quantile", str(args.calibration_quantile)) if args.calibration_quantile else ()))
+    every_policy = {f"fixed:{ta}": ("--policy", f"fixed:{ta}"), f"fixed:{student}": ("--policy", f"fixed:{student}"),
+                    "slo": slo_flags}
     if args.ablate_ceiling:  # the same policy choosing per request only, on the same trace
-        policies[NO_CEILING] = ("--policy", NO_CEILING, *policies["slo"][2:])
+        every_policy[NO_CEILING] = ("--policy", NO_CEILING, *slo_flags[2:])
+    plans = {
+        "ramp": (f"Poisson {args.ramp[0]:g}R -> {args.ramp[1]:g}R", args.duration,
+                 make_trace(prompts, args.ramp[0] * rate, args.ramp[1] * rate, args.duration, args.seed),
+                 every_policy),
+        "bursty": (f"gamma CV^2={args.bursty_cv2:g}, mean {args.bursty_rate:g}R", args.duration,
+                   make_bursty_trace(prompts, args.bursty_rate * rate, args.bursty_cv2, args.duration, args.seed),
+                   every_policy),
+        "overload": (f"Poisson {args.overload:g}R", args.overload_seconds,
+                     make_trace(prompts, args.overload * rate, args.overload * rate, args.overload_seconds, args.seed),
+                     {"slo": slo_flags}),
+    }
+    best_student = max(c["student"]["requests_per_s"] for c in capacity.values())
     results = {"checkpoint": str(args.checkpoint), "widths": widths, "quality": quality, "threads": args.threads,
                "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prompts": prompt_info,
-               "duration_s": args.duration, "ramp": list(args.ramp), "ta_capacity": capacity,
-               "student_capacity": student_capacity, "attainable_bound": bound, "slo_ms": slo_ms,
-               "trace_requests": len(trace), "shed": args.shed,
-               "profile_error": profile["meta"]["relative_error"], "policies": {}}
-    for name, flags in policies.items():
-        print(f"replaying {len(trace)} requests against {name}", flush=True)
-        server = Server(args.checkpoint, args.threads, args.max_batch, work / f"{name.replace(':', '_')}.log",
-                        extra_args=(*common, *flags))
-        url = server.start()
-        try:
-            # A request still unanswered after --give-up x SLO counts as missed (status 0): a
-            # collapsing policy's backlog would otherwise take minutes to drain.
-            records = asyncio.run(replay(url, ckpt.name, trace, args.max_tokens, slo_ms,
-                                         timeout_s=max(5.0, args.give_up * slo_ms / 1000)))
-            metrics_text = httpx.get(url + "/metrics", timeout=30).text
-        finally:
-            server.stop()
-        summary = summarise(records, slo_ms / 1000, quality, args.duration, bins=12)
-        summary["server_metrics"] = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics_text.splitlines()
-                                     if line.startswith(("matta_effective_quality", "matta_slo_attainment_ratio",
-                                                         "matta_latency_correction_ratio"))}
-        results["policies"][name] = {"summary": summary, "records": records}
-        print(f"  {name}: {100 * summary['slo_attainment']:.1f}% within SLO, p99 {summary['p99_s']:.2f} s, "
-              f"shed {summary['shed']}, effective quality {summary['effective_quality']:.4f}, "
-              f"mix {summary['width_mix']}", flush=True)
-    base = results["policies"]
-    results["verdict"] = {
-        "slo_attainment": {n: p["summary"]["slo_attainment"] for n, p in base.items()},
-        "slo_keeps_99pct": base["slo"]["summary"]["slo_attainment"] >= 0.99,
-        "attainable_bound": bound,
-        "slo_share_of_bound": base["slo"]["summary"]["slo_attainment"] / bound,
-        "slo_effective_quality_above_both_static": all(
-            base["slo"]["summary"]["effective_quality"] > base[n]["summary"]["effective_quality"]
-            for n in static_policies(base)),
-        "effective_quality_ratio_vs": {n: base["slo"]["summary"]["effective_quality"]
-                                       / max(1e-12, p["summary"]["effective_quality"])
-                                       for n, p in base.items() if n in static_policies(base)},
-    }
+               "engines": engines, "engine_flags": {e: list(ENGINES[e]) for e in engines}, "capacity": capacity,
+               "rate_R": rate, "slo_ms": slo_ms, "shed": args.shed, "ramp": list(args.ramp),
+               "profile_error": profile["meta"]["relative_error"], "scenarios": {}}
+    for scenario in scenarios:
+        what, duration, trace, policies = plans[scenario]
+        arrivals = [t for t, _ in trace]
+        entry = results["scenarios"][scenario] = {
+            "what": what, "duration_s": duration, "requests": len(trace),
+            "attainable_bound": attainable(arrivals, best_student, duration), "engines": {}}
+        for engine in engines:
+            runs = entry["engines"][engine] = {"policies": {}}
+            for name, flags in policies.items():
+                print(f"{scenario}: replaying {len(trace)} requests against {name} on the {engine} engine", flush=True)
+                log = work / f"{scenario}_{engine}_{name.replace(':', '_')}.log"
+                server = Server(args.checkpoint, args.threads, args.max_batch, log,
+                                extra_args=(*ENGINES[engine], *common, *flags))
+                url = server.start()
+                try:
+                    # A request still unanswered after --give-up x SLO counts as missed (status 0): a
+                    # collapsing policy's backlog would otherwise take minutes to drain.
+                    records = asyncio.run(replay(url, ckpt.name, trace, args.max_tokens, slo_ms,
+                                                 timeout_s=max(5.0, args.give_up * slo_ms / 1000)))
+                    metrics_text = httpx.get(url + "/metrics", timeout=30).text
+                finally:
+                    server.stop()
+                summary = summarise(records, slo_ms / 1000, quality, duration, bins=12)
+                summary["server_metrics"] = {
+                    line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics_text.splitlines()
+                    if line.startswith(("matta_effective_quality", "matta_slo_attainment_ratio",
+                                        "matta_latency_correction_ratio"))}
+                runs["policies"][name] = {"summary": summary, "records": records}
+                p99 = f"{summary['p99_s']:.2f} s" if summary["p99_s"] is not None else "-"
+                print(f"  {100 * summary['slo_attainment']:.1f}% within SLO, goodput "
+                      f"{summary['goodput_requests_per_s']:.1f} req/s, p99 {p99}, shed {summary['shed']}, "
+                      f"mix {summary['width_mix']}", flush=True)
+    results["verdict"] = verdict(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))
