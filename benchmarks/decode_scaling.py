@@ -38,21 +38,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import machine_peaks, model_decode_step, step_bytes, step_flops
+from benchmarks.harness import gpt2_small_shape, machine_peaks, model_decode_step, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-from matta.config import ModelConfig
 from matta.model import NestedGPT
 
 SHAPES = ("shipped", "gpt2-small")
-
-
-def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
-    """A random-weight elastic model of GPT-2 small's shape, with four nested FFN widths."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=vocab_size, n_ctx=1024, d_model=768, n_layer=12, n_head=12,
-                         widths={"s": 384, "m": 768, "l": 1536, "ta": 3072}, eos_token_id=eos_token_id,
-                         name="gpt2-small-shape")
-    return NestedGPT(config).eval()
 
 
 def roofline_ms(flops: int, nbytes: int, peaks: dict) -> float:

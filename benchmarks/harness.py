@@ -2,10 +2,14 @@
 
 - :class:`Server`: ``matta serve`` as a subprocess (its own process, as users run it); :class:`Route`:
   ``matta route CONFIG`` the same way;
-  :class:`ServerThread`: any front-end app under uvicorn in a background thread;
+  :class:`ServerThread`: any front-end app under uvicorn in a background thread; :class:`VLLMServer`:
+  vLLM's CPU build serving an export (its own virtualenv, :data:`VLLM_VENV`); :data:`ENGINES`: the
+  engine variants of ``matta serve`` as flags;
 - load: :func:`open_loop` (raw-socket open-loop client, on a schedule from :func:`make_trace`),
   :func:`saturate` (closed loop), :func:`load_test` (headless locust and its report);
 - :func:`make_prompts` (prompt windows whose greedy continuation has no early end-of-text),
+  :func:`make_trace` / :func:`make_bursty_trace` (Poisson ramp / gamma arrivals),
+  :func:`gpt2_small_shape` (a random elastic model of GPT-2 small's shape),
   :func:`model_decode_step` (bare decode-step timing), :func:`metric` (Prometheus text).
 
 Benchmarks run from the repo root as modules (``python -m benchmarks.slo_router``); tests import
@@ -34,8 +38,10 @@ import numpy as np
 import torch
 import uvicorn
 
+from deploy.vllm.launch import vllm_command, vllm_env
 from matta.checkpoint import Checkpoint
-from matta.model import StaticKVCache
+from matta.config import ModelConfig
+from matta.model import NestedGPT, StaticKVCache
 from serving.server import uvicorn_config
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -198,6 +204,62 @@ class Route(Server):
         self.exit_code = None
 
 
+# vLLM's CPU build lives in its own virtualenv (deploy/vllm/setup_venv.sh).
+VLLM_VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm"))
+VLLM_START_TIMEOUT_S = 300  # 30-50 s on 2 busy cores: imports, engine and worker processes, model load
+
+
+class VLLMServer:
+    """vLLM's OpenAI server for one export, as a subprocess in its own process group."""
+
+    def __init__(self, model_dir: Path, served_model_name: str, log_path: Path, threads: int = 1,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = vllm_command(model_dir, served_model_name, self.port, venv=VLLM_VENV, extra_args=extra_args)
+        self.threads = threads
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.start_s = 0.0
+
+    def start(self) -> str:
+        started = time.monotonic()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=vllm_env(threads=self.threads), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = started + VLLM_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    self.start_s = time.monotonic() - started
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vLLM not healthy after {VLLM_START_TIMEOUT_S} s; log:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (vLLM shuts its engine and worker down), then SIGKILL the group if anything is left."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
 def terminate(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
     """SIGTERM a process (servers drain on it), SIGKILL it if it has not exited within ``timeout_s``;
     its exit code."""
@@ -212,6 +274,15 @@ def terminate(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 
 @torch.inference_mode()
+def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
+    """A random-weight elastic model of GPT-2 small's shape, with four nested FFN widths."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab_size, n_ctx=1024, d_model=768, n_layer=12, n_head=12,
+                         widths={"s": 384, "m": 768, "l": 1536, "ta": 3072}, eos_token_id=eos_token_id,
+                         name="gpt2-small-shape")
+    return NestedGPT(config).eval()
+
+
 def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10) -> dict:
     """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
 
@@ -300,6 +371,7 @@ async def saturate(url: str, model: str | list[str], prompts: list[list[int]], m
     With a list of model ids, client j asks for ``model[j % len(model)]`` (e.g. a 50/50 width mix)."""
     models = [model] if isinstance(model, str) else list(model)
     latencies: list[float] = []
+    tokens: list[int] = []
     deadline = time.monotonic() + seconds
 
     async def client_loop(j: int, client: httpx.AsyncClient) -> None:
@@ -311,13 +383,15 @@ async def saturate(url: str, model: str | list[str], prompts: list[list[int]], m
             r = await client.post(f"{url}/v1/completions", json=body)
             r.raise_for_status()
             latencies.append(time.monotonic() - sent)
+            tokens.append(r.json()["usage"]["completion_tokens"])
             k += 1
 
     async with httpx.AsyncClient(timeout=120) as client:
         start = time.monotonic()
         await asyncio.gather(*[client_loop(j, client) for j in range(clients)])
         elapsed = time.monotonic() - start
-    return {"requests_per_s": len(latencies) / elapsed, "p50_s": statistics.median(latencies),
+    return {"requests_per_s": len(latencies) / elapsed, "tokens_per_s": sum(tokens) / elapsed,
+            "p50_s": statistics.median(latencies),
             "p99_s": float(np.percentile(latencies, 99)), "requests": len(latencies)}
 
 

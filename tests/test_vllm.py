@@ -7,16 +7,11 @@ deploy/vllm/setup_venv.sh creates; without it they are skipped.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from benchmarks.harness import ServerThread, free_port
+from benchmarks.harness import VLLM_VENV, ServerThread, VLLMServer
 from deploy.vllm.launch import check_export, vllm_command, vllm_env
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width
@@ -24,63 +19,12 @@ from serving.route import build_route_app
 from serving.settings import RouteSettings
 from tests.helpers import REPO
 
-VLLM_VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm"))
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "default"
 PROMPT = "ROMEO.\nWhat light"
 MAX_TOKENS = 16
-VLLM_START_TIMEOUT_S = 300  # 30-50 s on 2 busy cores: imports, engine and worker processes, model load
 
 requires_vllm = pytest.mark.skipif(not (VLLM_VENV / "bin" / "vllm").is_file(),
                                    reason=f"no vLLM in {VLLM_VENV}: create it with deploy/vllm/setup_venv.sh")
-
-
-class VLLMServer:
-    """vLLM's OpenAI server for one export, as a subprocess in its own process group."""
-
-    def __init__(self, model_dir: Path, served_model_name: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = vllm_command(model_dir, served_model_name, self.port, venv=VLLM_VENV)
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.start_s = 0.0
-
-    def start(self) -> str:
-        started = time.monotonic()
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=vllm_env(threads=1), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = started + VLLM_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; log:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    self.start_s = time.monotonic() - started
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vLLM not healthy after {VLLM_START_TIMEOUT_S} s; log:\n{self.log_tail()}")
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (vLLM shuts its engine and worker down), then SIGKILL the group if anything is left."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
 
 
 @pytest.fixture(scope="module")
