@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
 from router.cost import EngineCostModel
-from router.slo import ArrivalRate
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -231,10 +230,6 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self.mixed = mixed
-        # Arrivals per second (sequences), a short-memory estimate: at dispatch, the batch a request
-        # joins is also the rows that will arrive while it runs (a burst reaches the engine one
-        # request at a time, and the first to arrive must not take the widths the rest need).
-        self._arrivals = ArrivalRate(ARRIVAL_WINDOW_S)
         self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
         # Running rows by key: one group for every width (MIXED) or one per width.
         self._groups: dict[str, _Group] = {}
@@ -317,7 +312,6 @@ class Engine:
                 )
             self._waiting.extend(seqs)
             self._waiting_by_width[width] += len(seqs)
-            self._arrivals.arrive(now, len(seqs))
             self._cond.notify_all()
         return seqs
 
@@ -371,12 +365,15 @@ class Engine:
                 try:
                     started = time.perf_counter()
                     self._drop_cancelled()
-                    self._prefill(admitted)
+                    predicted_prefill = self._prefill(admitted)
                     decoding = time.perf_counter()
                     predicted = self._decode()
                     if self.latency is not None and predicted > 0:
                         done = time.perf_counter()
-                        self.latency.observe_iteration(done - started, predicted)
+                        # Against the prediction of the prefills too: a burst's prefills are priced
+                        # (prefill_s), and counting them as slow decode steps made every waiting
+                        # request look late (48 at once: 41 refused, the served done in half the SLO).
+                        self.latency.observe_iteration(done - started, predicted + predicted_prefill)
                         # What a token costs now is the decode step: a burst's prefills are a one-off,
                         # and counting them made every waiting request look late (and shed).
                         self._iteration_s += 0.3 * (done - decoding - self._iteration_s)
@@ -456,8 +453,9 @@ class Engine:
         Every sequence admitted now with a choice of widths starts at its narrowest; then, earliest
         deadline first, each is widened one step at a time while every deadline stays met: the
         running sequences' and the admitted ones' (prefill, then their remaining tokens at the
-        joined batch's iteration time), and the next waiting ones' (each starts when a running row
-        ends, then runs at its narrowest width). When some deadline is missed even with everything
+        joined batch's iteration time, with the batch's free slots filled by narrowest rows), and
+        the next waiting ones' (each starts when a running row ends, then runs at its narrowest
+        width). When some deadline is missed even with everything
         at the narrowest, the server is overloaded and nothing is widened: the queue drains fastest
         at the narrowest widths.
         """
@@ -470,9 +468,12 @@ class Engine:
         for seq in choosing:
             seq.width = seq.params.widths[0]
         narrowest = min((s.params.widths[0] for s in choosing), key=lambda w: self._ffn_size[w])
-        horizon = max(self._generable(s) for s in choosing) * latency.iteration_s(
-            {narrowest: (len(running) + len(admitted), 1)})
-        expected = min(max(0, free), int(self._arrivals.rate(now) * horizon))
+        # The batch may fill up while these run: a width is only spent if every deadline still holds
+        # with the free slots taken by narrowest rows. A burst reaches the engine a few requests per
+        # step, and no estimate of the arrival rate sees it coming: the first requests of a burst
+        # widened on an empty batch made the whole batch slow, and the rest of the burst was refused
+        # (48 at once, SLO 4x the Student's solo latency: 9 served at the TA, 34 refused).
+        expected = max(0, free)
 
         def misses() -> set[int]:
             shapes: dict[str, tuple[int, int]] = {}
@@ -537,9 +538,11 @@ class Engine:
                         self._release(s)
                 self._keep_rows(group, keep)
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Run the prompts of newly admitted sequences (one left-padded batch per width); sample token 1."""
+    def _prefill(self, admitted: list[_Sequence]) -> float:
+        """Run the prompts of newly admitted sequences (one left-padded batch per width); sample token 1.
+        Returns the latency model's prediction for these prefills (0 without a model)."""
         by_width: dict[str, list[_Sequence]] = {}
+        predicted = 0.0
         now = time.monotonic()
         for seq in admitted:
             if seq.cancelled:
@@ -579,6 +582,7 @@ class Engine:
             next_ids = self._sample_and_emit(live, out.logits.index_select(0, index)[:, -1],
                                              [prompt_lp[i] for i in rows])
             if self.latency is not None:
+                predicted += self.latency.prefill_s(width, ids.numel())
                 self.latency.observe_prefill(width, ids.numel(), time.perf_counter() - started)
             cache = StaticKVCache.from_list(
                 [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values],
@@ -587,6 +591,7 @@ class Engine:
             self._drop_finished(group, registered=False)
             if group.seqs:
                 self._merge(group)
+        return predicted
 
     def _decode(self) -> float:
         """One decode step per group (one for all widths when mixed): feed each row's last token,
@@ -791,7 +796,6 @@ def _target(seq: _Sequence) -> float:
     return p.deadline if p.deadline is not None else p.slo_deadline if p.slo_deadline is not None else float("inf")
 
 
-ARRIVAL_WINDOW_S = 0.25  # time constant of the engine's arrival-rate estimate (short: bursts are short)
 MIXED = "*"  # the key of the one group of every width, when the engine decodes mixed widths together
 
 # Temperatures below this decode greedily, as vLLM does: logits / 1e-300 overflows to inf and NaN.

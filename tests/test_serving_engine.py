@@ -345,3 +345,8 @@ def test_the_width_is_chosen_at_dispatch_spending_the_batchs_slack(model, tokeni
     sizes = [model.config.widths[w] for w in widths]
     assert sizes[0] > model.config.widths["s"] and sorted(sizes, reverse=True) == sizes, widths
     assert _dispatched(engine(), [(("s", "m"), 10.0), (("ta",), 10.0)], now) == ["m", "ta"]  # within its candidates
+    # A lone request spends only the slack that a full batch would leave it: alone it could run at
+    # the TA (19 steps of 5 ms), but with the 7 free slots taken by Student rows a step costs
+    # 1 + 7 + 4 = 12 ms (0.23 s), at l 11 ms (0.21 s), at m 10 ms (0.19 s): a burst's first request
+    # does not take the width that the rest of the burst needs.
+    assert _dispatched(engine(), [(all_widths, 0.2)], now) == ["m"]
