@@ -183,12 +183,44 @@ class Server:
         self.stop()
         raise RuntimeError(f"matta {self.cmd[3]} never became healthy")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by the server process (``api``: HTTP, tokenization, policy) and by
+        its child processes (``engine_core``: the engine-core process; 0 with ``--engine inproc``)."""
+        children = sum(cpu_seconds(pid) for pid in descendants(self.proc.pid))
+        return {"api": cpu_seconds(self.proc.pid), "engine_core": children}
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful drain), then kill if it does not exit; returns the exit code."""
         if self.proc is not None:
             self.exit_code = terminate(self.proc, timeout_s)
             self._log.close()
         return self.exit_code
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child, rest = stat.read_text().split(" ", 1)
+            parents.setdefault(int(rest.rsplit(")", 1)[1].split()[1]), []).append(int(child))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 class Route(Server):

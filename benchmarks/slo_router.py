@@ -33,6 +33,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -295,14 +296,19 @@ def main(argv=None) -> int:
                                 extra_args=(*ENGINES[engine], *common, *flags))
                 url = server.start()
                 try:
+                    cpu_before, client_before, wall_before = server.cpu_seconds(), time.process_time(), time.monotonic()
                     # A request still unanswered after --give-up x SLO counts as missed (status 0): a
                     # collapsing policy's backlog would otherwise take minutes to drain.
                     records = asyncio.run(replay(url, ckpt.name, trace, args.max_tokens, slo_ms,
                                                  timeout_s=max(5.0, args.give_up * slo_ms / 1000)))
+                    wall = time.monotonic() - wall_before
+                    cpu = {k: (v - cpu_before[k]) / wall for k, v in server.cpu_seconds().items()}
+                    cpu["client"] = (time.process_time() - client_before) / wall
                     metrics_text = httpx.get(url + "/metrics", timeout=30).text
                 finally:
                     server.stop()
                 summary = summarise(records, slo_ms / 1000, quality, duration, bins=12)
+                summary["cpu_cores"] = cpu  # mean cores busy per process over the replay (2 on this machine)
                 summary["server_metrics"] = {
                     line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics_text.splitlines()
                     if line.startswith(("matta_effective_quality", "matta_slo_attainment_ratio",
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
                 p99 = f"{summary['p99_s']:.2f} s" if summary["p99_s"] is not None else "-"
                 print(f"  {100 * summary['slo_attainment']:.1f}% within SLO, goodput "
                       f"{summary['goodput_requests_per_s']:.1f} req/s, p99 {p99}, shed {summary['shed']}, "
-                      f"mix {summary['width_mix']}", flush=True)
+                      f"mix {summary['width_mix']}, cores busy {({k: round(v, 2) for k, v in cpu.items()})}", flush=True)
     results["verdict"] = verdict(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
