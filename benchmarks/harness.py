@@ -361,6 +361,8 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
         request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
                    f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
         try:
+            # How late the client itself sends (its event loop shares the cores with the server).
+            lag = time.monotonic() - due
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(request)
             raw = await asyncio.wait_for(reader.read(), timeout_s)
@@ -373,7 +375,8 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
         lines = head.decode("latin-1").split("\r\n")
         headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
         status = int(lines[0].split()[1]) if lines[0] else 0
-        out = {"t": due - start, "status": status, "latency_s": done - due, "width": headers.get("x-matta-width"),
+        out = {"t": due - start, "status": status, "latency_s": done - due, "send_lag_s": lag,
+               "width": headers.get("x-matta-width"),
                "retry_after": headers.get("retry-after"),
                "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
                else None}

@@ -125,6 +125,8 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
         "effective_quality": sum(quality[r["width"]] for r in met) / n if n else None,
         "quality_of_met": sum(quality[r["width"]] for r in met) / len(met) if met else None,
         "width_mix": {w: sum(r["width"] == w for r in ok) / len(ok) for w in quality} if ok else {},
+        "send_lag_p99_s": float(np.percentile([r.get("send_lag_s", 0.0) for r in records], 99)) if records else None,
+        "late_after_send_lag": sum(r["latency_s"] > slo_s >= r["latency_s"] - r.get("send_lag_s", 0.0) for r in ok),
         "prediction_ratio_median": statistics.median(ratios) if ratios else None,
         "prediction_ratio_p10_p90": [float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))]
         if ratios else None,
