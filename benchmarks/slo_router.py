@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slo-factor", type=float, default=2.0,
                    help="SLO = this x the TA's median latency at its sustainable rate")
     p.add_argument("--slo-ms", type=float, help="use this SLO instead of calibrating one")
+    p.add_argument("--rate", type=float, help="use this R (req/s) for the traces instead of the first engine's TA "
+                                              "rate (to replay an earlier run's traces)")
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
@@ -256,9 +258,10 @@ def main(argv=None) -> int:
               f"(p50 {1000 * capacity[engine]['ta']['p50_s']:.0f} ms), "
               f"Student {capacity[engine]['student']['requests_per_s']:.1f} req/s", flush=True)
     reference = capacity[engines[0]]["ta"]
-    rate = reference["requests_per_s"]
+    rate = args.rate or reference["requests_per_s"]
     slo_ms = args.slo_ms or 1000 * args.slo_factor * reference["p50_s"]
-    print(f"R = {rate:.1f} req/s ({engines[0]} engine's TA); SLO {slo_ms:.0f} ms", flush=True)
+    print(f"R = {rate:.1f} req/s ({'given' if args.rate else engines[0] + ' engine' + chr(39) + 's TA'}); "
+          f"SLO {slo_ms:.0f} ms", flush=True)
 
     slo_flags = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
                  *(("--calibration-quantile", str(args.calibration_quantile)) if args.calibration_quantile else ()))
