@@ -217,6 +217,11 @@ def cmd_profile(args) -> int:
         print(f"{width:>6} {1000 * cost.decode_s(1, 64):>13.2f} ms {1000 * cost.decode_s(32, 160):>15.2f} ms "
               f"{1000 * cost.prefill_s(256):>13.2f} ms {err['fit_median']:>16.1%} "
               f"{(f'{held:.1%}' if held is not None else '-'):>13}")
+    mixed = latency.meta["relative_error"].get("mixed_steps")
+    if mixed:
+        held = mixed["held_out_median"]
+        print(f"a step over several widths: {mixed['factor']:.2f}x the sum of its parts (held-out error "
+              f"{f'{held:.1%}' if held is not None else '-'})")
     print(f"wrote {out} ({latency.meta['torch_threads']} torch threads, {latency.meta['device']})")
     return 0
 

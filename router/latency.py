@@ -68,6 +68,9 @@ class LatencyModel:
     costs: dict[str, WidthCost]
     alpha: float = 0.05
     meta: dict = field(default_factory=dict)
+    # A step over rows of several widths, measured by the profile over the sum-of-parts prediction
+    # below: the nested FFN's blocks cost per-block slicing and launches that no one-width step has.
+    mixed_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.costs:
@@ -103,7 +106,7 @@ class LatencyModel:
         fixed = max(self.costs[w].decode_base * self._decode[w].value for w in present)
         rows = sum((self.costs[w].decode_s(b, c) - self.costs[w].decode_base) * self._decode[w].value
                    for w, (b, c) in present.items())
-        return max(0.0, fixed + rows)
+        return max(0.0, fixed + rows) * (self.mixed_factor if len(present) > 1 else 1.0)
 
     def iteration_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
         """Predicted seconds of one scheduler iteration running ``groups`` {width: (batch, context)}."""
@@ -149,7 +152,7 @@ class LatencyModel:
     # --- persistence ----------------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        return {"format": PROFILE_FORMAT, "meta": self.meta, "alpha": self.alpha,
+        return {"format": PROFILE_FORMAT, "meta": self.meta, "alpha": self.alpha, "mixed_factor": self.mixed_factor,
                 "widths": {w: asdict(c) for w, c in self.costs.items()}}
 
     def save(self, path: str | Path) -> Path:
@@ -168,7 +171,11 @@ class LatencyModel:
             costs = {w: WidthCost(**{k: float(v) for k, v in c.items()}) for w, c in data["widths"].items()}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{source}: malformed width costs ({exc})") from exc
-        return cls(costs, alpha=float(data.get("alpha", 0.05)), meta=dict(data.get("meta", {})))
+        mixed = data.get("mixed_factor", 1.0)  # profiles written before it was measured: none
+        if not isinstance(mixed, int | float) or not 0 < mixed < 100:
+            raise ValueError(f"{source}: mixed_factor must be a positive number, got {mixed!r}")
+        return cls(costs, alpha=float(data.get("alpha", 0.05)), meta=dict(data.get("meta", {})),
+                   mixed_factor=float(mixed))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:

@@ -25,6 +25,11 @@ DEFAULT_BATCHES = (1, 4, 16, 32)
 DEFAULT_CONTEXTS = (16, 64, 160)
 DEFAULT_PREFILL = ((1, 16), (1, 64), (4, 32), (8, 64), (1, 160))  # (batch, prompt length)
 HELD_OUT_DECODE = ((2, 32), (8, 100), (24, 48))  # (batch, context) not in the grid
+# Mixed-width decode steps (batch, context): half narrowest and half widest rows, and every width
+# in turn. The median of measured/predicted over the first is the profile's mixed_factor; the
+# held-out ones report its error.
+MIXED_DECODE = ((8, 64), (32, 64), (32, 160))
+HELD_OUT_MIXED = ((16, 100), (24, 48))
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -55,6 +60,33 @@ def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generat
         out.logits[:, -1].float().argmax(dim=-1).tolist()
 
     return step
+
+
+def _mixed_case(model: NestedGPT, row_widths: list[str], context: int, generator: torch.Generator):
+    """One decode step over rows of several widths, rows widest first as the engine keeps them."""
+    size = {w: sum(model.config.resolve_width(w)) for w in row_widths}
+    row_widths = sorted(row_widths, key=lambda w: -size[w])
+    batch, vocab, device = len(row_widths), model.config.vocab_size, _device(model)
+    ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(device)
+    mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
+    cache = StaticKVCache.from_list(
+        model(ids, row_widths=row_widths, attention_mask=mask, use_cache=True).past_key_values, capacity=context)
+    step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
+
+    def step():
+        cache.length = context - 1
+        full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+        out = model(step_ids, row_widths=row_widths, attention_mask=full, past_key_values=cache, use_cache=True)
+        out.logits[:, -1].float().argmax(dim=-1).tolist()
+
+    return step
+
+
+def _mixes(widths: Sequence[str], batch: int) -> list[list[str]]:
+    """Row widths of the mixed cases: half narrowest/half widest, and every width in turn."""
+    half = [widths[-1]] * (batch // 2) + [widths[0]] * (batch - batch // 2)
+    every = [widths[i % len(widths)] for i in range(batch)]
+    return [half] if len(widths) == 2 else [half, every]
 
 
 def _prefill_case(model: NestedGPT, width: str, batch: int, length: int, generator: torch.Generator):
@@ -109,10 +141,32 @@ def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
                          "held_out_max": max(held_err) if held_err else None}
         samples[width] = {"decode": [list(x) for x in decode], "prefill": [list(x) for x in pre],
                           "held_out_decode": [list(x) for x in held]}
-    meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
-            "machine": platform.machine(), "processor": platform.processor(), "model": model.config.name,
-            "created_unix": time.time(), "relative_error": errors, "samples": samples}
-    return LatencyModel(costs, meta=meta)
+    latency = LatencyModel(costs)
+    uniform = [w for w in model.config.width_names if w in costs]
+    if len(uniform) > 1:
+        def ratios(cases):
+            out = []
+            for b, c in cases:
+                for rows in _mixes(uniform, b):
+                    measured = _median_time(_mixed_case(model, rows, c, generator), repeats)
+                    groups = {w: (rows.count(w), c) for w in set(rows)}
+                    out.append((b, c, measured, measured / latency.step_s(groups)))
+            return out
+
+        fitted_cases = [(b, c) for b, c in MIXED_DECODE if c <= n_ctx] or [(max(batches), max(contexts))]
+        fitted, held = ratios(fitted_cases), ratios([(b, c) for b, c in HELD_OUT_MIXED if c <= n_ctx])
+        latency.mixed_factor = statistics.median(r for *_, r in fitted)
+        errors["mixed_steps"] = {"factor": latency.mixed_factor,
+                           "fit_median": statistics.median(abs(r / latency.mixed_factor - 1) for *_, r in fitted),
+                           "held_out_median": statistics.median(abs(r / latency.mixed_factor - 1) for *_, r in held)
+                           if held else None,
+                           "held_out_max": max((abs(r / latency.mixed_factor - 1) for *_, r in held), default=None)}
+        samples["mixed_steps"] = {"decode": [list(x) for x in fitted], "held_out_decode": [list(x) for x in held]}
+    latency.meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(),
+                    "torch": str(torch.__version__), "machine": platform.machine(),
+                    "processor": platform.processor(), "model": model.config.name, "created_unix": time.time(),
+                    "relative_error": errors, "samples": samples}
+    return latency
 
 
 def _device(model: NestedGPT) -> torch.device:

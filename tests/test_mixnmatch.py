@@ -174,6 +174,9 @@ def test_slo_policy_and_profile_get_the_profiles_as_operating_points(mixnmatch_c
     model, path = mixnmatch_checkpoint
     latency = profile_model(model, batches=(1, 4), contexts=(8, 32), prefill=((1, 8), (2, 16)), repeats=1)
     assert set(latency.costs) == set(model.config.served_widths)
+    # Mixed-width steps measured against their sum-of-parts prediction (uniform widths only).
+    mixed = latency.meta["relative_error"]["mixed_steps"]
+    assert latency.mixed_factor == mixed["factor"] > 0 and mixed["fit_median"] >= 0
     profile_path = latency.save(path.parent / "latency.json")
     app = build_app(ServeSettings(checkpoint=path, policy="slo", profile=profile_path, device="cpu"))
     policy = app.state.frontend.policy

@@ -220,7 +220,12 @@ def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
     m = model()
     path = m.save(tmp_path / "profile.json")
     again = LatencyModel.load(path)
-    assert again.costs == m.costs
+    assert again.costs == m.costs and again.mixed_factor == 1.0
+    m.mixed_factor = 1.17
+    assert LatencyModel.load(m.save(tmp_path / "mixed.json")).mixed_factor == 1.17
+    (tmp_path / "negative.json").write_text(json.dumps({**m.to_json(), "mixed_factor": -1}))
+    with pytest.raises(ValueError, match="mixed_factor"):
+        LatencyModel.load(tmp_path / "negative.json")
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a matta latency profile"):
         LatencyModel.load(tmp_path / "bad.json")
@@ -295,3 +300,7 @@ def test_a_mixed_width_step_pays_the_fixed_cost_of_a_forward_once():
     mixed = m.step_s({"s": (8, 100), "ta": (8, 100)})
     assert mixed == pytest.approx(s_only + ta_only - 0.004)
     assert m.iteration_s({"s": (8, 100), "ta": (0, 0)}) == pytest.approx(s_only)
+    # What the profile measured a mixed step to cost over that sum scales mixed steps only.
+    m.mixed_factor = 1.2
+    assert m.step_s({"s": (8, 100), "ta": (8, 100)}) == pytest.approx(1.2 * mixed)
+    assert m.step_s({"s": (8, 100)}) == pytest.approx(s_only)
