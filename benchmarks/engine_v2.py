@@ -131,7 +131,9 @@ def mixed_step(ckpt, batch: int, context: int, repeats: int = 30) -> dict:
             "measured_ms": {k: 1e3 * v for k, v in measured.items()},
             "predicted_ms": {k: 1e3 * v for k, v in predicted.items()},
             "measured_over_predicted": {k: measured[k] / predicted[k] for k in measured},
-            "mixed_over_per_width": measured["mixed"] / measured["per_width"]}
+            "mixed_over_per_width": measured["mixed"] / measured["per_width"],
+            # The profile's own mixed-step calibration: its factor and its error on held-out mixes.
+            "profile_mixed_steps": latency.meta["relative_error"].get("mixed_steps")}
 
 
 def burst(args, ckpt, prompts, logs: Path, variant: str) -> dict:
