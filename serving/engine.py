@@ -365,15 +365,12 @@ class Engine:
                 try:
                     started = time.perf_counter()
                     self._drop_cancelled()
-                    predicted_prefill = self._prefill(admitted)
+                    self._prefill(admitted)
                     decoding = time.perf_counter()
                     predicted = self._decode()
                     if self.latency is not None and predicted > 0:
                         done = time.perf_counter()
-                        # Against the prediction of the prefills too: a burst's prefills are priced
-                        # (prefill_s), and counting them as slow decode steps made every waiting
-                        # request look late (48 at once: 41 refused, the served done in half the SLO).
-                        self.latency.observe_iteration(done - started, predicted + predicted_prefill)
+                        self.latency.observe_iteration(done - started, predicted)
                         # What a token costs now is the decode step: a burst's prefills are a one-off,
                         # and counting them made every waiting request look late (and shed).
                         self._iteration_s += 0.3 * (done - decoding - self._iteration_s)
@@ -538,11 +535,9 @@ class Engine:
                         self._release(s)
                 self._keep_rows(group, keep)
 
-    def _prefill(self, admitted: list[_Sequence]) -> float:
-        """Run the prompts of newly admitted sequences (one left-padded batch per width); sample token 1.
-        Returns the latency model's prediction for these prefills (0 without a model)."""
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Run the prompts of newly admitted sequences (one left-padded batch per width); sample token 1."""
         by_width: dict[str, list[_Sequence]] = {}
-        predicted = 0.0
         now = time.monotonic()
         for seq in admitted:
             if seq.cancelled:
@@ -582,7 +577,6 @@ class Engine:
             next_ids = self._sample_and_emit(live, out.logits.index_select(0, index)[:, -1],
                                              [prompt_lp[i] for i in rows])
             if self.latency is not None:
-                predicted += self.latency.prefill_s(width, ids.numel())
                 self.latency.observe_prefill(width, ids.numel(), time.perf_counter() - started)
             cache = StaticKVCache.from_list(
                 [(k.index_select(0, index), v.index_select(0, index)) for k, v in out.past_key_values],
@@ -591,7 +585,6 @@ class Engine:
             self._drop_finished(group, registered=False)
             if group.seqs:
                 self._merge(group)
-        return predicted
 
     def _decode(self) -> float:
         """One decode step per group (one for all widths when mixed): feed each row's last token,
