@@ -43,11 +43,24 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generator: torch.Generator):
+    return _step_case(model, {"width": width}, batch, context, generator)
+
+
+def _mixed_case(model: NestedGPT, row_widths: list[str], context: int, generator: torch.Generator):
+    """One decode step over rows of several widths, rows widest first as the engine keeps them."""
+    size = {w: sum(model.config.resolve_width(w)) for w in row_widths}
+    rows = sorted(row_widths, key=lambda w: -size[w])
+    return _step_case(model, {"row_widths": rows}, len(rows), context, generator)
+
+
+def _step_case(model: NestedGPT, widths: dict, batch: int, context: int, generator: torch.Generator):
+    """A decode step of ``batch`` rows at ``context`` tokens; ``widths`` is the forward's width
+    argument (``width=`` for every row, or ``row_widths=`` one per row)."""
     vocab = model.config.vocab_size
     device = _device(model)
     ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(device)
     mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
-    cache = StaticKVCache.from_list(model(ids, width=width, attention_mask=mask, use_cache=True).past_key_values,
+    cache = StaticKVCache.from_list(model(ids, attention_mask=mask, use_cache=True, **widths).past_key_values,
                                     capacity=context)
     step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
 
@@ -56,27 +69,7 @@ def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generat
         # into the preallocated cache, the next token is picked. Rewind so every run is alike.
         cache.length = context - 1
         full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-        out = model(step_ids, width=width, attention_mask=full, past_key_values=cache, use_cache=True)
-        out.logits[:, -1].float().argmax(dim=-1).tolist()
-
-    return step
-
-
-def _mixed_case(model: NestedGPT, row_widths: list[str], context: int, generator: torch.Generator):
-    """One decode step over rows of several widths, rows widest first as the engine keeps them."""
-    size = {w: sum(model.config.resolve_width(w)) for w in row_widths}
-    row_widths = sorted(row_widths, key=lambda w: -size[w])
-    batch, vocab, device = len(row_widths), model.config.vocab_size, _device(model)
-    ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(device)
-    mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
-    cache = StaticKVCache.from_list(
-        model(ids, row_widths=row_widths, attention_mask=mask, use_cache=True).past_key_values, capacity=context)
-    step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
-
-    def step():
-        cache.length = context - 1
-        full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-        out = model(step_ids, row_widths=row_widths, attention_mask=full, past_key_values=cache, use_cache=True)
+        out = model(step_ids, attention_mask=full, past_key_values=cache, use_cache=True, **widths)
         out.logits[:, -1].float().argmax(dim=-1).tolist()
 
     return step
