@@ -1,8 +1,8 @@
 """Eager against `torch.compile`d decode steps, per width and batch, in one run (issue 20's first figure).
 
 For the shipped checkpoint, each width in ``--widths`` and each batch in ``--batches`` at one
-context: the decode step the engine runs (one token per row against a ``StaticKVCache``, as
-``serving.profile`` times it) eager, then compiled with inductor for that exact shape
+context: the decode step the engine runs (``serving.profile.decode_step_case``: one token per row
+against a ``StaticKVCache``, next token picked) eager, then compiled with inductor for that exact shape
 (``dynamic=False``: one graph per width x batch). Reported per point: the compile time of the
 shape, the median step time of each, compiled/eager, each against the step's roofline (its FLOPs at
 the measured sgemm rate or its bytes at the measured read bandwidth, whichever is larger; the same
@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import machine_peaks, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-from matta.model import StaticKVCache
+from serving.profile import decode_step_case, median_time
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,34 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "compiled_decode")
     return p.parse_args(argv)
-
-
-def decode_step(model, width: str, batch: int, context: int):
-    """The engine's decode step for ``batch`` rows at ``context`` tokens; call it with a model."""
-    config = model.config
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, config.vocab_size, (batch, context - 1), generator=gen)
-    mask = torch.ones(batch, context - 1, dtype=torch.long)
-    cache = StaticKVCache.from_list(model(ids, width=width, attention_mask=mask, use_cache=True).past_key_values,
-                                    capacity=context)
-    step_ids = torch.randint(0, config.vocab_size, (batch, 1), generator=gen)
-    full = torch.ones(batch, context, dtype=torch.long)
-
-    def step(m):
-        cache.length = context - 1  # rewind: every run writes the same slot
-        return m(step_ids, width=width, attention_mask=full, past_key_values=cache, use_cache=True).logits
-
-    return step
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def eager_op_count(model, step) -> dict:
@@ -98,14 +70,14 @@ def main(argv=None) -> int:
     points = []
     for width in widths:
         for batch in args.batches:
-            step = decode_step(model, width, batch, args.context)
+            step = decode_step_case(model, {"width": width}, batch, args.context, torch.Generator().manual_seed(batch))
             reference = step(model)
             compiled = torch.compile(model, dynamic=False)
             started = time.perf_counter()
             out = step(compiled)
             compile_s = time.perf_counter() - started
-            eager_ms = median_ms(lambda: step(model), args.repeats)  # noqa: B023 (called now)
-            compiled_ms = median_ms(lambda: step(compiled), args.repeats)  # noqa: B023
+            eager_ms = 1e3 * median_time(partial(step, model), args.repeats)
+            compiled_ms = 1e3 * median_time(partial(step, compiled), args.repeats)
             flops = step_flops(config, width, batch, args.context)
             moved = sum(step_bytes(config, width, batch, args.context).values())
             roof_ms = 1e3 * max(flops / (peaks["sgemm_gflops"] * 1e9), moved / (peaks["read_gb_per_s"] * 1e9))
@@ -126,7 +98,7 @@ def main(argv=None) -> int:
                        "ta_over_student_roofline": p[ta]["roofline_ms"] / p[s]["roofline_ms"]})
     results = {"checkpoint": str(args.checkpoint), "threads": args.threads, "torch": torch.__version__,
                "peaks": peaks, "points": points, "student_ta": ratios,
-               "eager_ops": eager_op_count(model, decode_step(model, s, 1, args.context))}
+               "eager_ops": eager_op_count(model, decode_step_case(model, {"width": s}, 1, args.context, torch.Generator()))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))

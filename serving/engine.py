@@ -452,9 +452,8 @@ class Engine:
         running sequences' and the admitted ones' (prefill, then their remaining tokens at the
         joined batch's iteration time, with the batch's free slots filled by narrowest rows), and
         the next waiting ones' (each starts when a running row ends, then runs at its narrowest
-        width). When some deadline is missed even with everything
-        at the narrowest, the server is overloaded and nothing is widened: the queue drains fastest
-        at the narrowest widths.
+        width). When some deadline is missed even with everything at the narrowest, the server is
+        overloaded and nothing is widened: the queue drains fastest at the narrowest widths.
         """
         latency = self.cost.model
         running = [s for g in self._groups.values() for s in g.seqs]

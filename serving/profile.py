@@ -32,7 +32,8 @@ MIXED_DECODE = ((8, 64), (32, 64), (32, 160))
 HELD_OUT_MIXED = ((16, 100), (24, 48))
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()  # warm-up: allocator, thread pool, first-call paths
     times = []
     for _ in range(repeats):
@@ -43,19 +44,21 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _decode_case(model: NestedGPT, width: str, batch: int, context: int, generator: torch.Generator):
-    return _step_case(model, {"width": width}, batch, context, generator)
+    return decode_step_case(model, {"width": width}, batch, context, generator)
 
 
 def _mixed_case(model: NestedGPT, row_widths: list[str], context: int, generator: torch.Generator):
     """One decode step over rows of several widths, rows widest first as the engine keeps them."""
     size = {w: sum(model.config.resolve_width(w)) for w in row_widths}
     rows = sorted(row_widths, key=lambda w: -size[w])
-    return _step_case(model, {"row_widths": rows}, len(rows), context, generator)
+    return decode_step_case(model, {"row_widths": rows}, len(rows), context, generator)
 
 
-def _step_case(model: NestedGPT, widths: dict, batch: int, context: int, generator: torch.Generator):
-    """A decode step of ``batch`` rows at ``context`` tokens; ``widths`` is the forward's width
-    argument (``width=`` for every row, or ``row_widths=`` one per row)."""
+def decode_step_case(model: NestedGPT, widths: dict, batch: int, context: int, generator: torch.Generator):
+    """The engine's decode step for ``batch`` rows at ``context`` tokens, as a function to time:
+    ``step(m=model)`` runs it on ``m`` (the same model, or a compiled wrapper of it) and returns the
+    logits. ``widths`` is the forward's width argument (``{"width": w}`` for every row, or
+    ``{"row_widths": [...]}`` one per row)."""
     vocab = model.config.vocab_size
     device = _device(model)
     ids = torch.randint(0, vocab, (batch, context - 1), generator=generator).to(device)
@@ -64,13 +67,14 @@ def _step_case(model: NestedGPT, widths: dict, batch: int, context: int, generat
                                     capacity=context)
     step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
 
-    def step():
+    def step(m=model) -> torch.Tensor:
         # What Engine._decode does per group: the mask grows by a column, the step is written
         # into the preallocated cache, the next token is picked. Rewind so every run is alike.
         cache.length = context - 1
         full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-        out = model(step_ids, attention_mask=full, past_key_values=cache, use_cache=True, **widths)
+        out = m(step_ids, attention_mask=full, past_key_values=cache, use_cache=True, **widths)
         out.logits[:, -1].float().argmax(dim=-1).tolist()
+        return out.logits
 
     return step
 
@@ -117,15 +121,15 @@ def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
     generator = torch.Generator().manual_seed(seed)
     costs, samples, errors = {}, {}, {}
     for width in widths or model.config.served_widths:
-        decode = [(b, c, _median_time(_decode_case(model, width, b, c, generator), repeats))
+        decode = [(b, c, median_time(_decode_case(model, width, b, c, generator), repeats))
                   for b in batches for c in contexts]
-        pre = [(b, p, _median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]
+        pre = [(b, p, median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]
         d = _fit_relative(np.array([[1.0, b, b * c] for b, c, _ in decode]), np.array([t for *_, t in decode]))
         f = _fit_relative(np.array([[1.0, b * p] for b, p, _ in pre]), np.array([t for *_, t in pre]))
         cost = WidthCost(decode_base=float(d[0]), decode_per_row=float(d[1]), decode_per_row_token=float(d[2]),
                          prefill_base=float(f[0]), prefill_per_token=float(f[1]))
         costs[width] = cost
-        held = [(b, c, _median_time(_decode_case(model, width, b, c, generator), repeats)) for b, c in held_out]
+        held = [(b, c, median_time(_decode_case(model, width, b, c, generator), repeats)) for b, c in held_out]
         fit_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in decode], [t for *_, t in decode])
         fit_err += _relative_errors([cost.prefill_s(b * p) for b, p, _ in pre], [t for *_, t in pre])
         held_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in held], [t for *_, t in held])
@@ -141,19 +145,19 @@ def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
             out = []
             for b, c in cases:
                 for rows in _mixes(uniform, b):
-                    measured = _median_time(_mixed_case(model, rows, c, generator), repeats)
+                    measured = median_time(_mixed_case(model, rows, c, generator), repeats)
                     groups = {w: (rows.count(w), c) for w in set(rows)}
                     out.append((b, c, measured, measured / latency.step_s(groups)))
             return out
 
         fitted_cases = [(b, c) for b, c in MIXED_DECODE if c <= n_ctx] or [(max(batches), max(contexts))]
         fitted, held = ratios(fitted_cases), ratios([(b, c) for b, c in HELD_OUT_MIXED if c <= n_ctx])
-        latency.mixed_factor = statistics.median(r for *_, r in fitted)
-        errors["mixed_steps"] = {"factor": latency.mixed_factor,
-                           "fit_median": statistics.median(abs(r / latency.mixed_factor - 1) for *_, r in fitted),
-                           "held_out_median": statistics.median(abs(r / latency.mixed_factor - 1) for *_, r in held)
-                           if held else None,
-                           "held_out_max": max((abs(r / latency.mixed_factor - 1) for *_, r in held), default=None)}
+        latency.mixed_factor = factor = statistics.median(r for *_, r in fitted)
+        fit_err = [abs(r / factor - 1) for *_, r in fitted]
+        held_err = [abs(r / factor - 1) for *_, r in held]
+        errors["mixed_steps"] = {"factor": factor, "fit_median": statistics.median(fit_err),
+                                 "held_out_median": statistics.median(held_err) if held_err else None,
+                                 "held_out_max": max(held_err, default=None)}
         samples["mixed_steps"] = {"decode": [list(x) for x in fitted], "held_out_decode": [list(x) for x in held]}
     latency.meta = {"device": str(_device(model)), "torch_threads": torch.get_num_threads(),
                     "torch": str(torch.__version__), "machine": platform.machine(),
