@@ -16,6 +16,12 @@ reports per point the FLOP rate each width achieves. Measured speed-up over the 
 is the figure the serving issue sets a goal for (>= 0.9). A roofline prediction sits beside it:
 per width, max(FLOPs / sgemm peak, bytes / read bandwidth) with the peaks measured in this run.
 
+Eager and compiled steps in the same run (``--steps eager compiled``): the compiled step is the
+engine's (``serving.compiled.DecodeSteps`` with ``require``: one compiled step per signature with
+dynamic batch and context), timed interleaved with the eager one; per point, each against its
+roofline (the issue's target: >= 0.7 at batch >= 4), and the Student/TA step ratio of each against
+the roofline ratio (target >= 0.9 of it).
+
 Two shapes in the same run: the shipped checkpoint (d_model 128, 4 layers) and a GPT-2-small
 shaped elastic model (``gpt2-small``: d_model 768, 12 layers, head_dim 64, FFN 3072 with
 widths 384 / 768 / 1536 / 3072, the shipped tokenizer's 2,048-token vocabulary, random
@@ -34,6 +40,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +48,7 @@ import torch
 from benchmarks.harness import gpt2_small_shape, machine_peaks, model_decode_step, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import NestedGPT
+from serving.compiled import DecodeSteps
 
 SHAPES = ("shipped", "gpt2-small")
 
@@ -55,18 +63,33 @@ def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -
     config = model.config
     widths = args.widths or list(config.widths)
     student, ta = widths[0], widths[-1]
+    steps = {"eager": DecodeSteps(model)}
+    if "compiled" in args.steps:
+        started = time.perf_counter()
+        steps["compiled"] = DecodeSteps(model, "require", max_batch=max(args.batches), cache_dir=args.compile_cache,
+                                        rows=[[w, w] for w in widths[:1]] + [[w] for w in widths[:1]])
+        print(f"{label}: compiled steps ready in {time.perf_counter() - started:.0f} s", flush=True)
     points = []
     for batch in args.batches:
         for context in args.contexts:
-            timing = model_decode_step(model, widths, batch, context, args.repeats, inner=args.inner)
-            point: dict = {"batch": batch, "context": context, "widths": {}}
+            timing = model_decode_step(model, widths, batch, context, args.repeats, inner=args.inner, steps=steps)
+            point: dict = {"batch": batch, "context": context, "widths": {}, "compiled": {}}
             for w in widths:
-                ms = timing[w]["median_step_ms"]
                 flops = step_flops(config, w, batch, context)
                 nbytes = step_bytes(config, w, batch, context)
-                point["widths"][w] = {"median_step_ms": ms, "step_ms": timing[w]["step_ms"], "flops": flops,
-                                      "bytes": nbytes, "achieved_gflops": flops / ms / 1e6,
-                                      "roofline_ms": roofline_ms(flops, sum(nbytes.values()), peaks)}
+                roof = roofline_ms(flops, sum(nbytes.values()), peaks)
+                ms = timing["eager"][w]["median_step_ms"]
+                point["widths"][w] = {"median_step_ms": ms, "step_ms": timing["eager"][w]["step_ms"], "flops": flops,
+                                      "bytes": nbytes, "achieved_gflops": flops / ms / 1e6, "roofline_ms": roof,
+                                      "efficiency": roof / ms}
+                if "compiled" in timing:
+                    cms = timing["compiled"][w]["median_step_ms"]
+                    point["compiled"][w] = {"median_step_ms": cms, "step_ms": timing["compiled"][w]["step_ms"],
+                                            "achieved_gflops": flops / cms / 1e6, "efficiency": roof / cms,
+                                            "over_eager": cms / ms}
+            if point["compiled"]:
+                cs, ct = point["compiled"][student], point["compiled"][ta]
+                point["compiled_speedup"] = ct["median_step_ms"] / cs["median_step_ms"]
             ws, wt = point["widths"][student], point["widths"][ta]
             predicted = wt["flops"] / ws["flops"]
             roofline = wt["roofline_ms"] / ws["roofline_ms"]
@@ -74,11 +97,18 @@ def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -
             point.update(predicted_speedup_flops=predicted, predicted_speedup_roofline=roofline,
                          measured_speedup=measured, measured_over_predicted=measured / predicted,
                          measured_over_roofline=measured / roofline)
+            if point["compiled"]:
+                point["compiled_speedup_over_roofline"] = point["compiled_speedup"] / roofline
             points.append(point)
             print(f"{label} batch {batch:4d} context {context:4d}: " + "  ".join(
                 f"{w} {point['widths'][w]['median_step_ms']:.2f} ms" for w in widths)
                 + f"  speed-up {measured:.2f}x of {predicted:.2f}x FLOPs ({measured / predicted:.2f}), "
-                  f"{roofline:.2f}x roofline ({measured / roofline:.2f})", flush=True)
+                  f"{roofline:.2f}x roofline ({measured / roofline:.2f})" + ("" if not point["compiled"] else
+                  "  compiled: " + "  ".join(f"{w} {point['compiled'][w]['median_step_ms']:.2f} ms "
+                                             f"(eff {point['compiled'][w]['efficiency']:.2f} vs "
+                                             f"{point['widths'][w]['efficiency']:.2f})" for w in widths)
+                  + f", speed-up {point['compiled_speedup']:.2f}x ({point['compiled_speedup_over_roofline']:.2f} "
+                    f"of roofline)"), flush=True)
     best = max(points, key=lambda p: p["measured_over_predicted"])
     return {
         "model": {"name": config.name, "d_model": config.d_model, "n_layer": config.n_layer,
@@ -88,7 +118,29 @@ def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -
                     "best_at": {"batch": best["batch"], "context": best["context"]},
                     "median_measured_over_predicted": statistics.median(p["measured_over_predicted"] for p in points),
                     "median_measured_over_roofline": statistics.median(p["measured_over_roofline"] for p in points),
-                    "goal_0.9_met_anywhere": best["measured_over_predicted"] >= 0.9},
+                    "goal_0.9_met_anywhere": best["measured_over_predicted"] >= 0.9,
+                    **compiled_summary(points, widths)},
+    }
+
+
+def compiled_summary(points: list[dict], widths: list[str]) -> dict:
+    """Issue 20's targets over the grid: efficiency (roofline / measured) >= 0.7 at batch >= 4, and the
+    compiled Student/TA step ratio >= 0.9 of the roofline ratio."""
+    if not points or not points[0]["compiled"]:
+        return {}
+    big = [p for p in points if p["batch"] >= 4]
+    return {
+        "compiled_median_efficiency_batch_ge_4": {w: statistics.median(p["compiled"][w]["efficiency"] for p in big)
+                                                  for w in widths},
+        "eager_median_efficiency_batch_ge_4": {w: statistics.median(p["widths"][w]["efficiency"] for p in big)
+                                               for w in widths},
+        "compiled_points_at_0.7_batch_ge_4": {w: f"{sum(p['compiled'][w]['efficiency'] >= 0.7 for p in big)}/"
+                                                 f"{len(big)}" for w in widths},
+        "compiled_median_over_eager": {w: statistics.median(p["compiled"][w]["over_eager"] for p in points)
+                                       for w in widths},
+        "compiled_median_speedup_over_roofline": statistics.median(p["compiled_speedup_over_roofline"]
+                                                                   for p in points),
+        "eager_median_speedup_over_roofline": statistics.median(p["measured_over_roofline"] for p in points),
     }
 
 
@@ -115,15 +167,21 @@ def markdown(results: dict) -> str:
         s, ta, model = shape["student"], shape["ta"], shape["model"]
         lines += [f"\n{label}: d_model {model['d_model']}, {model['n_layer']} layers, widths {model['widths']}\n",
                   f"| batch | context | {s} step ms | {ta} step ms | speed-up measured | FLOP-predicted | ratio "
-                  f"| roofline-predicted | ratio | {s} GFLOP/s | {ta} GFLOP/s | KV MB per step |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| roofline-predicted | ratio | {s} GFLOP/s | {ta} GFLOP/s | KV MB per step "
+                  f"| {s} compiled ms (eff.) | {ta} compiled ms (eff.) | compiled speed-up (/ roofline) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for p in shape["points"]:
             ws, wt = p["widths"][s], p["widths"][ta]
             lines.append(f"| {p['batch']} | {p['context']} | {ws['median_step_ms']:.2f} | {wt['median_step_ms']:.2f} | "
                          f"{p['measured_speedup']:.2f}x | {p['predicted_speedup_flops']:.2f}x | "
                          f"{p['measured_over_predicted']:.2f} | {p['predicted_speedup_roofline']:.2f}x | "
                          f"{p['measured_over_roofline']:.2f} | {ws['achieved_gflops']:.1f} | "
-                         f"{wt['achieved_gflops']:.1f} | {ws['bytes']['kv_cache'] / 1e6:.1f} |")
+                         f"{wt['achieved_gflops']:.1f} | {ws['bytes']['kv_cache'] / 1e6:.1f} | "
+                         + (f"{p['compiled'][s]['median_step_ms']:.2f} ({p['compiled'][s]['efficiency']:.2f} vs "
+                            f"{ws['efficiency']:.2f}) | {p['compiled'][ta]['median_step_ms']:.2f} "
+                            f"({p['compiled'][ta]['efficiency']:.2f} vs {wt['efficiency']:.2f}) | "
+                            f"{p['compiled_speedup']:.2f}x ({p['compiled_speedup_over_roofline']:.2f}) |"
+                            if p["compiled"] else "- | - | - |"))
     m = results["machine"]
     lines.append(f"\nMachine, same run: sgemm {m['sgemm_gflops']:.0f} GFLOP/s, streaming read {m['read_gb_per_s']:.1f} GB/s.")
     return "\n".join(lines)
@@ -136,8 +194,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = results["shapes"]
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)
-    for (label, shape), (ax_r, ax_g) in zip(shapes.items(), axes, strict=True):
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(16, 4 * len(shapes)), squeeze=False)
+    for (label, shape), (ax_r, ax_g, ax_e) in zip(shapes.items(), axes, strict=True):
         s, ta = shape["student"], shape["ta"]
         contexts = sorted({p["context"] for p in shape["points"]})
         batches = sorted({p["batch"] for p in shape["points"]})
@@ -151,14 +209,26 @@ def plot(results: dict, path: Path) -> None:
                       color=f"C{i}", label=f"{s}, context {c}")
             ax_g.plot([p["batch"] for p in pts], [p["widths"][ta]["achieved_gflops"] for p in pts], marker="s",
                       color=f"C{i}", linestyle="--", label=f"{ta}, context {c}")
+            if pts[0]["compiled"]:
+                ax_r.plot([p["batch"] for p in pts], [p["compiled_speedup_over_roofline"] for p in pts], marker="*",
+                          color=f"C{i}", linestyle="-.", label=f"compiled / roofline, context {c}")
+                for w, marker in ((s, "o"), (ta, "s")):
+                    ax_e.plot([p["batch"] for p in pts], [p["widths"][w]["efficiency"] for p in pts], marker=marker,
+                              color=f"C{i}", linestyle=":", alpha=0.6, label=f"{w} eager, context {c}")
+                    ax_e.plot([p["batch"] for p in pts], [p["compiled"][w]["efficiency"] for p in pts],
+                              marker=marker, color=f"C{i}", label=f"{w} compiled, context {c}")
         ax_r.axhline(0.9, color="grey", linestyle=":", label="goal 0.9")
         ax_r.set(xscale="log", xticks=batches, xticklabels=batches, ylim=(0, 1.6), xlabel="decode batch",
                  ylabel="measured / predicted speed-up", title=f"{label}: {s} over {ta} decode speed-up")
         ax_g.axhline(results["machine"]["sgemm_gflops"], color="grey", linestyle=":", label="sgemm 1024^3")
         ax_g.set(xscale="log", yscale="log", xticks=batches, xticklabels=batches, xlabel="decode batch",
                  ylabel="GFLOP/s achieved", title=f"{label}: FLOP rate of a decode step")
+        ax_e.axhline(0.7, color="grey", linestyle=":", label="target 0.7")
+        ax_e.set(xscale="log", xticks=batches, xticklabels=batches, ylim=(0, 1.3), xlabel="decode batch",
+                 ylabel="roofline / measured step", title=f"{label}: step efficiency, eager vs compiled")
         ax_r.legend(fontsize=6)
         ax_g.legend(fontsize=6)
+        ax_e.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -173,6 +243,8 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    parser.add_argument("--steps", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--compile-cache", type=Path, help="compiled steps' cache (default ~/.cache/matta/compile)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_scaling")
     args = parser.parse_args()
     results = run(args)

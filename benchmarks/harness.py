@@ -148,9 +148,11 @@ class Server:
     """``matta serve CKPT --port 0`` as a subprocess; the bound port is read from its stdout."""
 
     def __init__(self, checkpoint: Path, threads: int, max_batch: int, log_path: Path,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), compile: str = "off") -> None:
+        """``compile``: the server's ``--compile`` (eager by default, so figures compare like with like)."""
         self.cmd = [sys.executable, "-m", "cli", "serve", str(checkpoint), "--port", "0", "--threads",
-                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning", *extra_args]
+                    str(threads), "--max-batch", str(max_batch), "--log-level", "warning", "--compile", compile,
+                    *extra_args]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -315,35 +317,48 @@ def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
     return NestedGPT(config).eval()
 
 
-def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10) -> dict:
-    """Bare ``NestedGPT`` decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
+def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10,
+                      steps: dict | None = None) -> dict:
+    """Bare decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
 
-    The cache is a :class:`StaticKVCache`, as in the engine; it is rewound before every step so
-    all steps see the same context.
+    ``steps`` maps a variant name to how a step runs (a :class:`serving.compiled.DecodeSteps`, or
+    any callable taking ``(ids, mask, cache, plans)``); default ``{"eager": DecodeSteps(model)}``.
+    Every (variant, width) pair is timed in rotating order, so drift hits all alike. Returns
+    ``{variant: {width: timing}}``. The cache is a :class:`StaticKVCache`, as in the engine,
+    rewound before every step so all steps see the same context.
     """
+    from serving.compiled import DecodeSteps
+
+    steps = steps or {"eager": DecodeSteps(model)}
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    ctx = torch.randint(0, vocab, (batch, context), generator=gen)
-    step = torch.randint(0, vocab, (batch, 1), generator=gen)
-    mask = torch.ones(batch, context + 1, dtype=torch.long)
-    pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
-             for w in widths}
+    device = model.wte.weight.device
+    with torch.inference_mode():
+        ctx = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+        step = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
+        mask = torch.ones(batch, context + 1, dtype=torch.long, device=device)
+        pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
+                 for w in widths}
+    plans = {w: model.config.resolve_width(w) for w in widths}
+    keys = [(v, w) for v in steps for w in widths]
 
-    def run(w: str) -> None:
+    @torch.inference_mode()
+    def run(key: tuple[str, str]) -> None:
+        variant, w = key
         pasts[w].length = context
-        model(step, width=w, attention_mask=mask, past_key_values=pasts[w], use_cache=True)
+        steps[variant](step, mask, pasts[w], plans[w])
 
-    times: dict[str, list[float]] = {w: [] for w in widths}
-    for w in widths:
-        run(w)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    for k in keys:
+        run(k)
     for r in range(repeats * 3):
-        for w in widths[r % len(widths):] + widths[: r % len(widths)]:
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             t0 = time.perf_counter()
             for _ in range(inner):
-                run(w)
-            times[w].append((time.perf_counter() - t0) / inner)
-    return {w: {"step_ms": [t * 1e3 for t in ts], "median_step_ms": statistics.median(ts) * 1e3,
-                "tokens_per_s": batch / statistics.median(ts)} for w, ts in times.items()}
+                run(k)
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {v: {w: {"step_ms": [t * 1e3 for t in times[v, w]], "median_step_ms": statistics.median(times[v, w]) * 1e3,
+                    "tokens_per_s": batch / statistics.median(times[v, w])} for w in widths} for v in steps}
 
 
 async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:

@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     decode_prompts = [pool[i % len(pool)] for i in range(args.decode_batch)]
     decode_raw = engine_decode(ckpt, widths, decode_prompts, M, args.decode_repeats)
     context = P + M // 2
-    step_raw = model_decode_step(ckpt.model, widths, args.decode_batch, context, args.decode_repeats)
+    step_raw = model_decode_step(ckpt.model, widths, args.decode_batch, context, args.decode_repeats)["eager"]
     shutil.rmtree(work, ignore_errors=True)
 
     # --- summaries

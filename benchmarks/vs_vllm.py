@@ -3,7 +3,9 @@
 For each model shape and width, vLLM serves the width exported as a plain HF GPT-2 directory
 (``matta export``; ``deploy/vllm/launch.py`` flags: float32, eager, ``--threads`` OpenMP threads)
 and `matta serve` serves the elastic checkpoint it came from, the width pinned by its model id
-(``--threads`` torch threads; the engine core in its own process, as vLLM's is). One closed-loop
+(``--threads`` torch threads; the engine core in its own process, as vLLM's is), with eager decode
+steps (``matta``) and with compiled ones (``matta-compiled``: ``--compile require``, every step
+signature compiled or loaded from the compile cache before serving). One closed-loop
 client (:func:`benchmarks.harness.saturate`: async httpx, token-id prompts, greedy, fixed
 ``max_tokens``) drives each at 1 and 16 concurrent clients; throughput counts the completion tokens
 each server reports. Both answer the same prompts greedily, so they generate the same tokens.
@@ -14,8 +16,9 @@ Shapes:
               widths 384/768/1536/3072), random weights, the shipped tokenizer: what a user who
               elastifies their own GPT-2 serves (`matta elastify`), at a realistic size.
 
-Ratios are matta/vLLM per shape, width and client count, from the same run; the servers alternate
-(`--rounds`) and the medians are reported. The client shares the 2 cores with the server.
+Ratios are matta/vLLM and compiled/eager per shape, width and client count, from the same run; the
+servers alternate (`--rounds`) and the medians are reported. The client shares the 2 cores with the
+server.
 
     python -m benchmarks.vs_vllm [--shapes shipped gpt2-small] [--seconds 15]
 """
@@ -28,6 +31,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.harness import VLLM_VENV, Server, VLLMServer, gpt2_small_shape, make_prompts, saturate
@@ -36,6 +40,7 @@ from matta.hf import export_width
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = ("shipped", "gpt2-small")
+SYSTEMS = ("matta", "matta-compiled", "vllm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads of matta, OpenMP threads of vLLM")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--compile-cache", type=Path, help="matta-compiled's cache (default ~/.cache/matta/compile)")
     p.add_argument("--out", type=Path, default=RESULTS / "vs_vllm")
     return p.parse_args(argv)
 
@@ -75,20 +82,24 @@ def run_shape(label: str, args, work: Path) -> dict:
     widths = args.widths or [ckpt.config.width_names[0], ckpt.config.width_names[-1]]
     prompts, prompt_info = make_prompts(ckpt, widths, args.prompt_tokens, args.max_tokens)
     context = args.prompt_tokens + args.max_tokens + 8
-    runs: dict[str, dict[str, dict[str, list[dict]]]] = {"matta": {w: {} for w in widths},
-                                                          "vllm": {w: {} for w in widths}}
-    vllm_start_s = []
+    runs: dict[str, dict[str, dict[str, list[dict]]]] = {system: {w: {} for w in widths} for system in args.systems}
+    vllm_start_s, matta_start_s = [], {}
     for r in range(args.rounds):
-        for system in (("matta", "vllm") if r % 2 == 0 else ("vllm", "matta")):
-            if system == "matta":
-                server = Server(path, args.threads, max(args.clients), work / f"matta-{label}-{r}.log",
-                                ("--policy", f"fixed:{widths[-1]}"))
-                url = server.start()
+        for system in (args.systems if r % 2 == 0 else args.systems[::-1]):
+            if system.startswith("matta"):
+                compiled = system == "matta-compiled"
+                cache = ("--compile-cache", str(args.compile_cache)) if compiled and args.compile_cache else ()
+                server = Server(path, args.threads, max(args.clients), work / f"{system}-{label}-{r}.log",
+                                ("--policy", f"fixed:{widths[-1]}", *cache), compile="require" if compiled else "off")
+                started = time.monotonic()
+                url = server.start(timeout_s=3600)
+                matta_start_s.setdefault(system, []).append(time.monotonic() - started)
                 try:
                     for w in widths:
                         for c, out in measure(url, f"{ckpt.config.name}:{w}", prompts, args).items():
-                            runs["matta"][w].setdefault(c, []).append(out)
-                            print(f"{label} round {r} matta {w} {c} clients: {out['tokens_per_s']:.0f} tok/s", flush=True)
+                            runs[system][w].setdefault(c, []).append(out)
+                            print(f"{label} round {r} {system} {w} {c} clients: {out['tokens_per_s']:.0f} tok/s",
+                                  flush=True)
                 finally:
                     server.stop()
                 continue
@@ -113,8 +124,13 @@ def run_shape(label: str, args, work: Path) -> dict:
     return {"checkpoint": str(path), "model": {"d_model": ckpt.config.d_model, "n_layer": ckpt.config.n_layer,
                                                "n_head": ckpt.config.n_head, "widths": ckpt.config.widths},
             "widths": widths, "prompts": prompt_info, "runs": runs, "tokens_per_s": medians,
-            "matta_over_vllm": {w: {c: medians["matta"][w][c] / medians["vllm"][w][c] for c in medians["matta"][w]}
-                                for w in widths},
+            "matta_over_vllm": {system: {w: {c: medians[system][w][c] / medians["vllm"][w][c]
+                                             for c in medians[system][w]} for w in widths}
+                                for system in medians if system != "vllm" and "vllm" in medians},
+            "compiled_over_eager": {w: {c: medians["matta-compiled"][w][c] / medians["matta"][w][c]
+                                        for c in medians["matta"][w]} for w in widths}
+            if {"matta", "matta-compiled"} <= set(medians) else {},
+            "matta_start_s": matta_start_s,
             "student_over_ta": {system: {c: medians[system][widths[0]][c] / medians[system][widths[-1]][c]
                                          for c in medians[system][widths[0]]} for system in medians},
             "vllm_start_s": vllm_start_s}
@@ -129,20 +145,25 @@ def plot(results: dict, path: Path) -> None:
     shapes = results["shapes"]
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, (label, shape) in zip(axes[0], shapes.items(), strict=True):
-        keys = [(w, c) for w in shape["widths"] for c in shape["tokens_per_s"]["matta"][w]]
-        for k, system in enumerate(("matta", "vllm")):
+        systems = list(shape["tokens_per_s"])
+        first = shape["tokens_per_s"][systems[0]]
+        keys = [(w, c) for w in shape["widths"] for c in first[w]]
+        bar = 0.8 / len(systems)
+        names = {"matta": "matta serve (eager)", "matta-compiled": "matta serve (compiled)", "vllm": "vLLM (CPU build)"}
+        for k, system in enumerate(systems):
             values = [shape["tokens_per_s"][system][w][c] for w, c in keys]
-            ax.bar([i - 0.2 + 0.4 * k for i in range(len(keys))], values, width=0.4,
-                   label="matta serve" if system == "matta" else "vLLM (CPU build)")
-        for i, (w, c) in enumerate(keys):
-            top = max(shape["tokens_per_s"][s][w][c] for s in ("matta", "vllm"))
-            ax.text(i, top, f"{shape['matta_over_vllm'][w][c]:.2f}x", ha="center", va="bottom", fontsize=9)
+            xs = [i - 0.4 + bar * (k + 0.5) for i in range(len(keys))]
+            ax.bar(xs, values, width=bar, label=names[system])
+            if system in shape["matta_over_vllm"]:
+                for x, v, (w, c) in zip(xs, values, keys, strict=True):
+                    ax.text(x, v, f"{shape['matta_over_vllm'][system][w][c]:.2f}x", ha="center", va="bottom",
+                            fontsize=7)
         ax.set_xticks(range(len(keys)), [f"{w}\n{c} client{'s' * (c != '1')}" for w, c in keys])
         ax.set(ylabel="completion tokens/s", title=f"{label}: d_model {shape['model']['d_model']}, "
                                                      f"{shape['model']['n_layer']} layers")
         ax.legend(fontsize=8)
     fig.suptitle(f"matta serve vs vLLM on the same export ({results['threads']} thread each; "
-                 f"2 cores shared with the client)")
+                 f"2 cores shared with the client; labels: / vLLM)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

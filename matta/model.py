@@ -148,6 +148,13 @@ def ffn_plan(sizes: Sequence[int], device: torch.device | str = "cpu") -> int | 
     return blocks
 
 
+def ffn_plans(config: ModelConfig, row_widths: Sequence[WidthSpec],
+              device: torch.device | str = "cpu") -> list[int | FFNBlocks]:
+    """Each layer's FFN plan (:func:`ffn_plan`) for rows whose widths are ``row_widths``."""
+    per_row = [config.resolve_width(w) for w in row_widths]
+    return [ffn_plan([sizes[i] for sizes in per_row], device) for i in range(config.n_layer)]
+
+
 class NestedMLP(nn.Module):
     """GPT-2 FFN whose hidden units are nested: width m runs on the first m units only."""
 
@@ -235,6 +242,7 @@ class NestedGPT(nn.Module):
         past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
         row_widths: Sequence[WidthSpec] | None = None,
+        plans: Sequence[int | FFNBlocks] | None = None,
     ) -> GPTOutput:
         """Logits for ``input_ids`` (B, T) at ``width`` (name, FFN size, or one per layer).
 
@@ -243,6 +251,9 @@ class NestedGPT(nn.Module):
         row's FFN exactly as it would run alone at its width (see :func:`ffn_plan`); rows sorted
         widest first take the cheapest path (prefixes instead of gathers).
 
+        ``plans`` gives each layer's FFN plan directly (from :func:`ffn_plans`), for a caller that
+        compiles this forward: the graph then depends on the plan's integers, not on width names.
+
         ``attention_mask`` (B, T_past + T) marks real tokens with 1 and padding with 0; with
         it, positions count only real tokens, so a left- or right-padded row computes exactly
         what the unpadded sequence would. ``past_key_values`` continues from a cache returned
@@ -250,13 +261,16 @@ class NestedGPT(nn.Module):
         and returned as the new cache.
         """
         B, T = input_ids.shape
-        if row_widths is not None:
-            if width is not None:
-                raise ValueError("give width (all rows) or row_widths (one per row), not both")
+        if sum(x is not None for x in (width, row_widths, plans)) > 1:
+            raise ValueError("give one of width (all rows), row_widths (one per row) or plans (one per layer)")
+        if plans is not None:
+            if len(plans) != self.config.n_layer:
+                raise ValueError(f"plans has {len(plans)} entries; the model has {self.config.n_layer} layers")
+            widths = plans
+        elif row_widths is not None:
             if len(row_widths) != B:
                 raise ValueError(f"row_widths has {len(row_widths)} entries; the batch has {B} rows")
-            per_row = [self.config.resolve_width(w) for w in row_widths]
-            widths = [ffn_plan([sizes[i] for sizes in per_row], input_ids.device) for i in range(self.config.n_layer)]
+            widths = ffn_plans(self.config, row_widths, input_ids.device)
         else:
             widths = self.config.resolve_width(width)
         static = past_key_values if isinstance(past_key_values, StaticKVCache) else None

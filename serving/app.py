@@ -18,6 +18,7 @@ from router.cost import EngineCostModel
 from router.latency import LatencyModel, RequestCalibration
 from router.quality import width_quality
 from serving import server
+from serving.compiled import DecodeSteps
 from serving.core_client import EngineCoreClient
 from serving.engine import Engine
 from serving.engine_backend import EngineBackend
@@ -37,7 +38,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
         engine = EngineCoreClient(settings.checkpoint, ckpt.config, max_batch=settings.max_batch,
                                   max_queue=settings.max_queue, device=device,
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
-                                  measure_profile=needs_cost_model(settings), mixed=settings.forward == "mixed")
+                                  measure_profile=needs_cost_model(settings), mixed=settings.forward == "mixed",
+                                  compile=settings.compile, compile_cache=settings.compile_cache)
         latency = engine.latency
         check_profile_widths(latency, ckpt.config.served_widths, settings.profile)
         cost = cost_model(latency, settings)
@@ -45,8 +47,10 @@ def build_app(settings: ServeSettings) -> FastAPI:
         ckpt = load_checkpoint(settings.checkpoint, device=device)
         latency = load_or_measure_profile(settings, ckpt.model)
         cost = cost_model(latency, settings)
+        steps = DecodeSteps(ckpt.model, settings.compile, max_batch=settings.max_batch,
+                            cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        cost=cost, mixed=settings.forward == "mixed")
+                        cost=cost, mixed=settings.forward == "mixed", steps=steps)
     backend = EngineBackend(engine, ckpt.tokenizer, cost, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",

@@ -106,6 +106,12 @@ class Backend(Protocol):
         """The load now, for the policy and the gauges."""
         ...
 
+    def compiled(self) -> dict[str, int] | None:
+        """The engine's compiled decode path: ``compiled_steps``, ``eager_steps`` (decode forwards
+        by how they ran), ``ready`` and ``signatures`` (graphs loaded of those it can meet); None
+        for a backend without an engine of its own."""
+        ...
+
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
                      deadline: float | None, candidates: tuple[str, ...] = (),
                      slo_deadline: float | None = None) -> CompletionStream:

@@ -30,6 +30,7 @@ from matta.checkpoint import load_checkpoint
 from router.cost import EngineCostModel
 from router.latency import LatencyModel
 from serving import core_protocol as msg
+from serving.compiled import COMPILE_MODES, DecodeSteps
 from serving.engine import Engine, SamplingParams, SequenceEvent, TokenLogprob
 
 log = logging.getLogger("matta.core")
@@ -73,7 +74,8 @@ class EngineCore:
         s = self.engine.stats()
         load = msg.Load(s.running, s.waiting, s.running_by_width, s.waiting_by_width, s.max_batch, s.max_queue,
                         s.steps, s.finished, s.cancelled, dict(s.groups), list(s.remaining_tokens),
-                        s.recent_iteration_s, self.latency.corrections() if self.latency is not None else {})
+                        s.recent_iteration_s, self.latency.corrections() if self.latency is not None else {},
+                        s.compiled_steps, s.eager_steps, s.compile_ready, s.compile_signatures)
         with self._send_lock:
             self.push.send(msg.encoder.encode(msg.StepOutput(outputs, load)))
         for out in outputs:
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, help="latency profile JSON to serve with")
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
     p.add_argument("--per-width-forward", action="store_true", help="one forward per width group (the old step)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.compiled)")
+    p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -156,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             from serving.profile import profile_model
 
             latency = profile_model(ckpt.model)
+        steps = DecodeSteps(ckpt.model, args.compile, max_batch=args.max_batch, cache_dir=args.compile_cache,
+                            checkpoint=args.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         cost=EngineCostModel(latency) if latency is not None else None,
-                        mixed=not args.per_width_forward)
+                        mixed=not args.per_width_forward, steps=steps)
     except Exception as exc:  # told to the API process, which refuses to start with this message
         push.send(msg.encoder.encode(msg.Failed(f"{type(exc).__name__}: {exc}")))
         push.close(linger=2000)

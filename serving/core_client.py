@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CORE_COMMAND = (sys.executable, "-m", "serving.core")  # how the core is started (tests wrap it)
 READY_TIMEOUT_S = 600.0  # loading a checkpoint and measuring a profile on a slow CPU
+REQUIRE_COMPILE_TIMEOUT_S = 3600.0  # --compile require: every decode step compiled before Ready
 STOP_TIMEOUT_S = 30.0
 POLL_MS = 100
 
@@ -66,7 +67,7 @@ class EngineCoreClient:
 
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
                  threads: int, profile: Path | None = None, measure_profile: bool = False, mixed: bool = True,
-                 log_level: str = "warning") -> None:
+                 compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning") -> None:
         self.config, self.max_batch, self.max_queue = config, max_batch, max_queue
         self._dir = tempfile.TemporaryDirectory(prefix="matta-core-")
         self._context = zmq.Context()
@@ -80,13 +81,16 @@ class EngineCoreClient:
                "--max-queue", str(max_queue), "--log-level", log_level]
         if not mixed:
             cmd.append("--per-width-forward")
+        cmd += ["--compile", compile]
+        if compile_cache is not None:
+            cmd += ["--compile-cache", str(compile_cache)]
         if profile is not None:
             cmd += ["--profile", str(profile)]
         elif measure_profile:
             cmd.append("--measure-profile")
         self.process = subprocess.Popen(cmd)
         self.latency: LatencyModel | None = None
-        self._ready()
+        self._ready(REQUIRE_COMPILE_TIMEOUT_S if compile == "require" else READY_TIMEOUT_S)
         self._ids = itertools.count()
         self._streams: dict[int, tuple[RequestStream, str, int]] = {}  # request id -> (stream, width, sequences)
         self._load: msg.Load | None = None
@@ -95,9 +99,9 @@ class EngineCoreClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
 
-    def _ready(self) -> None:
+    def _ready(self, timeout_s: float) -> None:
         """Wait for the core's Ready (its latency profile), or fail with the core's own message."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._output.poll(POLL_MS):
                 reply = msg.output_decoder.decode(self._output.recv())
@@ -112,7 +116,7 @@ class EngineCoreClient:
                 self._close()
                 raise ValueError(f"the engine core exited with code {self.process.returncode} before it was ready")
         self._close()
-        raise ValueError(f"the engine core was not ready within {READY_TIMEOUT_S:g} s")
+        raise ValueError(f"the engine core was not ready within {timeout_s:g} s")
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -201,7 +205,8 @@ class EngineCoreClient:
         return EngineStats(load.running, sum(waiting.values()), dict(load.running_by_width), waiting,
                            load.max_batch, load.max_queue, load.steps, load.finished, load.cancelled,
                            {w: tuple(g) for w, g in load.groups.items()}, tuple(load.remaining_tokens),
-                           load.recent_iteration_s)
+                           load.recent_iteration_s, load.compiled_steps, load.eager_steps, load.compile_ready,
+                           load.compile_signatures)
 
     # --- the reader thread -----------------------------------------------------------------------
 

@@ -83,6 +83,10 @@ class Load(msgspec.Struct, frozen=True):
     remaining_tokens: list[int]
     recent_iteration_s: float
     corrections: dict[str, float]  # the latency model's online corrections, measured in the core
+    compiled_steps: int = 0
+    eager_steps: int = 0
+    compile_ready: int = 0
+    compile_signatures: int = 0
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from matta.model import NestedGPT, StaticKVCache
+from matta.model import NestedGPT, StaticKVCache, ffn_plans
 from matta.tokenizer import Tokenizer
 from router.cost import EngineCostModel
+from serving.compiled import DecodeSteps
 from serving.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ class EngineStats:
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)  # width -> (rows, cache length)
     remaining_tokens: tuple[int, ...] = ()  # tokens each running sequence may still generate, ascending
     recent_iteration_s: float = 0.0  # measured seconds of recent scheduler iterations (EWMA; 0 when idle)
+    compiled_steps: int = 0  # decode forwards run by a compiled graph (serving/compiled.py)
+    eager_steps: int = 0
+    compile_ready: int = 0  # step signatures with a compiled graph loaded
+    compile_signatures: int = 0  # step signatures the engine can meet (0: compilation off)
 
 
 @dataclass(eq=False)
@@ -209,14 +214,18 @@ class Engine:
     """Continuous-batching generation over one :class:`NestedGPT`, at any of its named widths."""
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
-                 cost: EngineCostModel | None = None, mixed: bool = True) -> None:
+                 cost: EngineCostModel | None = None, mixed: bool = True,
+                 steps: DecodeSteps | None = None) -> None:
         """``cost``, when given, is the server's one cost model: its latency model is told the
         duration of every prefill, decode step and scheduler iteration, so its online corrections
         track this machine (see :mod:`router.latency`), and it prices the queue-shedding check.
 
         ``mixed`` (the default) decodes every running sequence in one forward whatever its width
         (:meth:`NestedGPT.forward` with ``row_widths``); ``False`` runs one forward per width
-        group, as the engine did before (kept for side-by-side benchmarks)."""
+        group, as the engine did before (kept for side-by-side benchmarks).
+
+        ``steps`` runs the decode forwards: eager (the default) or compiled per step signature as
+        graphs become ready (:mod:`serving.compiled`; the engine starts and stops its worker)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -250,6 +259,8 @@ class Engine:
         # Called on the scheduler thread after every iteration, once its events are out: the
         # engine-core process sends one message per step from here (serving/core.py).
         self.on_step: Callable[[], None] | None = None
+        self.steps = steps if steps is not None else DecodeSteps(model)
+        self.steps.on_report = self._wake
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -258,6 +269,7 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="matta-engine", daemon=True)
             self._thread.start()
+            self.steps.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking requests, abort what is left, and join the scheduler thread."""
@@ -266,6 +278,12 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self.steps.stop()
+
+    def _wake(self) -> None:
+        """Wake the scheduler (a compiled graph is ready to load)."""
+        with self._cond:
+            self._cond.notify_all()
 
     @property
     def accepting(self) -> bool:
@@ -331,6 +349,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A consistent snapshot of the load (cheap; called per request and per scrape)."""
+        compiled = self.steps.status
         with self._cond:
             return EngineStats(
                 running=sum(self._running_by_width.values()),
@@ -345,6 +364,10 @@ class Engine:
                 groups=self._shapes,
                 remaining_tokens=self._remaining,
                 recent_iteration_s=self._iteration_s,
+                compiled_steps=compiled.compiled_steps,
+                eager_steps=compiled.eager_steps,
+                compile_ready=compiled.ready,
+                compile_signatures=compiled.signatures,
             )
 
     # --- scheduler thread ----------------------------------------------------------------------
@@ -353,7 +376,8 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._groups:
+                    while (not self._stopping and not self._waiting and not self._groups
+                           and not self.steps.pending()):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -379,6 +403,7 @@ class Engine:
                 except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
+                self.steps.poll()  # swap in compiled graphs between steps, never during one
                 self._publish_shapes()
                 if self.on_step is not None:
                     self.on_step()
@@ -595,13 +620,12 @@ class Engine:
             started = time.perf_counter()
             mask = torch.cat([group.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
             if width == MIXED:
-                out = self.model(group.next_ids, row_widths=[s.width for s in group.seqs], attention_mask=mask,
-                                 past_key_values=group.cache, use_cache=True)
+                plans = ffn_plans(self.config, [s.width for s in group.seqs], self.device)
             else:
-                out = self.model(group.next_ids, width=width, attention_mask=mask,
-                                 past_key_values=group.cache, use_cache=True)
-            group.cache, group.mask = out.past_key_values, mask
-            group.next_ids = self._sample_and_emit(group.seqs, out.logits[:, -1], None)
+                plans = self.config.resolve_width(width)
+            logits = self.steps(group.next_ids, mask, group.cache, plans)  # extends group.cache in place
+            group.mask = mask
+            group.next_ids = self._sample_and_emit(group.seqs, logits, None)
             if self.latency is not None:
                 context = int(mask.shape[1])
                 rows = self._rows_by_width(group.seqs)

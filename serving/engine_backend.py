@@ -139,4 +139,10 @@ class EngineBackend:
         if not getattr(self.engine, "alive", True):
             return False, {"error": "the engine core process has died; restart the server"}
         stats = self.engine.stats()
-        return True, {"running": stats.running, "waiting": stats.waiting}
+        return True, {"running": stats.running, "waiting": stats.waiting,
+                      "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}
+
+    def compiled(self) -> dict[str, int]:
+        s = self.engine.stats()
+        return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
+                "signatures": s.compile_signatures}

@@ -566,7 +566,8 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     context = PolicyContext(predictor=backend.cost, default_slo_ms=settings.slo_ms, min_width=settings.min_width,
                             shed=settings.shed, dispatch=backend.dispatches_width)
     policy = make_policy(settings.policy, widths, context)
-    metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None)
+    metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None,
+                             compiled=backend.compiled)
     live, ab_log = None, None
     if settings.experiment is not None:
         live = LiveExperiment(load_experiment(settings.experiment), widths, context, source=settings.experiment)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -40,6 +40,26 @@ class _EngineCollector(Collector):
         yield waiting
         yield GaugeMetricFamily("matta_queue_capacity_requests", "waiting-queue limit", value=stats.max_queue)
         yield GaugeMetricFamily("matta_batch_capacity_requests", "running-batch limit", value=stats.max_batch)
+
+
+class _CompiledCollector(Collector):
+    """The engine's decode forwards by path (compiled or eager) and its compiled graphs loaded."""
+
+    def __init__(self, compiled: Callable[[], dict[str, int] | None]) -> None:
+        self._compiled = compiled
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._compiled()
+        if status is None:
+            return
+        steps = CounterMetricFamily("matta_decode_steps", "decode forwards by how they ran", labels=["path"])
+        steps.add_metric(["compiled"], status["compiled_steps"])
+        steps.add_metric(["eager"], status["eager_steps"])
+        yield steps
+        yield GaugeMetricFamily("matta_compiled_signatures_ready", "decode step signatures with a compiled graph "
+                                "loaded", value=status["ready"])
+        yield GaugeMetricFamily("matta_compiled_signatures", "decode step signatures the engine can meet "
+                                "(0: compilation off)", value=status["signatures"])
 
 
 class _SloCollector(Collector):
@@ -75,7 +95,8 @@ class ServingMetrics:
     """The server's metric families, all in ``self.registry``."""
 
     def __init__(self, stats: Callable[[], Any], registry: CollectorRegistry | None = None,
-                 corrections: Callable[[], dict[str, float]] | None = None) -> None:
+                 corrections: Callable[[], dict[str, float]] | None = None,
+                 compiled: Callable[[], dict[str, int] | None] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._corrections = corrections
         self._slo_lock = threading.Lock()
@@ -112,6 +133,8 @@ class ServingMetrics:
                                    registry=r)
         r.register(_EngineCollector(stats))
         r.register(_SloCollector(self))
+        if compiled is not None:
+            r.register(_CompiledCollector(compiled))
 
     def observe_slo(self, policy: str, outcome: str, quality: float = 0.0) -> None:
         """Count one SLO request's outcome; ``quality`` is the served width's, given only when met."""

@@ -206,6 +206,9 @@ class HttpBackend:
         return LoadSnapshot(running=sum(running.values()), waiting=0, running_by_width=running,
                             waiting_by_width=dict.fromkeys(self.widths, 0), max_batch=limit, max_queue=limit)
 
+    def compiled(self) -> None:
+        return None  # the backends' engines report their own
+
     def release(self, width: str) -> None:
         with self._lock:
             self._in_flight[width] -= 1

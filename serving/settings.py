@@ -96,6 +96,14 @@ class ServeSettings(FrontendSettings):
                              "(the engine before; kept for side-by-side benchmarks)")
     max_batch: int = Field(32, ge=1, description="sequences decoded together")
     max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
+    # The default reads MATTA_COMPILE even when the settings are built in code (not only through
+    # settings_from): the test suite runs eager unless a test asks for compiled steps.
+    compile: Literal["off", "background", "require"] = Field(
+        default_factory=lambda: os.environ.get(ENV_PREFIX + "COMPILE") or "background",
+        description="compiled decode steps (torch.compile): off; background (serve eager at once, swap compiled "
+                    "steps in as a worker process finishes them); require (compile before serving)")
+    compile_cache: Path | None = Field(None, description="directory of compiled decode steps, reused across "
+                                                         "restarts (default: ~/.cache/matta/compile)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores but one, left to "
                                                         "the HTTP loop)")

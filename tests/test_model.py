@@ -227,7 +227,9 @@ def test_mixed_widths_are_refused_with_a_clear_error_when_they_do_not_fit(model,
     x = ids(config, B=2, T=4)
     with pytest.raises(ValueError, match="row_widths has 1 entries; the batch has 2 rows"):
         model(x, row_widths=["s"])
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of"):
         model(x, width="s", row_widths=["s", "ta"])
+    with pytest.raises(ValueError, match="plans has 1 entries; the model has"):
+        model(x, plans=[16])
     with pytest.raises(ValueError, match="unknown width"):
         model(x, row_widths=["s", "xl"])

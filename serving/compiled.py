@@ -1,0 +1,367 @@
+"""Compiled decode steps for the engine: ``torch.compile`` without paying for it at start-up.
+
+Why: at batch 1-16 an eager decode step runs at a fraction of its roofline; the rest is per-op
+dispatch (one Student step at batch 1 launches some 630 aten calls). Inductor fuses the pointwise
+ops and drops most of the dispatch (``benchmarks/compiled_decode.py``).
+
+How:
+
+- **One compiled step per signature, not per shape.** :func:`decode_logits` is compiled with
+  dynamic shapes: the batch size, the context length and the integers of the FFN plan (which
+  hidden units run for which rows, :func:`matta.model.ffn_plan`) are symbols, so one compiled step
+  serves every batch, context and width mix of one structure. What stays static is
+  :func:`step_signature` (the number of FFN blocks per layer, and sizes of 1, which dynamo
+  specialises); a model with four widths has eight (:func:`representative_rows`).
+- **Compiled ahead, in another process.** Each signature is compiled with dynamo's ahead-of-time
+  path (``aot_compile``) and saved to a file under ``cache_dir/torch-<version>/<architecture>``. A
+  compiled step takes the weights as inputs, so a restart, and any checkpoint of the same shape,
+  loads it from there in a fraction of a second; nothing is traced in the serving process. With
+  ``compile="background"`` a worker (``python -m serving.compiled``, nice'd, the engine's thread
+  count) compiles what the cache lacks while the engine serves eager steps: the engine answers
+  from its first request, and no compile holds its GIL.
+- **Swapped in between steps.** The scheduler loads a finished step at an iteration boundary and
+  from then on runs steps of that signature compiled. A loaded step checks its guards on every
+  call (dtypes, ranks, the plan's structure); inputs it refuses run eager.
+
+``compile="require"`` compiles (or loads) every signature before the engine starts: start-up pays
+the compile, a failure stops the server. On CUDA the compiled steps capture CUDA graphs (inductor's
+``triton.cudagraphs``), one per shape met. The cache directory is created owner-only and refused
+when anyone else could write it: it holds compiled code and torch's serialized compile state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from matta.config import ModelConfig
+from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
+
+log = logging.getLogger(__name__)
+
+CompileMode = Literal["off", "background", "require"]
+COMPILE_MODES: tuple[str, ...] = ("off", "background", "require")
+WORKER_COMMAND = (sys.executable, "-m", "serving.compiled")
+
+Plans = Sequence["int | FFNBlocks"]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/matta/compile`` (``~/.cache/matta/compile``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "matta" / "compile"
+
+
+def decode_logits(model: NestedGPT, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache,
+                  plans: Plans) -> torch.Tensor:
+    """The engine's decode step: one new token per row (``ids`` (B, 1)) against ``cache``, which it
+    extends in place; ``mask`` (B, cached + 1) marks real tokens. Returns the new token's logits (B, V).
+
+    This function is what gets compiled: its code object holds the compiled graphs."""
+    out = model(ids, plans=plans, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1]
+
+
+def step_signature(batch: int, plans: Plans) -> tuple:
+    """What decides which compiled graph a step needs. Everything else (batch size, context, the
+    plan's unit and row counts) is a symbol of the graph; dynamo specialises a size of 1, and the
+    number of FFN blocks is the graph's structure. Rows are sorted widest first, so only the last
+    block (the widest width's rows) can hold a single row."""
+    layers = tuple(None if isinstance(p, int) else tuple(rows == 1 for _, _, rows in p) for p in plans)
+    return (batch == 1, layers)
+
+
+def representative_rows(config: ModelConfig, max_batch: int) -> list[list[str]]:
+    """One row-width list (widest first) for every step signature the engine can meet, most common
+    first: one width at batch >= 2 and at batch 1, then mixes of 2, 3, ... widths, the widest of
+    them on two rows and on one, the others on one each."""
+    by_size = sorted(config.served_widths, key=lambda w: -sum(config.resolve_width(w)))
+    narrowest = by_size[-1]
+    cases = [[narrowest] * min(2, max_batch), [narrowest]]
+    for k in range(2, len(by_size) + 1):
+        for subset in itertools.combinations(by_size, k):
+            for top in (2, 1):
+                rows = [subset[0]] * top + list(subset[1:])  # every lower block then has >= 2 rows
+                if len(rows) <= max_batch:
+                    cases.append(rows)
+    seen: dict[tuple, list[str]] = {}
+    for rows in cases:
+        seen.setdefault(step_signature(len(rows), ffn_plans(config, rows)), rows)
+    return list(seen.values())
+
+
+def cache_dir_for(config: ModelConfig, root: Path) -> Path:
+    """Where one architecture's compiled steps live: keyed by torch's version and the model's shape
+    (a compiled step takes the weights as inputs, so every checkpoint of that shape shares them)."""
+    shape = json.dumps({"n_layer": config.n_layer, "d_model": config.d_model, "n_head": config.n_head,
+                        "ffn_dim": config.ffn_dim, "vocab_size": config.vocab_size, "n_ctx": config.n_ctx,
+                        "layer_norm_eps": config.layer_norm_eps}, sort_keys=True)
+    return root / f"torch-{torch.__version__}" / hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+def artifact_path(cache_dir: Path, signature: tuple, device: torch.device) -> Path:
+    """The file one signature's compiled step is saved to in an architecture's ``cache_dir``: per
+    device type and torch thread count too (inductor generates code for the thread count, and the
+    compiled step's guards refuse another)."""
+    key = hashlib.sha256(repr((signature, device.type, torch.get_num_threads())).encode()).hexdigest()[:16]
+    return cache_dir / f"step-{key}.bin"
+
+
+def check_private(directory: Path) -> None:
+    """Create ``directory`` owner-only, and refuse one anyone else could write: a compile cache holds
+    compiled code and torch's serialized compile state, trusted like matta's own code."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = directory.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{directory}: a compile cache must be owned by this user and writable by no one "
+                              f"else (mode {oct(st.st_mode & 0o777)}); fix it or pass another --compile-cache")
+
+
+def configure(cache_dir: Path) -> None:
+    """Settings every process that compiles or loads the step shares (inductor's own on-disk caches
+    go under ``cache_dir`` too). Call before the first compile."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    import torch._dynamo
+    import torch._dynamo.aot_compile
+    import torch._inductor.compile_fx
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+
+    # Distinct symbols for equal sizes: a batch that happens to equal a row count must not tie them.
+    fx_config.use_duck_shape = False
+    # Floats (LayerNorm eps) as constants: a symbolic float makes dynamo trace the step twice.
+    torch._dynamo.config.specialize_float = True
+    inductor_config.fx_graph_cache = True
+    inductor_config.compile_threads = 1  # a 2-core machine: no pool of compiler processes
+
+
+@torch.inference_mode()
+def step_inputs(model: NestedGPT, rows: Sequence[str], context: int = 8):
+    """Arguments of :func:`decode_logits` after ``model`` for one step of ``rows`` (widest first) at
+    ``context`` tokens, random ids, made as the engine makes them (inference mode): what a step is
+    compiled with."""
+    config = model.config
+    device = model.wte.weight.device
+    generator = torch.Generator().manual_seed(0)
+    batch = len(rows)
+    ids = torch.randint(0, config.vocab_size, (batch, context - 1), generator=generator).to(device)
+    mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
+    cache = StaticKVCache.from_list(model(ids, row_widths=rows, attention_mask=mask, use_cache=True).past_key_values,
+                                    capacity=2 * context)
+    step_ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator).to(device)
+    full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+    return step_ids, full, cache, ffn_plans(config, rows, device)
+
+
+def compile_step(model: NestedGPT, rows: Sequence[str], path: Path) -> None:
+    """Compile :func:`decode_logits` for the signature of ``rows`` (dynamic shapes: batch, context
+    and plan integers are symbols) and save it to ``path``; on CUDA with CUDA graphs."""
+    device = model.wte.weight.device
+    options = {"triton.cudagraphs": True} if device.type == "cuda" else None
+    with torch.inference_mode():
+        step = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
+        compiled = step.aot_compile(((model, *step_inputs(model, rows)), {}))
+    compiled.save_compiled_function(str(path))
+
+
+def load_step(path: Path):
+    """A step saved by :func:`compile_step`; calling it checks its guards and raises on a mismatch."""
+    # Loaded in inference mode, as it was compiled and as the engine calls it: the guards rebuilt
+    # here take the tensors' expected dispatch keys from the mode they are built in.
+    with torch.inference_mode(), open(path, "rb") as f:
+        return torch.compiler.load_compiled_function(f, f_globals=decode_logits.__globals__)
+
+
+@dataclass
+class CompileStatus:
+    """What the compiled path is doing (for /health, metrics and benchmarks)."""
+
+    mode: str
+    signatures: int = 0  # how many the engine can meet
+    ready: int = 0  # loaded and used by the serving path
+    compiled_steps: int = 0
+    eager_steps: int = 0
+    first_ready_s: float | None = None  # seconds from the engine's start to the first loaded step
+    all_ready_s: float | None = None
+    error: str | None = None
+    load_s: list[float] = field(default_factory=list)  # seconds each swap-in held the scheduler
+
+
+class DecodeSteps:
+    """The engine's decode step, eager or compiled per :func:`step_signature` (see the module doc)."""
+
+    def __init__(self, model: NestedGPT, mode: CompileMode = "off", *, max_batch: int = 32,
+                 cache_dir: Path | None = None, checkpoint: Path | None = None,
+                 rows: list[list[str]] | None = None) -> None:
+        """``rows``: one row-width list per signature to compile (default :func:`representative_rows`;
+        a benchmark of one width needs two). The worker of ``background`` compiles the default set."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+        if mode == "background" and checkpoint is None:
+            raise ValueError("compile='background' needs the checkpoint path (the worker loads it)")
+        self.model = model
+        self.mode = mode
+        self.started = time.monotonic()
+        self.device = model.wte.weight.device
+        self.rows = (rows or representative_rows(model.config, max_batch)) if mode != "off" else []
+        self.status = CompileStatus(mode=mode, signatures=len(self.rows))
+        self.on_report: Callable[[], None] | None = None  # the engine's wake-up, called from the reader thread
+        self._steps: dict[tuple, Callable] = {}  # signature -> loaded compiled step
+        self._reported: queue.SimpleQueue[int | str] = queue.SimpleQueue()
+        self._worker: subprocess.Popen | None = None
+        self._max_batch, self._checkpoint = max_batch, checkpoint
+        if mode == "off":
+            return
+        self.cache_dir = cache_dir_for(model.config, cache_dir or default_cache_dir())
+        check_private(self.cache_dir)
+        configure(self.cache_dir)
+        self.paths = [artifact_path(self.cache_dir, self._signature(rows), self.device) for rows in self.rows]
+        if mode == "require":
+            for index, rows in enumerate(self.rows):
+                if not self.paths[index].exists():
+                    compile_step(model, rows, self.paths[index])
+                self._load(index)
+
+    def _signature(self, rows: Sequence[str]) -> tuple:
+        return step_signature(len(rows), ffn_plans(self.model.config, rows))
+
+    def start(self) -> None:
+        """Background mode: queue the steps already in the cache and start a worker for the rest."""
+        if self.mode != "background" or self._worker is not None:
+            return
+        missing = []
+        for index, path in enumerate(self.paths):
+            if path.exists():
+                self._report(index)
+            else:
+                missing.append(index)
+        if not missing:
+            return
+        cmd = [*WORKER_COMMAND, "--checkpoint", str(self._checkpoint), "--max-batch", str(self._max_batch),
+               "--threads", str(torch.get_num_threads()), "--cache-dir", str(self.cache_dir), "--device", str(self.device),
+               "--only", ",".join(map(str, missing))]
+        self._worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=lambda: os.nice(10))
+        threading.Thread(target=self._read_worker, name="matta-compile-reader", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop the worker if it is still compiling (the steps it finished stay in the cache)."""
+        if self._worker is not None and self._worker.poll() is None:
+            self._worker.terminate()
+            try:
+                self._worker.wait(5)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+
+    def _read_worker(self) -> None:
+        for line in self._worker.stdout:
+            try:
+                self._report(int(json.loads(line)["index"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("compile worker: unreadable line %r", line[:200])
+        code = self._worker.wait()
+        if code != 0:
+            err = self._worker.stderr.read()[-2000:]
+            self._report(f"the compile worker exited with code {code}: {err.strip()}")
+
+    def _report(self, item: int | str) -> None:
+        self._reported.put(item)
+        if self.on_report is not None:
+            self.on_report()
+
+    def pending(self) -> bool:
+        """Whether something reported is waiting for :meth:`poll`."""
+        return not self._reported.empty()
+
+    def poll(self) -> None:
+        """Load the steps that are ready (call at an iteration boundary, on the engine's thread)."""
+        while True:
+            try:
+                item = self._reported.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, str):
+                self.status.error = item
+                log.warning("%s; steps without a compiled version stay eager", item)
+                continue
+            try:
+                self._load(item)
+            except Exception as exc:  # a step that will not load leaves that signature eager
+                self.status.error = f"{type(exc).__name__}: {exc}"
+                log.exception("loading compiled decode step %d failed; it stays eager", item)
+
+    def _load(self, index: int) -> None:
+        started = time.perf_counter()
+        step = load_step(self.paths[index])
+        self.status.load_s.append(time.perf_counter() - started)
+        self._steps[self._signature(self.rows[index])] = step
+        self.status.ready = len(self._steps)
+        now = time.monotonic() - self.started
+        if self.status.first_ready_s is None:
+            self.status.first_ready_s = now
+        if self.status.ready == self.status.signatures:
+            self.status.all_ready_s = now
+        log.info("compiled decode step %d/%d loaded in %.2f s", self.status.ready, self.status.signatures,
+                 self.status.load_s[-1])
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache, plans: Plans) -> torch.Tensor:
+        """One decode step (see :func:`decode_logits`), compiled when its signature's step is loaded."""
+        cache.reserve(cache.length + 1, self.model.config.n_ctx)  # growing the buffers stays outside the graph
+        step = self._steps.get(step_signature(ids.shape[0], plans)) if self._steps else None
+        if step is not None:
+            try:
+                logits = step(self.model, ids, mask, cache, plans)
+                self.status.compiled_steps += 1
+                return logits
+            except RuntimeError as exc:  # its guards refused these inputs: eager from now on for it
+                if "GuardManager check failed" not in str(exc):
+                    raise
+                log.warning("a compiled decode step refused its inputs; that signature runs eager: %s", exc)
+                self._steps.pop(step_signature(ids.shape[0], plans))
+                self.status.ready = len(self._steps)
+        self.status.eager_steps += 1
+        return decode_logits(self.model, ids, mask, cache, plans)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The background compile worker: compile and save the given signatures, one JSON line each."""
+    p = argparse.ArgumentParser(prog="python -m serving.compiled", description=main.__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, required=True, help="the architecture's directory (cache_dir_for)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", help="comma-separated indices into representative_rows (default: all)")
+    args = p.parse_args(argv)
+    from matta.checkpoint import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    check_private(args.cache_dir)
+    configure(args.cache_dir)
+    model = load_checkpoint(args.checkpoint, device=args.device).model.eval()
+    rows = representative_rows(model.config, args.max_batch)
+    indices = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
+    for index in indices:
+        started = time.perf_counter()
+        signature = step_signature(len(rows[index]), ffn_plans(model.config, rows[index]))
+        compile_step(model, rows[index], artifact_path(args.cache_dir, signature, model.wte.weight.device))
+        print(json.dumps({"index": index, "compile_s": round(time.perf_counter() - started, 3)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

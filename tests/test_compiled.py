@@ -1,0 +1,181 @@
+"""Compiled decode steps (serving/compiled.py): the same numbers as eager, swapped in without a start-up tax.
+
+The compile tests use a two-width model (four step signatures) and share one on-disk cache, so the
+cold compile is paid once per session (about a minute and a half on two cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import torch
+import torch._dynamo.utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.harness import ServerThread
+from matta.checkpoint import load_checkpoint, save_checkpoint
+from matta.model import NestedGPT, ffn_plans
+from serving.app import build_app
+from serving.compiled import DecodeSteps, decode_logits, representative_rows, step_inputs, step_signature
+from serving.engine import Engine, SamplingParams
+from serving.settings import ServeSettings
+from tests.helpers import sharpen, tiny_config
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+PROMPTS = ["Now is the winter", "To be, or not to be", "Friends, Romans", "O Romeo", "All the world", "Is this"]
+
+
+@pytest.fixture(scope="module")
+def two_widths(tmp_path_factory, tokenizer):
+    """A sharpened two-width checkpoint, its model and one compile cache for the module."""
+    torch.manual_seed(1)
+    model = sharpen(NestedGPT(tiny_config(widths={"s": 32, "ta": 128})).eval())
+    root = tmp_path_factory.mktemp("compiled")
+    path = save_checkpoint(root / "ckpt", model, tokenizer, {"recipe": "test"})
+    return path, model, root / "cache"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_every_step_the_engine_can_take_has_a_signature_that_is_compiled(data):
+    """Rows sorted widest first (as the engine keeps them) in any mix and batch size map to one of
+    the signatures the worker compiles: none of the engine's steps is left eager for good."""
+    config = load_checkpoint("checkpoints/default", weights=False).config
+    max_batch = data.draw(st.integers(1, 32))
+    compiled = {step_signature(len(rows), ffn_plans(config, rows)) for rows in representative_rows(config, max_batch)}
+    size = {w: sum(config.resolve_width(w)) for w in config.served_widths}
+    rows = data.draw(st.lists(st.sampled_from(config.served_widths), min_size=1, max_size=max_batch))
+    rows.sort(key=lambda w: -size[w])
+    assert step_signature(len(rows), ffn_plans(config, rows)) in compiled
+
+
+def test_compile_off_runs_every_step_eager(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4)
+    engine.start()
+    try:
+        asyncio.run(_generate(engine, [("Now is", "s"), ("To be", "ta")]))
+    finally:
+        engine.stop()
+    stats = engine.stats()
+    assert stats.eager_steps > 0 and stats.compiled_steps == 0 and stats.compile_signatures == 0
+
+
+def test_a_failing_compile_worker_leaves_the_engine_serving_eager(two_widths, tokenizer, tmp_path):
+    _, model, _ = two_widths
+    steps = DecodeSteps(model, "background", max_batch=4, cache_dir=tmp_path / "cache",
+                        checkpoint=tmp_path / "no-such-checkpoint")
+    engine = Engine(model, tokenizer, max_batch=4, steps=steps)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 120
+        while steps.status.error is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "the compile worker exited with code" in (steps.status.error or "")
+        results = asyncio.run(_generate(engine, [("Now is", "s"), ("To be", "ta")]))
+    finally:
+        engine.stop()
+    for (prompt, width), tokens in zip([("Now is", "s"), ("To be", "ta")], results, strict=True):
+        assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
+    assert steps.status.ready == 0 and engine.stats().compiled_steps == 0
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, tokenizer):
+    _, model, cache = two_widths
+    steps = DecodeSteps(model, "require", max_batch=8, cache_dir=cache)
+    assert steps.status.ready == steps.status.signatures == 4
+
+    # One step of every signature, compiled against eager (fp32): equal within 1e-5.
+    for rows in [["ta", "ta", "s"], ["ta", "s", "s", "s"], ["s"], ["ta"] * 5, ["ta", "ta", "s", "s", "s"]]:
+        ids, mask, cache_a, plans = step_inputs(model, rows, context=20)
+        _, _, cache_b, _ = step_inputs(model, rows, context=20)
+        with torch.inference_mode():
+            want = decode_logits(model, ids, mask, cache_a, plans)
+            got = steps(ids, mask, cache_b, plans)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for kb, ka in zip(cache_b.keys, cache_a.keys, strict=True):  # the step wrote its keys in place
+            torch.testing.assert_close(kb[:, :, : cache_b.length], ka[:, :, : cache_a.length], atol=1e-5, rtol=0)
+    assert steps.status.compiled_steps == 5 and steps.status.eager_steps == 0
+
+    # Whole generations through the engine: every token as eager greedy decoding gives, and no
+    # graph compiled on the serving path whatever the batch, context and width mix.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine = Engine(model, tokenizer, max_batch=8, steps=steps)
+    engine.start()
+    try:
+        cases = [(p, "s" if i % 3 else "ta") for i, p in enumerate(PROMPTS)]
+        results = asyncio.run(_generate(engine, cases))
+    finally:
+        engine.stop()
+    for (prompt, width), tokens in zip(cases, results, strict=True):
+        assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert engine.stats().compiled_steps > 0
+
+
+@pytest.mark.slow
+def test_background_compile_serves_at_once_and_swaps_compiled_steps_in(two_widths, tokenizer):
+    """Through HTTP with the engine core in its own process: healthy and answering before any graph
+    is ready, then the worker's graphs (from the on-disk cache the test above filled) are loaded
+    and the same requests are answered by compiled steps with the same tokens."""
+    path, model, cache = two_widths
+    app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=8, compile="background",
+                                  compile_cache=cache))
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        health = client.get("/health")
+        assert health.status_code == 200
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+        first = client.post("/v1/completions", json={**body, "model": "tiny:s"}).json()["choices"][0]["text"]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            compiled = client.get("/health").json()["compiled"]
+            if compiled["ready"] == compiled["signatures"]:
+                break
+            time.sleep(0.5)
+        assert compiled == {"ready": 4, "signatures": 4}
+        before = _compiled_steps(client)
+        again = client.post("/v1/completions", json={**body, "model": "tiny:s"}).json()["choices"][0]["text"]
+        assert again == first
+        assert _compiled_steps(client) >= before + 11  # every decode step of the 12 tokens
+    want = model.generate_greedy(tokenizer.encode(PROMPTS[0]), 12, width="s")
+    assert tokenizer.encode(first)[:4] == want[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_steps_with_cuda_graphs_match_eager_on_cuda(two_widths, tokenizer, tmp_path):
+    _, model, _ = two_widths
+    model = model.to("cuda")
+    steps = DecodeSteps(model, "require", max_batch=8, cache_dir=tmp_path / "cache")
+    engine = Engine(model, tokenizer, max_batch=8, steps=steps)
+    engine.start()
+    try:
+        cases = [(p, "s" if i % 2 else "ta") for i, p in enumerate(PROMPTS)]
+        results = asyncio.run(_generate(engine, cases))
+    finally:
+        engine.stop()
+    for (prompt, width), tokens in zip(cases, results, strict=True):
+        assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
+    assert engine.stats().compiled_steps > 0
+
+
+def _compiled_steps(client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('matta_decode_steps_total{path="compiled"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no matta_decode_steps_total{path=compiled} in /metrics")
+
+
+async def _generate(engine, cases):
+    streams = [engine.submit([engine.tokenizer.encode(p)], w, GREEDY) for p, w in cases]
+    results = []
+    for stream in streams:
+        tokens = []
+        async for _, event in stream:
+            tokens += event.token_ids
+        results.append(tokens)
+    return results
