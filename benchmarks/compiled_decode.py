@@ -1,16 +1,21 @@
-"""Eager against `torch.compile`d decode steps, per width and batch, in one run (issue 20's first figure).
+"""Eager, per-shape compiled and the engine's compiled decode steps, per width and batch, in one run.
 
 For the shipped checkpoint, each width in ``--widths`` and each batch in ``--batches`` at one
-context: the decode step the engine runs (``serving.profile.decode_step_case``: one token per row
-against a ``StaticKVCache``, next token picked) eager, then compiled with inductor for that exact shape
-(``dynamic=False``: one graph per width x batch). Reported per point: the compile time of the
-shape, the median step time of each, compiled/eager, each against the step's roofline (its FLOPs at
-the measured sgemm rate or its bytes at the measured read bandwidth, whichever is larger; the same
-yardstick as ``decode_scaling``), and the largest logit difference compiled vs eager (fp32). Also
-the Student/TA step ratio eager and compiled against the roofline ratio, and the operator count of
-one eager step (``torch.profiler``), which is where eager time goes at small batch.
+context, the engine's decode step (``serving.compiled.decode_logits``: one token per row against a
+``StaticKVCache``) three ways, timed interleaved (medians):
 
-Nothing here changes serving: the engine still runs eager steps. JSON + PNG.
+  eager     the forward as the engine ran it before issue 20;
+  static    ``torch.compile(dynamic=False)`` for that exact shape (one graph per width x batch x
+            context: the best inductor does here, and what serving could not afford);
+  engine    what ``matta serve --compile`` runs: ``serving.compiled.DecodeSteps`` with one step per
+            signature, batch, context and FFN plan symbolic, loaded from the compile cache.
+
+Per point: each against the step's roofline (its FLOPs at the measured sgemm rate or its bytes at
+the measured read bandwidth, whichever is larger; the same yardstick as ``decode_scaling``), the
+largest logit difference from eager (fp32), and where the engine step's time goes
+(``torch.profiler``: its matrix multiplications, which inductor leaves to the BLAS, and the rest:
+fused kernels, the compiled wrapper, its guard check). Also the Student/TA step ratio of each
+against the roofline ratio, and the operator count of one eager step.
 
     python -m benchmarks.compiled_decode [--batches 1 4 16] [--context 64]
 """
@@ -19,18 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import machine_peaks, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-from serving.profile import decode_step_case, median_time
+from matta.model import StaticKVCache
+from serving.compiled import DecodeSteps, decode_logits, step_inputs
 
 RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("eager", "static", "engine")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,22 +49,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile-cache", type=Path, help="the engine steps' cache (default ~/.cache/matta/compile)")
     p.add_argument("--out", type=Path, default=RESULTS / "compiled_decode")
     return p.parse_args(argv)
 
 
-def eager_op_count(model, step) -> dict:
+def eager_op_count(model, inputs) -> dict:
     """Operators one eager step launches, and the share of its CPU time the top ones take."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(model)
+        decode_logits(model, *inputs)
     events = prof.key_averages()
     ops = [e for e in events if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in ops) or 1
     top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]
     return {"aten_calls": int(sum(e.count for e in ops)),
             "top_self_cpu": [{"op": e.key, "calls": int(e.count), "share": e.self_cpu_time_total / total} for e in top]}
+
+
+def time_split(run, repeats: int) -> dict:
+    """Per step: wall ms, ms inside matrix multiplications (their self CPU time, from the profiler),
+    and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            run()
+    wall = (time.perf_counter() - started) / repeats * 1e3
+    matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / repeats / 1e3
+    return {"profiled_ms": wall, "matmul_ms": matmul, "other_ms": wall - matmul, "matmul_share": matmul / wall}
+
+
+def rewinding(fn, args: tuple):
+    """``fn(*args)`` as a function to time, the KV cache among ``args`` rewound before every call."""
+    cache = next(a for a in args if isinstance(a, StaticKVCache))
+    length = cache.length
+
+    def run():
+        cache.length = length
+        return fn(*args)
+    return run
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """Median ms of each callable, timed in rotating order."""
+    names = list(runs)
+    times = {n: [] for n in names}
+    for n in names:
+        runs[n]()
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            started = time.perf_counter()
+            runs[n]()
+            times[n].append(time.perf_counter() - started)
+    return {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -67,42 +116,49 @@ def main(argv=None) -> int:
     model, config = ckpt.model.eval(), ckpt.config
     widths = args.widths or [config.width_names[0], config.width_names[-1]]
     peaks = machine_peaks()
+    started = time.perf_counter()
+    # One width's two signatures serve every width: the FFN size is a symbol of the compiled step.
+    engine = DecodeSteps(model, "require", max_batch=max(args.batches), cache_dir=args.compile_cache,
+                         rows=[[widths[0]] * 2, [widths[0]]])
+    engine_ready_s = time.perf_counter() - started
     points = []
     for width in widths:
         for batch in args.batches:
-            step = decode_step_case(model, {"width": width}, batch, args.context, torch.Generator().manual_seed(batch))
-            reference = step(model)
-            compiled = torch.compile(model, dynamic=False)
-            started = time.perf_counter()
-            out = step(compiled)
-            compile_s = time.perf_counter() - started
-            eager_ms = 1e3 * median_time(partial(step, model), args.repeats)
-            compiled_ms = 1e3 * median_time(partial(step, compiled), args.repeats)
+            inputs = step_inputs(model, [width] * batch, args.context)
+            static = torch.compile(decode_logits, dynamic=False)
+            runs = {"eager": rewinding(decode_logits, (model, *inputs)), "static": rewinding(static, (model, *inputs)),
+                    "engine": rewinding(engine, inputs)}
+            reference = runs["eager"]()
+            compile_started = time.perf_counter()
+            diffs = {"static": float((runs["static"]() - reference).abs().max())}
+            static_compile_s = time.perf_counter() - compile_started
+            diffs["engine"] = float((runs["engine"]() - reference).abs().max())
+            ms = interleaved(runs, args.repeats)
             flops = step_flops(config, width, batch, args.context)
             moved = sum(step_bytes(config, width, batch, args.context).values())
             roof_ms = 1e3 * max(flops / (peaks["sgemm_gflops"] * 1e9), moved / (peaks["read_gb_per_s"] * 1e9))
-            point = {"width": width, "batch": batch, "context": args.context, "compile_s": compile_s,
-                     "eager_ms": eager_ms, "compiled_ms": compiled_ms, "compiled_over_eager": compiled_ms / eager_ms,
-                     "roofline_ms": roof_ms, "eager_efficiency": roof_ms / eager_ms,
-                     "compiled_efficiency": roof_ms / compiled_ms,
-                     "max_abs_logit_diff": float((out - reference).abs().max())}
+            point = {"width": width, "batch": batch, "context": args.context, "static_compile_s": static_compile_s,
+                     "roofline_ms": roof_ms, "max_abs_logit_diff": diffs,
+                     **{f"{v}_ms": ms[v] for v in VARIANTS},
+                     **{f"{v}_efficiency": roof_ms / ms[v] for v in VARIANTS},
+                     "engine_split": time_split(runs["engine"], args.repeats),
+                     "eager_split": time_split(runs["eager"], args.repeats)}
             points.append(point)
             print(json.dumps(point), flush=True)
-            torch._dynamo.reset()  # one compiled graph at a time, as a fresh process would have
+            torch._dynamo.reset()  # one static graph at a time, as a fresh process would have
     s, ta = widths[0], widths[-1]
     ratios = []
     for batch in args.batches:
         p = {w: next(x for x in points if x["width"] == w and x["batch"] == batch) for w in (s, ta)}
-        ratios.append({"batch": batch, "ta_over_student_eager": p[ta]["eager_ms"] / p[s]["eager_ms"],
-                       "ta_over_student_compiled": p[ta]["compiled_ms"] / p[s]["compiled_ms"],
-                       "ta_over_student_roofline": p[ta]["roofline_ms"] / p[s]["roofline_ms"]})
+        ratios.append({"batch": batch, "roofline": p[ta]["roofline_ms"] / p[s]["roofline_ms"],
+                       **{v: p[ta][f"{v}_ms"] / p[s][f"{v}_ms"] for v in VARIANTS}})
     results = {"checkpoint": str(args.checkpoint), "threads": args.threads, "torch": torch.__version__,
-               "peaks": peaks, "points": points, "student_ta": ratios,
-               "eager_ops": eager_op_count(model, decode_step_case(model, {"width": s}, 1, args.context, torch.Generator()))}
+               "peaks": peaks, "engine_signatures_ready_s": engine_ready_s, "points": points, "ta_over_student": ratios,
+               "eager_ops": eager_op_count(model, step_inputs(model, [s], args.context))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))
-    print(json.dumps({"student_ta": ratios, "eager_ops": results["eager_ops"]["aten_calls"]}, indent=1))
+    print(json.dumps({"ta_over_student": ratios, "eager_ops": results["eager_ops"]["aten_calls"]}, indent=1))
     return 0
 
 
@@ -112,21 +168,21 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
-    for width in dict.fromkeys(p["width"] for p in results["points"]):
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"eager": "o-", "static": "^:", "engine": "s--"}
+    for i, width in enumerate(dict.fromkeys(p["width"] for p in results["points"])):
         pts = [p for p in results["points"] if p["width"] == width]
         batches = [p["batch"] for p in pts]
-        ax_t.plot(batches, [p["eager_ms"] for p in pts], "o-", label=f"{width} eager")
-        ax_t.plot(batches, [p["compiled_ms"] for p in pts], "s--", label=f"{width} compiled")
-        ax_e.plot(batches, [p["eager_efficiency"] for p in pts], "o-", label=f"{width} eager")
-        ax_e.plot(batches, [p["compiled_efficiency"] for p in pts], "s--", label=f"{width} compiled")
+        for v, style in styles.items():
+            ax_t.plot(batches, [p[f"{v}_ms"] for p in pts], style, color=f"C{i}", label=f"{width} {v}")
+            ax_e.plot(batches, [p[f"{v}_efficiency"] for p in pts], style, color=f"C{i}", label=f"{width} {v}")
     ax_t.set(xscale="log", xlabel="batch", ylabel="decode step (ms)", title="step time")
     ax_e.axhline(0.7, color="grey", linestyle=":", label="issue 20 target")
     ax_e.set(xscale="log", xlabel="batch", ylabel="roofline / measured", title="efficiency vs roofline")
     for ax in (ax_t, ax_e):
-        ax.legend(fontsize=8)
-    fig.suptitle(f"eager vs torch.compile decode step ({results['threads']} thread, context "
-                 f"{results['points'][0]['context']})")
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"eager, per-shape compiled (static) and the engine's compiled step ({results['threads']} thread, "
+                 f"context {results['points'][0]['context']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -132,12 +132,10 @@ def check_private(directory: Path) -> None:
 
 
 def configure(cache_dir: Path) -> None:
-    """Settings every process that compiles or loads the step shares (inductor's own on-disk caches
-    go under ``cache_dir`` too). Call before the first compile."""
+    """Settings of a process that compiles steps (inductor's own on-disk caches go under
+    ``cache_dir`` too). Call before the first compile; it imports dynamo and inductor (seconds)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
-    import torch._dynamo
-    import torch._dynamo.aot_compile
-    import torch._inductor.compile_fx
+    import_compiler()
     import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
 
@@ -147,6 +145,14 @@ def configure(cache_dir: Path) -> None:
     torch._dynamo.config.specialize_float = True
     inductor_config.fx_graph_cache = True
     inductor_config.compile_threads = 1  # a 2-core machine: no pool of compiler processes
+
+
+def import_compiler() -> None:
+    """Import what compiling or loading a step needs (about 2 s on this machine, so not at start-up
+    in background mode)."""
+    import torch._dynamo
+    import torch._dynamo.aot_compile
+    import torch._inductor.compile_fx  # noqa: F401
 
 
 @torch.inference_mode()
@@ -228,7 +234,12 @@ class DecodeSteps:
             return
         self.cache_dir = cache_dir_for(model.config, cache_dir or default_cache_dir())
         check_private(self.cache_dir)
-        configure(self.cache_dir)
+        if mode == "require":
+            configure(self.cache_dir)
+        else:  # the imports wait for start()'s thread: background mode adds nothing to start-up
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
+        self._lock = threading.Lock()
+        self._stopping = False
         self.paths = [artifact_path(self.cache_dir, self._signature(rows), self.device) for rows in self.rows]
         if mode == "require":
             for index, rows in enumerate(self.rows):
@@ -240,9 +251,13 @@ class DecodeSteps:
         return step_signature(len(rows), ffn_plans(self.model.config, rows))
 
     def start(self) -> None:
-        """Background mode: queue the steps already in the cache and start a worker for the rest."""
-        if self.mode != "background" or self._worker is not None:
-            return
+        """Background mode: on a thread, import the compiler's runtime, queue the steps already in the
+        cache, and start a worker process for the rest; the engine serves eager meanwhile."""
+        if self.mode == "background":
+            threading.Thread(target=self._background, name="matta-compile", daemon=True).start()
+
+    def _background(self) -> None:
+        import_compiler()
         missing = []
         for index, path in enumerate(self.paths):
             if path.exists():
@@ -252,14 +267,21 @@ class DecodeSteps:
         if not missing:
             return
         cmd = [*WORKER_COMMAND, "--checkpoint", str(self._checkpoint), "--max-batch", str(self._max_batch),
-               "--threads", str(torch.get_num_threads()), "--cache-dir", str(self.cache_dir), "--device", str(self.device),
-               "--only", ",".join(map(str, missing))]
-        self._worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        preexec_fn=lambda: os.nice(10))
-        threading.Thread(target=self._read_worker, name="matta-compile-reader", daemon=True).start()
+               "--threads", str(torch.get_num_threads()), "--cache-dir", str(self.cache_dir),
+               "--device", str(self.device), "--only", ",".join(map(str, missing))]
+        with self._lock:
+            if self._stopping:
+                return
+            self._worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            preexec_fn=lambda: os.nice(10))
+        self._read_worker()
 
     def stop(self) -> None:
         """Stop the worker if it is still compiling (the steps it finished stay in the cache)."""
+        if self.mode != "background":
+            return
+        with self._lock:
+            self._stopping = True
         if self._worker is not None and self._worker.poll() is None:
             self._worker.terminate()
             try:
@@ -287,9 +309,12 @@ class DecodeSteps:
         """Whether something reported is waiting for :meth:`poll`."""
         return not self._reported.empty()
 
-    def poll(self) -> None:
-        """Load the steps that are ready (call at an iteration boundary, on the engine's thread)."""
-        while True:
+    def poll(self, limit: int | None = None) -> None:
+        """Load the steps that are ready (call at an iteration boundary, on the engine's thread), at
+        most ``limit`` of them (a busy engine takes one per iteration: each holds it ~0.1-0.5 s)."""
+        while limit is None or limit > 0:
+            if limit is not None:
+                limit -= 1
             try:
                 item = self._reported.get_nowait()
             except queue.Empty:

@@ -403,7 +403,8 @@ class Engine:
                 except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
-                self.steps.poll()  # swap in compiled graphs between steps, never during one
+                # Swap compiled steps in between iterations, never during one; one per iteration while busy.
+                self.steps.poll(limit=1 if self._groups or self._waiting else None)
                 self._publish_shapes()
                 if self.on_step is not None:
                     self.on_step()
