@@ -196,6 +196,25 @@ def cmd_route(args) -> int:
     return serve_route(settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def cmd_compile(args) -> int:
+    """Compile (or load from the cache) every decode step signature `matta serve --compile` uses, so
+    servers started later with the same thread count load them in a fraction of a second."""
+    import time
+
+    import torch
+
+    from matta.checkpoint import load_checkpoint
+    from serving.compiled import DecodeSteps
+
+    torch.set_num_threads(args.threads or 1)
+    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu")
+    started = time.perf_counter()
+    steps = DecodeSteps(ckpt.model, "require", max_batch=args.max_batch, cache_dir=args.compile_cache)
+    print(f"{steps.status.ready} compiled decode steps in {steps.cache_dir} ({torch.get_num_threads()} torch "
+          f"threads, {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def cmd_profile(args) -> int:
     """Measure prefill and decode step times per width, batch size and context on this machine;
     write the latency profile that `matta serve --policy slo --profile PATH` loads."""
@@ -337,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="route config YAML (see serving/route.py)")
     _add_server_flags(p)
     _add_settings_flags(p, "RouteSettings", skip=frozenset({"model", "checkpoint"}))
+
+    p = add("compile", cmd_compile, "compile the decode steps of `matta serve --compile` into the compile cache")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
+    p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    p.add_argument("--threads", type=int, help="the server's torch threads (default 1: what it uses on 2 cores)")
+    p.add_argument("--compile-cache", type=Path, help="default ~/.cache/matta/compile")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
 
     p = add("profile", cmd_profile, "measure per-width step times on this machine (latency profile for the router)")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)

@@ -230,10 +230,20 @@ class DecodeSteps:
         self._reported: queue.SimpleQueue[int | str] = queue.SimpleQueue()
         self._worker: subprocess.Popen | None = None
         self._max_batch, self._checkpoint = max_batch, checkpoint
+        self._started = False
         if mode == "off":
             return
         self.cache_dir = cache_dir_for(model.config, cache_dir or default_cache_dir())
-        check_private(self.cache_dir)
+        try:
+            check_private(self.cache_dir)
+        except OSError as exc:
+            if mode == "require":
+                raise
+            # Background compilation is an optimisation: a read-only home or an unsafe cache
+            # leaves the server eager, said once, rather than not serving.
+            log.warning("compiled decode steps off: %s", exc)
+            self.mode, self.rows, self.status = "off", [], CompileStatus(mode="off", error=str(exc))
+            return
         if mode == "require":
             configure(self.cache_dir)
         else:  # the imports wait for start()'s thread: background mode adds nothing to start-up
@@ -253,7 +263,8 @@ class DecodeSteps:
     def start(self) -> None:
         """Background mode: on a thread, import the compiler's runtime, queue the steps already in the
         cache, and start a worker process for the rest; the engine serves eager meanwhile."""
-        if self.mode == "background":
+        if self.mode == "background" and not self._started:
+            self._started = True
             threading.Thread(target=self._background, name="matta-compile", daemon=True).start()
 
     def _background(self) -> None:

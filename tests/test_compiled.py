@@ -7,6 +7,8 @@ cold compile is paid once per session (about a minute and a half on two cores).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import httpx
@@ -20,10 +22,10 @@ from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.model import NestedGPT, ffn_plans
 from serving.app import build_app
-from serving.compiled import DecodeSteps, decode_logits, representative_rows, step_inputs, step_signature
+from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, step_inputs, step_signature
 from serving.engine import Engine, SamplingParams
 from serving.settings import ServeSettings
-from tests.helpers import sharpen, tiny_config
+from tests.helpers import REPO, sharpen, tiny_config
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = ["Now is the winter", "To be, or not to be", "Friends, Romans", "O Romeo", "All the world", "Is this"]
@@ -62,6 +64,23 @@ def test_compile_off_runs_every_step_eager(model, tokenizer):
         engine.stop()
     stats = engine.stats()
     assert stats.eager_steps > 0 and stats.compiled_steps == 0 and stats.compile_signatures == 0
+
+
+def test_a_compile_cache_others_could_write_is_refused(model, tmp_path):
+    """What the cache holds is compiled code and torch's serialized compile state (read with
+    torch.compiler.load_compiled_function): only a directory this user alone can write is used.
+    ``require`` fails to start; ``background`` serves eager and says why."""
+    leaf = cache_dir_for(model.config, tmp_path)
+    leaf.mkdir(parents=True)
+    leaf.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by no one else"):
+        DecodeSteps(model, "require", cache_dir=tmp_path)
+    background = DecodeSteps(model, "background", cache_dir=tmp_path, checkpoint=tmp_path)
+    assert background.mode == "off" and "writable by no one else" in background.status.error
+    background.start()  # nothing to start: no worker, every step eager
+    assert background._worker is None and background.status.signatures == 0
+    leaf.chmod(0o700)
+    assert DecodeSteps(model, "background", cache_dir=tmp_path, checkpoint=tmp_path).mode == "background"
 
 
 def test_a_failing_compile_worker_leaves_the_engine_serving_eager(two_widths, tokenizer, tmp_path):
@@ -115,6 +134,20 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
         assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert engine.stats().compiled_steps > 0
+
+
+@pytest.mark.slow
+def test_matta_compile_loads_what_the_cache_holds_and_names_it(two_widths):
+    """The CLI over the cache the test above filled (same thread count): every step loads, none is
+    compiled again (a cold compile of four steps takes minutes; loading them, seconds)."""
+    path, _, cache = two_widths
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "cli", "compile", str(path), "--max-batch", "8", "--threads",
+                          str(torch.get_num_threads()), "--compile-cache", str(cache)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "4 compiled decode steps in " in out.stdout
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.slow
