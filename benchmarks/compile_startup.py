@@ -90,12 +90,12 @@ async def drive(url: str, models: list[str], prompts: list[list[int]], args, sta
 
 
 def windows(completions: list[tuple[float, int]], first: float) -> list[dict]:
-    """Tokens/s per WINDOW_S window from ``first`` on."""
+    """Tokens/s per whole WINDOW_S window from ``first`` on (a last partial window is left out)."""
     if not completions:
         return []
     last = max(t for t, _ in completions)
     out, start = [], first
-    while start < last:
+    while start + WINDOW_S <= last:
         tokens = sum(n for t, n in completions if start <= t < start + WINDOW_S)
         out.append({"start_s": start, "tokens_per_s": tokens / WINDOW_S})
         start += WINDOW_S
@@ -122,8 +122,7 @@ def run_variant(name: str, args, cache: Path, models: list[str], prompts: list[l
     all_ready = next((t for t, r, n in trace["compiled_ready"] if n and r == n), None)
     series = windows(trace["completions"], first_token_s)
     steady_from = all_ready if all_ready is not None else first_token_s
-    steady = [w["tokens_per_s"] for w in series if w["start_s"] >= steady_from and w["start_s"] + WINDOW_S
-              <= max(t for t, _ in trace["completions"])]
+    steady = [w["tokens_per_s"] for w in series if w["start_s"] >= steady_from]
     result = {"variant": name, "health_s": health_s, "first_token_s": first_token_s, "all_ready_s": all_ready,
               "steady_tokens_per_s": statistics.median(steady) if steady else None, "windows": series,
               "compiled_ready": trace["compiled_ready"], "compiled_at_end": health["compiled"],

@@ -357,6 +357,7 @@ class DecodeSteps:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache, plans: Plans) -> torch.Tensor:
         """One decode step (see :func:`decode_logits`), compiled when its signature's step is loaded."""
         cache.reserve(cache.length + 1, self.model.config.n_ctx)  # growing the buffers stays outside the graph
+        plans = plans if isinstance(plans, list) else list(plans)  # compiled with a list; its guards check the type
         step = self._steps.get(step_signature(ids.shape[0], plans)) if self._steps else None
         if step is not None:
             try:

@@ -119,6 +119,11 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
         for kb, ka in zip(cache_b.keys, cache_a.keys, strict=True):  # the step wrote its keys in place
             torch.testing.assert_close(kb[:, :, : cache_b.length], ka[:, :, : cache_a.length], atol=1e-5, rtol=0)
     assert steps.status.compiled_steps == 5 and steps.status.eager_steps == 0
+    # The per-width engine (and benchmarks) pass a width's plan as resolve_width's tuple: same step.
+    ids, mask, cache_a, _ = step_inputs(model, ["s", "s"], context=20)
+    with torch.inference_mode():
+        steps(ids, mask, cache_a, model.config.resolve_width("s"))
+    assert steps.status.compiled_steps == 6 and steps.status.ready == 4
 
     # Whole generations through the engine: every token as eager greedy decoding gives, and no
     # graph compiled on the serving path whatever the batch, context and width mix.
