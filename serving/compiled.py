@@ -203,6 +203,7 @@ class CompileStatus:
     eager_steps: int = 0
     first_ready_s: float | None = None  # seconds from the engine's start to the first loaded step
     all_ready_s: float | None = None
+    guard_misses: int = 0  # steps of a loaded signature its guards refused (run eager)
     error: str | None = None
     load_s: list[float] = field(default_factory=list)  # seconds each swap-in held the scheduler
 
@@ -227,6 +228,7 @@ class DecodeSteps:
         self.status = CompileStatus(mode=mode, signatures=len(self.rows))
         self.on_report: Callable[[], None] | None = None  # the engine's wake-up, called from the reader thread
         self._steps: dict[tuple, Callable] = {}  # signature -> loaded compiled step
+        self._warned: set[tuple] = set()
         self._reported: queue.SimpleQueue[int | str] = queue.SimpleQueue()
         self._worker: subprocess.Popen | None = None
         self._max_batch, self._checkpoint = max_batch, checkpoint
@@ -343,6 +345,7 @@ class DecodeSteps:
     def _load(self, index: int) -> None:
         started = time.perf_counter()
         step = load_step(self.paths[index])
+        step.disable_guard_check()  # __call__ checks them first, and runs eager when they refuse
         self.status.load_s.append(time.perf_counter() - started)
         self._steps[self._signature(self.rows[index])] = step
         self.status.ready = len(self._steps)
@@ -355,21 +358,23 @@ class DecodeSteps:
                  self.status.load_s[-1])
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache, plans: Plans) -> torch.Tensor:
-        """One decode step (see :func:`decode_logits`), compiled when its signature's step is loaded."""
-        cache.reserve(cache.length + 1, self.model.config.n_ctx)  # growing the buffers stays outside the graph
+        """One decode step (see :func:`decode_logits`), compiled when its signature's step is loaded
+        and its guards accept these inputs, eager otherwise."""
+        # Growing the buffers stays outside the graph, and so does a cache filled to its last slot:
+        # the compiled steps were traced with room to spare (their guards say length + 1 < capacity).
+        cache.reserve(min(cache.length + 2, self.model.config.n_ctx), self.model.config.n_ctx)
         plans = plans if isinstance(plans, list) else list(plans)  # compiled with a list; its guards check the type
-        step = self._steps.get(step_signature(ids.shape[0], plans)) if self._steps else None
+        signature = step_signature(ids.shape[0], plans)
+        step = self._steps.get(signature) if self._steps else None
         if step is not None:
-            try:
-                logits = step(self.model, ids, mask, cache, plans)
+            if step.guard_check(self.model, ids, mask, cache, plans):
                 self.status.compiled_steps += 1
-                return logits
-            except RuntimeError as exc:  # its guards refused these inputs: eager from now on for it
-                if "GuardManager check failed" not in str(exc):
-                    raise
-                log.warning("a compiled decode step refused its inputs; that signature runs eager: %s", exc)
-                self._steps.pop(step_signature(ids.shape[0], plans))
-                self.status.ready = len(self._steps)
+                return step(self.model, ids, mask, cache, plans)
+            self.status.guard_misses += 1
+            if signature not in self._warned:
+                self._warned.add(signature)
+                log.warning("a compiled decode step's guards refused a step of its signature (batch %d, cache %d/%d); "
+                            "such steps run eager", ids.shape[0], cache.length, cache.capacity)
         self.status.eager_steps += 1
         return decode_logits(self.model, ids, mask, cache, plans)
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
-from matta.model import NestedGPT, ffn_plans
+from matta.model import NestedGPT, StaticKVCache, ffn_plans
 from serving.app import build_app
 from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, step_inputs, step_signature
 from serving.engine import Engine, SamplingParams
@@ -124,6 +124,18 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
     with torch.inference_mode():
         steps(ids, mask, cache_a, model.config.resolve_width("s"))
     assert steps.status.compiled_steps == 6 and steps.status.ready == 4
+    # A cache filled to its last slot is grown first (the steps were traced with room to spare);
+    # inputs the guards refuse (an int32 mask) run eager, and the signature stays compiled.
+    ids, mask, cache_a, plans = step_inputs(model, ["ta", "s"], context=20)
+    _, _, cache_b, _ = step_inputs(model, ["ta", "s"], context=20)
+    full = StaticKVCache.from_list(cache_b.as_list(), capacity=cache_b.length + 1)
+    with torch.inference_mode():
+        want = decode_logits(model, ids, mask, cache_a, plans)
+        torch.testing.assert_close(steps(ids, mask, full, plans), want, atol=1e-5, rtol=0)
+        assert steps.status.compiled_steps == 7
+        got = steps(ids, mask.int(), cache_b, plans)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert steps.status.guard_misses == 1 and steps.status.eager_steps == 1 and steps.status.ready == 4
 
     # Whole generations through the engine: every token as eager greedy decoding gives, and no
     # graph compiled on the serving path whatever the batch, context and width mix.
