@@ -108,12 +108,17 @@ def interleaved(runs: dict, repeats: int) -> dict:
     return {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
 
 
-@torch.inference_mode()
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Loaded outside inference mode, as the server loads it: a compiled step's guards check that its
+    # parameters are ordinary tensors.
     ckpt = load_checkpoint(args.checkpoint)
-    model, config = ckpt.model.eval(), ckpt.config
+    with torch.inference_mode():
+        return measure(args, ckpt.model.eval(), ckpt.config)
+
+
+def measure(args, model, config) -> int:
     widths = args.widths or [config.width_names[0], config.width_names[-1]]
     peaks = machine_peaks()
     started = time.perf_counter()

@@ -373,10 +373,20 @@ class DecodeSteps:
             self.status.guard_misses += 1
             if signature not in self._warned:
                 self._warned.add(signature)
-                log.warning("a compiled decode step's guards refused a step of its signature (batch %d, cache %d/%d); "
-                            "such steps run eager", ids.shape[0], cache.length, cache.capacity)
+                log.warning("a compiled decode step's guards refused a step of its signature (batch %d, cache %d/%d; "
+                            "%s); such steps run eager", ids.shape[0], cache.length, cache.capacity,
+                            _refusal(step, (self.model, ids, mask, cache, plans)))
         self.status.eager_steps += 1
         return decode_logits(self.model, ids, mask, cache, plans)
+
+
+def _refusal(step, args: tuple) -> str:
+    """Which guards refused ``args`` (for the log; torch's guard report, best effort)."""
+    try:
+        report = step._artifacts.guard_manager.check_verbose(step.prepare_f_locals(*args))
+        return "; ".join(report.verbose_code_parts)[:500]
+    except Exception as exc:  # a private torch API: the warning must not fail the step
+        return f"no guard report ({type(exc).__name__})"
 
 
 def main(argv: list[str] | None = None) -> int:
