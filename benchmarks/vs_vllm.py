@@ -143,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = results["shapes"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(8, 6 * len(shapes)), 4.5), squeeze=False)
     for ax, (label, shape) in zip(axes[0], shapes.items(), strict=True):
         systems = list(shape["tokens_per_s"])
         first = shape["tokens_per_s"][systems[0]]

@@ -25,7 +25,8 @@ How:
 
 ``compile="require"`` compiles (or loads) every signature before the engine starts: start-up pays
 the compile, a failure stops the server. On CUDA the compiled steps capture CUDA graphs (inductor's
-``triton.cudagraphs``), one per shape met. The cache directory is created owner-only and refused
+``triton.cudagraphs``), one per shape met (never run on this project's CPU-only machines; its test is
+marked ``gpu``). The cache directory is created owner-only and refused
 when anyone else could write it: it holds compiled code and torch's serialized compile state.
 """
 
@@ -71,7 +72,7 @@ def decode_logits(model: NestedGPT, ids: torch.Tensor, mask: torch.Tensor, cache
     """The engine's decode step: one new token per row (``ids`` (B, 1)) against ``cache``, which it
     extends in place; ``mask`` (B, cached + 1) marks real tokens. Returns the new token's logits (B, V).
 
-    This function is what gets compiled: its code object holds the compiled graphs."""
+    This is the function :func:`compile_step` compiles, and what runs eager."""
     out = model(ids, plans=plans, attention_mask=mask, past_key_values=cache, use_cache=True)
     return out.logits[:, -1]
 
