@@ -140,15 +140,8 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
     # Whole generations through the engine: every token as eager greedy decoding gives, and no
     # graph compiled on the serving path whatever the batch, context and width mix.
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    engine = Engine(model, tokenizer, max_batch=8, steps=steps)
-    engine.start()
-    try:
-        cases = [(p, "s" if i % 3 else "ta") for i, p in enumerate(PROMPTS)]
-        results = asyncio.run(_generate(engine, cases))
-    finally:
-        engine.stop()
-    for (prompt, width), tokens in zip(cases, results, strict=True):
-        assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
+    engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 3 else "ta")
+                                                                 for i, p in enumerate(PROMPTS)])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert engine.stats().compiled_steps > 0
 
@@ -201,16 +194,23 @@ def test_compiled_steps_with_cuda_graphs_match_eager_on_cuda(two_widths, tokeniz
     _, model, _ = two_widths
     model = model.to("cuda")
     steps = DecodeSteps(model, "require", max_batch=8, cache_dir=tmp_path / "cache")
+    engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 2 else "ta")
+                                                                 for i, p in enumerate(PROMPTS)])
+    assert engine.stats().compiled_steps > 0
+
+
+def _generations_match_greedy(model, tokenizer, steps, cases) -> Engine:
+    """Generate every (prompt, width) case through an engine over ``steps``: every token is the one
+    eager greedy decoding of that prompt alone gives. Returns the stopped engine."""
     engine = Engine(model, tokenizer, max_batch=8, steps=steps)
     engine.start()
     try:
-        cases = [(p, "s" if i % 2 else "ta") for i, p in enumerate(PROMPTS)]
         results = asyncio.run(_generate(engine, cases))
     finally:
         engine.stop()
     for (prompt, width), tokens in zip(cases, results, strict=True):
         assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width=width)
-    assert engine.stats().compiled_steps > 0
+    return engine
 
 
 def _compiled_steps(client) -> float:
