@@ -43,20 +43,20 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from matta.config import ModelConfig
 from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
+from serving.settings import CompileMode
 
 log = logging.getLogger(__name__)
 
-CompileMode = Literal["off", "background", "require"]
-COMPILE_MODES: tuple[str, ...] = ("off", "background", "require")
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 WORKER_COMMAND = (sys.executable, "-m", "serving.compiled")
 
 Plans = Sequence["int | FFNBlocks"]
@@ -86,6 +86,11 @@ def step_signature(batch: int, plans: Plans) -> tuple:
     return (batch == 1, layers)
 
 
+def rows_signature(config: ModelConfig, rows: Sequence[str]) -> tuple:
+    """The signature of a step over rows of widths ``rows`` (widest first)."""
+    return step_signature(len(rows), ffn_plans(config, rows))
+
+
 def representative_rows(config: ModelConfig, max_batch: int) -> list[list[str]]:
     """One row-width list (widest first) for every step signature the engine can meet, most common
     first: one width at batch >= 2 and at batch 1, then mixes of 2, 3, ... widths, the widest of
@@ -101,7 +106,7 @@ def representative_rows(config: ModelConfig, max_batch: int) -> list[list[str]]:
                     cases.append(rows)
     seen: dict[tuple, list[str]] = {}
     for rows in cases:
-        seen.setdefault(step_signature(len(rows), ffn_plans(config, rows)), rows)
+        seen.setdefault(rows_signature(config, rows), rows)
     return list(seen.values())
 
 
@@ -253,15 +258,14 @@ class DecodeSteps:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
         self._lock = threading.Lock()
         self._stopping = False
-        self.paths = [artifact_path(self.cache_dir, self._signature(rows), self.device) for rows in self.rows]
+        self.paths = [artifact_path(self.cache_dir, rows_signature(model.config, rows), self.device)
+                      for rows in self.rows]
         if mode == "require":
             for index, rows in enumerate(self.rows):
                 if not self.paths[index].exists():
                     compile_step(model, rows, self.paths[index])
                 self._load(index)
 
-    def _signature(self, rows: Sequence[str]) -> tuple:
-        return step_signature(len(rows), ffn_plans(self.model.config, rows))
 
     def start(self) -> None:
         """Background mode: on a thread, import the compiler's runtime, queue the steps already in the
@@ -348,7 +352,7 @@ class DecodeSteps:
         step = load_step(self.paths[index])
         step.disable_guard_check()  # __call__ checks them first, and runs eager when they refuse
         self.status.load_s.append(time.perf_counter() - started)
-        self._steps[self._signature(self.rows[index])] = step
+        self._steps[rows_signature(self.model.config, self.rows[index])] = step
         self.status.ready = len(self._steps)
         now = time.monotonic() - self.started
         if self.status.first_ready_s is None:
@@ -410,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     indices = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
     for index in indices:
         started = time.perf_counter()
-        signature = step_signature(len(rows[index]), ffn_plans(model.config, rows[index]))
-        compile_step(model, rows[index], artifact_path(args.cache_dir, signature, model.wte.weight.device))
+        path = artifact_path(args.cache_dir, rows_signature(model.config, rows[index]), model.wte.weight.device)
+        compile_step(model, rows[index], path)
         print(json.dumps({"index": index, "compile_s": round(time.perf_counter() - started, 3)}), flush=True)
     return 0
 

@@ -25,6 +25,7 @@ from matta.config import DEFAULT_CHECKPOINT
 from matta.configfile import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 
 ENV_PREFIX = "MATTA_"
+CompileMode = Literal["off", "background", "require"]  # serving/compiled.py: what each mode does
 
 
 def _flag(name: str, **extra: Any) -> dict:
@@ -98,7 +99,7 @@ class ServeSettings(FrontendSettings):
     max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
     # The default reads MATTA_COMPILE even when the settings are built in code (not only through
     # settings_from): the test suite runs eager unless a test asks for compiled steps.
-    compile: Literal["off", "background", "require"] = Field(
+    compile: CompileMode = Field(
         default_factory=lambda: os.environ.get(ENV_PREFIX + "COMPILE") or "background",
         description="compiled decode steps (torch.compile): off; background (serve eager at once, swap compiled "
                     "steps in as a worker process finishes them); require (compile before serving)")

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
-from matta.model import NestedGPT, StaticKVCache, ffn_plans
+from matta.model import NestedGPT, StaticKVCache
 from serving.app import build_app
-from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, step_inputs, step_signature
+from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, rows_signature, step_inputs
 from serving.engine import Engine, SamplingParams
 from serving.settings import ServeSettings
 from tests.helpers import REPO, sharpen, tiny_config
@@ -48,11 +48,11 @@ def test_every_step_the_engine_can_take_has_a_signature_that_is_compiled(data):
     the signatures the worker compiles: none of the engine's steps is left eager for good."""
     config = load_checkpoint("checkpoints/default", weights=False).config
     max_batch = data.draw(st.integers(1, 32))
-    compiled = {step_signature(len(rows), ffn_plans(config, rows)) for rows in representative_rows(config, max_batch)}
+    compiled = {rows_signature(config, rows) for rows in representative_rows(config, max_batch)}
     size = {w: sum(config.resolve_width(w)) for w in config.served_widths}
     rows = data.draw(st.lists(st.sampled_from(config.served_widths), min_size=1, max_size=max_batch))
     rows.sort(key=lambda w: -size[w])
-    assert step_signature(len(rows), ffn_plans(config, rows)) in compiled
+    assert rows_signature(config, rows) in compiled
 
 
 def test_compile_off_runs_every_step_eager(model, tokenizer):
