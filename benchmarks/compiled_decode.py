@@ -7,6 +7,8 @@ context, the engine's decode step (``serving.compiled.decode_logits``: one token
   eager     the forward as the engine ran it before issue 20;
   static    ``torch.compile(dynamic=False)`` for that exact shape (one graph per width x batch x
             context: the best inductor does here, and what serving could not afford);
+  frozen    the same with inductor's ``freezing`` (weights as constants of the graph: folded and,
+            for its linear layers, prepacked), which a step cached per checkpoint could use;
   engine    what ``matta serve --compile`` runs: ``serving.compiled.DecodeSteps`` with one step per
             signature, batch, context and FFN plan symbolic, loaded from the compile cache.
 
@@ -37,7 +39,7 @@ from matta.model import StaticKVCache
 from serving.compiled import DecodeSteps, decode_logits, step_inputs
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("eager", "static", "engine")
+VARIANTS = ("eager", "static", "frozen", "engine")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
 
@@ -131,18 +133,20 @@ def measure(args, model, config) -> int:
         for batch in args.batches:
             inputs = step_inputs(model, [width] * batch, args.context)
             static = torch.compile(decode_logits, dynamic=False)
+            frozen = torch.compile(decode_logits, dynamic=False, options={"freezing": True})
             runs = {"eager": rewinding(decode_logits, (model, *inputs)), "static": rewinding(static, (model, *inputs)),
-                    "engine": rewinding(engine, inputs)}
+                    "frozen": rewinding(frozen, (model, *inputs)), "engine": rewinding(engine, inputs)}
             reference = runs["eager"]()
-            compile_started = time.perf_counter()
-            diffs = {"static": float((runs["static"]() - reference).abs().max())}
-            static_compile_s = time.perf_counter() - compile_started
-            diffs["engine"] = float((runs["engine"]() - reference).abs().max())
+            diffs, compile_s = {}, {}
+            for variant in ("static", "frozen", "engine"):
+                compile_started = time.perf_counter()
+                diffs[variant] = float((runs[variant]() - reference).abs().max())
+                compile_s[variant] = time.perf_counter() - compile_started
             ms = interleaved(runs, args.repeats)
             flops = step_flops(config, width, batch, args.context)
             moved = sum(step_bytes(config, width, batch, args.context).values())
             roof_ms = 1e3 * max(flops / (peaks["sgemm_gflops"] * 1e9), moved / (peaks["read_gb_per_s"] * 1e9))
-            point = {"width": width, "batch": batch, "context": args.context, "static_compile_s": static_compile_s,
+            point = {"width": width, "batch": batch, "context": args.context, "first_call_s": compile_s,
                      "roofline_ms": roof_ms, "max_abs_logit_diff": diffs,
                      **{f"{v}_ms": ms[v] for v in VARIANTS},
                      **{f"{v}_efficiency": roof_ms / ms[v] for v in VARIANTS},
@@ -174,7 +178,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"eager": "o-", "static": "^:", "engine": "s--"}
+    styles = {"eager": "o-", "static": "^:", "frozen": "v-.", "engine": "s--"}
     for i, width in enumerate(dict.fromkeys(p["width"] for p in results["points"])):
         pts = [p for p in results["points"] if p["width"] == width]
         batches = [p["batch"] for p in pts]
@@ -186,7 +190,7 @@ def plot(results: dict, path: Path) -> None:
     ax_e.set(xscale="log", xlabel="batch", ylabel="roofline / measured", title="efficiency vs roofline")
     for ax in (ax_t, ax_e):
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"eager, per-shape compiled (static) and the engine's compiled step ({results['threads']} thread, "
+    fig.suptitle(f"eager, per-shape compiled (static, frozen) and the engine's compiled step ({results['threads']} thread, "
                  f"context {results['points'][0]['context']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
