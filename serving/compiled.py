@@ -24,10 +24,17 @@ How:
   call (dtypes, ranks, the plan's structure); inputs it refuses run eager.
 
 ``compile="require"`` compiles (or loads) every signature before the engine starts: start-up pays
-the compile, a failure stops the server. On CUDA the compiled steps capture CUDA graphs (inductor's
-``triton.cudagraphs``), one per shape met (never run on this project's CPU-only machines; its test is
-marked ``gpu``). The cache directory is created owner-only and refused
-when anyone else could write it: it holds compiled code and torch's serialized compile state.
+the compile, a failure stops the server. On CUDA the same steps compile to Triton kernels (never run
+on this project's CPU-only machines; their test is marked ``gpu``). They do not capture CUDA graphs:
+a graph replays fixed shapes at fixed addresses, and this step's shapes change every step (the
+attention reads the cache up to its filled length) while it writes the KV cache, a plain input, in
+place; inductor's ``triton.cudagraphs`` would record a new graph per (batch, context) or skip the
+step. CUDA graphs per batch bucket, as vLLM captures them, need a decode step of fixed shapes:
+attention over the whole cache buffer under a mask, the write position and row widths as device
+tensors rather than sizes, rows padded to the bucket, cache buffers at static addresses.
+
+The cache directory is created owner-only and refused when anyone else could write it: it holds
+compiled code and torch's serialized compile state.
 """
 
 from __future__ import annotations
@@ -181,11 +188,9 @@ def step_inputs(model: NestedGPT, rows: Sequence[str], context: int = 8):
 
 def compile_step(model: NestedGPT, rows: Sequence[str], path: Path) -> None:
     """Compile :func:`decode_logits` for the signature of ``rows`` (dynamic shapes: batch, context
-    and plan integers are symbols) and save it to ``path``; on CUDA with CUDA graphs."""
-    device = model.wte.weight.device
-    options = {"triton.cudagraphs": True} if device.type == "cuda" else None
+    and plan integers are symbols) and save it to ``path`` (on CUDA without CUDA graphs: see the module doc)."""
     with torch.inference_mode():
-        step = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
+        step = torch.compile(decode_logits, fullgraph=True, dynamic=True)
         compiled = step.aot_compile(((model, *step_inputs(model, rows)), {}))
     compiled.save_compiled_function(str(path))
 

@@ -190,7 +190,7 @@ def test_background_compile_serves_at_once_and_swaps_compiled_steps_in(two_width
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_steps_with_cuda_graphs_match_eager_on_cuda(two_widths, tokenizer, tmp_path):
+def test_compiled_steps_match_eager_on_cuda(two_widths, tokenizer, tmp_path):
     _, model, _ = two_widths
     model = model.to("cuda")
     steps = DecodeSteps(model, "require", max_batch=8, cache_dir=tmp_path / "cache")
