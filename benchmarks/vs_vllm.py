@@ -9,6 +9,9 @@ signature compiled or loaded from the compile cache before serving). One closed-
 client (:func:`benchmarks.harness.saturate`: async httpx, token-id prompts, greedy, fixed
 ``max_tokens``) drives each at 1 and 16 concurrent clients; throughput counts the completion tokens
 each server reports. Both answer the same prompts greedily, so they generate the same tokens.
+Around each matta measurement the engine's scheduler seconds per phase
+(``matta_engine_busy_seconds_total``) give the share of wall time it spent prefilling, decoding and
+swapping in compiled steps: the prefill share bounds what compiling prefill too could buy.
 
 Shapes:
   shipped     checkpoints/default (d_model 128, 4 layers, 2048-token vocabulary);
@@ -34,9 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import VLLM_VENV, Server, VLLMServer, gpt2_small_shape, make_prompts, saturate
+import httpx
+
+from benchmarks.harness import VLLM_VENV, Server, VLLMServer, gpt2_small_shape, make_prompts, metric, saturate
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.hf import export_width
+from serving.engine import BUSY_PHASES
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = ("shipped", "gpt2-small")
@@ -69,11 +75,24 @@ def shape_checkpoint(label: str, shipped: Path, work: Path) -> Path:
     return save_checkpoint(work / label, model, base.tokenizer, {"source": "random weights, GPT-2 small's shape"})
 
 
-def measure(url: str, model: str, prompts: list[list[int]], args) -> dict:
-    """Tokens/s at each client count, after a short warm-up."""
+def measure(url: str, model: str, prompts: list[list[int]], args, engine: bool = False) -> dict:
+    """Tokens/s at each client count, after a short warm-up; with ``engine`` (a matta server) also
+    the share of the measurement's wall time its engine spent per phase (prefill, decode, swap_in)."""
     asyncio.run(saturate(url, model, prompts, args.max_tokens, max(args.clients), 3.0))
-    return {str(c): asyncio.run(saturate(url, model, prompts, args.max_tokens, c, args.seconds))
-            for c in args.clients}
+    results = {}
+    for c in args.clients:
+        before, started = engine_busy_s(url) if engine else {}, time.monotonic()
+        results[str(c)] = asyncio.run(saturate(url, model, prompts, args.max_tokens, c, args.seconds))
+        if engine:
+            elapsed, after = time.monotonic() - started, engine_busy_s(url)
+            results[str(c)]["engine_busy_share"] = {p: (after[p] - before[p]) / elapsed for p in after}
+    return results
+
+
+def engine_busy_s(url: str) -> dict[str, float]:
+    """The engine's scheduler seconds per phase so far (matta_engine_busy_seconds_total)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {phase: metric(text, "matta_engine_busy_seconds_total", phase=phase) for phase in BUSY_PHASES}
 
 
 def run_shape(label: str, args, work: Path) -> dict:
@@ -96,10 +115,11 @@ def run_shape(label: str, args, work: Path) -> dict:
                 matta_start_s.setdefault(system, []).append(time.monotonic() - started)
                 try:
                     for w in widths:
-                        for c, out in measure(url, f"{ckpt.config.name}:{w}", prompts, args).items():
+                        for c, out in measure(url, f"{ckpt.config.name}:{w}", prompts, args, engine=True).items():
                             runs[system][w].setdefault(c, []).append(out)
-                            print(f"{label} round {r} {system} {w} {c} clients: {out['tokens_per_s']:.0f} tok/s",
-                                  flush=True)
+                            busy = " ".join(f"{p} {s:.0%}" for p, s in out["engine_busy_share"].items())
+                            print(f"{label} round {r} {system} {w} {c} clients: {out['tokens_per_s']:.0f} tok/s "
+                                  f"(engine busy: {busy})", flush=True)
                 finally:
                     server.stop()
                 continue
@@ -131,6 +151,11 @@ def run_shape(label: str, args, work: Path) -> dict:
                                         for c in medians["matta"][w]} for w in widths}
             if {"matta", "matta-compiled"} <= set(medians) else {},
             "matta_start_s": matta_start_s,
+            # Median share of wall time the engine spent per phase: what compiling that phase could buy.
+            "engine_busy_share": {system: {w: {c: {p: statistics.median(o["engine_busy_share"][p] for o in outs)
+                                                    for p in BUSY_PHASES} for c, outs in per_c.items()}
+                                           for w, per_c in runs[system].items()}
+                                  for system in runs if system.startswith("matta")},
             "student_over_ta": {system: {c: medians[system][widths[0]][c] / medians[system][widths[-1]][c]
                                          for c in medians[system][widths[0]]} for system in medians},
             "vllm_start_s": vllm_start_s}

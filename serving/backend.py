@@ -108,8 +108,9 @@ class Backend(Protocol):
 
     def compiled(self) -> dict[str, int] | None:
         """The engine's compiled decode path: ``compiled_steps``, ``eager_steps`` (decode forwards
-        by how they ran), ``ready`` and ``signatures`` (graphs loaded of those it can meet); None
-        for a backend without an engine of its own."""
+        by how they ran), ``ready`` and ``signatures`` (graphs loaded of those it can meet), and
+        ``busy_s`` (the scheduler's seconds per phase, ``serving.engine.BUSY_PHASES``: what a
+        compiled path could speed up); None for a backend without an engine of its own."""
         ...
 
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,

@@ -87,6 +87,7 @@ class Load(msgspec.Struct, frozen=True):
     eager_steps: int = 0
     compile_ready: int = 0
     compile_signatures: int = 0
+    busy_s: dict[str, float] = {}
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

@@ -121,6 +121,9 @@ class SequenceEvent:
     width: str | None = None  # the width the sequence is served at (chosen at dispatch, when it was)
 
 
+BUSY_PHASES = ("prefill", "decode", "swap_in")  # where the scheduler's time goes (EngineStats.busy_s)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load, for the width policy, /metrics and tests."""
@@ -141,6 +144,7 @@ class EngineStats:
     eager_steps: int = 0
     compile_ready: int = 0  # step signatures with a compiled graph loaded
     compile_signatures: int = 0  # step signatures the engine can meet (0: compilation off)
+    busy_s: dict[str, float] = field(default_factory=dict)  # scheduler seconds per phase: prefill, decode, swap-in
 
 
 @dataclass(eq=False)
@@ -253,6 +257,7 @@ class Engine:
         # Seconds of the recent decode steps (EWMA): what a sequence started now will really pay
         # per token, contention and width mix included, which the model alone misses.
         self._iteration_s = 0.0
+        self._busy_s = dict.fromkeys(BUSY_PHASES, 0.0)
         # Written by the scheduler thread after every iteration (a reference swap), read by stats().
         self._shapes: dict[str, tuple[int, int]] = {}
         self._remaining: tuple[int, ...] = ()
@@ -368,6 +373,7 @@ class Engine:
                 eager_steps=compiled.eager_steps,
                 compile_ready=compiled.ready,
                 compile_signatures=compiled.signatures,
+                busy_s=dict(self._busy_s),
             )
 
     # --- scheduler thread ----------------------------------------------------------------------
@@ -392,8 +398,10 @@ class Engine:
                     self._prefill(admitted)
                     decoding = time.perf_counter()
                     predicted = self._decode()
+                    done = time.perf_counter()
+                    self._busy_s["prefill"] += decoding - started
+                    self._busy_s["decode"] += done - decoding
                     if self.latency is not None and predicted > 0:
-                        done = time.perf_counter()
                         self.latency.observe_iteration(done - started, predicted)
                         # What a token costs now is the decode step: a burst's prefills are a one-off,
                         # and counting them made every waiting request look late (and shed).
@@ -404,7 +412,9 @@ class Engine:
                     log.exception("engine step failed; aborting the running sequences")
                     self._abort(self._all_running() + admitted)
                 # Swap compiled steps in between iterations, never during one; one per iteration while busy.
+                swapping = time.perf_counter()
                 self.steps.poll(limit=1 if self._groups or self._waiting else None)
+                self._busy_s["swap_in"] += time.perf_counter() - swapping
                 self._publish_shapes()
                 if self.on_step is not None:
                     self.on_step()

@@ -145,4 +145,4 @@ class EngineBackend:
     def compiled(self) -> dict[str, int]:
         s = self.engine.stats()
         return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
-                "signatures": s.compile_signatures}
+                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s)}

@@ -43,7 +43,8 @@ class _EngineCollector(Collector):
 
 
 class _CompiledCollector(Collector):
-    """The engine's decode forwards by path (compiled or eager) and its compiled graphs loaded."""
+    """The engine's decode forwards by path (compiled or eager), its compiled graphs loaded, and where
+    its scheduler's time goes."""
 
     def __init__(self, compiled: Callable[[], dict[str, int] | None]) -> None:
         self._compiled = compiled
@@ -60,6 +61,11 @@ class _CompiledCollector(Collector):
                                 "loaded", value=status["ready"])
         yield GaugeMetricFamily("matta_compiled_signatures", "decode step signatures the engine can meet "
                                 "(0: compilation off)", value=status["signatures"])
+        busy = CounterMetricFamily("matta_engine_busy_seconds", "seconds the engine's scheduler spent per phase "
+                                   "(prefill, decode, swap_in of compiled steps)", labels=["phase"])
+        for phase, seconds in status.get("busy_s", {}).items():
+            busy.add_metric([phase], seconds)
+        yield busy
 
 
 class _SloCollector(Collector):

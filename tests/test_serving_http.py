@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from benchmarks.harness import ServerThread
+from benchmarks.harness import ServerThread, metric
 from matta.model import NestedGPT
 from serving.app import build_app
 from serving.settings import ServeSettings
@@ -270,6 +270,10 @@ def test_health_and_metrics(served):
         assert series in text, series
     assert 'matta_requests_total{status="200",width="s"}' in text
     assert 'matta_requests_total{status="400",width="none"}' in text
+    # Where the engine's time went, carried from the engine core's process: it prefilled and decoded.
+    busy = {phase: metric(text, "matta_engine_busy_seconds_total", phase=phase) for phase in ("prefill", "decode")}
+    assert all(seconds > 0 for seconds in busy.values()), busy
+    assert metric(text, "matta_decode_steps_total", path="eager") > 0
 
 
 def test_unknown_routes_use_the_error_shape(served):
