@@ -12,6 +12,12 @@ context, the engine's decode step (``serving.compiled.decode_logits``: one token
   engine    what ``matta serve --compile`` runs: ``serving.compiled.DecodeSteps`` with one step per
             signature, batch, context and FFN plan symbolic, loaded from the compile cache.
 
+Prefill stays eager in the engine; to see what compiling it would buy, the engine's prefill forward
+(the whole prompt batch at one width, building the KV cache, logits for the last position only)
+is timed eager and compiled for its exact shape (``--prefill-batches`` x ``--prompts``), beside
+the same forward with logits at every position (what the engine ran before it kept only the
+last). ``benchmarks.vs_vllm`` reports the share of a serving engine's time that prefill takes.
+
 Per point: each against the step's roofline (its FLOPs at the measured sgemm rate or its bytes at
 the measured read bandwidth, whichever is larger; the same yardstick as ``decode_scaling``), the
 largest logit difference from eager (fp32), and where the engine step's time goes
@@ -19,12 +25,13 @@ largest logit difference from eager (fp32), and where the engine step's time goe
 fused kernels, the compiled wrapper, its guard check). Also the Student/TA step ratio of each
 against the roofline ratio, and the operator count of one eager step.
 
-    python -m benchmarks.compiled_decode [--batches 1 4 16] [--context 64]
+    python -m benchmarks.compiled_decode [--batches 1 4 16] [--context 64] [--prompts 32 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -49,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", nargs="+", help="default: the Student and the TA")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--context", type=int, default=64)
+    p.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--prompts", type=int, nargs="+", default=[32, 128], help="prompt lengths of the prefill points")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile-cache", type=Path, help="the engine steps' cache (default ~/.cache/matta/compile)")
@@ -83,6 +92,44 @@ def time_split(run, repeats: int) -> dict:
     wall = (time.perf_counter() - started) / repeats * 1e3
     matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / repeats / 1e3
     return {"profiled_ms": wall, "matmul_ms": matmul, "other_ms": wall - matmul, "matmul_share": matmul / wall}
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, width: str, logits_to_keep: int = 1):
+    """The engine's prefill forward (``serving.engine.Engine._prefill``): logits and the KV cache."""
+    out = model(ids, width=width, attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits, out.past_key_values
+
+
+PREFILL_VARIANTS = ("all_logits", "eager", "compiled")
+
+
+def prefill_points(args, model, widths: list[str]) -> list[dict]:
+    """Prefill of random prompts per width x batch x prompt length, three ways: ``all_logits`` (the
+    LM head at every position, as the engine ran before it kept only the last), ``eager`` (what
+    the engine runs) and ``compiled`` (the same compiled for that exact shape)."""
+    points = []
+    generator = torch.Generator().manual_seed(0)
+    for width in widths:
+        for batch in args.prefill_batches:
+            for length in args.prompts:
+                ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+                call = (model, ids, torch.ones_like(ids), width)
+                compiled = torch.compile(prefill, dynamic=False)
+                runs = {"all_logits": functools.partial(prefill, *call, 0), "eager": functools.partial(prefill, *call),
+                        "compiled": functools.partial(compiled, *call)}
+                reference = runs["eager"]()[0]
+                started = time.perf_counter()
+                diff = float((runs["compiled"]()[0] - reference).abs().max())
+                compile_s = time.perf_counter() - started
+                ms = interleaved(runs, max(20, args.repeats // 5))
+                point = {"width": width, "batch": batch, "prompt": length, "compile_s": compile_s,
+                         "max_abs_logit_diff": diff, **{f"{v}_ms": ms[v] for v in PREFILL_VARIANTS},
+                         "eager_over_all_logits": ms["eager"] / ms["all_logits"],
+                         "compiled_over_eager": ms["compiled"] / ms["eager"]}
+                points.append(point)
+                print(json.dumps(point), flush=True)
+                torch._dynamo.reset()
+    return points
 
 
 def rewinding(fn, args: tuple):
@@ -163,7 +210,8 @@ def measure(args, model, config) -> int:
                        **{v: p[ta][f"{v}_ms"] / p[s][f"{v}_ms"] for v in VARIANTS}})
     results = {"checkpoint": str(args.checkpoint), "threads": args.threads, "torch": torch.__version__,
                "peaks": peaks, "engine_signatures_ready_s": engine_ready_s, "points": points, "ta_over_student": ratios,
-               "eager_ops": eager_op_count(model, step_inputs(model, [s], args.context))}
+               "eager_ops": eager_op_count(model, step_inputs(model, [s], args.context)),
+               "prefill": prefill_points(args, model, widths)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))

@@ -243,6 +243,7 @@ class NestedGPT(nn.Module):
         use_cache: bool = False,
         row_widths: Sequence[WidthSpec] | None = None,
         plans: Sequence[int | FFNBlocks] | None = None,
+        logits_to_keep: int = 0,
     ) -> GPTOutput:
         """Logits for ``input_ids`` (B, T) at ``width`` (name, FFN size, or one per layer).
 
@@ -259,6 +260,10 @@ class NestedGPT(nn.Module):
         what the unpadded sequence would. ``past_key_values`` continues from a cache returned
         by an earlier call with ``use_cache=True``; a :class:`StaticKVCache` is extended in place
         and returned as the new cache.
+
+        ``logits_to_keep`` > 0 computes logits for the last that many positions only (as in HF
+        transformers): a prefill that samples only the next token skips the LM head, a quarter to
+        a third of a short prompt's FLOPs here, for every other position. 0 keeps all.
         """
         B, T = input_ids.shape
         if sum(x is not None for x in (width, row_widths, plans)) > 1:
@@ -306,8 +311,10 @@ class NestedGPT(nn.Module):
                 past = None if past_key_values is None else past_key_values[i]
                 x, present = block(x, widths[i], attn_mask, past)
                 presents.append(present)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # (B, T, vocab), tied embeddings
+        logits = F.linear(x, self.wte.weight)  # (B, T or logits_to_keep, vocab), tied embeddings
         return GPTOutput(logits=logits, past_key_values=presents if use_cache else None)
 
     @staticmethod

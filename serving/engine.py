@@ -597,7 +597,10 @@ class Engine:
                 mask[i, P - len(s.prompt):] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             started = time.perf_counter()
-            out = self.model(ids, width=width, attention_mask=mask, use_cache=True)  # logits (B, P, V)
+            # Logits at every prompt position only when a sequence asks for its prompt's logprobs;
+            # otherwise the LM head runs for the last position alone (logits (B, 1, V)).
+            keep = 0 if any(s.params.prompt_logprobs for s in seqs) else 1
+            out = self.model(ids, width=width, attention_mask=mask, use_cache=True, logits_to_keep=keep)
             prompt_lp = [self._prompt_logprobs(out.logits[i, P - n:], s) if s.params.prompt_logprobs else None
                          for i, (s, n) in enumerate(zip(seqs, lengths, strict=True))]
             rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > 0]

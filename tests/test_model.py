@@ -95,6 +95,20 @@ def test_kv_cache_incremental_decoding_equals_full_recomputation(model, config, 
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
 
+@pytest.mark.parametrize("keep", [1, 3, 40])
+def test_logits_to_keep_gives_the_last_positions_logits_and_the_same_cache(model, config, keep):
+    x = ids(config, B=3, T=20)
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0  # a left-padded row, as the engine prefills
+    with torch.no_grad():
+        full = model(x, width=["ta", "s", "m"], attention_mask=mask, use_cache=True)
+        kept = model(x, width=["ta", "s", "m"], attention_mask=mask, use_cache=True, logits_to_keep=keep)
+    assert kept.logits.shape == (3, min(keep, 20), config.vocab_size)
+    torch.testing.assert_close(kept.logits, full.logits[:, -keep:], atol=1e-6, rtol=0)
+    for (k_full, v_full), (k_kept, v_kept) in zip(full.past_key_values, kept.past_key_values, strict=True):
+        assert torch.equal(k_full, k_kept) and torch.equal(v_full, v_kept)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_unpadded_single_sequences(model, config, side):
     lengths = [5, 12, 9]
