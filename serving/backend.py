@@ -106,7 +106,7 @@ class Backend(Protocol):
         """The load now, for the policy and the gauges."""
         ...
 
-    def compiled(self) -> dict[str, int] | None:
+    def compiled(self) -> dict[str, Any] | None:
         """The engine's compiled decode path: ``compiled_steps``, ``eager_steps`` (decode forwards
         by how they ran), ``ready`` and ``signatures`` (graphs loaded of those it can meet), and
         ``busy_s`` (the scheduler's seconds per phase, ``serving.engine.BUSY_PHASES``: what a

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from matta.tokenizer import Tokenizer
 from router.cost import EngineCostModel
@@ -142,7 +143,7 @@ class EngineBackend:
         return True, {"running": stats.running, "waiting": stats.waiting,
                       "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}
 
-    def compiled(self) -> dict[str, int]:
+    def compiled(self) -> dict[str, Any]:
         s = self.engine.stats()
         return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
                 "signatures": s.compile_signatures, "busy_s": dict(s.busy_s)}

@@ -46,7 +46,7 @@ class _CompiledCollector(Collector):
     """The engine's decode forwards by path (compiled or eager), its compiled graphs loaded, and where
     its scheduler's time goes."""
 
-    def __init__(self, compiled: Callable[[], dict[str, int] | None]) -> None:
+    def __init__(self, compiled: Callable[[], dict[str, Any] | None]) -> None:
         self._compiled = compiled
 
     def collect(self) -> Iterable[Metric]:
@@ -102,7 +102,7 @@ class ServingMetrics:
 
     def __init__(self, stats: Callable[[], Any], registry: CollectorRegistry | None = None,
                  corrections: Callable[[], dict[str, float]] | None = None,
-                 compiled: Callable[[], dict[str, int] | None] | None = None) -> None:
+                 compiled: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._corrections = corrections
         self._slo_lock = threading.Lock()
