@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import machine_peaks, step_bytes, step_flops
+from benchmarks.harness import interleaved, machine_peaks, roofline_ms, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import StaticKVCache
 from serving.compiled import DecodeSteps, decode_logits, step_inputs
@@ -121,7 +121,7 @@ def prefill_points(args, model, widths: list[str]) -> list[dict]:
                 started = time.perf_counter()
                 diff = float((runs["compiled"]()[0] - reference).abs().max())
                 compile_s = time.perf_counter() - started
-                ms = interleaved(runs, max(20, args.repeats // 5))
+                ms = median_ms(runs, max(20, args.repeats // 5))
                 point = {"width": width, "batch": batch, "prompt": length, "compile_s": compile_s,
                          "max_abs_logit_diff": diff, **{f"{v}_ms": ms[v] for v in PREFILL_VARIANTS},
                          "eager_over_all_logits": ms["eager"] / ms["all_logits"],
@@ -143,18 +143,9 @@ def rewinding(fn, args: tuple):
     return run
 
 
-def interleaved(runs: dict, repeats: int) -> dict:
-    """Median ms of each callable, timed in rotating order."""
-    names = list(runs)
-    times = {n: [] for n in names}
-    for n in names:
-        runs[n]()
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            started = time.perf_counter()
-            runs[n]()
-            times[n].append(time.perf_counter() - started)
-    return {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
+def median_ms(runs: dict, repeats: int) -> dict:
+    """Median ms of each callable, timed interleaved (:func:`benchmarks.harness.interleaved`)."""
+    return {n: statistics.median(ts) * 1e3 for n, ts in interleaved(runs, repeats).items()}
 
 
 def main(argv=None) -> int:
@@ -189,10 +180,9 @@ def measure(args, model, config) -> int:
                 compile_started = time.perf_counter()
                 diffs[variant] = float((runs[variant]() - reference).abs().max())
                 compile_s[variant] = time.perf_counter() - compile_started
-            ms = interleaved(runs, args.repeats)
-            flops = step_flops(config, width, batch, args.context)
-            moved = sum(step_bytes(config, width, batch, args.context).values())
-            roof_ms = 1e3 * max(flops / (peaks["sgemm_gflops"] * 1e9), moved / (peaks["read_gb_per_s"] * 1e9))
+            ms = median_ms(runs, args.repeats)
+            roof_ms = roofline_ms(step_flops(config, width, batch, args.context),
+                                  sum(step_bytes(config, width, batch, args.context).values()), peaks)
             point = {"width": width, "batch": batch, "context": args.context, "first_call_s": compile_s,
                      "roofline_ms": roof_ms, "max_abs_logit_diff": diffs,
                      **{f"{v}_ms": ms[v] for v in VARIANTS},

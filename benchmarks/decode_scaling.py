@@ -45,17 +45,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import gpt2_small_shape, machine_peaks, model_decode_step, step_bytes, step_flops
+from benchmarks.harness import gpt2_small_shape, machine_peaks, model_decode_step, roofline_ms, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import NestedGPT
 from serving.compiled import DecodeSteps
 
 SHAPES = ("shipped", "gpt2-small")
-
-
-def roofline_ms(flops: int, nbytes: int, peaks: dict) -> float:
-    """A step's time if it ran at the machine's sgemm peak or its read bandwidth, whichever binds."""
-    return max(flops / (peaks["sgemm_gflops"] * 1e9), nbytes / (peaks["read_gb_per_s"] * 1e9)) * 1e3
 
 
 def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -> dict:
@@ -129,13 +124,16 @@ def compiled_summary(points: list[dict], widths: list[str]) -> dict:
     if not points or not points[0]["compiled"]:
         return {}
     big = [p for p in points if p["batch"] >= 4]
-    return {
+    at_batch_ge_4 = {
         "compiled_median_efficiency_batch_ge_4": {w: statistics.median(p["compiled"][w]["efficiency"] for p in big)
                                                   for w in widths},
         "eager_median_efficiency_batch_ge_4": {w: statistics.median(p["widths"][w]["efficiency"] for p in big)
                                                for w in widths},
         "compiled_points_at_0.7_batch_ge_4": {w: f"{sum(p['compiled'][w]['efficiency'] >= 0.7 for p in big)}/"
                                                  f"{len(big)}" for w in widths},
+    } if big else {}  # a grid of batches below 4 has no point the target speaks of
+    return {
+        **at_batch_ge_4,
         "compiled_median_over_eager": {w: statistics.median(p["compiled"][w]["over_eager"] for p in points)
                                        for w in widths},
         "compiled_median_speedup_over_roofline": statistics.median(p["compiled_speedup_over_roofline"]

@@ -10,7 +10,9 @@
 - :func:`make_prompts` (prompt windows whose greedy continuation has no early end-of-text),
   :func:`make_trace` / :func:`make_bursty_trace` (Poisson ramp / gamma arrivals),
   :func:`gpt2_small_shape` (a random elastic model of GPT-2 small's shape),
-  :func:`model_decode_step` (bare decode-step timing), :func:`metric` (Prometheus text).
+  :func:`model_decode_step` (bare decode-step timing), :func:`interleaved` (timing in rotating
+  order), :func:`roofline_ms` with :func:`step_flops`, :func:`step_bytes` and :func:`machine_peaks`,
+  :func:`metric` (Prometheus text).
 
 Benchmarks run from the repo root as modules (``python -m benchmarks.slo_router``); tests import
 this module the same way. Nothing here is installed with the package.
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -317,6 +320,22 @@ def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
     return NestedGPT(config).eval()
 
 
+def interleaved(runs: dict, repeats: int, inner: int = 1) -> dict:
+    """Seconds per call of each callable in ``runs`` (one warm-up call each, then ``repeats`` rounds
+    of ``inner`` calls), timed in rotating order so that drift hits all alike: ``{key: [seconds]}``."""
+    keys = list(runs)
+    times: dict = {k: [] for k in keys}
+    for k in keys:
+        runs[k]()
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            started = time.perf_counter()
+            for _ in range(inner):
+                runs[k]()
+            times[k].append((time.perf_counter() - started) / inner)
+    return times
+
+
 def model_decode_step(model, widths: list[str], batch: int, context: int, repeats: int, inner: int = 10,
                       steps: dict | None = None) -> dict:
     """Bare decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
@@ -340,23 +359,15 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
         pasts = {w: StaticKVCache.from_list(model(ctx, width=w, use_cache=True).past_key_values, context + 1)
                  for w in widths}
     plans = {w: model.config.resolve_width(w) for w in widths}
-    keys = [(v, w) for v in steps for w in widths]
 
-    @torch.inference_mode()
-    def run(key: tuple[str, str]) -> None:
-        variant, w = key
-        pasts[w].length = context
-        steps[variant](step, mask, pasts[w], plans[w])
+    def runner(variant: str, w: str) -> Callable[[], None]:
+        @torch.inference_mode()
+        def run() -> None:
+            pasts[w].length = context
+            steps[variant](step, mask, pasts[w], plans[w])
+        return run
 
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
-    for k in keys:
-        run(k)
-    for r in range(repeats * 3):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                run(k)
-            times[k].append((time.perf_counter() - t0) / inner)
+    times = interleaved({(v, w): runner(v, w) for v in steps for w in widths}, repeats * 3, inner)
     return {v: {w: {"step_ms": [t * 1e3 for t in times[v, w]], "median_step_ms": statistics.median(times[v, w]) * 1e3,
                     "tokens_per_s": batch / statistics.median(times[v, w])} for w in widths} for v in steps}
 
@@ -625,6 +636,11 @@ BYTES_PER_PARAM = 4  # fp32, what the engine serves on CPU
 def step_flops(config, width: str, batch: int, context: int) -> int:
     """FLOPs of one decode step: ``batch`` tokens, each attending ``context`` cached keys."""
     return batch * config.flops_per_token(width, context=context)
+
+
+def roofline_ms(flops: int, nbytes: int, peaks: dict) -> float:
+    """A step's time if it ran at the machine's sgemm peak or its read bandwidth, whichever binds."""
+    return max(flops / (peaks["sgemm_gflops"] * 1e9), nbytes / (peaks["read_gb_per_s"] * 1e9)) * 1e3
 
 
 def step_bytes(config, width: str, batch: int, context: int) -> dict:

@@ -106,11 +106,11 @@ class Backend(Protocol):
         """The load now, for the policy and the gauges."""
         ...
 
-    def compiled(self) -> dict[str, Any] | None:
-        """The engine's compiled decode path: ``compiled_steps``, ``eager_steps`` (decode forwards
-        by how they ran), ``ready`` and ``signatures`` (graphs loaded of those it can meet), and
-        ``busy_s`` (the scheduler's seconds per phase, ``serving.engine.BUSY_PHASES``: what a
-        compiled path could speed up); None for a backend without an engine of its own."""
+    def engine_counters(self) -> dict[str, Any] | None:
+        """The engine's own counters: ``compiled_steps``, ``eager_steps`` (decode forwards by how they
+        ran), ``ready`` and ``signatures`` (compiled steps loaded of those it can meet), and ``busy_s``
+        (the scheduler's seconds per phase, ``serving.engine.BUSY_PHASES``); None for a backend
+        without an engine of its own."""
         ...
 
     async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,

@@ -263,14 +263,13 @@ class DecodeSteps:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
         self._lock = threading.Lock()
         self._stopping = False
-        self.paths = [artifact_path(self.cache_dir, rows_signature(model.config, rows), self.device)
-                      for rows in self.rows]
+        self._signatures = [rows_signature(model.config, rows) for rows in self.rows]
+        self.paths = [artifact_path(self.cache_dir, signature, self.device) for signature in self._signatures]
         if mode == "require":
             for index, rows in enumerate(self.rows):
                 if not self.paths[index].exists():
                     compile_step(model, rows, self.paths[index])
                 self._load(index)
-
 
     def start(self) -> None:
         """Background mode: on a thread, import the compiler's runtime, queue the steps already in the
@@ -357,7 +356,7 @@ class DecodeSteps:
         step = load_step(self.paths[index])
         step.disable_guard_check()  # __call__ checks them first, and runs eager when they refuse
         self.status.load_s.append(time.perf_counter() - started)
-        self._steps[rows_signature(self.model.config, self.rows[index])] = step
+        self._steps[self._signatures[index]] = step
         self.status.ready = len(self._steps)
         now = time.monotonic() - self.started
         if self.status.first_ready_s is None:

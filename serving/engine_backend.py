@@ -143,7 +143,7 @@ class EngineBackend:
         return True, {"running": stats.running, "waiting": stats.waiting,
                       "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}
 
-    def compiled(self) -> dict[str, Any]:
+    def engine_counters(self) -> dict[str, Any]:
         s = self.engine.stats()
         return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
                 "signatures": s.compile_signatures, "busy_s": dict(s.busy_s)}

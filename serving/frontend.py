@@ -567,7 +567,7 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
                             shed=settings.shed, dispatch=backend.dispatches_width)
     policy = make_policy(settings.policy, widths, context)
     metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None,
-                             compiled=backend.compiled)
+                             engine_counters=backend.engine_counters)
     live, ab_log = None, None
     if settings.experiment is not None:
         live = LiveExperiment(load_experiment(settings.experiment), widths, context, source=settings.experiment)

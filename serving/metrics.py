@@ -42,15 +42,15 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("matta_batch_capacity_requests", "running-batch limit", value=stats.max_batch)
 
 
-class _CompiledCollector(Collector):
-    """The engine's decode forwards by path (compiled or eager), its compiled graphs loaded, and where
-    its scheduler's time goes."""
+class _EngineCountersCollector(Collector):
+    """The engine's decode forwards by path (compiled or eager), its compiled steps loaded, and where
+    its scheduler's time goes (``Backend.engine_counters``)."""
 
-    def __init__(self, compiled: Callable[[], dict[str, Any] | None]) -> None:
-        self._compiled = compiled
+    def __init__(self, counters: Callable[[], dict[str, Any] | None]) -> None:
+        self._counters = counters
 
     def collect(self) -> Iterable[Metric]:
-        status = self._compiled()
+        status = self._counters()
         if status is None:
             return
         steps = CounterMetricFamily("matta_decode_steps", "decode forwards by how they ran", labels=["path"])
@@ -102,7 +102,7 @@ class ServingMetrics:
 
     def __init__(self, stats: Callable[[], Any], registry: CollectorRegistry | None = None,
                  corrections: Callable[[], dict[str, float]] | None = None,
-                 compiled: Callable[[], dict[str, Any] | None] | None = None) -> None:
+                 engine_counters: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._corrections = corrections
         self._slo_lock = threading.Lock()
@@ -139,8 +139,8 @@ class ServingMetrics:
                                    registry=r)
         r.register(_EngineCollector(stats))
         r.register(_SloCollector(self))
-        if compiled is not None:
-            r.register(_CompiledCollector(compiled))
+        if engine_counters is not None:
+            r.register(_EngineCountersCollector(engine_counters))
 
     def observe_slo(self, policy: str, outcome: str, quality: float = 0.0) -> None:
         """Count one SLO request's outcome; ``quality`` is the served width's, given only when met."""

@@ -206,7 +206,7 @@ class HttpBackend:
         return LoadSnapshot(running=sum(running.values()), waiting=0, running_by_width=running,
                             waiting_by_width=dict.fromkeys(self.widths, 0), max_batch=limit, max_queue=limit)
 
-    def compiled(self) -> None:
+    def engine_counters(self) -> None:
         return None  # the backends' engines report their own
 
     def release(self, width: str) -> None:
