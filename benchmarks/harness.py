@@ -485,13 +485,9 @@ def make_bursty_trace(prompts: list[list[int]], rate: float, cv2: float, duratio
         trace.append((t, prompts[rng.randrange(len(prompts))]))
 
 
-# How `matta serve` ran its engine before and after the engine-v2 issue, as CLI flags: *old* is the
-# engine on a thread of the server process, one forward per width group; *new* the engine core in
-# its own process, one forward across widths. The two changes apart show what each buys.
-ENGINES = {"old": ("--engine", "inproc", "--forward", "per_width"),
-           "new": ("--engine", "process", "--forward", "mixed"),
-           "inproc_mixed": ("--engine", "inproc", "--forward", "mixed"),
-           "process_per_width": ("--engine", "process", "--forward", "per_width")}
+# Where `matta serve` runs its engine, as CLI flags: the engine core in its own process (the
+# default) or its loop on a thread of the server process.
+ENGINES = {"process": ("--engine", "process"), "inproc": ("--engine", "inproc")}
 
 
 def run_locust(host: str, users: int, spawn_rate: float, seconds: int, user_classes: list[str], prefix: Path,

@@ -21,7 +21,7 @@ checkpoint's cloze accuracy), the mean quality of the answers within the SLO, an
 prediction error (actual / predicted latency). The client shares the machine's cores with the
 server. JSON + PNG.
 
-    python -m benchmarks.slo_router --engines old,new --max-tokens 64 --prompt-tokens 32
+    python -m benchmarks.slo_router --engines process,inproc --max-tokens 64 --prompt-tokens 32
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
-    p.add_argument("--engines", default="new", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
+    p.add_argument("--engines", default="process", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
                                                   "rate sets the traces and the SLO")
     p.add_argument("--scenarios", default="ramp,bursty,overload", help="comma-separated, from ramp, bursty, overload")
     p.add_argument("--bursty-cv2", type=float, default=4.0, help="squared CV of the bursty trace's inter-arrivals")
