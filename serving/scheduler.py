@@ -42,6 +42,7 @@ from serving.core_protocol import Load, Slo
 
 INF = float("inf")
 DEFAULT_MARGIN = 0.8  # aim at 80% of every target: tests/test_overload.py's admitted p99 stays within the SLO
+SWAP_PATIENCE_S = 10.0  # without a latency model, how long a compiled step may wait for an idle engine
 MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per iteration (keeps an iteration O(batch))
 
 
@@ -55,6 +56,16 @@ class StepLatency(Protocol):
     def prefill_s(self, width: str, tokens: int) -> float:
         """Seconds to prefill ``tokens`` prompt tokens at ``width``."""
         ...
+
+
+class _NoLatency:
+    """Without a latency model every prediction is zero: only a target already passed counts."""
+
+    def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
+        return 0.0
+
+    def prefill_s(self, width: str, tokens: int) -> float:
+        return 0.0
 
 
 class QueueFullError(RuntimeError):
@@ -142,7 +153,7 @@ class Scheduler:
         self.widths = list(widths)
         self.ffn_size = dict(ffn_size)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.latency = latency
+        self.latency = latency if latency is not None else _NoLatency()
         self.path_of = path_of or (lambda rows: "eager")
         self.margin = margin
         self.waiting: list[SeqState] = []
@@ -151,6 +162,7 @@ class Scheduler:
         self.finished = self.cancelled = self.shed_count = 0
         self.swap_s = 0.5  # seconds a compiled step's swap-in holds the engine (measured online)
         self.swaps_deferred = 0
+        self._pending_since: float | None = None  # since when a compiled step waits to be swapped in
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -204,9 +216,7 @@ class Scheduler:
 
     def schedule(self, now: float, swaps_pending: int = 0) -> SchedulerOutput:
         """Decide this iteration (see the module doc); the admitted sequences move to ``running``."""
-        out = SchedulerOutput()
-        if self.latency is not None:
-            out.shed = self._shed_hopeless(now)
+        out = SchedulerOutput(shed=self._shed_hopeless(now))
         free = self.max_batch - len(self.running)
         plan = _Plan(list(self.running), [])
         tried = 0
@@ -215,26 +225,32 @@ class Scheduler:
                 break
             tried += 1
             seq.width = seq.widths[0]
-            if self.latency is not None and not self._admissible(plan, seq, now):
+            if not self._admissible(plan, seq, now):
                 seq.width = None
                 continue
             plan.rows.append(seq)
             plan.prefills.append(seq)
             free -= 1
-        if self.latency is not None and plan.prefills:
+        if plan.prefills:
             self._widen(plan, now, free)
         for seq in plan.prefills:
             self.waiting.remove(seq)
             self.running.append(seq)
             seq.running, seq.admitted_at = True, now
-            if self.latency is not None:
-                seq.predicted_s = self._ends(plan, now)[seq.seq_id] - seq.arrival
+        if self.priced:
+            ends = self._ends(plan, now)
+            for seq in plan.prefills:
+                seq.predicted_s = ends[seq.seq_id] - seq.arrival
         out.admitted = plan.prefills
         out.swap_in = self._swaps(plan, now, swaps_pending)
-        if self.latency is not None:
-            plan.extra_s = out.swap_in * self.swap_s
-            out.predicted_s = self._iteration_s(plan)
+        plan.extra_s = out.swap_in * self.swap_s
+        out.predicted_s = self._iteration_s(plan) if self.priced else 0.0
         return out
+
+    @property
+    def priced(self) -> bool:
+        """Whether decisions are priced by a latency model (else first come, first served)."""
+        return not isinstance(self.latency, _NoLatency)
 
     def _shed_hopeless(self, now: float) -> list[SeqState]:
         """Refuse the promised waiting sequences that miss a target even started now at their narrowest."""
@@ -272,11 +288,13 @@ class Scheduler:
             if len(seq.widths) == 1:
                 continue
             watched = {s.seq_id for s in plan.rows if s.promised} | {seq.seq_id}
-            before = self._late(plan, now, watched) | self._late_waiting(plan, now, waiting)
+            if self._late(plan, now, watched) or self._late_waiting(plan, now, waiting):
+                # Some target is missed even with this row at its narrowest: the queue drains fastest
+                # at the narrowest widths, so nothing is widened.
+                break
             for wider in seq.widths[1:]:
                 narrower, seq.width = seq.width, wider
-                after = self._late(plan, now, watched) | self._late_waiting(plan, now, waiting)
-                if after - before:
+                if self._late(plan, now, watched) or self._late_waiting(plan, now, waiting):
                     seq.width = narrower
                     break
         plan.reserve = 0
@@ -285,17 +303,23 @@ class Scheduler:
         """How many compiled steps to swap in this iteration: all when idle, one when the promised
         deadlines survive the pause, else none."""
         if not pending:
+            self._pending_since = None
             return 0
         if not plan.rows and not self.waiting:
             return pending
-        if self.latency is None:
-            return 1
+        if self._pending_since is None:
+            self._pending_since = now
+        if not self.priced:
+            # Nothing is promised, but a pause still stalls every running row: wait for an idle
+            # moment, and only past SWAP_PATIENCE_S take one anyway.
+            return 1 if now - self._pending_since >= SWAP_PATIENCE_S else 0
         promised = {s.seq_id for s in plan.rows if s.promised}
         late_now = self._late(plan, now, promised)
         paused = _Plan(plan.rows, plan.prefills, extra_s=self.swap_s)
         if self._late(paused, now, promised) - late_now:
             self.swaps_deferred += 1
             return 0
+        self._pending_since = None
         return 1
 
     def observe_swap(self, seconds: float) -> None:
