@@ -24,7 +24,10 @@ from pathlib import Path
 
 PROFILE_FORMAT = "matta-latency-profile/1"
 CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile is for another machine
-STEP_PATHS = ("eager", "compiled")  # how the engine may run a decode step (serving/compiled.py)
+STEP_PATHS = ("eager", "compiled")
+# Weight of a decode step slower than its path's factor: a machine that slows down (another process
+# took a core) is followed within a few steps, or every promise made meanwhile is broken.
+STEP_RISE = 0.3  # how the engine may run a decode step (serving/compiled.py)
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,16 @@ class _Ewma:
     value: float = 1.0
     samples: int = 0
 
-    def update(self, ratio: float, alpha: float) -> None:
+    def update(self, ratio: float, alpha: float, rise: float = 0.0) -> None:
+        """Move towards ``ratio``; a ratio above the value moves it by at least ``rise`` (quick to
+        follow a slowdown that deadlines depend on, slow to trust a speed-up)."""
         if not math.isfinite(ratio) or ratio <= 0:
             return
         lo, hi = CORRECTION_BOUNDS
         ratio = min(hi, max(lo, ratio))
         # The first observations move the factor more (alpha_eff >= 1/n), so a wrong profile is
         # corrected within a few steps instead of a few hundred.
-        a = max(alpha, 1.0 / (self.samples + 1))
+        a = max(alpha, 1.0 / (self.samples + 1), rise if ratio > self.value else 0.0)
         self.value = (1 - a) * self.value + a * ratio
         self.samples += 1
 
@@ -128,7 +133,7 @@ class LatencyModel:
             ewma = self._step[path]
             if not ewma.samples and path != "eager":
                 ewma.value = self._step["eager"].value  # start from what it borrowed
-            ewma.update(seconds / raw if raw > 0 else float("nan"), self.alpha)
+            ewma.update(seconds / raw if raw > 0 else float("nan"), self.alpha, rise=STEP_RISE)
 
     def set_corrections(self, corrections: dict[str, float]) -> None:
         """Take correction factors measured elsewhere (the engine-core process), as :meth:`corrections` names them."""

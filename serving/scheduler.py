@@ -41,7 +41,9 @@ from typing import Protocol
 from serving.core_protocol import Load, Slo
 
 INF = float("inf")
-DEFAULT_MARGIN = 0.8  # aim at 80% of every target: tests/test_overload.py's admitted p99 stays within the SLO
+# Aim at 70% of every target: the rest is for time the engine cannot see (a loaded HTTP side parsing
+# and answering, the event loop, the client): tests/test_overload.py's 10x burst.
+DEFAULT_MARGIN = 0.7
 SWAP_PATIENCE_S = 10.0  # without a latency model, how long a compiled step may wait for an idle engine
 MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per iteration (keeps an iteration O(batch))
 
