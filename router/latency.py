@@ -27,7 +27,7 @@ CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile i
 STEP_PATHS = ("eager", "compiled")
 # Weight of a decode step slower than its path's factor: a machine that slows down (another process
 # took a core) is followed within a few steps, or every promise made meanwhile is broken.
-STEP_RISE = 0.3  # how the engine may run a decode step (serving/compiled.py)
+STEP_RISE = 0.2  # how the engine may run a decode step (serving/compiled.py)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,10 @@ class _Ewma:
         if not math.isfinite(ratio) or ratio <= 0:
             return
         lo, hi = CORRECTION_BOUNDS
-        ratio = min(hi, max(lo, ratio))
+        # One observation moves the factor at most 2x either way: a single outlier (the first step
+        # after start-up, a page fault) must not set it, while a sustained change is followed
+        # geometrically.
+        ratio = min(hi, max(lo, self.value / 2, min(ratio, 2 * self.value)))
         # The first observations move the factor more (alpha_eff >= 1/n), so a wrong profile is
         # corrected within a few steps instead of a few hundred.
         a = max(alpha, 1.0 / (self.samples + 1), rise if ratio > self.value else 0.0)

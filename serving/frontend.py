@@ -230,6 +230,7 @@ class Frontend:
                     delta = first[1]
                     if delta.finish_reason in REFUSALS and not delta.tokens:
                         stream.cancel()
+                        route = replace(route, width=widths[0])  # refused even at its narrowest width
                         raise self._refusal(route, delta.finish_reason)
                     if delta.width is not None:
                         route = replace(route, width=delta.width, predicted_s=delta.predicted_s)

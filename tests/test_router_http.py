@@ -50,8 +50,9 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
         for _ in range(5):  # warm up: the online corrections settle on this machine's idle speed
             idle = completion(server.url, slo_ms=10_000)
             assert idle.status_code == 200 and idle.headers["x-matta-width"] == "ta"
-        # An SLO the TA meets with room when idle, but not behind a queue of 60 requests.
-        slo_ms = max(40.0, 3 * float(idle.headers["x-matta-predicted-ms"]))
+        # An SLO the TA meets with room when idle (the scheduler aims at 70% of it and prices the
+        # batch's free slots as Student rows), but not behind a queue of 60 requests.
+        slo_ms = max(40.0, 10 * float(idle.headers["x-matta-predicted-ms"]))
         assert completion(server.url, slo_ms).headers["x-matta-width"] == "ta"
         responses = asyncio.run(burst(server.url, 60, slo_ms))
         assert all(r.status_code == 200 for r in responses)
@@ -65,7 +66,7 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
             after.append(completion(server.url, slo_ms).headers["x-matta-width"])
         assert after[-1] == "ta", after
         text = httpx.get(f"{server.url}/metrics").text
-    assert metric(text, "matta_router_decisions_total", policy="slo", reason="slo_met") >= 3
+    assert metric(text, "matta_router_decisions_total", policy="slo", reason="at_dispatch") >= 3
     assert metric(text, "matta_router_decisions_total", policy="slo", width="s") >= 1
     requests_with_slo = 5 + 1 + 60 + len(after)
     outcomes = sum(metric(text, "matta_slo_requests_total", policy="slo", outcome=o) for o in ("met", "missed"))
@@ -73,7 +74,7 @@ def test_a_burst_moves_to_narrower_widths_and_calm_returns_to_the_ta(checkpoint_
     assert 0 < metric(text, "matta_slo_attainment_ratio", policy="slo") <= 1
     assert metric(text, "matta_effective_quality", policy="slo") >= 0
     assert metric(text, "matta_router_prediction_ratio_count", policy="slo") == requests_with_slo
-    assert re.search(r'matta_latency_correction_ratio\{kind="decode:ta"\}', text)
+    assert re.search(r'matta_latency_correction_ratio\{kind="step:eager"\}', text)
 
 
 def test_shedding_answers_429_with_retry_after_and_counts_it(checkpoint_512, profile_path):
