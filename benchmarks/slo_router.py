@@ -74,7 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overload-seconds", type=float, default=20.0)
     p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=False,
                    help="also replay `slo:utilization=0` (per-request choice without the load ceiling)")
-    p.add_argument("--calibration-quantile", type=float, help="passed to the slo server (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "slo_router")
     return p.parse_args(argv)
@@ -264,7 +263,7 @@ def main(argv=None) -> int:
           f"SLO {slo_ms:.0f} ms", flush=True)
 
     slo_flags = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
-                 *(("--calibration-quantile", str(args.calibration_quantile)) if args.calibration_quantile else ()))
+)
     every_policy = {f"fixed:{ta}": ("--policy", f"fixed:{ta}"), f"fixed:{student}": ("--policy", f"fixed:{student}"),
                     "slo": slo_flags}
     if args.ablate_ceiling:  # the same policy choosing per request only, on the same trace

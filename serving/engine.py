@@ -174,53 +174,42 @@ class EngineCore:
         return [o for o in outputs if o is not None]
 
     def _prefill(self, admitted: list[SeqState]) -> list[msg.SequenceOutput]:
-        now = time.monotonic()
         work = [(s.seq_id, self._prompts[s.seq_id][0], s.width, self._prompts[s.seq_id][1]) for s in admitted]
         sampled, timings = self.runner.prefill(work)
         if self.latency is not None:
             for width, (tokens, seconds) in timings.items():
                 self.latency.observe_prefill(width, tokens, seconds)
-        outputs, done = [], []
+        return self._update(admitted, sampled, first=True)
+
+    def _decode(self, outputs: list[msg.SequenceOutput]) -> tuple[dict, str] | None:
+        """One decode step; appends its outputs; returns the step's (shapes, path), None when idle."""
+        running = list(self.scheduler.running)
+        if not running:
+            return None
+        shapes = self.scheduler.shapes(running, midpoint=False)
+        path = self.runner.path_of([s.width for s in running])
+        outputs += self._update(running, self.runner.decode())
+        return shapes, path
+
+    def _update(self, seqs: list[SeqState], sampled: dict, first: bool = False) -> list[msg.SequenceOutput]:
+        """Each sequence's new token becomes its output; finished sequences leave the batch."""
         now = time.monotonic()
-        for seq in admitted:
+        outputs, done = [], []
+        for seq in seqs:
             result = sampled[seq.seq_id]
             queue_s = seq.admitted_at - seq.arrival
             if result.token < 0:  # max_tokens 0: the prompt scored, nothing generated
-                outputs.append(self.output.finish(seq.seq_id, "length", now, seq.width, result.prompt_logprobs,
-                                                  queue_s))
-                done.append(seq)
-                continue
-            out = self.output.token(seq.seq_id, result.token, result.logprob, now, seq.width,
-                                    result.prompt_logprobs, seq.predicted_s, queue_s)
-            self.scheduler.update(seq, 1, now)
+                out = self.output.finish(seq.seq_id, "length", now, seq.width, result.prompt_logprobs, queue_s)
+            else:
+                out = self.output.token(seq.seq_id, result.token, result.logprob, now, seq.width,
+                                        result.prompt_logprobs, seq.predicted_s if first else None, queue_s)
+                self.scheduler.update(seq, 1, now)
             outputs.append(out)
             if out.finish_reason is not None:
                 done.append(seq)
         for seq in done:
             self._forget(seq)
         return outputs
-
-    def _decode(self, outputs: list[msg.SequenceOutput]) -> tuple[dict, str] | None:
-        """One decode step; appends its outputs; returns the step's (shapes, path), None when idle."""
-        running = self.scheduler.running
-        if not running:
-            return None
-        shapes = self.scheduler.shapes(running, midpoint=False)
-        path = self.runner.path_of([s.width for s in running])
-        sampled = self.runner.decode()
-        now = time.monotonic()
-        done = []
-        for seq in list(running):
-            result = sampled[seq.seq_id]
-            out = self.output.token(seq.seq_id, result.token, result.logprob, now, seq.width,
-                                    queue_s=seq.admitted_at - seq.arrival)
-            self.scheduler.update(seq, 1, now)
-            outputs.append(out)
-            if out.finish_reason is not None:
-                done.append(seq)
-        for seq in done:
-            self._forget(seq)
-        return shapes, path
 
     def abort_all(self, running_only: bool = False) -> list[msg.SequenceOutput]:
         """End sequences the engine cannot finish (stopping, or a failed step), telling their clients."""

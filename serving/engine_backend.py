@@ -1,7 +1,9 @@
 """``matta serve``'s backend: the checkpoint's engine behind the one front end (:mod:`serving.frontend`).
 
-Tokenizing, detokenized text, echo and logprob tokens as text happen here, on the API side;
-the engine (:mod:`serving.engine`) sees token ids only.
+Tokenizing, echo and logprob tokens as text happen here, on the API side; the engine
+(:mod:`serving.engine`) takes token ids and sends back text (its output processor detokenizes
+where the stop decision is made). The engine's scheduler chooses the width, admits and refuses:
+this backend only passes on the request's allowed widths and targets.
 """
 
 from __future__ import annotations
