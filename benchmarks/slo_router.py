@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overload-seconds", type=float, default=20.0)
     p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=False,
                    help="also replay `slo:utilization=0` (per-request choice without the load ceiling)")
+    p.add_argument("--compile", default="background", choices=("off", "background", "require"),
+                   help="the servers' --compile (default: the server's own default)")
+    p.add_argument("--compile-cache", type=Path, help="the servers' --compile-cache (default: theirs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "slo_router")
     return p.parse_args(argv)
@@ -188,8 +191,8 @@ def plot(results: dict, path: Path) -> None:
 def calibrate(args, ckpt, prompts, work: Path, common: tuple, engine: str, width: str) -> dict:
     """Saturated closed-loop throughput of ``fixed:<width>`` on ``engine`` (after a warm-up)."""
     server = Server(args.checkpoint, args.threads, args.max_batch, work / f"calibrate_{engine}_{width}.log",
-                    extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"))
-    url = server.start()
+                    extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"), compile=args.compile)
+    url = server.start(timeout_s=1800)
     try:
         asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
         return asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
@@ -246,7 +249,8 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-m", "cli", "profile", str(args.checkpoint), "--out", str(profile_path),
                     "--threads", str(args.threads)], check=True)
     profile = json.loads(profile_path.read_text())
-    common = ("--max-queue", "100000", "--profile", str(profile_path))
+    common = ("--max-queue", "100000", "--profile", str(profile_path),
+              *(("--compile-cache", str(args.compile_cache)) if args.compile_cache else ()))
 
     capacity = {}
     for engine in engines:
@@ -297,8 +301,8 @@ def main(argv=None) -> int:
                 print(f"{scenario}: replaying {len(trace)} requests against {name} on the {engine} engine", flush=True)
                 log = work / f"{scenario}_{engine}_{name.replace(':', '_')}.log"
                 server = Server(args.checkpoint, args.threads, args.max_batch, log,
-                                extra_args=(*ENGINES[engine], *common, *flags))
-                url = server.start()
+                                extra_args=(*ENGINES[engine], *common, *flags), compile=args.compile)
+                url = server.start(timeout_s=1800)
                 try:
                     cpu_before, client_before, wall_before = server.cpu_seconds(), time.process_time(), time.monotonic()
                     # A request still unanswered after --give-up x SLO counts as missed (status 0): a
