@@ -95,10 +95,10 @@ def cmd_export(args) -> int:
 
 def cmd_import_hf(args) -> int:
     """Import a local HF GPT-2 directory as a TA checkpoint."""
-    from matta.hf import import_gpt2
+    from matta.hf import import_hf
 
     widths = json.loads(args.widths) if args.widths else None
-    out = import_gpt2(args.hf_dir, args.out, widths=widths, name=args.name)
+    out = import_hf(args.hf_dir, args.out, widths=widths, name=args.name)
     print(f"imported {args.hf_dir} as {out}")
     return 0
 
