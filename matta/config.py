@@ -128,6 +128,9 @@ class ModelConfig:
         for attr in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, attr), bool):
                 raise ValueError(f"{attr} must be a bool, got {getattr(self, attr)!r}")
+        if self.qkv_bias != (self.family == "qwen2"):
+            # What the HF classes build: Qwen2 always has q/k/v biases, Llama and Mistral never.
+            raise ValueError(f"family {self.family!r} needs qkv_bias={self.family == 'qwen2'}, got {self.qkv_bias}")
         if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
             raise ValueError(f"bos_token_id {self.bos_token_id!r} is outside the vocabulary 0..{self.vocab_size - 1}")
 

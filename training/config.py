@@ -27,12 +27,22 @@ class ModelSpec(_Strict):
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(2, gt=0)
     widths: dict[str, int] = Field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
+    family: Literal["gpt2", "llama", "qwen2", "mistral"] = Field(
+        "gpt2", description="gpt2: NestedGPT; llama/qwen2/mistral: NestedLlama (RMSNorm, RoPE, GQA, SwiGLU), "
+                            "exported as that HF family")
+    n_kv_head: int | None = Field(None, gt=0, description="Llama family: key/value heads (GQA); default n_head")
+    rope_theta: float | None = Field(None, gt=0, description="Llama family: RoPE base (default 10000)")
+    qkv_bias: bool | None = Field(None, description="Llama family: q/k/v biases (family qwen2 needs them)")
+    tie_embeddings: bool | None = Field(None, description="Llama family: LM head = token embedding (default true)")
 
     def build(self, vocab_size: int, eos_token_id: int) -> ModelConfig:
+        llama = {k: v for k, v in (("n_kv_head", self.n_kv_head), ("rope_theta", self.rope_theta),
+                                   ("qkv_bias", self.qkv_bias), ("tie_embeddings", self.tie_embeddings))
+                 if v is not None}
         return ModelConfig(
             vocab_size=self.vocab_size or vocab_size, n_ctx=self.n_ctx, d_model=self.d_model,
             n_layer=self.n_layer, n_head=self.n_head, widths=dict(self.widths),
-            eos_token_id=eos_token_id, name=self.name,
+            eos_token_id=eos_token_id, name=self.name, family=self.family, **llama,
         )
 
 
@@ -102,8 +112,7 @@ class TrainConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _model_checks(cls, spec: ModelSpec) -> ModelSpec:
-        ModelConfig(vocab_size=spec.vocab_size or 2, n_ctx=spec.n_ctx, d_model=spec.d_model, n_layer=spec.n_layer,
-                    n_head=spec.n_head, widths=dict(spec.widths), eos_token_id=0, name=spec.name)
+        spec.build(spec.vocab_size or 2, 0)
         return spec
 
     @model_validator(mode="after")
