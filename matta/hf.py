@@ -158,6 +158,15 @@ def hf_model_at(model: NestedDecoder, size: int):
     return hf_model.eval()
 
 
+def _add_legacy_rope_keys(path: Path, config: ModelConfig) -> None:
+    """transformers 5 writes RoPE as ``rope_parameters``; readers on transformers 4 (vLLM's venv among
+    them) look for ``rope_theta`` and ``rope_scaling`` and would silently take defaults: write both."""
+    data = json.loads(path.read_text())
+    data.setdefault("rope_theta", float(config.rope_theta))
+    data.setdefault("rope_scaling", config.rope_scaling)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def export_width(ckpt: Checkpoint, width: str, out: str | Path) -> Path:
     """Write width ``width`` of ``ckpt`` as a HF directory of its family at ``out`` (atomically)."""
     config = ckpt.config
@@ -175,6 +184,8 @@ def export_width(ckpt: Checkpoint, width: str, out: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf_model.save_pretrained(staging, safe_serialization=True)
+        if config.is_llama:
+            _add_legacy_rope_keys(staging / "config.json", config)
         hf_tokenizer(ckpt.tokenizer, config.n_ctx, config.bos_token_id, ckpt.chat_template).save_pretrained(staging)
         info = {
             "source_checkpoint": str(ckpt.path), "source_model": config.name, "width": width, "n_inner": size,
