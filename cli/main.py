@@ -72,8 +72,9 @@ def cmd_info(args) -> int:
         return 0
     _write_json(args.json, info)
     print(f"{config.name}  ({ckpt.path})")
-    print(f"d_model={config.d_model} n_layer={config.n_layer} n_head={config.n_head} head_dim={config.head_dim} "
-          f"n_ctx={config.n_ctx} vocab={config.vocab_size}")
+    print(f"family={config.family} d_model={config.d_model} n_layer={config.n_layer} n_head={config.n_head} "
+          f"n_kv_head={config.kv_heads} head_dim={config.head_dim} n_ctx={config.n_ctx} vocab={config.vocab_size}"
+          f"{' chat_template=yes' if ckpt.chat_template is not None else ''}")
     print_table(rows, ["width", "ffn", "params", "flops_per_token", "flops_vs_full", "test_ppl", "cloze_acc"])
     prov = info["provenance"]
     data = prov.get("data") or {}

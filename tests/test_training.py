@@ -330,3 +330,12 @@ def test_sigkill_during_training_then_resume_reaches_the_same_final_loss(tmp_pat
     wa, wb = load_checkpoint(whole["out"]).model.state_dict(), load_checkpoint(killed["out"]).model.state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_a_chat_template_in_the_config_ships_in_the_checkpoint(tmp_path, corpus_dir):
+    chatml = REPO / "serving" / "templates" / "chatml.jinja"
+    cfg = tiny_run(tmp_path, corpus_dir, "student", steps=2, chat_template=str(chatml))
+    ckpt = load_checkpoint(train(TrainConfig.model_validate(cfg), progress=False))
+    assert ckpt.chat_template == chatml.read_text()
+    with pytest.raises(ValueError, match="chat_template 'nope.jinja': no such file"):
+        TrainConfig.model_validate({**cfg, "chat_template": "nope.jinja"})

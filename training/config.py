@@ -107,6 +107,9 @@ class TrainConfig(_Strict):
                           "~1 min of compiling, then faster steps; off for short runs and tests")
     final_eval: bool = True
     cloze_items: int = Field(3000, ge=0)
+    chat_template: Path | None = Field(None, description="a jinja chat template file the checkpoint ships as "
+                                       "chat_template.jinja (e.g. serving/templates/chatml.jinja); default: "
+                                       "init_from's, if it has one")
     description: str = ""
 
     @field_validator("model")
@@ -135,6 +138,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"recipe 'matta' needs a Student and a TA width, got {self.model.widths}")
         if self.init_from is None and self.seq_len > self.model.n_ctx:
             raise ValueError(f"seq_len {self.seq_len} exceeds model.n_ctx {self.model.n_ctx}")
+        if self.chat_template is not None and not self.chat_template.is_file():
+            raise ValueError(f"chat_template {str(self.chat_template)!r}: no such file")
         if self.teacher is not None and self.teacher.train is not None and self.teacher.train.recipe != "teacher":
             raise ValueError(f"teacher.train must use recipe 'teacher', got {self.teacher.train.recipe!r}")
         return self

@@ -268,7 +268,7 @@ def add_profiles(path: str | Path, data: str | Path, out: str | Path | None = No
             print(f"  {name} {profiles[name]}: test ppl {evaluation['widths'][name]['ppl']:.2f}", flush=True)
     training["eval"] = evaluation
     training["mixnmatch"] = {**result, "chosen": {n: p for n, p in profiles.items() if tuple(p) in chosen}}
-    written = save_checkpoint(out or path, ckpt.model, ckpt.tokenizer, training)
+    written = save_checkpoint(out or path, ckpt.model, ckpt.tokenizer, training, chat_template=ckpt.chat_template)
     return written, training
 
 

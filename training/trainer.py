@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from matta.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint, sha256_file
+from matta.checkpoint import CHAT_TEMPLATE_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint, sha256_file
 from matta.config import ModelConfig
 from matta.llama import build_model
 from matta.model import NestedDecoder
@@ -316,10 +316,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         model.eval()
         if cfg.final_eval:
             training["eval"] = evaluate_widths(model, data, tokenizer, cfg.cloze_items, device=device, progress=progress)
-        save_checkpoint(cfg.out, model.cpu(), tokenizer, training)
+        save_checkpoint(cfg.out, model.cpu(), tokenizer, training, chat_template=chat_template_of(cfg))
     if info.world_size > 1:
         dist.barrier()
     return cfg.out
+
+
+def chat_template_of(cfg: TrainConfig) -> str | None:
+    """The chat template the trained checkpoint ships: the config's file, else init_from's, else none."""
+    if cfg.chat_template is not None:
+        return cfg.chat_template.read_text()
+    inherited = cfg.init_from / CHAT_TEMPLATE_FILE if cfg.init_from is not None else None
+    return inherited.read_text() if inherited is not None and inherited.is_file() else None
 
 
 def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[NestedDecoder, dict]:
