@@ -39,7 +39,13 @@ def check_rope_scaling(scaling: dict | None) -> None:
 
 @dataclass
 class ModelConfig:
-    """GPT-2 architecture whose FFN hidden units are nested: width m uses the first m units.
+    """A transformer whose FFN hidden units are nested: width m uses the first m units.
+
+    ``family`` says the architecture, as litgpt's one config does: ``gpt2`` (LayerNorm, learned
+    positions, GELU FFN, biases, tied embeddings; :class:`~matta.model.NestedGPT`) or the Llama family
+    ``llama`` / ``qwen2`` / ``mistral`` (RMSNorm, rotary positions, ``n_kv_head`` key/value heads,
+    SwiGLU FFN, ``qkv_bias`` for Qwen2, tied or untied embeddings; :class:`~matta.llama.NestedLlama`),
+    each exported to that HF family. The Llama-only fields must stay at their defaults for GPT-2.
 
     ``widths`` maps names to FFN hidden sizes in strictly ascending order; the last one is
     the full (TA) width that the weights are stored at, the first one is the Student.
@@ -54,12 +60,10 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 2
     widths: dict[str, int] = field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # LayerNorm's eps, or RMSNorm's for the Llama family
     eos_token_id: int = 0
     name: str = "matta"
     profiles: dict[str, list[int]] = field(default_factory=dict)
-    # The architecture family; "gpt2" (the default) is NestedGPT, the others are NestedLlama
-    # (RMSNorm, rotary positions, grouped-query attention, nested SwiGLU) and export to that HF family.
     family: str = "gpt2"
     n_kv_head: int | None = None  # None: as many key/value heads as query heads (no GQA)
     rope_theta: float = 10000.0
