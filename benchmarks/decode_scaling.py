@@ -26,9 +26,12 @@ Two shapes in the same run: the shipped checkpoint (d_model 128, 4 layers) and a
 shaped elastic model (``gpt2-small``: d_model 768, 12 layers, head_dim 64, FFN 3072 with
 widths 384 / 768 / 1536 / 3072, the shipped tokenizer's 2,048-token vocabulary, random
 weights: a step's time does not depend on the values), so the trade is measured where the FFN
-is most of the work.
+is most of the work. A third, ``smollm-135m``, is a nested Llama of SmolLM-135M's shape (d_model
+576, 30 layers, 9 query heads of 64 on 3 key/value heads, SwiGLU FFN 1536 with widths 192 / 384 /
+768 / 1536, random weights): RMSNorm, rotary positions, grouped-query attention (a third of the
+KV-cache bytes) and a three-matrix FFN.
 
-    python -m benchmarks.decode_scaling [--checkpoint checkpoints/default] [--threads 2] [--shapes shipped gpt2-small]
+    python -m benchmarks.decode_scaling [--checkpoint checkpoints/default] [--threads 2] [--shapes shipped gpt2-small smollm-135m]
 
 Takes about 6 minutes on 2 cores for the default grid; run it on an otherwise idle machine.
 Writes ``--out``.json and ``--out``.png and prints a markdown table.
@@ -45,15 +48,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import gpt2_small_shape, machine_peaks, model_decode_step, roofline_ms, step_bytes, step_flops
+from benchmarks.harness import SHAPE_BUILDERS, machine_peaks, model_decode_step, roofline_ms, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-from matta.model import NestedGPT
+from matta.model import NestedDecoder
 from serving.compiled import DecodeSteps
 
-SHAPES = ("shipped", "gpt2-small")
+SHAPES = ("shipped", "gpt2-small", "smollm-135m")
 
 
-def sweep(model: NestedGPT, args: argparse.Namespace, peaks: dict, label: str) -> dict:
+def sweep(model: NestedDecoder, args: argparse.Namespace, peaks: dict, label: str) -> dict:
     """The batch x context grid for one model; per point and width, step time, FLOPs, bytes, roofline."""
     config = model.config
     widths = args.widths or list(config.widths)
@@ -148,7 +151,8 @@ def run(args: argparse.Namespace) -> dict:
     peaks = machine_peaks()
     shapes = {}
     for label in args.shapes:
-        model = ckpt.model if label == "shipped" else gpt2_small_shape(ckpt.config.vocab_size, ckpt.config.eos_token_id)
+        model = (ckpt.model if label == "shipped"
+                 else SHAPE_BUILDERS[label](ckpt.config.vocab_size, ckpt.config.eos_token_id))
         shapes[label] = sweep(model, args, peaks, label)
         del model
     return {

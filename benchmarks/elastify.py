@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     data = TokenData(args.data)
     test = data.tokens("test")
     hf_dir = export_width(load_checkpoint(args.teacher), "full", args.hf_dir)
-    dense, _, source = load_dense(hf_dir)
+    dense, _, source, _ = load_dense(hf_dir)
     window = dense.config.n_ctx
     batches = calibration_batches(data.tokens("train"), args.calibration_tokens, min(256, window), seed=0)
     series: dict[str, dict] = {}

@@ -44,6 +44,7 @@ import uvicorn
 from deploy.vllm.launch import vllm_command, vllm_env
 from matta.checkpoint import Checkpoint
 from matta.config import ModelConfig
+from matta.llama import NestedLlama
 from matta.model import NestedGPT, StaticKVCache
 from serving.server import uvicorn_config
 
@@ -318,6 +319,20 @@ def gpt2_small_shape(vocab_size: int, eos_token_id: int) -> NestedGPT:
                          widths={"s": 384, "m": 768, "l": 1536, "ta": 3072}, eos_token_id=eos_token_id,
                          name="gpt2-small-shape")
     return NestedGPT(config).eval()
+
+
+def smollm_135m_shape(vocab_size: int, eos_token_id: int) -> NestedLlama:
+    """A random-weight nested Llama of SmolLM-135M's shape (d_model 576, 30 layers, 9 query heads of 64
+    sharing 3 key/value heads, SwiGLU FFN 1536 with widths 192 / 384 / 768 / 1536, tied embeddings)."""
+    torch.manual_seed(0)
+    config = ModelConfig(family="llama", vocab_size=vocab_size, n_ctx=2048, d_model=576, n_layer=30, n_head=9,
+                         n_kv_head=3, widths={"s": 192, "m": 384, "l": 768, "ta": 1536}, eos_token_id=eos_token_id,
+                         name="smollm-135m-shape")
+    return NestedLlama(config).eval()
+
+
+SHAPE_BUILDERS = {"gpt2-small": gpt2_small_shape, "smollm-135m": smollm_135m_shape}
+"""Random-weight model shapes the benchmarks measure beside the shipped checkpoint, by label."""
 
 
 def interleaved(runs: dict, repeats: int, inner: int = 1) -> dict:
@@ -656,11 +671,12 @@ def roofline_ms(flops: int, nbytes: int, peaks: dict) -> float:
 
 
 def step_bytes(config, width: str, batch: int, context: int) -> dict:
-    """Bytes one decode step must read: the width's matmul weights, and the KV cache."""
-    d = config.d_model
-    ffn = sum(2 * d * m for m in config.resolve_width(width))
-    weights = config.n_layer * 4 * d * d + ffn + d * config.vocab_size
-    kv = config.n_layer * 2 * batch * context * d
+    """Bytes one decode step must read: the width's matmul weights, and the KV cache (of the key/value
+    heads: grouped-query attention caches fewer)."""
+    d, kv_dim = config.d_model, config.kv_heads * config.head_dim
+    ffn = sum((3 if config.is_llama else 2) * d * m for m in config.resolve_width(width))  # SwiGLU: gate, up, down
+    weights = config.n_layer * (2 * d * d + 2 * d * kv_dim) + ffn + d * config.vocab_size
+    kv = config.n_layer * 2 * batch * context * kv_dim
     return {"weights": weights * BYTES_PER_PARAM, "kv_cache": kv * BYTES_PER_PARAM}
 
 

@@ -10,6 +10,8 @@ User classes (pick with `locust ... ClassName`, default: all, by weight):
   SloUser     mixed latency classes: tight (MATTA_TIGHT_SLO_MS) and loose (MATTA_LOOSE_SLO_MS) targets
               through the `x-matta-slo-ms` header, for the latency-aware router.
   PinnedUser  asks for one pinned width per request (`<model>:<width>`), round robin.
+  ChatUser    `/v1/chat/completions`: a short conversation (system, user, assistant, user), every
+              other request streamed; needs a model with a chat template (or `--chat-template`).
 
 Environment: MATTA_MODEL (default matta-shakespeare), MATTA_CHECKPOINT (default checkpoints/default,
 for the widths and their quality), MATTA_MAX_TOKENS (32), MATTA_SUCCESS_BASE (0.5).
@@ -108,3 +110,32 @@ class PinnedUser(HttpUser):
         self.turn += 1
         body = {"model": f"{MODEL}:{width}", "prompt": random.choice(PROMPTS), "max_tokens": MAX_TOKENS}
         self.client.post("/v1/completions", json=body, name=f"/v1/completions [pinned {width}]")
+
+
+CONVERSATIONS = [[{"role": "system", "content": "You speak as a character of Shakespeare's."},
+                  {"role": "user", "content": prompt},
+                  {"role": "assistant", "content": "Speak, and I shall answer."},
+                  {"role": "user", "content": "Say on."}] for prompt in PROMPTS]
+
+
+class ChatUser(HttpUser):
+    weight = 1
+    wait_time = between(0.05, 0.2)
+
+    def on_start(self) -> None:
+        self.turn = 0
+
+    @task
+    def chat(self) -> None:
+        self.turn += 1
+        stream = self.turn % 2 == 0
+        body = {"model": MODEL, "messages": random.choice(CONVERSATIONS), "max_tokens": MAX_TOKENS, "stream": stream}
+        name = f"/v1/chat/completions [chat{' stream' if stream else ''}]"
+        with self.client.post("/v1/chat/completions", json=body, name=name, stream=stream,
+                              catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif stream and 'data: {"error"' in response.text:
+                response.failure(f"error event: {response.text[-300:]}")
+            elif stream and not response.text.rstrip().endswith("data: [DONE]"):
+                response.failure("the stream did not end with [DONE]")

@@ -17,13 +17,16 @@ Shapes:
   shipped     checkpoints/default (d_model 128, 4 layers, 2048-token vocabulary);
   gpt2-small  GPT-2 small's shape (d_model 768, 12 layers, 12 heads of 64, FFN 3072 with nested
               widths 384/768/1536/3072), random weights, the shipped tokenizer: what a user who
-              elastifies their own GPT-2 serves (`matta elastify`), at a realistic size.
+              elastifies their own GPT-2 serves (`matta elastify`), at a realistic size;
+  smollm-135m SmolLM-135M's shape as a nested Llama (d_model 576, 30 layers, 9 query heads of 64 on 3
+              key/value heads, SwiGLU FFN 1536 with widths 192/384/768/1536), random weights, the
+              shipped tokenizer; vLLM serves the width exported as a plain HF LlamaForCausalLM.
 
 Ratios are matta/vLLM and compiled/eager per shape, width and client count, from the same run; the
 servers alternate (`--rounds`) and the medians are reported. The client shares the 2 cores with the
 server.
 
-    python -m benchmarks.vs_vllm [--shapes shipped gpt2-small] [--seconds 15]
+    python -m benchmarks.vs_vllm [--shapes shipped gpt2-small smollm-135m] [--seconds 15]
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import VLLM_VENV, Server, VLLMServer, gpt2_small_shape, make_prompts, metric, saturate
+from benchmarks.harness import SHAPE_BUILDERS, VLLM_VENV, Server, VLLMServer, make_prompts, metric, saturate
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.hf import export_width
 from serving.engine import BUSY_PHASES
 
 RESULTS = Path(__file__).parent / "results"
-SHAPES = ("shipped", "gpt2-small")
+SHAPES = ("shipped", "gpt2-small", "smollm-135m")
 SYSTEMS = ("matta", "matta-compiled", "vllm")
 
 
@@ -67,12 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def shape_checkpoint(label: str, shipped: Path, work: Path) -> Path:
-    """The checkpoint directory of a shape (the GPT-2-small one is written to ``work``)."""
+    """The checkpoint directory of a shape (the random-weight ones are written to ``work``)."""
     if label == "shipped":
         return shipped
     base = load_checkpoint(shipped)
-    model = gpt2_small_shape(base.config.vocab_size, base.config.eos_token_id)
-    return save_checkpoint(work / label, model, base.tokenizer, {"source": "random weights, GPT-2 small's shape"})
+    model = SHAPE_BUILDERS[label](base.config.vocab_size, base.config.eos_token_id)
+    return save_checkpoint(work / label, model, base.tokenizer, {"source": f"random weights, {label}'s shape"})
 
 
 def measure(url: str, model: str, prompts: list[list[int]], args, engine: bool = False) -> dict:

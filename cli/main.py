@@ -72,8 +72,9 @@ def cmd_info(args) -> int:
         return 0
     _write_json(args.json, info)
     print(f"{config.name}  ({ckpt.path})")
-    print(f"d_model={config.d_model} n_layer={config.n_layer} n_head={config.n_head} head_dim={config.head_dim} "
-          f"n_ctx={config.n_ctx} vocab={config.vocab_size}")
+    print(f"family={config.family} d_model={config.d_model} n_layer={config.n_layer} n_head={config.n_head} "
+          f"n_kv_head={config.kv_heads} head_dim={config.head_dim} n_ctx={config.n_ctx} vocab={config.vocab_size}"
+          f"{' chat_template=yes' if ckpt.chat_template is not None else ''}")
     print_table(rows, ["width", "ffn", "params", "flops_per_token", "flops_vs_full", "test_ppl", "cloze_acc"])
     prov = info["provenance"]
     data = prov.get("data") or {}
@@ -83,22 +84,23 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Export one width as a plain HF GPT-2 directory."""
+    """Export one width as a plain HF directory of the checkpoint's family (GPT-2, Llama, Qwen2, Mistral)."""
     from matta.checkpoint import load_checkpoint
     from matta.hf import export_width
 
     ckpt = load_checkpoint(args.checkpoint)
     out = export_width(ckpt, args.width, args.out)
-    print(f"exported width {args.width!r} (n_inner={ckpt.config.widths[args.width]}) to {out}")
+    field = "intermediate_size" if ckpt.config.is_llama else "n_inner"
+    print(f"exported width {args.width!r} ({field}={ckpt.config.widths[args.width]}) to {out}")
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    """Import a local HF GPT-2 directory as a TA checkpoint."""
-    from matta.hf import import_gpt2
+    """Import a local HF GPT-2 / Llama / Qwen2 / Mistral directory as a TA checkpoint."""
+    from matta.hf import import_hf
 
     widths = json.loads(args.widths) if args.widths else None
-    out = import_gpt2(args.hf_dir, args.out, widths=widths, name=args.name)
+    out = import_hf(args.hf_dir, args.out, widths=widths, name=args.name)
     print(f"imported {args.hf_dir} as {out}")
     return 0
 
@@ -294,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
     p.add_argument("--json", metavar="PATH", help="write the info as JSON ('-' prints it instead of the table)")
 
-    p = add("export", cmd_export, "export one width as a HF GPT-2 directory")
+    p = add("export", cmd_export, "export one width as a HF directory of its family (GPT-2, Llama, Qwen2, Mistral)")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--width", required=True, help="a named width, e.g. s or ta")
     p.add_argument("--out", required=True, type=Path)
 
-    p = add("import-hf", cmd_import_hf, "import a local HF GPT-2 directory as a TA checkpoint")
+    p = add("import-hf", cmd_import_hf, "import a local HF GPT-2 / Llama / Qwen2 / Mistral directory as a TA checkpoint")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--widths", help='JSON, e.g. \'{"s": 512, "ta": 4096}\' (default: 1/8, 1/4, 1/2, 1 of the FFN)')
@@ -379,7 +381,7 @@ def _add_elastic_commands(sub) -> None:
     from training import elastify, mixnmatch
 
     for name, module, help_text in (
-        ("elastify", elastify, "reorder a dense GPT-2's FFN units by importance into a nested checkpoint"),
+        ("elastify", elastify, "reorder a dense GPT-2 / Llama-family model's FFN units by importance into a nested checkpoint"),
         ("mixnmatch", mixnmatch, "search per-layer width profiles; add the Pareto-best as named widths"),
     ):
         p = sub.add_parser(name, help=help_text, description=module.__doc__,

@@ -1,5 +1,8 @@
 """The checkpoint directory: config.json, model.safetensors, tokenizer.json, training.json, manifest.json.
 
+A chat template (jinja, as HF's ``apply_chat_template`` reads it), when the model has one, is the
+optional file chat_template.jinja, listed in the manifest like mixnmatch.json.
+
 Named Mix'n'Match profiles (``ModelConfig.profiles``), when there are any, go to a sixth file,
 mixnmatch.json, listed in the manifest, not into config.json: readers that predate profiles
 refuse unknown config.json keys but verify and then ignore extra manifest files, so they keep
@@ -25,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from matta.config import ModelConfig
-from matta.model import NestedGPT
+from matta.llama import build_model
+from matta.model import NestedDecoder
 from matta.tokenizer import Tokenizer
 
 FORMAT = "matta-checkpoint/1"
@@ -36,6 +40,7 @@ TRAINING_FILE = "training.json"
 MANIFEST_FILE = "manifest.json"
 MIXNMATCH_FILE = "mixnmatch.json"
 MIXNMATCH_FORMAT = "matta-mixnmatch/1"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # optional: the tokenizer's chat template (HF's file name)
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_FILE)
 
 
@@ -47,9 +52,10 @@ class CheckpointError(ValueError):
 class Checkpoint:
     path: Path
     config: ModelConfig
-    model: NestedGPT | None  # None when loaded without weights
+    model: NestedDecoder | None  # None when loaded without weights
     tokenizer: Tokenizer
     training: dict
+    chat_template: str | None = None
 
     @property
     def name(self) -> str:
@@ -68,8 +74,10 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_checkpoint(path: str | Path, model: NestedGPT, tokenizer: Tokenizer, training: dict) -> Path:
-    """Write a complete checkpoint directory atomically (a crash leaves the old one or none)."""
+def save_checkpoint(path: str | Path, model: NestedDecoder, tokenizer: Tokenizer, training: dict,
+                    chat_template: str | None = None) -> Path:
+    """Write a complete checkpoint directory atomically (a crash leaves the old one or none);
+    ``chat_template`` (jinja) goes to chat_template.jinja."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -85,6 +93,9 @@ def save_checkpoint(path: str | Path, model: NestedGPT, tokenizer: Tokenizer, tr
         if profiles:
             _write_json(staging / MIXNMATCH_FILE, {"format": MIXNMATCH_FORMAT, "profiles": profiles})
             names.append(MIXNMATCH_FILE)
+        if chat_template is not None:
+            (staging / CHAT_TEMPLATE_FILE).write_text(chat_template)
+            names.append(CHAT_TEMPLATE_FILE)
         files = {name: sha256_file(staging / name) for name in names}
         _write_json(staging / MANIFEST_FILE, {"format": FORMAT, "files": files})
         for name in (*names, MANIFEST_FILE):
@@ -180,7 +191,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     path = Path(path)
     config = load_config(path)
     try:
-        tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE)
+        # A Llama-family checkpoint names its own end-of-text token; GPT-2 ones use <|endoftext|>.
+        tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE, config.eos_token_id if config.is_llama else None)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
     if tokenizer.vocab_size > config.vocab_size:
@@ -192,17 +204,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
             f"{path / TOKENIZER_FILE}: end-of-text id {tokenizer.eos_id} != config eos_token_id {config.eos_token_id}"
         )
     training = _read_json(path / TRAINING_FILE)
+    chat_template = None
+    if CHAT_TEMPLATE_FILE in _read_json(path / MANIFEST_FILE)["files"]:  # verified by load_config
+        try:
+            chat_template = (path / CHAT_TEMPLATE_FILE).read_text()
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{path / CHAT_TEMPLATE_FILE}: not UTF-8 text ({exc})") from exc
     if not weights:
-        return Checkpoint(path=path, config=config, model=None, tokenizer=tokenizer, training=training)
+        return Checkpoint(path=path, config=config, model=None, tokenizer=tokenizer, training=training,
+                          chat_template=chat_template)
     weights_path = path / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable safetensors ({exc})") from exc
-    model = NestedGPT(config)
+    model = build_model(config)
     load_state_dict_strict(model, tensors, weights_path)
     model.to(device).eval()
-    return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, training=training)
+    return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, training=training,
+                      chat_template=chat_template)
 
 
 def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 WidthSpec = str | int | Sequence[str | int]
@@ -14,10 +14,38 @@ DEFAULT_CHECKPOINT = Path("checkpoints/default")  # what `matta serve` and frien
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+"""Architecture families: GPT-2, and the Llama family, exported as HF Llama / Qwen2 / Mistral."""
+_LLAMA_FIELDS = ("n_kv_head", "rope_theta", "rope_scaling", "qkv_bias", "tie_embeddings", "bos_token_id")
+ROPE_TYPES = ("default", "linear", "llama3")
+"""HF rope_scaling types the model implements; others (yarn, dynamic, longrope, ...) are refused."""
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """Refuse a rope_scaling the model does not implement, quoting it."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a mapping or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported ({scaling!r}); supported: {list(ROPE_TYPES)}")
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}.get(kind, ())
+    missing = [k for k in needed if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"rope_scaling {scaling!r} lacks numeric {missing}")
+
 
 @dataclass
 class ModelConfig:
-    """GPT-2 architecture whose FFN hidden units are nested: width m uses the first m units.
+    """A transformer whose FFN hidden units are nested: width m uses the first m units.
+
+    ``family`` says the architecture, as litgpt's one config does: ``gpt2`` (LayerNorm, learned
+    positions, GELU FFN, biases, tied embeddings; :class:`~matta.model.NestedGPT`) or the Llama family
+    ``llama`` / ``qwen2`` / ``mistral`` (RMSNorm, rotary positions, ``n_kv_head`` key/value heads,
+    SwiGLU FFN, ``qkv_bias`` for Qwen2, tied or untied embeddings; :class:`~matta.llama.NestedLlama`),
+    each exported to that HF family. The Llama-only fields must stay at their defaults for GPT-2.
 
     ``widths`` maps names to FFN hidden sizes in strictly ascending order; the last one is
     the full (TA) width that the weights are stored at, the first one is the Student.
@@ -32,10 +60,17 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 2
     widths: dict[str, int] = field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # LayerNorm's eps, or RMSNorm's for the Llama family
     eos_token_id: int = 0
     name: str = "matta"
     profiles: dict[str, list[int]] = field(default_factory=dict)
+    family: str = "gpt2"
+    n_kv_head: int | None = None  # None: as many key/value heads as query heads (no GQA)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3", ...}
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v (never on o)
+    tie_embeddings: bool = True  # LM head = token embedding (GPT-2 always ties)
+    bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         for attr in ("vocab_size", "n_ctx", "d_model", "n_layer", "n_head"):
@@ -75,6 +110,43 @@ class ModelConfig:
                                  f"got {sizes!r}")
             if len(set(sizes)) == 1:
                 raise ValueError(f"profile {profile_name!r} is uniform ({sizes!r}); name it in widths instead")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; known: {list(FAMILIES)}")
+        if self.family == "gpt2":
+            defaults = {f.name: f.default for f in fields(self) if f.name in _LLAMA_FIELDS}
+            changed = sorted(k for k, v in defaults.items() if getattr(self, k) != v)
+            if changed:
+                raise ValueError(f"{changed} apply to the Llama family only; family is 'gpt2'")
+            return
+        kv = self.n_kv_head
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or self.n_head % kv):
+            raise ValueError(f"n_kv_head must be a positive int dividing n_head {self.n_head}, got {kv!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        check_rope_scaling(self.rope_scaling)
+        for attr in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, attr), bool):
+                raise ValueError(f"{attr} must be a bool, got {getattr(self, attr)!r}")
+        if self.qkv_bias != (self.family == "qwen2"):
+            # What the HF classes build: Qwen2 always has q/k/v biases, Llama and Mistral never.
+            raise ValueError(f"family {self.family!r} needs qkv_bias={self.family == 'qwen2'}, got {self.qkv_bias}")
+        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
+            raise ValueError(f"bos_token_id {self.bos_token_id!r} is outside the vocabulary 0..{self.vocab_size - 1}")
+
+    @property
+    def is_llama(self) -> bool:
+        """RMSNorm, rotary positions, grouped-query attention and a nested SwiGLU FFN (NestedLlama)."""
+        return self.family != "gpt2"
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer (``n_head`` without grouped-query attention)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def head_dim(self) -> int:
@@ -153,6 +225,13 @@ class ModelConfig:
     def param_count(self, width: WidthSpec | None = None) -> int:
         """Parameters a forward at this width touches (tied LM head counted once)."""
         d = self.d_model
+        if self.is_llama:
+            kv = self.kv_heads * self.head_dim
+            embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            attention = d * d + 2 * d * kv + d * d + ((d + 2 * kv) if self.qkv_bias else 0)
+            per_layer_fixed = 2 * d + attention  # 2 RMSNorms (weights only)
+            ffn = sum(3 * d * m for m in self.resolve_width(width))
+            return embeddings + self.n_layer * per_layer_fixed + ffn + d
         embeddings = self.vocab_size * d + self.n_ctx * d
         per_layer_fixed = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d)  # 2 LayerNorms + attention
         ffn = sum(2 * d * m + m + d for m in self.resolve_width(width))
@@ -166,14 +245,21 @@ class ModelConfig:
         """
         d = self.d_model
         context = self.n_ctx // 2 if context is None else context
-        attention_weights = 4 * d * d
+        attention_weights = 2 * d * d + 2 * d * self.kv_heads * self.head_dim  # q, o and the (grouped) k, v
         attention_scores = 2 * context * d  # q.k and attn.v, per layer
-        ffn = sum(2 * d * m for m in self.resolve_width(width))
+        ffn_matrices = 3 if self.is_llama else 2  # SwiGLU: gate, up, down
+        ffn = sum(ffn_matrices * d * m for m in self.resolve_width(width))
         matmul_weights = self.n_layer * attention_weights + ffn + d * self.vocab_size
         return 2 * matmul_weights + 2 * self.n_layer * attention_scores
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config.json mapping; a GPT-2 config leaves out the Llama-family keys, so GPT-2
+        checkpoints stay readable by versions that predate them."""
+        data = asdict(self)
+        if not self.is_llama:
+            for key in ("family", *_LLAMA_FIELDS):
+                data.pop(key)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:

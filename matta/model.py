@@ -79,6 +79,45 @@ class GPTOutput:
     past_key_values: KVCache | StaticKVCache | None = None
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, n_kv, S, hs), n_kv dividing nh
+    (grouped-query attention: query head h reads key/value head h // (nh / n_kv)). ``causal`` asks
+    for the plain causal mask when ``attn_mask`` is None. Returns (B, nh, T, hs)."""
+    B, nh, T, hs = q.shape
+    n_kv = k.shape[1]
+    if T == 1 and k.shape[2] > 1:
+        # One new token against a cache (a decode step): plain matmul-softmax-matmul, cheaper
+        # than the CPU flash-attention kernel with a mask for a single query (interleaved A/B
+        # at batch 16, context 96, 1 thread: Student step 0.89x, TA step 0.93x the time).
+        # Grouped queries ride along as rows of their key/value head: no copy of the cache.
+        qg = q.view(B, n_kv, nh // n_kv, hs)  # (B, n_kv, group, hs)
+        scores = torch.matmul(qg, k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, n_kv, group, S)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, nh, 1, hs)
+    gqa = n_kv != nh
+    if attn_mask is None:
+        # No padding and no cache: the plain causal fast path.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
+def extend_cache(k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                 static: tuple[torch.Tensor, torch.Tensor, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's keys and values (B, n_kv, T, hs) appended to the cache: written in place into a
+    static buffer (``static`` = key buffer, value buffer, filled length) or concatenated to ``past``."""
+    if static is not None:
+        k_buf, v_buf, length = static
+        T = k.shape[2]
+        k_buf[:, :, length : length + T] = k
+        v_buf[:, :, length : length + T] = v
+        return k_buf[:, :, : length + T], v_buf[:, :, : length + T]
+    if past is not None:
+        return torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, n_kv, Tp+T, hs)
+    return k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -100,27 +139,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if static is not None:
-            k_buf, v_buf, length = static
-            k_buf[:, :, length : length + T] = k
-            v_buf[:, :, length : length + T] = v
-            k, v = k_buf[:, :, : length + T], v_buf[:, :, : length + T]
-        elif past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, nh, Tp+T, hs)
-            v = torch.cat((past[1], v), dim=2)
-        if T == 1 and k.shape[2] > 1:
-            # One new token against a cache (a decode step): plain matmul-softmax-matmul, cheaper
-            # than the CPU flash-attention kernel with a mask for a single query (interleaved A/B
-            # at batch 16, context 96, 1 thread: Student step 0.89x, TA step 0.93x the time).
-            scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, 1, S)
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            y = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, nh, 1, hs)
-        elif attn_mask is None:
-            # No padding and no cache: the plain causal fast path.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        k, v = extend_cache(k, v, past, static)
+        y = attend(q, k, v, attn_mask, causal=past is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), (k, v)
 
@@ -155,8 +175,58 @@ def ffn_plans(config: ModelConfig, row_widths: Sequence[WidthSpec],
     return [ffn_plan([sizes[i] for sizes in per_row], device) for i in range(config.n_layer)]
 
 
-class NestedMLP(nn.Module):
-    """GPT-2 FFN whose hidden units are nested: width m runs on the first m units only."""
+class NestedFFN(nn.Module):
+    """An FFN whose hidden units are nested: width m runs on the first m units only.
+
+    Subclasses store every per-unit weight hidden-unit-major (row i is unit i), say how a slice
+    [lo, hi) of units turns the input into activations (:meth:`hidden`), and name the output
+    weight (``out_weight``, (ffn_dim, d)) and bias. The width logic, one width or a mixed-width
+    plan, is here once.
+    """
+
+    out_bias: torch.Tensor | None = None
+
+    def hidden(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Activations of hidden units [lo, hi) for ``x`` (..., d): (..., hi - lo)."""
+        raise NotImplementedError
+
+    @property
+    def out_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def unit_params(self) -> tuple[torch.Tensor, ...]:
+        """Every parameter whose first dimension indexes hidden units (they permute together)."""
+        raise NotImplementedError
+
+    def unit_weight_norm(self) -> torch.Tensor:
+        """Data-free importance of each unit: the product of its rows' norms, (ffn_dim,)."""
+        norm = torch.ones(self.out_weight.shape[0], device=self.out_weight.device)
+        for param in self.unit_params:
+            if param.dim() == 2:
+                norm = norm * param.detach().norm(dim=1)
+        return norm
+
+    def forward(self, x: torch.Tensor, width: int | FFNBlocks) -> torch.Tensor:
+        """``width``: one FFN size for every row, or a mixed-width plan from :func:`ffn_plan`."""
+        if isinstance(width, int):
+            out = torch.matmul(self.hidden(x, 0, width), self.out_weight[:width])  # (B, T, m) @ (m, d)
+        else:
+            out = None
+            for lo, hi, rows in width:
+                xr = x[:rows] if isinstance(rows, int) else x.index_select(0, rows)  # (rows, T, d)
+                y = torch.matmul(self.hidden(xr, lo, hi), self.out_weight[lo:hi])  # (rows, T, d)
+                if out is None:  # the first block: every row
+                    out = y
+                elif isinstance(rows, int):
+                    out[:rows] += y
+                else:
+                    out.index_add_(0, rows, y)
+        return out if self.out_bias is None else out + self.out_bias
+
+
+class NestedMLP(NestedFFN):
+    """GPT-2 FFN: gelu(x W_in + b_in) W_out + b_out, nested by hidden units."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -166,24 +236,20 @@ class NestedMLP(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(m, d))  # W_out: row i is hidden unit i's output
         self.proj_bias = nn.Parameter(torch.zeros(d))
 
-    def forward(self, x: torch.Tensor, width: int | FFNBlocks) -> torch.Tensor:
-        """``width``: one FFN size for every row, or a mixed-width plan from :func:`ffn_plan`."""
-        if isinstance(width, int):
-            h = F.linear(x, self.fc_weight[:width], self.fc_bias[:width])  # (B, T, m)
-            h = F.gelu(h, approximate="tanh")
-            return torch.matmul(h, self.proj_weight[:width]) + self.proj_bias  # (B, T, d)
-        out = None
-        for lo, hi, rows in width:
-            xr = x[:rows] if isinstance(rows, int) else x.index_select(0, rows)  # (rows, T, d)
-            h = F.gelu(F.linear(xr, self.fc_weight[lo:hi], self.fc_bias[lo:hi]), approximate="tanh")  # (rows, T, hi-lo)
-            y = torch.matmul(h, self.proj_weight[lo:hi])  # (rows, T, d)
-            if out is None:  # the first block: every row
-                out = y
-            elif isinstance(rows, int):
-                out[:rows] += y
-            else:
-                out.index_add_(0, rows, y)
-        return out + self.proj_bias
+    def hidden(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return F.gelu(F.linear(x, self.fc_weight[lo:hi], self.fc_bias[lo:hi]), approximate="tanh")
+
+    @property
+    def out_weight(self) -> torch.Tensor:
+        return self.proj_weight
+
+    @property
+    def out_bias(self) -> torch.Tensor:
+        return self.proj_bias
+
+    @property
+    def unit_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.fc_weight, self.fc_bias, self.proj_weight)
 
 
 class Block(nn.Module):
@@ -194,44 +260,37 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = NestedMLP(config)
 
-    def forward(self, x, width, attn_mask, past, static=None):
+    def forward(self, x, width, attn_mask, past, static=None, rope=None):
         attn_out, present = self.attn(self.ln_1(x), attn_mask, past, static)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x), width)
         return x, present
 
 
-class NestedGPT(nn.Module):
-    """GPT-2 language model servable at every FFN width up to ``config.ffn_dim``."""
+class NestedDecoder(nn.Module):
+    """What every nested architecture shares: the forward interface the engine, the compiled steps
+    and the trainer call (widths, per-row widths, per-layer plans, padding masks, KV caches).
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.n_ctx, config.d_model)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.reset_parameters()
+    A subclass has ``wte`` (token embedding), ``h`` (blocks called as
+    ``block(x, width, attn_mask, past, static, rope)``) and ``ln_f``, and says how tokens enter
+    (:meth:`embed`), what positional input the blocks take (:meth:`rope`) and how logits leave
+    (:meth:`lm_head`).
+    """
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
-        std = 0.02
-        residual_std = std / math.sqrt(2 * self.config.n_layer)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, std, generator=generator)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std, generator=generator)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for block in self.h:
-            nn.init.normal_(block.mlp.fc_weight, 0.0, std, generator=generator)
-            nn.init.zeros_(block.mlp.fc_bias)
-            nn.init.normal_(block.mlp.proj_weight, 0.0, residual_std, generator=generator)
-            nn.init.zeros_(block.mlp.proj_bias)
-            nn.init.normal_(block.attn.c_proj.weight, 0.0, residual_std, generator=generator)
+    config: ModelConfig
+    wte: nn.Embedding
+    h: nn.ModuleList
+    ln_f: nn.Module
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary (cos, sin) for the blocks, or None for an architecture without them."""
+        return None
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wte.weight)  # tied embeddings
 
     def forward(
         self,
@@ -298,23 +357,23 @@ class NestedGPT(nn.Module):
         if attention_mask is not None or (past_key_values is not None and T > 1):
             attn_mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device)
 
-        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, d)
+        x = self.embed(input_ids, position_ids)  # (B, T, d)
+        rope = self.rope(position_ids)
         if static is not None:
             static.reserve(past_len + T, self.config.n_ctx)
             for i, block in enumerate(self.h):
-                x, _ = block(x, widths[i], attn_mask, None, (static.keys[i], static.values[i], past_len))
+                x, _ = block(x, widths[i], attn_mask, None, (static.keys[i], static.values[i], past_len), rope)
             static.length = past_len + T
             presents: KVCache | StaticKVCache = static
         else:
             presents = []
             for i, block in enumerate(self.h):
                 past = None if past_key_values is None else past_key_values[i]
-                x, present = block(x, widths[i], attn_mask, past)
+                x, present = block(x, widths[i], attn_mask, past, None, rope)
                 presents.append(present)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # (B, T or logits_to_keep, vocab), tied embeddings
+        logits = self.lm_head(self.ln_f(x))  # (B, T or logits_to_keep, vocab)
         return GPTOutput(logits=logits, past_key_values=presents if use_cache else None)
 
     @staticmethod
@@ -356,3 +415,41 @@ class NestedGPT(nn.Module):
             step = torch.tensor([[next_id]], device=ids.device)
             out = self(step, width=width, past_key_values=out.past_key_values, use_cache=True)
         return generated
+
+
+class NestedGPT(NestedDecoder):
+    """GPT-2 language model servable at every FFN width up to ``config.ffn_dim``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.is_llama:
+            raise ValueError(f"NestedGPT is GPT-2; family {config.family!r} is NestedLlama (matta.llama)")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.n_ctx, config.d_model)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.h:
+            nn.init.normal_(block.mlp.fc_weight, 0.0, std, generator=generator)
+            nn.init.zeros_(block.mlp.fc_bias)
+            nn.init.normal_(block.mlp.proj_weight, 0.0, residual_std, generator=generator)
+            nn.init.zeros_(block.mlp.proj_bias)
+            nn.init.normal_(block.attn.c_proj.weight, 0.0, residual_std, generator=generator)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids) + self.wpe(position_ids)  # (B, T, d)

@@ -12,14 +12,25 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer:
-    """Thin wrapper over a HF ``tokenizers.Tokenizer`` with an end-of-text token."""
+    """Thin wrapper over a HF ``tokenizers.Tokenizer`` with an end-of-text token.
 
-    def __init__(self, backend: HFTokenizer) -> None:
+    ``eos_id`` names that token (an imported Llama-family tokenizer ends with ``</s>``,
+    ``<|end_of_text|>``, ``<|im_end|>``, ...); by default it is ``<|endoftext|>``, matta's own.
+    """
+
+    def __init__(self, backend: HFTokenizer, eos_id: int | None = None) -> None:
         self.backend = backend
-        eos = backend.token_to_id(END_OF_TEXT)
-        if eos is None:
-            raise ValueError(f"tokenizer has no {END_OF_TEXT!r} token")
-        self.eos_id: int = eos
+        if eos_id is None:
+            eos_id = backend.token_to_id(END_OF_TEXT)
+            if eos_id is None:
+                raise ValueError(f"tokenizer has no {END_OF_TEXT!r} token")
+        elif backend.id_to_token(eos_id) is None:
+            raise ValueError(f"end-of-text id {eos_id!r} is not in the tokenizer's vocabulary")
+        self.eos_id: int = eos_id
+
+    @property
+    def eos_token(self) -> str:
+        return self.backend.id_to_token(self.eos_id)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -39,12 +50,12 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
+    def from_file(cls, path: str | Path, eos_id: int | None = None) -> Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc})") from exc
-        return cls(backend)
+        return cls(backend, eos_id)
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))

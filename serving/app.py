@@ -17,6 +17,8 @@ from matta.checkpoint import load_checkpoint
 from router.latency import LatencyModel
 from router.quality import width_quality
 from serving import server
+from serving.chat import install_chat_route
+from serving.chat_template import resolve_chat_template
 from serving.compiled import DecodeSteps
 from serving.core_client import EngineCoreClient
 from serving.engine import Engine
@@ -51,9 +53,18 @@ def build_app(settings: ServeSettings) -> FastAPI:
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",
                              quality=width_quality(ckpt.training, ckpt.config.served_widths, settings.quality_metric))
+    install_chat_route(app, server_chat_template(ckpt, settings))
     app.state.checkpoint = ckpt
     app.state.engine = engine
     return app
+
+
+def server_chat_template(ckpt, settings: ServeSettings):
+    """The chat template of ``/v1/chat/completions``: ``--chat-template``, else the checkpoint's, else None."""
+    tokenizer, config = ckpt.tokenizer, ckpt.config
+    bos = config.eos_token_id if config.bos_token_id is None else config.bos_token_id
+    specials = {"bos_token": tokenizer.backend.id_to_token(bos), "eos_token": tokenizer.eos_token}
+    return resolve_chat_template(settings.chat_template, ckpt.chat_template, specials, str(ckpt.path))
 
 
 def check_profile_widths(latency: LatencyModel | None, widths: list[str], source) -> None:

@@ -10,6 +10,7 @@ invalid bytes by U+FFFD per maximal invalid subpart, as the Unicode standard rec
 from __future__ import annotations
 
 import codecs
+import re
 from functools import lru_cache
 
 from matta.tokenizer import Tokenizer
@@ -29,15 +30,27 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_METASPACE = "\u2581"
+
+
 @lru_cache(maxsize=8)
 def token_byte_table(tokenizer: Tokenizer) -> tuple[bytes, ...]:
-    """The raw bytes of every token id; a token outside the byte alphabet falls back to its decoded text."""
+    """The raw bytes of every token id; a token outside the byte alphabet falls back to its decoded text.
+
+    SentencePiece-style vocabularies (Llama 2, Mistral: ``▁`` for a space, ``<0xNN>`` byte-fallback
+    tokens) map to their bytes too: decoding such a token alone would drop its leading space.
+    """
     decoder = _byte_decoder()
     table: list[bytes] = [b""] * tokenizer.vocab_size
     added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
     for token, token_id in tokenizer.backend.get_vocab(with_added_tokens=True).items():
         if token not in added and all(c in decoder for c in token):
             table[token_id] = bytes(decoder[c] for c in token)
+        elif token not in added and (byte := _BYTE_FALLBACK.fullmatch(token)):
+            table[token_id] = bytes([int(byte.group(1), 16)])
+        elif token not in added and _METASPACE in token:
+            table[token_id] = token.replace(_METASPACE, " ").encode()
         else:
             table[token_id] = tokenizer.decode([token_id]).encode()
     return tuple(table)
@@ -51,6 +64,9 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        if token_id >= len(self._table):
+            # An embedding row past the tokenizer (vocabularies padded to a round size): no text.
+            return ""
         return self._utf8.decode(self._table[token_id])
 
     def flush(self) -> str:

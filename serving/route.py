@@ -18,7 +18,8 @@ Config (YAML; every field of :class:`serving.settings.RouteSettings`)::
     policy: slo                       # or fixed:<width>; same names as `matta serve --policy`
     slo_ms: 800                       # default latency target for requests that give none
     shed: false                       # slo policy: 429 instead of best effort
-    checkpoint: checkpoints/default   # optional: per-width quality from its training.json
+    checkpoint: checkpoints/default   # optional: per-width quality from its training.json, chat template
+    chat_template: chatml             # optional: for /v1/chat/completions when the checkpoint has none
     quality: {s: 0.016, ta: 0.020}    # optional: explicit per-width quality (overrides checkpoint)
     max_model_len: 512                # optional: the backends' context, so predictions clamp max_tokens
     backends:                         # narrowest first
@@ -47,6 +48,8 @@ from router.policy import LoadSnapshot
 from router.quality import width_quality
 from serving import server
 from serving.backend import BackendError, Delta, LogprobEntry, PreparedPrompts
+from serving.chat import install_chat_route
+from serving.chat_template import checkpoint_chat_template, resolve_chat_template
 from serving.core_protocol import Slo
 from serving.frontend import build_frontend_app
 from serving.http import APIError
@@ -284,6 +287,10 @@ def build_route_app(settings: RouteSettings) -> FastAPI:
     app = build_frontend_app(backend, settings, title="matta route",
                              description="OpenAI-compatible width router over backends", quality=_quality(settings))
     app.state.predictor = backend.cost
+    # Chat is rendered here and forwarded as a completion: the template is the checkpoint's or --chat-template.
+    template = (checkpoint_chat_template(settings.checkpoint, settings.chat_template) if settings.checkpoint is not None
+                else resolve_chat_template(settings.chat_template, None, {}))
+    install_chat_route(app, template)
     return app
 
 

@@ -78,6 +78,9 @@ class FrontendSettings(BaseModel):
                                       "prompt + max_tokens) x (2 + logprobs)), get 400; stream them instead")
     max_feedback_abs: float = Field(1e12, gt=0, allow_inf_nan=False, description="/v1/feedback values must be "
                                     "within +-this, unless the experiment config gives the metric its own range")
+    chat_template: str | None = Field(None, description="jinja chat template file for /v1/chat/completions (or "
+                                      "'chatml', the shipped ChatML template); replaces the model's own, which "
+                                      "models without one need")
     max_config_depth: int = Field(MAX_CONFIG_DEPTH, gt=0, description="experiment reloads nested deeper get 400")
     max_config_nodes: int = Field(MAX_CONFIG_NODES, gt=0, description="experiment reloads with more values, "
                                   "YAML aliases expanded, get 400")

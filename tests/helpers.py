@@ -7,9 +7,13 @@ import sqlite3
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from matta.config import ModelConfig
+from matta.hf import LLAMA_FAMILY
 
 SERVED_N_CTX = 512  # long enough that a generation outlives a cancel or a burst of requests
 
@@ -82,3 +86,60 @@ def rows(db, table="exposures"):
         return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
     finally:
         conn.close()
+
+
+# --- tiny random-init HF Llama-family models (tests/test_llama.py, tests/test_chat.py) ----------------
+
+HF_WIDTHS = {"s": 16, "m": 48, "l": 96, "ta": 128}  # of the tiny HF models: intermediate_size 128
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# name -> (HF config class, config kwargs): GQA and not, tied and untied, biases, rope scaling.
+FAMILIES = {
+    "llama-gqa-untied-llama3": ("LlamaConfig", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "llama-mha-tied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen2-gqa-bias-tied": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1e6)),
+    "mistral-gqa-untied-linear": ("MistralConfig", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+}
+
+
+def tiny_hf_tokenizer():
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([SAMPLE_TEXT] * 4, trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                chat_template=CHAT_TEMPLATE)
+
+
+def make_hf_dir(path, kind: str, n_ctx: int = 128, seed: int = 0):
+    """A random-init HF model of ``kind`` (FAMILIES), sharpened so greedy text varies, saved with a tokenizer;
+    the embedding is padded past the tokenizer (as real checkpoints do, and AutoTokenizer may add a token)."""
+    config_class, extra = FAMILIES[kind]
+    hf_tok = tiny_hf_tokenizer()
+    config = getattr(transformers, config_class)(
+        vocab_size=len(hf_tok) + 12, hidden_size=64, intermediate_size=HF_WIDTHS["ta"], num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=n_ctx, rms_norm_eps=1e-6,
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, LLAMA_FAMILY[config.model_type][1])(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # not all ones: parity covers the norm weights
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "embed" in name or "lm_head" in name:
+                p.mul_(3)
+            else:
+                p.mul_(8)  # at init a tiny random model repeats one token forever
+    model.save_pretrained(path, safe_serialization=True)
+    hf_tok.save_pretrained(path)
+    return path, model

@@ -230,3 +230,31 @@ async def _generate(engine, cases):
             tokens += event.token_ids
         results.append(tokens)
     return results
+
+
+@pytest.mark.slow
+def test_compiled_steps_of_a_nested_llama_match_eager(tokenizer, tmp_path):
+    """The Llama family (RoPE, GQA, SwiGLU) through the same compiled steps, by its forward interface
+    alone: one step of every signature equals eager, and whole generations equal eager greedy."""
+    from matta.config import ModelConfig
+    from matta.llama import NestedLlama
+
+    torch.manual_seed(2)
+    config = ModelConfig(family="llama", vocab_size=320, n_ctx=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                         widths={"s": 32, "ta": 128}, tie_embeddings=False, name="tiny-llama")
+    model = NestedLlama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharpened, so greedy text varies with the context and the width
+    steps = DecodeSteps(model, "require", max_batch=8, cache_dir=tmp_path / "cache")
+    assert steps.status.ready == steps.status.signatures == 4
+    for rows in [["ta", "ta", "s"], ["s"], ["ta"] * 5]:
+        ids, mask, cache_a, plans = step_inputs(model, rows, context=20)
+        _, _, cache_b, _ = step_inputs(model, rows, context=20)
+        with torch.inference_mode():
+            torch.testing.assert_close(steps(ids, mask, cache_b, plans), decode_logits(model, ids, mask, cache_a, plans),
+                                       atol=1e-5, rtol=0)
+    assert steps.status.compiled_steps == 3 and steps.status.eager_steps == 0
+    engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 2 else "ta")
+                                                                 for i, p in enumerate(PROMPTS)])
+    assert engine.stats().compiled_steps > 0

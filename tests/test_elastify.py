@@ -133,7 +133,7 @@ def test_elastify_writes_a_loadable_nested_checkpoint(trained_gpt2_dir, corpus_d
     assert saved["recipe"] == "elastify" and saved["source"]["format"] == "hf-gpt2"
     assert len(saved["orders"]) == 2 and sorted(saved["orders"][0]) == list(range(256))
     assert set(saved["eval"]["widths"]) >= {"s", "ta"}
-    dense, _, _ = load_dense(trained_gpt2_dir)
+    dense, _, _, _ = load_dense(trained_gpt2_dir)
     x = torch.randint(0, dense.config.vocab_size, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(ckpt.model(x, width="ta").logits, dense(x).logits, atol=1e-5, rtol=0)
@@ -207,3 +207,84 @@ def test_cli_commands_are_registered_with_help(command, option):
     helped = subprocess.run([sys.executable, "-m", "cli", command, "--help"], capture_output=True, text=True,
                             cwd=REPO)
     assert helped.returncode == 0 and f"usage: matta {command}" in helped.stdout and option in helped.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_llama_dir(tmp_path_factory, corpus_dir, corpus_tokenizer):
+    """A tiny random HF Llama (GQA, untied) on the repo's tokenizer, 30 steps on the train split, with a chat template."""
+    from training.data import TokenData
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=corpus_tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=N_CTX, tie_word_embeddings=False,
+                                      bos_token_id=corpus_tokenizer.eos_id, eos_token_id=corpus_tokenizer.eos_id)
+    model = transformers.LlamaForCausalLM(config)
+    batches = calibration_batches(TokenData(corpus_dir).tokens("train"), 30 * 16 * N_CTX, N_CTX, batch_size=16, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for batch in batches:
+        model(batch[:, :-1], labels=batch[:, :-1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    model.eval().save_pretrained(path, safe_serialization=True)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=corpus_tokenizer.backend, eos_token="<|endoftext|>",
+                                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                         ).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor"])
+def test_swiglu_importance_uses_gate_times_up_as_hf_computes_it(trained_llama_dir, corpus_dir, criterion):
+    """The reference is HF's own Llama: the input of down_proj (silu(gate) * up), caught by a hook,
+    and for taylor the gradient of the loss with respect to it."""
+    from training.data import TokenData
+
+    dense, _, _, _ = load_dense(trained_llama_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(trained_llama_dir, local_files_only=True).eval()
+    batches = calibration_batches(TokenData(corpus_dir).tokens("train"), 4 * N_CTX, N_CTX, batch_size=4, seed=2)
+    got = unit_importance(dense, batches, criterion)
+    acts: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda module, args, i=i: acts.__setitem__(i, args[0]) or args[0].retain_grad())
+        for i, layer in enumerate(hf.model.layers)]
+    want = [torch.zeros(256, dtype=torch.float64) for _ in hf.model.layers]
+    count = 0
+    for batch in batches:
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = hf(x).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        for i in range(len(hf.model.layers)):
+            h = acts[i].detach()
+            score = h.abs() if criterion == "activation" else (h * acts[i].grad).abs()
+            want[i] += score.sum((0, 1)).double()
+        hf.zero_grad()
+        count += x.numel()
+    for hook in hooks:
+        hook.remove()
+    for i, layer in enumerate(hf.model.layers):
+        expected = (want[i] / count).float()
+        if criterion == "activation":
+            expected = expected * layer.mlp.down_proj.weight.detach().norm(dim=0)
+        torch.testing.assert_close(got[i], expected, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.slow  # two elastify runs with evaluation: ~16 s
+def test_elastify_a_llama_keeps_its_function_family_and_chat_template(trained_llama_dir, corpus_dir, tmp_path):
+    out, training = elastify(trained_llama_dir, tmp_path / "elastic", corpus_dir, widths={"s": 64, "m": 128, "ta": 256},
+                             calibration_tokens=2048, cloze_items=20)
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.family == "llama" and ckpt.config.kv_heads == 2 and not ckpt.config.tie_embeddings
+    assert training["source"]["format"] == "hf-llama"
+    assert ckpt.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(trained_llama_dir, local_files_only=True).eval()
+    x = torch.randint(0, ckpt.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model(x, width="ta").logits, hf(x).logits, atol=1e-4, rtol=0)
+    # Sorting units by importance makes the narrow widths better than the source's leading units.
+    original, _ = elastify(trained_llama_dir, tmp_path / "original", corpus_dir, widths={"s": 64, "m": 128, "ta": 256},
+                           criterion="original", calibration_tokens=2048, cloze_items=20)
+    ppl = {w: training["eval"]["widths"][w]["ppl"] for w in ("s", "m", "ta")}
+    source_order = json.loads((original / "training.json").read_text())["eval"]["widths"]
+    assert ppl["s"] < source_order["s"]["ppl"] and ppl["s"] > ppl["m"] > ppl["ta"], (ppl, source_order)

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file
 
 from matta.checkpoint import load_checkpoint
-from matta.hf import export_width, import_gpt2
+from matta.hf import export_width, import_hf
 
 TOL = dict(atol=1e-4, rtol=0)
 
@@ -92,9 +92,9 @@ def tiny_gpt2_dir(tmp_path, tokenizer):
     return path, model
 
 
-def test_import_gpt2_as_ta_matches_hf_and_nests(tiny_gpt2_dir, tmp_path):
+def test_import_hf_as_ta_matches_hf_and_nests(tiny_gpt2_dir, tmp_path):
     path, hf = tiny_gpt2_dir
-    out = import_gpt2(path, tmp_path / "imported")
+    out = import_hf(path, tmp_path / "imported")
     ckpt = load_checkpoint(out)
     assert ckpt.config.widths == {"s": 32, "m": 64, "l": 128, "ta": 256}
     x = torch.randint(0, ckpt.config.vocab_size, (2, 16))
@@ -107,4 +107,4 @@ def test_import_refuses_pickle_only_weights(tiny_gpt2_dir):
     path, _ = tiny_gpt2_dir
     (path / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="no .safetensors weights"):
-        import_gpt2(path, path.parent / "x")
+        import_hf(path, path.parent / "x")

@@ -25,13 +25,14 @@ def test_every_user_class_runs_against_matta_serve_and_feedback_reaches_the_ab_l
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump(CONFIG))
     db = tmp_path / "ab.sqlite"
-    settings = ServeSettings(checkpoint=path, device="cpu", policy="fixed:ta", experiment=experiment, ab_db=db)
+    settings = ServeSettings(checkpoint=path, device="cpu", policy="fixed:ta", experiment=experiment, ab_db=db,
+                             chat_template="chatml")  # the tiny GPT-2 has none; ChatUser needs one
     with ServerThread(build_app(settings)) as server:
         report = load_test(server.url, users=6, spawn_rate=6, seconds=8, user_classes=[], out=tmp_path / "report",
                            env=locust_env(path))
     endpoints = report["endpoints"]
     for name in ("POST /v1/completions [ab]", "POST /v1/feedback", "POST /v1/completions [slo tight]",
-                 "POST /v1/completions [pinned s]"):
+                 "POST /v1/completions [pinned s]", "POST /v1/chat/completions [chat]"):
         assert endpoints[name]["requests"] > 0, (name, endpoints)
     assert endpoints["Aggregated"]["failures"] == 0, endpoints
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

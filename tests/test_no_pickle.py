@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from matta.checkpoint import load_checkpoint
-from matta.hf import export_width, import_gpt2, load_hf_gpt2
+from matta.hf import export_width, import_hf, load_hf_gpt2
 from router.latency import LatencyModel, WidthCost
 from training.data import TokenData
 from training.state import load_state, save_state
@@ -45,7 +45,7 @@ def test_every_loader_works_with_unpickling_impossible(no_unpickling, checkpoint
     ckpt = load_checkpoint(checkpoint_dir)
     exported = export_width(ckpt, ckpt.config.width_names[0], tmp_path / "export")
     load_hf_gpt2(exported)
-    import_gpt2(exported, tmp_path / "imported")
+    import_hf(exported, tmp_path / "imported")
     load_checkpoint(tmp_path / "imported")
     state_dir = tmp_path / "state"
     save_state(state_dir, {"step": 3, "model": ckpt.model.state_dict(), "rng": torch.get_rng_state()})

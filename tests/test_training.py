@@ -135,12 +135,14 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe", ["teacher", "student", "kd", "matta"])
+@pytest.mark.parametrize("recipe", ["teacher", "student", "kd", "matta", "llama-teacher", "llama-kd"])
 def test_every_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path, corpus_dir, recipe):
+    family = {"family": "llama", "n_head": 2, "n_kv_head": 1} if recipe.startswith("llama-") else {}
+    recipe = recipe.removeprefix("llama-")
     if recipe == "teacher":
-        cfg = tiny_run(tmp_path, corpus_dir, "teacher", model={"widths": {"full": 128}})
+        cfg = tiny_run(tmp_path, corpus_dir, "teacher", model={"widths": {"full": 128}, **family})
     else:
-        cfg = tiny_run(tmp_path, corpus_dir, recipe)
+        cfg = tiny_run(tmp_path, corpus_dir, recipe, model=family)
     out = train(TrainConfig.model_validate(cfg), progress=False)
     ckpt = load_checkpoint(out)
     assert ckpt.training["recipe"] == recipe and ckpt.training["steps"] == 8
@@ -151,10 +153,15 @@ def test_every_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path, corpus_d
         assert {"loss_ta", "loss_student", "loss_distill", "loss_middle"} <= set(history[-1])
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, corpus_dir):
-    whole = tiny_run(tmp_path / "whole", corpus_dir, "matta")
+# A nested Llama-family TA (GQA, q/k/v biases), taught by the tiny GPT-2 teacher: distillation is on logits.
+LLAMA_MODEL = {"family": "qwen2", "n_head": 2, "n_kv_head": 1, "qkv_bias": True, "tie_embeddings": False}
+
+
+@pytest.mark.parametrize("model", [{}, LLAMA_MODEL], ids=["gpt2", "qwen2"])
+def test_resume_continues_the_same_loss_curve(tmp_path, corpus_dir, model):
+    whole = tiny_run(tmp_path / "whole", corpus_dir, "matta", model=model)
     train(TrainConfig.model_validate(whole), progress=False)
-    split = tiny_run(tmp_path / "split", corpus_dir, "matta")
+    split = tiny_run(tmp_path / "split", corpus_dir, "matta", model=model)
     assert train(TrainConfig.model_validate(split), progress=False, stop_after=5) is None
     assert not Path(split["out"]).exists()
     train(TrainConfig.model_validate(split), resume=True, progress=False)
@@ -163,6 +170,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, corpus_dir):
     for x, y in zip(a, b, strict=True):
         assert x["loss_total"] == pytest.approx(y["loss_total"], rel=1e-6), x["step"]
     wa, wb = load_checkpoint(whole["out"]).model.state_dict(), load_checkpoint(split["out"]).model.state_dict()
+    assert load_checkpoint(whole["out"]).config.family == model.get("family", "gpt2")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
 
@@ -176,11 +184,12 @@ def test_resume_refuses_state_from_a_different_config(tmp_path, corpus_dir):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
+@pytest.mark.parametrize("model", [{}, LLAMA_MODEL], ids=["gpt2", "qwen2"])
+def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir, model):
     """torchrun --nproc_per_node=2 (gloo) sees the same global batches and losses as one process."""
     results = {}
     for nproc in (1, 2):
-        cfg = tiny_run(tmp_path / f"p{nproc}", corpus_dir, "matta", steps=6)
+        cfg = tiny_run(tmp_path / f"p{nproc}", corpus_dir, "matta", steps=6, model=model)
         cfg["teacher"]["path"] = str(tmp_path / "shared-teacher")
         cfg["teacher"]["train"]["out"] = str(tmp_path / "shared-teacher")
         path = tmp_path / f"p{nproc}.yaml"
@@ -210,6 +219,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
         ({"model": {"widths": {"s": 64, "ta": 32}}}, "strictly ascending"),
         ({"loss": {"label_mix": 1.5}}, "loss.label_mix: Input should be less than or equal to 1"),
         ({"optim": {"name": "sgd"}}, "optim.name"),
+        ({"model": {"family": "qwen2"}}, "family 'qwen2' needs qkv_bias=True"),
+        ({"model": {"family": "llama", "n_kv_head": 3}}, "n_kv_head must be a positive int dividing n_head 1"),
+        ({"model": {"n_kv_head": 1}}, r"\['n_kv_head'\] apply to the Llama family only"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, corpus_dir, change, message):
@@ -318,3 +330,12 @@ def test_sigkill_during_training_then_resume_reaches_the_same_final_loss(tmp_pat
     wa, wb = load_checkpoint(whole["out"]).model.state_dict(), load_checkpoint(killed["out"]).model.state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_a_chat_template_in_the_config_ships_in_the_checkpoint(tmp_path, corpus_dir):
+    chatml = REPO / "serving" / "templates" / "chatml.jinja"
+    cfg = tiny_run(tmp_path, corpus_dir, "student", steps=2, chat_template=str(chatml))
+    ckpt = load_checkpoint(train(TrainConfig.model_validate(cfg), progress=False))
+    assert ckpt.chat_template == chatml.read_text()
+    with pytest.raises(ValueError, match="chat_template 'nope.jinja': no such file"):
+        TrainConfig.model_validate({**cfg, "chat_template": "nope.jinja"})

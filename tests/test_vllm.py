@@ -123,3 +123,30 @@ def test_matta_route_relays_a_vllm_backend(vllm_s, checkpoint, tmp_path):
             assert streamed == text
     finally:
         ta.stop()
+
+
+LLAMA_CHECKPOINT = REPO / "checkpoints" / "llama"
+
+
+@pytest.mark.slow
+@requires_vllm
+@pytest.mark.parametrize("width", ["s", "ta"])
+def test_vllm_serves_a_llama_family_export_with_matta_s_greedy_tokens(width, tmp_path):
+    """The shipped nested Llama (GQA, head_dim 64 as vLLM's CPU build needs) exported as a plain
+    LlamaForCausalLM with intermediate_size = the width: vLLM's greedy tokens are matta's."""
+    checkpoint = load_checkpoint(LLAMA_CHECKPOINT)
+    export = export_width(checkpoint, width, tmp_path / width)
+    assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+    served = f"{checkpoint.config.name}:{width}"
+    server = VLLMServer(export, served, tmp_path / "vllm.log")
+    try:
+        server.start()
+        prompt_ids, tokens, text = matta_greedy(checkpoint, width)
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": served, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == tokens
+        assert r.json()["choices"][0]["text"] == text
+    finally:
+        server.stop()

@@ -27,12 +27,22 @@ class ModelSpec(_Strict):
     n_layer: int = Field(4, gt=0)
     n_head: int = Field(2, gt=0)
     widths: dict[str, int] = Field(default_factory=lambda: {"s": 32, "m": 128, "l": 384, "ta": 1024})
+    family: Literal["gpt2", "llama", "qwen2", "mistral"] = Field(
+        "gpt2", description="gpt2: NestedGPT; llama/qwen2/mistral: NestedLlama (RMSNorm, RoPE, GQA, SwiGLU), "
+                            "exported as that HF family")
+    n_kv_head: int | None = Field(None, gt=0, description="Llama family: key/value heads (GQA); default n_head")
+    rope_theta: float | None = Field(None, gt=0, description="Llama family: RoPE base (default 10000)")
+    qkv_bias: bool | None = Field(None, description="Llama family: q/k/v biases (family qwen2 needs them)")
+    tie_embeddings: bool | None = Field(None, description="Llama family: LM head = token embedding (default true)")
 
     def build(self, vocab_size: int, eos_token_id: int) -> ModelConfig:
+        llama = {k: v for k, v in (("n_kv_head", self.n_kv_head), ("rope_theta", self.rope_theta),
+                                   ("qkv_bias", self.qkv_bias), ("tie_embeddings", self.tie_embeddings))
+                 if v is not None}
         return ModelConfig(
             vocab_size=self.vocab_size or vocab_size, n_ctx=self.n_ctx, d_model=self.d_model,
             n_layer=self.n_layer, n_head=self.n_head, widths=dict(self.widths),
-            eos_token_id=eos_token_id, name=self.name,
+            eos_token_id=eos_token_id, name=self.name, family=self.family, **llama,
         )
 
 
@@ -97,13 +107,15 @@ class TrainConfig(_Strict):
                           "~1 min of compiling, then faster steps; off for short runs and tests")
     final_eval: bool = True
     cloze_items: int = Field(3000, ge=0)
+    chat_template: Path | None = Field(None, description="a jinja chat template file the checkpoint ships as "
+                                       "chat_template.jinja (e.g. serving/templates/chatml.jinja); default: "
+                                       "init_from's, if it has one")
     description: str = ""
 
     @field_validator("model")
     @classmethod
     def _model_checks(cls, spec: ModelSpec) -> ModelSpec:
-        ModelConfig(vocab_size=spec.vocab_size or 2, n_ctx=spec.n_ctx, d_model=spec.d_model, n_layer=spec.n_layer,
-                    n_head=spec.n_head, widths=dict(spec.widths), eos_token_id=0, name=spec.name)
+        spec.build(spec.vocab_size or 2, 0)
         return spec
 
     @model_validator(mode="after")
@@ -126,6 +138,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"recipe 'matta' needs a Student and a TA width, got {self.model.widths}")
         if self.init_from is None and self.seq_len > self.model.n_ctx:
             raise ValueError(f"seq_len {self.seq_len} exceeds model.n_ctx {self.model.n_ctx}")
+        if self.chat_template is not None and not self.chat_template.is_file():
+            raise ValueError(f"chat_template {str(self.chat_template)!r}: no such file")
         if self.teacher is not None and self.teacher.train is not None and self.teacher.train.recipe != "teacher":
             raise ValueError(f"teacher.train must use recipe 'teacher', got {self.teacher.train.recipe!r}")
         return self

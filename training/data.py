@@ -166,6 +166,7 @@ def prepare_data(out_dir: str | Path, vocab_size: int = 2048, cache_dir: str | P
         "documents": splits,
         "tokens": tokens,
         "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,  # a Llama-family tokenizer's end-of-text is not <|endoftext|>
         "cloze_items": {split: len(items) for split, items in cloze.items()},
     }
     (out_dir / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -198,4 +199,4 @@ class TokenData:
             return [ClozeItem(**json.loads(line)) for line in f]
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(self.path / "tokenizer.json")
+        return Tokenizer.from_file(self.path / "tokenizer.json", self.meta.get("eos_id"))

@@ -1,19 +1,20 @@
-"""``matta elastify``: turn a pretrained dense GPT-2 into a nested (Matryoshka) checkpoint.
+"""``matta elastify``: turn a pretrained dense GPT-2 or Llama-family model into a nested (Matryoshka) checkpoint.
 
 A dense model's FFN hidden units are in no particular order, so its leading slices are poor
 sub-networks. Elastify measures how much each hidden unit matters on calibration tokens and
 reorders every layer's units by importance, most important first: width m then keeps the m
-units that matter most. A permutation of hidden units (rows of W_in, b_in and W_out, together)
+units that matter most. A permutation of hidden units (rows of W_in, b_in and W_out, together;
+for SwiGLU the rows of gate_proj and up_proj and the columns of down_proj)
 does not change the full-width function, so the TA is the original model (logits equal to
 float rounding). A short MatTA fine-tune (``init_from:`` in a training config) can follow.
 
-Importance criteria, per layer l and hidden unit i, over calibration tokens t (h = GELU output,
-g = dL/dh of the next-token loss):
+Importance criteria, per layer l and hidden unit i, over calibration tokens t (h = the unit's
+activation: the GELU output, or silu(gate) * up for SwiGLU; g = dL/dh of the next-token loss):
 
 * ``activation``: mean_t |h_ti| * ||W_out[i]||, the mean size of what unit i adds to the residual.
 * ``taylor``: mean_t |h_ti * g_ti|, the first-order estimate of the loss change from zeroing the
   unit on each token (Molchanov et al. 2017, per token).
-* ``weight``: ||W_in[i]|| * ||W_out[i]||, data-free.
+* ``weight``: ||W_in[i]|| * ||W_out[i]|| (SwiGLU: ||gate[i]|| * ||up[i]|| * ||down[:, i]||), data-free.
 * ``original``: the source order (what slicing the unmodified model gives).
 """
 
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 
 from matta.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from matta.config import ModelConfig
-from matta.model import NestedGPT
+from matta.llama import build_model
+from matta.model import NestedDecoder
 from matta.tokenizer import Tokenizer
 from training.data import TokenData
 
@@ -40,10 +42,12 @@ CRITERIA = ("activation", "taylor", "weight", "original")
 DEFAULT_CRITERION = "activation"
 
 
-def load_dense(path: str | Path) -> tuple[NestedGPT, Tokenizer, dict]:
-    """A dense source model: a matta checkpoint with one width, or a local HF GPT-2 directory.
+def load_dense(path: str | Path) -> tuple[NestedDecoder, Tokenizer, dict, str | None]:
+    """A dense source model: a matta checkpoint with one width, or a local HF GPT-2, Llama, Qwen2 or
+    Mistral directory.
 
-    Returns the model (full width), its tokenizer and a description of the source.
+    Returns the model (full width), its tokenizer, a description of the source and its chat template
+    (None when it has none).
     """
     path = Path(path)
     if (path / "manifest.json").is_file():
@@ -52,14 +56,16 @@ def load_dense(path: str | Path) -> tuple[NestedGPT, Tokenizer, dict]:
             raise ValueError(f"{path} is already elastic (widths {ckpt.config.widths}); elastify takes a dense "
                              f"model with one width")
         return ckpt.model, ckpt.tokenizer, {"path": str(path), "format": "matta", "name": ckpt.config.name,
-                                            "weights_sha256": sha256_file(path / "model.safetensors")}
+                                            "weights_sha256": sha256_file(path / "model.safetensors")}, \
+            ckpt.chat_template
     if (path / "config.json").is_file():
-        from matta.hf import gpt2_as_nested
+        from matta.hf import hf_as_nested
 
-        model, tokenizer = gpt2_as_nested(path)
+        model, tokenizer, chat_template, source_format = hf_as_nested(path)
         weights = sorted(path.glob("*.safetensors"))
-        return model, tokenizer, {"path": str(path), "format": "hf-gpt2", "name": path.name,
-                                  "weights_sha256": sha256_file(weights[0]) if len(weights) == 1 else None}
+        return model, tokenizer, {"path": str(path), "format": source_format, "name": path.name,
+                                  "weights_sha256": sha256_file(weights[0]) if len(weights) == 1 else None}, \
+            chat_template
     raise ValueError(f"{path} is neither a matta checkpoint nor a HF model directory")
 
 
@@ -76,17 +82,17 @@ def calibration_batches(tokens: np.ndarray, n_tokens: int, seq_len: int, batch_s
     return list(windows.split(batch_size))
 
 
-def unit_importance(model: NestedGPT, batches: list[torch.Tensor], criterion: str) -> list[torch.Tensor]:
+def unit_importance(model: NestedDecoder, batches: list[torch.Tensor], criterion: str) -> list[torch.Tensor]:
     """Importance of every FFN hidden unit of every layer, (ffn_dim,) per layer, larger = keep first."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance criterion {criterion!r}; known: {list(CRITERIA)}")
     mlps = [block.mlp for block in model.h]
-    out_norms = [mlp.proj_weight.detach().norm(dim=1) for mlp in mlps]
+    out_norms = [mlp.out_weight.detach().norm(dim=1) for mlp in mlps]
     if criterion == "original":
         # Descending scores that keep the source order under a stable sort.
         return [torch.arange(len(n), 0, -1, dtype=torch.float32) for n in out_norms]
     if criterion == "weight":
-        return [mlp.fc_weight.detach().norm(dim=1) * n for mlp, n in zip(mlps, out_norms, strict=True)]
+        return [mlp.unit_weight_norm() for mlp in mlps]
     totals = [torch.zeros_like(n, dtype=torch.float64) for n in out_norms]
     count = 0
     inputs: list[torch.Tensor | None] = [None] * len(mlps)
@@ -112,11 +118,11 @@ def unit_importance(model: NestedGPT, batches: list[torch.Tensor], criterion: st
                     F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
             with torch.no_grad():
                 for i, mlp in enumerate(mlps):
-                    h = F.gelu(F.linear(inputs[i], mlp.fc_weight, mlp.fc_bias), approximate="tanh")  # (B, T, m)
+                    h = mlp.hidden(inputs[i], 0, mlp.out_weight.shape[0])  # (B, T, m): gelu, or silu(gate) * up
                     if criterion == "activation":
                         score = h.abs().sum((0, 1))
                     else:
-                        dh = torch.matmul(grads[i], mlp.proj_weight.t())  # dL/dh: (B, T, m)
+                        dh = torch.matmul(grads[i], mlp.out_weight.t())  # dL/dh: (B, T, m)
                         score = (h * dh).abs().sum((0, 1))
                     totals[i] += score.double()
             count += x.numel()
@@ -132,23 +138,25 @@ def unit_importance(model: NestedGPT, batches: list[torch.Tensor], criterion: st
 
 
 @torch.no_grad()
-def permute_ffn(model: NestedGPT, orders: list[torch.Tensor]) -> None:
+def permute_ffn(model: NestedDecoder, orders: list[torch.Tensor]) -> None:
     """Reorder every layer's FFN hidden units in place: new unit j is old unit ``orders[l][j]``.
 
-    W_in rows, b_in and W_out rows move together, so the full-width function is unchanged.
+    Every per-unit parameter (W_in rows, b_in and W_out rows; SwiGLU's gate, up and down rows) moves
+    together, so the full-width function is unchanged.
     """
     if len(orders) != len(model.h):
         raise ValueError(f"{len(orders)} permutations for {len(model.h)} layers")
     for layer, (block, order) in enumerate(zip(model.h, orders, strict=True)):
         mlp = block.mlp
-        if sorted(order.tolist()) != list(range(mlp.fc_weight.shape[0])):
-            raise ValueError(f"layer {layer}: order is not a permutation of 0..{mlp.fc_weight.shape[0] - 1}")
-        for param in (mlp.fc_weight, mlp.fc_bias, mlp.proj_weight):
+        units = mlp.out_weight.shape[0]
+        if sorted(order.tolist()) != list(range(units)):
+            raise ValueError(f"layer {layer}: order is not a permutation of 0..{units - 1}")
+        for param in mlp.unit_params:
             param.copy_(param[order])
 
 
-def elastify_model(model: NestedGPT, widths: dict[str, int], criterion: str, batches: list[torch.Tensor],
-                   name: str | None = None) -> tuple[NestedGPT, list[torch.Tensor]]:
+def elastify_model(model: NestedDecoder, widths: dict[str, int], criterion: str, batches: list[torch.Tensor],
+                   name: str | None = None) -> tuple[NestedDecoder, list[torch.Tensor]]:
     """A nested copy of the dense ``model`` with units sorted by ``criterion`` and ``widths`` named.
 
     Returns the new model and the per-layer orders (new position -> source unit).
@@ -158,7 +166,7 @@ def elastify_model(model: NestedGPT, widths: dict[str, int], criterion: str, bat
         raise ValueError(f"the widest width must equal the source FFN size {ffn}, got {widths}")
     config = ModelConfig(**{**model.config.to_dict(), "widths": dict(widths), "name": name or model.config.name,
                             "profiles": {}})
-    nested = NestedGPT(config)
+    nested = build_model(config)
     nested.load_state_dict(model.state_dict())
     scores = unit_importance(model, batches, criterion)
     orders = [torch.sort(s, descending=True, stable=True).indices for s in scores]
@@ -179,7 +187,7 @@ def elastify(source: str | Path, out: str | Path, data: str | Path, widths: dict
     from training.trainer import evaluate_widths
 
     started = time.perf_counter()
-    dense, tokenizer, description = load_dense(source)
+    dense, tokenizer, description, chat_template = load_dense(source)
     token_data = TokenData(data)
     if token_data.tokenizer().backend.get_vocab() != tokenizer.backend.get_vocab():
         raise ValueError(f"{data} was tokenized with a different tokenizer than {source}; prepare it with "
@@ -199,7 +207,7 @@ def elastify(source: str | Path, out: str | Path, data: str | Path, widths: dict
     }
     if evaluate:
         training["eval"] = evaluate_widths(model, token_data, tokenizer, cloze_items=cloze_items, progress=progress)
-    return save_checkpoint(out, model, tokenizer, training), training
+    return save_checkpoint(out, model, tokenizer, training, chat_template=chat_template), training
 
 
 def ppl_monotone(evaluation: dict, widths: list[str]) -> bool:
@@ -210,7 +218,8 @@ def ppl_monotone(evaluation: dict, widths: list[str]) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``matta elastify`` options."""
-    parser.add_argument("source", type=Path, help="a dense model: HF GPT-2 directory or matta checkpoint with one width")
+    parser.add_argument("source", type=Path,
+                        help="a dense model: HF GPT-2 / Llama / Qwen2 / Mistral directory or matta checkpoint with one width")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--data", type=Path, default=Path("data/shakespeare"),
                         help="prepared corpus: calibration tokens (train split) and evaluation (test split)")

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from matta.config import WidthSpec
-from matta.model import NestedGPT
+from matta.model import NestedDecoder
 from matta.tokenizer import Tokenizer
 from training.data import ClozeItem
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-"""Maps input ids (B, T) to logits (B, T, V): a width of a NestedGPT, or a HF teacher."""
+"""Maps input ids (B, T) to logits (B, T, V): a width of a NestedDecoder, or a HF teacher."""
 
 
-def width_logits_fn(model: NestedGPT, width: WidthSpec | None) -> LogitsFn:
+def width_logits_fn(model: NestedDecoder, width: WidthSpec | None) -> LogitsFn:
     return lambda ids: model(ids, width=width).logits
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.config import ModelConfig
-from matta.model import NestedGPT, StaticKVCache
+from matta.model import NestedDecoder, StaticKVCache
 from training.data import TokenData
 
 Profile = tuple[int, ...]
@@ -56,7 +56,7 @@ def exhaustive_profiles(sizes: list[int], n_layer: int) -> list[Profile]:
 
 
 @torch.inference_mode()
-def profile_perplexities(model: NestedGPT, profiles: list[Profile], tokens: np.ndarray, window: int,
+def profile_perplexities(model: NestedDecoder, profiles: list[Profile], tokens: np.ndarray, window: int,
                          max_windows: int, batch_size: int = 16) -> dict[Profile, float]:
     """Held-out perplexity of every profile, sharing the layers that profiles have in common.
 
@@ -76,23 +76,22 @@ def profile_perplexities(model: NestedGPT, profiles: list[Profile], tokens: np.n
         x = torch.stack([data[r * window : r * window + window] for r in rows])
         y = torch.stack([data[r * window + 1 : r * window + window + 1] for r in rows])
         positions = torch.arange(window).expand_as(x)
-        hidden = model.wte(x) + model.wpe(positions)
-
-        _walk(model, hidden, (), y, wanted, nll)
+        _walk(model, model.embed(x, positions), model.rope(positions), (), y, wanted, nll)
         count += y.numel()
     return {p: math.exp(v / count) for p, v in nll.items()}
 
 
-def _walk(model: NestedGPT, h: torch.Tensor, prefix: Profile, y: torch.Tensor, wanted: set[Profile],
+def _walk(model: NestedDecoder, h: torch.Tensor, rope, prefix: Profile, y: torch.Tensor, wanted: set[Profile],
           nll: dict[Profile, float]) -> None:
-    """Run layer len(prefix) at every size some wanted profile continues ``prefix`` with; sum NLL at the leaves."""
+    """Run layer len(prefix) at every size some wanted profile continues ``prefix`` with; sum NLL at the leaves.
+    ``rope``: the blocks' positional input (:meth:`NestedDecoder.rope`), None for GPT-2."""
     depth = len(prefix)
     if depth == model.config.n_layer:
-        logits = F.linear(model.ln_f(h), model.wte.weight)
+        logits = model.lm_head(model.ln_f(h))
         nll[prefix] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         return
     for size in sorted({p[depth] for p in wanted if p[:depth] == prefix}):
-        _walk(model, model.h[depth](h, size, None, None)[0], (*prefix, size), y, wanted, nll)
+        _walk(model, model.h[depth](h, size, None, None, None, rope)[0], rope, (*prefix, size), y, wanted, nll)
 
 
 def pareto_front(points: dict[Profile, tuple[float, float]]) -> list[Profile]:
@@ -107,7 +106,7 @@ def pareto_front(points: dict[Profile, tuple[float, float]]) -> list[Profile]:
 
 
 @torch.inference_mode()
-def decode_step_ms(model: NestedGPT, profiles: list[Profile], batch: int = 16, context: int = 128,
+def decode_step_ms(model: NestedDecoder, profiles: list[Profile], batch: int = 16, context: int = 128,
                    repeats: int = 7, inner: int = 5) -> dict[Profile, float]:
     """Median wall time (ms) of one decode step per profile: ``batch`` rows against a ``context``-token cache.
 
@@ -171,7 +170,7 @@ def choose_profiles(config: ModelConfig, ppl: dict[Profile, float], candidates: 
     return sorted(chosen, key=flops.get)
 
 
-def search(model: NestedGPT, tokens: np.ndarray, search_tokens: int = 16384, max_exhaustive: int = 512,
+def search(model: NestedDecoder, tokens: np.ndarray, search_tokens: int = 16384, max_exhaustive: int = 512,
            latency_batch: int = 16, latency_context: int = 128) -> dict:
     """Evaluate heuristic (and, where small enough, exhaustive) profiles; fronts and which search wins."""
     config = model.config
@@ -269,7 +268,7 @@ def add_profiles(path: str | Path, data: str | Path, out: str | Path | None = No
             print(f"  {name} {profiles[name]}: test ppl {evaluation['widths'][name]['ppl']:.2f}", flush=True)
     training["eval"] = evaluation
     training["mixnmatch"] = {**result, "chosen": {n: p for n, p in profiles.items() if tuple(p) in chosen}}
-    written = save_checkpoint(out or path, ckpt.model, ckpt.tokenizer, training)
+    written = save_checkpoint(out or path, ckpt.model, ckpt.tokenizer, training, chat_template=ckpt.chat_template)
     return written, training
 
 

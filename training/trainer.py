@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from matta.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint, sha256_file
+from matta.checkpoint import CHAT_TEMPLATE_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint, sha256_file
 from matta.config import ModelConfig
-from matta.model import NestedGPT
+from matta.llama import build_model
+from matta.model import NestedDecoder
 from matta.tokenizer import Tokenizer
 from training.config import TeacherSpec, TrainConfig
 from training.data import TokenData
@@ -110,7 +111,7 @@ class Teacher:
 class RecipeLoss(nn.Module):
     """The model plus its recipe's loss in one forward, so DDP sees one forward per step."""
 
-    def __init__(self, model: NestedGPT, cfg: TrainConfig) -> None:
+    def __init__(self, model: NestedDecoder, cfg: TrainConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -209,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         model.to(device)
     else:
         model_config = cfg.model.build(tokenizer.vocab_size, tokenizer.eos_id)
-        model, init_description = NestedGPT(model_config).to(device), None
+        model, init_description = build_model(model_config).to(device), None
     teacher = Teacher.load(cfg.teacher, tokenizer, device) if cfg.teacher is not None else None
     module: nn.Module = RecipeLoss(model, cfg)
     if info.world_size > 1:
@@ -315,13 +316,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         model.eval()
         if cfg.final_eval:
             training["eval"] = evaluate_widths(model, data, tokenizer, cfg.cloze_items, device=device, progress=progress)
-        save_checkpoint(cfg.out, model.cpu(), tokenizer, training)
+        save_checkpoint(cfg.out, model.cpu(), tokenizer, training, chat_template=chat_template_of(cfg))
     if info.world_size > 1:
         dist.barrier()
     return cfg.out
 
 
-def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[NestedGPT, dict]:
+def chat_template_of(cfg: TrainConfig) -> str | None:
+    """The chat template the trained checkpoint ships: the config's file, else init_from's, else none."""
+    if cfg.chat_template is not None:
+        return cfg.chat_template.read_text()
+    inherited = cfg.init_from / CHAT_TEMPLATE_FILE if cfg.init_from is not None else None
+    return inherited.read_text() if inherited is not None and inherited.is_file() else None
+
+
+def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[NestedDecoder, dict]:
     """The model ``cfg.init_from`` holds (architecture, widths and weights), and its provenance."""
     init = load_checkpoint(cfg.init_from)
     if init.tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
@@ -348,7 +357,7 @@ def _all_reduce_mean(parts: dict[str, float], device: torch.device) -> dict[str,
 
 
 @torch.inference_mode()
-def quick_eval(model: NestedGPT, config: ModelConfig, data: TokenData, cfg: TrainConfig, device) -> dict[str, float]:
+def quick_eval(model: NestedDecoder, config: ModelConfig, data: TokenData, cfg: TrainConfig, device) -> dict[str, float]:
     """Validation perplexity per named width on the first ``eval_batches`` batches (cheap, periodic)."""
     model.eval()
     tokens = data.tokens("val")
@@ -377,7 +386,7 @@ def mix_n_match_profiles(config: ModelConfig) -> dict[str, list[int]]:
 
 
 @torch.inference_mode()
-def evaluate_widths(model: NestedGPT, data: TokenData, tokenizer: Tokenizer, cloze_items: int = 3000,
+def evaluate_widths(model: NestedDecoder, data: TokenData, tokenizer: Tokenizer, cloze_items: int = 3000,
                     split: str = "test", device: str | torch.device = "cpu", mix_n_match: bool = True,
                     progress: bool = False) -> dict:
     """Test perplexity, cloze accuracy, params and FLOPs/token for every width (and mixes)."""

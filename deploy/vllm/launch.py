@@ -24,11 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO / ".venv-vllm"
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-# What vLLM reads from an export: the GPT-2 config, the weights and the fast tokenizer.
+# What vLLM reads from an export: the HF config, the weights and the fast tokenizer.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # The shipped model's KV cache is 4 KiB per token (4 layers x K,V x 128 x fp32): 256 MiB holds
 # 256 sequences of 256 tokens. vLLM's CPU default is 4 GiB or a share of RAM.
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+EXPORT_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # what `matta export` writes (matta.hf)
 
 
 def vllm_python(venv: str | Path = DEFAULT_VENV) -> Path:
@@ -46,8 +47,9 @@ def check_export(path: str | Path) -> Path:
     if missing:
         raise ValueError(f"{path} is not a matta export: missing {missing}; run `matta export CKPT --width W --out {path}`")
     config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != "gpt2":
-        raise ValueError(f"{path}/config.json: model_type {config.get('model_type')!r}; a matta export is 'gpt2'")
+    if config.get("model_type") not in EXPORT_MODEL_TYPES:
+        raise ValueError(f"{path}/config.json: model_type {config.get('model_type')!r}; a matta export is one of "
+                         f"{list(EXPORT_MODEL_TYPES)}")
     return path
 
 
