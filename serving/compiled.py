@@ -59,6 +59,7 @@ import torch
 
 from matta.config import ModelConfig
 from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
+from serving.lifecycle import die_with_parent, spawn_options
 from serving.settings import CompileMode
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,9 @@ class DecodeSteps:
         with self._lock:
             if self._stopping:
                 return
+            # Started from this thread, which waits for it (the parent-death signal follows the thread).
             self._worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            preexec_fn=lambda: os.nice(10))
+                                            **spawn_options(nice=10))
         self._read_worker()
 
     def stop(self) -> None:
@@ -400,6 +402,7 @@ def _refusal(step, args: tuple) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The background compile worker: compile and save the given signatures, one JSON line each."""
+    die_with_parent()  # a compile takes minutes: it must not outlive the engine that asked for it
     p = argparse.ArgumentParser(prog="python -m serving.compiled", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--max-batch", type=int, required=True)

@@ -40,6 +40,7 @@ from serving.engine import (
     SequenceEvent,
     TokenLogprob,
 )
+from serving.lifecycle import spawn_options
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class EngineCoreClient:
             cmd += ["--profile", str(profile)]
         elif measure_profile:
             cmd.append("--measure-profile")
-        self.process = subprocess.Popen(cmd)
+        self.process = subprocess.Popen(cmd, **spawn_options())  # it dies with this process, in every phase
         self.latency: LatencyModel | None = None
         self._ready(REQUIRE_COMPILE_TIMEOUT_S if compile == "require" else READY_TIMEOUT_S)
         self._ids = itertools.count()
