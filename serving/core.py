@@ -76,7 +76,8 @@ class EngineCore:
         load = msg.Load(s.running, s.waiting, s.running_by_width, s.waiting_by_width, s.max_batch, s.max_queue,
                         s.steps, s.finished, s.cancelled, dict(s.groups), list(s.remaining_tokens),
                         s.recent_iteration_s, self.latency.corrections() if self.latency is not None else {},
-                        s.compiled_steps, s.eager_steps, s.compile_ready, s.compile_signatures, dict(s.busy_s))
+                        s.compiled_steps, s.eager_steps, s.compile_ready, s.compile_signatures, dict(s.busy_s),
+                        dict(s.compile_faults))
         with self._send_lock:
             self.push.send(msg.encoder.encode(msg.StepOutput(outputs, load)))
         for out in outputs:

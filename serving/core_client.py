@@ -207,7 +207,7 @@ class EngineCoreClient:
                            load.max_batch, load.max_queue, load.steps, load.finished, load.cancelled,
                            {w: tuple(g) for w, g in load.groups.items()}, tuple(load.remaining_tokens),
                            load.recent_iteration_s, load.compiled_steps, load.eager_steps, load.compile_ready,
-                           load.compile_signatures, dict(load.busy_s))
+                           load.compile_signatures, dict(load.busy_s), dict(load.compile_faults))
 
     # --- the reader thread -----------------------------------------------------------------------
 

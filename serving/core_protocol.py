@@ -88,6 +88,7 @@ class Load(msgspec.Struct, frozen=True):
     compile_ready: int = 0
     compile_signatures: int = 0
     busy_s: dict[str, float] = {}
+    compile_faults: dict[str, int] = {}
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

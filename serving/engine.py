@@ -145,6 +145,7 @@ class EngineStats:
     compile_ready: int = 0  # step signatures with a compiled graph loaded
     compile_signatures: int = 0  # step signatures the engine can meet (0: compilation off)
     busy_s: dict[str, float] = field(default_factory=dict)  # scheduler seconds per phase: prefill, decode, swap-in
+    compile_faults: dict[str, int] = field(default_factory=dict)  # compile-cache faults by kind (serving/compiled.py)
 
 
 @dataclass(eq=False)
@@ -374,6 +375,7 @@ class Engine:
                 compile_ready=compiled.ready,
                 compile_signatures=compiled.signatures,
                 busy_s=dict(self._busy_s),
+                compile_faults=dict(compiled.faults),
             )
 
     # --- scheduler thread ----------------------------------------------------------------------

@@ -146,4 +146,4 @@ class EngineBackend:
     def engine_counters(self) -> dict[str, Any]:
         s = self.engine.stats()
         return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
-                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s)}
+                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s), "compile_faults": dict(s.compile_faults)}

@@ -66,6 +66,12 @@ class _EngineCountersCollector(Collector):
         for phase, seconds in status.get("busy_s", {}).items():
             busy.add_metric([phase], seconds)
         yield busy
+        faults = CounterMetricFamily("matta_compile_cache_faults", "compile-cache artifacts refused (empty, truncated, "
+                                     "garbage, version, checksum, unreadable) or not written (write); each such "
+                                     "decode step ran eager", labels=["kind"])
+        for kind, count in status.get("compile_faults", {}).items():
+            faults.add_metric([kind], count)
+        yield faults
 
 
 class _SloCollector(Collector):
