@@ -137,8 +137,8 @@ class EngineBackend:
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
 
     async def health(self) -> tuple[bool, dict]:
-        if not getattr(self.engine, "alive", True):
-            return False, {"error": "the engine core process has died; restart the server"}
+        if not getattr(self.engine, "alive", True):  # an engine-core process that died (serving.core_client)
+            return False, {"error": self.engine.health_error}
         stats = self.engine.stats()
         return True, {"running": stats.running, "waiting": stats.waiting,
                       "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}
@@ -146,4 +146,5 @@ class EngineBackend:
     def engine_counters(self) -> dict[str, Any]:
         s = self.engine.stats()
         return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
-                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s), "compile_faults": dict(s.compile_faults)}
+                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s), "compile_faults": dict(s.compile_faults),
+                "core_restarts": getattr(self.engine, "restarts", 0)}

@@ -72,6 +72,8 @@ class _EngineCountersCollector(Collector):
         for kind, count in status.get("compile_faults", {}).items():
             faults.add_metric([kind], count)
         yield faults
+        yield CounterMetricFamily("matta_engine_core_restarts", "engine-core processes started again after one "
+                                  "died (--on-core-death restart)", value=status.get("core_restarts", 0))
 
 
 class _SloCollector(Collector):

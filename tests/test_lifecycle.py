@@ -180,3 +180,24 @@ def _drain_stream(url: str, body: dict) -> None:
                 pass
     except httpx.HTTPError:
         pass  # the server was killed under it
+
+
+def test_with_on_core_death_exit_a_dead_core_fails_what_is_in_flight_and_the_server_exits_3(checkpoint, spawn):
+    serve = spawn(checkpoint, "--compile", "off", "--on-core-death", "exit")
+    url = serve.listening()
+    core = _wait_for(lambda: serve.child("serving.core"), 10, "the core process")
+    answers = {}
+
+    def request() -> None:
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 500, "temperature": 0}
+        answers["r"] = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).json().get("running"), 20, "the request to run")
+    os.kill(core, signal.SIGKILL)
+    killed = time.monotonic()
+    assert serve.proc.wait(15) == 3  # CORE_DIED_EXIT_CODE: a supervisor sees a failure, not a clean stop
+    assert time.monotonic() - killed < 10
+    thread.join(10)
+    assert answers["r"].status_code == 503 and answers["r"].json()["error"]["code"] == "aborted", answers["r"].text
