@@ -130,6 +130,10 @@ class EngineCoreClient:
         reach or come from the next one."""
         self._generation += 1
         self._input = self._context.socket(zmq.PUSH)
+        # Never block the event loop on a send: a PUSH socket whose core has died (and not yet been
+        # noticed) blocks every send forever, and with it the loop that would notice. It raises
+        # zmq.Again instead (the request gets a 503).
+        self._input.setsockopt(zmq.SNDTIMEO, 0)
         self._output = self._context.socket(zmq.PULL)
         input_addr = f"ipc://{self._dir.name}/input-{self._generation}"
         output_addr = f"ipc://{self._dir.name}/output-{self._generation}"
@@ -170,7 +174,10 @@ class EngineCoreClient:
         if self._reader is not None and self._dead:
             self._reader.join(5)  # a restart in progress gives up (its new core is killed below)
         if self.process.poll() is None:
-            self._input.send(msg.encoder.encode(msg.Stop()))
+            try:
+                self._input.send(msg.encoder.encode(msg.Stop()))
+            except zmq.Again:  # nobody reads it: the core is gone or stuck, and is killed below
+                pass
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -229,13 +236,20 @@ class EngineCoreClient:
         sampling = msg.Sampling(params.max_tokens, params.temperature, params.top_p, params.seed, tuple(params.stop),
                                 params.logprobs, params.prompt_logprobs, params.deadline, tuple(params.widths),
                                 params.slo_deadline)
-        self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], width, sampling)))
+        try:
+            self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], width, sampling)))
+        except zmq.Again:  # the core died a moment ago (the reader has not seen it yet), or is swamped
+            self._streams.pop(request_id, None)
+            raise EngineStoppedError("the engine core is not taking requests (it may have died); retry") from None
         return stream
 
     def cancel(self, request_id: int) -> None:
         """Free a request's slots in the core (idempotent; a finished request is already free)."""
         if self._streams.pop(request_id, None) is not None and not self._dead:
-            self._input.send(msg.encoder.encode(msg.Cancel(request_id)))
+            try:
+                self._input.send(msg.encoder.encode(msg.Cancel(request_id)))
+            except zmq.Again:  # a core that reads nothing frees nothing either; its death aborts the rest
+                pass
 
     def _finished(self, request_id: int) -> None:
         self._streams.pop(request_id, None)

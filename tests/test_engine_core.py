@@ -90,6 +90,11 @@ def test_a_core_that_dies_fails_its_requests_and_health_then_is_restarted(checkp
             assert time.monotonic() < deadline, client.stats()
             time.sleep(0.01)
         os.kill(client.process.pid, signal.SIGKILL)
+        # Sent before the reader notices the death: a blocking send to the dead core's socket froze the
+        # event loop (every request and /health after it hung; found by benchmarks/soak.py).
+        early = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                           timeout=10)
+        assert early.status_code == 503, early.text
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "a request hung after the core died"
