@@ -125,8 +125,9 @@ class EngineCoreClient:
         self._input.bind(input_addr)
         self._output.bind(output_addr)
         cmd = [*self._cmd, *self._profile_args, "--input", input_addr, "--output", output_addr]
-        # Started from the thread that then reads it (this one at start-up, the reader on a restart):
-        # it dies with this process, in every phase (serving/lifecycle.py).
+        # It dies with this process, in every phase (serving/lifecycle.py). The parent-death signal
+        # follows the spawning thread, and both spawners outlive the core: the thread that builds the
+        # app (the server's main thread, Ray Serve's user-code loop) and, on a restart, the reader.
         self.process = subprocess.Popen(cmd, **spawn_options())
 
     def _ready(self, timeout_s: float) -> dict | None:
