@@ -125,6 +125,9 @@ def test_a_replica_whose_core_dies_is_recovered_while_the_other_keeps_serving(ra
         if len(live) == 2 and before[0] not in live and len(served_by) >= 2 and statuses[-4:] == [200] * 4:
             break
         time.sleep(0.1)
-    assert statuses.count(200) > statuses.count(503)  # the other replica served meanwhile
+    # The other replica served while the dead one was out: some 200 before the last 503 (how many
+    # 503s Ray routes to the recovering replica depends on how long its core takes to start).
+    last_refusal = max((i for i, code in enumerate(statuses) if code == 503), default=-1)
+    assert 200 in statuses[:last_refusal], statuses
     status = serve.status().applications["matta"].deployments["MattaDeployment"].replica_states
     assert status.get("RUNNING") == 2, status
