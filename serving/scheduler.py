@@ -255,16 +255,27 @@ class Scheduler:
         return not isinstance(self.latency, _NoLatency)
 
     def _shed_hopeless(self, now: float) -> list[SeqState]:
-        """Refuse the promised waiting sequences that miss a target even started now at their narrowest."""
+        """Refuse the promised waiting sequences that miss a target even started now at their narrowest.
+
+        Each is priced alone beside the running rows (what :meth:`_late` computes for such a plan),
+        with the running rows' shapes built once: this runs every iteration over the whole queue."""
+        promised = [s for s in self.waiting if s.promised]
+        if not promised:
+            return []
+        base = self.shapes(self.running)
+        widths = [s.width for s in self.running]
         hopeless = []
-        for seq in self.waiting:
-            if not seq.promised:
-                continue
-            seq.width = seq.widths[0]
-            alone = _Plan([*self.running, seq], [seq])
-            if seq.seq_id in self._late(alone, now, {seq.seq_id}):
+        for seq in promised:
+            width = seq.widths[0]
+            shapes = dict(base)
+            rows, context = shapes.get(width, (0, 0))
+            shapes[width] = (rows + 1, max(context, seq.context + seq.remaining // 2))
+            step = self.latency.step_s(shapes, self.path_of([*widths, width]))
+            start = now + self.latency.prefill_s(width, seq.prompt_len)
+            first, end = start + step, start + max(0, seq.budget - 1) * step
+            tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+            if end > seq.aim_end or first > seq.aim_first or tpot > seq.aim_tpot:
                 hopeless.append(seq)
-            seq.width = None
         for seq in hopeless:
             self.waiting.remove(seq)
         self.shed_count += len(hopeless)
