@@ -390,7 +390,8 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
 async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
     """Send each completion body at its arrival time (seconds from now) on its own connection,
     whatever the server is doing; per request: status, latency from when it was due, width,
-    ``Retry-After``, the router's prediction and the completion tokens.
+    ``Retry-After``, the router's prediction and the completion tokens (and, for a body with
+    ``"stream": true`` and ``stream_options.include_usage``, the time to first token).
 
     Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
     hundred or more requests/s starves the server it measures, and the schedule slips (a slo
@@ -401,12 +402,22 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
         payload = json.dumps(body).encode()
         request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
                    f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
+        first_at = None
         try:
             # How late the client itself sends (its event loop shares the cores with the server).
             lag = time.monotonic() - due
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(request)
-            raw = await asyncio.wait_for(reader.read(), timeout_s)
+            if body.get("stream"):
+                # Streamed: the first event carrying completion text is the time to first token.
+                raw = b""
+                async with asyncio.timeout(timeout_s):
+                    while chunk := await reader.read(65536):
+                        raw += chunk
+                        if first_at is None and b'"text":"' in raw.partition(b"\r\n\r\n")[2].replace(b'"text":""', b""):
+                            first_at = time.monotonic()
+            else:
+                raw = await asyncio.wait_for(reader.read(), timeout_s)
             writer.close()
         except (OSError, TimeoutError) as exc:
             return {"t": due - start, "status": 0, "latency_s": time.monotonic() - due, "width": None,
@@ -421,7 +432,12 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
                "retry_after": headers.get("retry-after"),
                "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
                else None}
-        if status == 200:
+        if status == 200 and body.get("stream"):
+            out["ttft_s"] = None if first_at is None else first_at - due
+            usage = [json.loads(line[6:]) for line in content.split(b"\n") if line.startswith(b"data: {")
+                     and b'"usage"' in line]
+            out["tokens"] = usage[-1]["usage"]["completion_tokens"] if usage else None
+        elif status == 200:
             out["tokens"] = json.loads(content)["usage"]["completion_tokens"]
         return out
 
@@ -500,13 +516,9 @@ def make_bursty_trace(prompts: list[list[int]], rate: float, cv2: float, duratio
         trace.append((t, prompts[rng.randrange(len(prompts))]))
 
 
-# How `matta serve` ran its engine before and after the engine-v2 issue, as CLI flags: *old* is the
-# engine on a thread of the server process, one forward per width group; *new* the engine core in
-# its own process, one forward across widths. The two changes apart show what each buys.
-ENGINES = {"old": ("--engine", "inproc", "--forward", "per_width"),
-           "new": ("--engine", "process", "--forward", "mixed"),
-           "inproc_mixed": ("--engine", "inproc", "--forward", "mixed"),
-           "process_per_width": ("--engine", "process", "--forward", "per_width")}
+# Where `matta serve` runs its engine, as CLI flags: the engine core in its own process (the
+# default) or its loop on a thread of the server process.
+ENGINES = {"process": ("--engine", "process"), "inproc": ("--engine", "inproc")}
 
 
 def run_locust(host: str, users: int, spawn_rate: float, seconds: int, user_classes: list[str], prefix: Path,

@@ -76,7 +76,8 @@ import torch
 from benchmarks.harness import Server, make_prompts, model_decode_step
 from matta.checkpoint import Checkpoint, load_checkpoint
 from matta.hf import export_width, load_hf_gpt2
-from serving.engine import Engine, SamplingParams
+from serving.core_protocol import Sampling
+from serving.engine import Engine
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ def simulate_serial_queue(service_s: list[float], clients: int, per_client: int)
 
 
 async def _engine_decode_once(engine: Engine, prompts: list[list[int]], width: str, max_tokens: int) -> dict:
-    stream = engine.submit(prompts, width, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    stream = engine.submit(prompts, width, Sampling(max_tokens=max_tokens, temperature=0.0))
     first: dict[int, float] = {}
     last, total = 0.0, 0
     async for index, event in stream:

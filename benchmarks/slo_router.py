@@ -21,7 +21,7 @@ checkpoint's cloze accuracy), the mean quality of the answers within the SLO, an
 prediction error (actual / predicted latency). The client shares the machine's cores with the
 server. JSON + PNG.
 
-    python -m benchmarks.slo_router --engines old,new --max-tokens 64 --prompt-tokens 32
+    python -m benchmarks.slo_router --engines process,inproc --max-tokens 64 --prompt-tokens 32
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shed", action=argparse.BooleanOptionalAction, default=True,
                    help="the slo policy sheds what no width can serve in time (429) instead of serving it late")
     p.add_argument("--give-up", type=float, default=5.0, help="client timeout, in multiples of the SLO")
-    p.add_argument("--engines", default="new", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
+    p.add_argument("--engines", default="process", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
                                                   "rate sets the traces and the SLO")
     p.add_argument("--scenarios", default="ramp,bursty,overload", help="comma-separated, from ramp, bursty, overload")
     p.add_argument("--bursty-cv2", type=float, default=4.0, help="squared CV of the bursty trace's inter-arrivals")
@@ -74,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overload-seconds", type=float, default=20.0)
     p.add_argument("--ablate-ceiling", action=argparse.BooleanOptionalAction, default=False,
                    help="also replay `slo:utilization=0` (per-request choice without the load ceiling)")
-    p.add_argument("--calibration-quantile", type=float, help="passed to the slo server (default: off)")
+    p.add_argument("--compile", default="background", choices=("off", "background", "require"),
+                   help="the servers' --compile (default: the server's own default)")
+    p.add_argument("--compile-cache", type=Path, help="the servers' --compile-cache (default: theirs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "slo_router")
     return p.parse_args(argv)
@@ -189,8 +191,8 @@ def plot(results: dict, path: Path) -> None:
 def calibrate(args, ckpt, prompts, work: Path, common: tuple, engine: str, width: str) -> dict:
     """Saturated closed-loop throughput of ``fixed:<width>`` on ``engine`` (after a warm-up)."""
     server = Server(args.checkpoint, args.threads, args.max_batch, work / f"calibrate_{engine}_{width}.log",
-                    extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"))
-    url = server.start()
+                    extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"), compile=args.compile)
+    url = server.start(timeout_s=1800)
     try:
         asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
         return asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-m", "cli", "profile", str(args.checkpoint), "--out", str(profile_path),
                     "--threads", str(args.threads)], check=True)
     profile = json.loads(profile_path.read_text())
-    common = ("--max-queue", "100000", "--profile", str(profile_path))
+    common = ("--max-queue", "100000", "--profile", str(profile_path),
+              *(("--compile-cache", str(args.compile_cache)) if args.compile_cache else ()))
 
     capacity = {}
     for engine in engines:
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
           f"SLO {slo_ms:.0f} ms", flush=True)
 
     slo_flags = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", *(("--shed",) if args.shed else ()),
-                 *(("--calibration-quantile", str(args.calibration_quantile)) if args.calibration_quantile else ()))
+)
     every_policy = {f"fixed:{ta}": ("--policy", f"fixed:{ta}"), f"fixed:{student}": ("--policy", f"fixed:{student}"),
                     "slo": slo_flags}
     if args.ablate_ceiling:  # the same policy choosing per request only, on the same trace
@@ -298,8 +301,8 @@ def main(argv=None) -> int:
                 print(f"{scenario}: replaying {len(trace)} requests against {name} on the {engine} engine", flush=True)
                 log = work / f"{scenario}_{engine}_{name.replace(':', '_')}.log"
                 server = Server(args.checkpoint, args.threads, args.max_batch, log,
-                                extra_args=(*ENGINES[engine], *common, *flags))
-                url = server.start()
+                                extra_args=(*ENGINES[engine], *common, *flags), compile=args.compile)
+                url = server.start(timeout_s=1800)
                 try:
                     cpu_before, client_before, wall_before = server.cpu_seconds(), time.process_time(), time.monotonic()
                     # A request still unanswered after --give-up x SLO counts as missed (status 0): a

@@ -7,9 +7,10 @@ width, two small linear models (least squares on relative error):
     prefill_s(tokens T)               = base + per_token * T
 
 Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
-weighted correction factor per (width, kind) and one for the whole scheduler iteration (Python
-work, sampling, prefills between decode steps), so a slower or busier machine is tracked without
-re-profiling. Pure Python and JSON: policies and tests use it without torch.
+weighted correction factor for prefills per width and for decode steps per *path* (eager or
+compiled: the step that actually runs, sampling and output processing included), so a slower or
+busier machine, and a compiled step swapped in, are tracked without re-profiling. Pure Python
+and JSON: policies and tests use it without torch.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PROFILE_FORMAT = "matta-latency-profile/1"
 CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile is for another machine
+STEP_PATHS = ("eager", "compiled")
+# Weight of a decode step slower than its path's factor: a machine that slows down (another process
+# took a core) is followed within a few steps, or every promise made meanwhile is broken.
+STEP_RISE = 0.2  # how the engine may run a decode step (serving/compiled.py)
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,19 @@ class _Ewma:
     value: float = 1.0
     samples: int = 0
 
-    def update(self, ratio: float, alpha: float) -> None:
+    def update(self, ratio: float, alpha: float, rise: float = 0.0) -> None:
+        """Move towards ``ratio``; a ratio above the value moves it by at least ``rise`` (quick to
+        follow a slowdown that deadlines depend on, slow to trust a speed-up)."""
         if not math.isfinite(ratio) or ratio <= 0:
             return
         lo, hi = CORRECTION_BOUNDS
-        ratio = min(hi, max(lo, ratio))
+        # One observation moves the factor at most 2x either way: a single outlier (the first step
+        # after start-up, a page fault) must not set it, while a sustained change is followed
+        # geometrically.
+        ratio = min(hi, max(lo, self.value / 2, min(ratio, 2 * self.value)))
         # The first observations move the factor more (alpha_eff >= 1/n), so a wrong profile is
         # corrected within a few steps instead of a few hundred.
-        a = max(alpha, 1.0 / (self.samples + 1))
+        a = max(alpha, 1.0 / (self.samples + 1), rise if ratio > self.value else 0.0)
         self.value = (1 - a) * self.value + a * ratio
         self.samples += 1
 
@@ -76,77 +85,73 @@ class LatencyModel:
         if not self.costs:
             raise ValueError("a latency model needs at least one width")
         self._lock = threading.Lock()
-        self._decode = {w: _Ewma() for w in self.costs}
         self._prefill = {w: _Ewma() for w in self.costs}
-        self._iteration = _Ewma()
+        self._step = {path: _Ewma() for path in STEP_PATHS}
 
     # --- predictions -----------------------------------------------------------------------
 
     def decode_step_s(self, width: str, batch: int, context: int) -> float:
-        """Predicted seconds of one decode step of a ``batch``-row group of ``width`` at ``context`` tokens."""
-        return self.costs[width].decode_s(batch, context) * self._decode[width].value
+        """Profiled seconds of one eager decode step of ``batch`` rows of ``width`` at ``context`` tokens."""
+        return self.costs[width].decode_s(batch, context)
 
     def prefill_s(self, width: str, tokens: int) -> float:
         """Predicted seconds to prefill ``tokens`` prompt tokens (padded batch size) at ``width``."""
         return self.costs[width].prefill_s(tokens) * self._prefill[width].value
 
-    @property
-    def iteration_factor(self) -> float:
-        """Observed scheduler iteration time over the sum of its predicted decode steps."""
-        return self._iteration.value
-
-    def step_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
-        """Predicted seconds of one decode forward over rows of several widths, ``groups`` {width:
-        (rows, context)}: the engine decodes every width in one forward, so the fixed cost of a
-        forward (dispatch, attention set-up, the LM head's launch) is paid once, the widest present
+    def profiled_step_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
+        """The profile's seconds of one eager decode forward over rows of several widths, ``groups``
+        {width: (rows, context)}: the engine decodes every width in one forward, so the fixed cost of
+        a forward (dispatch, attention set-up, the LM head's launch) is paid once, the widest present
         width's, and each width adds its per-row costs for its rows."""
         present = {w: bc for w, bc in groups.items() if bc[0] > 0}
         if not present:
             return 0.0
-        fixed = max(self.costs[w].decode_base * self._decode[w].value for w in present)
-        rows = sum((self.costs[w].decode_s(b, c) - self.costs[w].decode_base) * self._decode[w].value
-                   for w, (b, c) in present.items())
+        fixed = max(self.costs[w].decode_base for w in present)
+        rows = sum(self.costs[w].decode_s(b, c) - self.costs[w].decode_base for w, (b, c) in present.items())
         return max(0.0, fixed + rows) * (self.mixed_factor if len(present) > 1 else 1.0)
 
-    def iteration_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
-        """Predicted seconds of one scheduler iteration running ``groups`` {width: (batch, context)}."""
-        return self.iteration_factor * self.step_s(groups)
+    def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
+        """Predicted seconds of one decode step over ``groups`` run on ``path`` ("eager" or
+        "compiled"): the profile, times what steps of that path measured online (a path with no
+        measurement yet borrows eager's: a compiled step is not slower than the eager one)."""
+        return self.profiled_step_s(groups) * self.step_factor(path)
+
+    def step_factor(self, path: str) -> float:
+        """Measured over profiled step time on ``path``, sampling and output processing included."""
+        ewma = self._step[path]
+        return ewma.value if ewma.samples or path == "eager" else self._step["eager"].value
 
     # --- online correction ---------------------------------------------------------------------
-
-    def observe_decode(self, width: str, batch: int, context: int, seconds: float) -> None:
-        raw = self.costs[width].decode_s(batch, context)
-        with self._lock:
-            self._decode[width].update(seconds / raw if raw > 0 else float("nan"), self.alpha)
 
     def observe_prefill(self, width: str, tokens: int, seconds: float) -> None:
         raw = self.costs[width].prefill_s(tokens)
         with self._lock:
             self._prefill[width].update(seconds / raw if raw > 0 else float("nan"), self.alpha)
 
-    def observe_iteration(self, seconds: float, decode_predicted_s: float) -> None:
-        """One scheduler iteration took ``seconds``; its decode steps were predicted (corrected)
-        to take ``decode_predicted_s``. The ratio absorbs prefills and per-step Python work."""
-        if decode_predicted_s > 0:
-            with self._lock:
-                self._iteration.update(seconds / decode_predicted_s, self.alpha)
+    def observe_step(self, groups: Mapping[str, tuple[int, int]], path: str, seconds: float) -> None:
+        """A decode step over ``groups`` ran on ``path`` and took ``seconds`` (forward, sampling and
+        output processing: everything a token costs besides its prefill)."""
+        raw = self.profiled_step_s(groups)
+        with self._lock:
+            ewma = self._step[path]
+            if not ewma.samples and path != "eager":
+                ewma.value = self._step["eager"].value  # start from what it borrowed
+            ewma.update(seconds / raw if raw > 0 else float("nan"), self.alpha, rise=STEP_RISE)
 
     def set_corrections(self, corrections: dict[str, float]) -> None:
         """Take correction factors measured elsewhere (the engine-core process), as :meth:`corrections` names them."""
         with self._lock:
             for key, value in corrections.items():
-                kind, _, width = key.partition(":")
-                table = {"decode": self._decode, "prefill": self._prefill}.get(kind)
-                if kind == "iteration":
-                    self._iteration.value = value
-                elif table is not None and width in table:
-                    table[width].value = value
+                kind, _, name = key.partition(":")
+                table = {"step": self._step, "prefill": self._prefill}.get(kind)
+                if table is not None and name in table:
+                    table[name].value = value
+                    table[name].samples = max(1, table[name].samples)
 
     def corrections(self) -> dict[str, float]:
         """Current correction factors, for metrics and logs."""
-        out = {f"decode:{w}": e.value for w, e in self._decode.items()}
+        out = {f"step:{path}": self.step_factor(path) for path in STEP_PATHS}
         out.update({f"prefill:{w}": e.value for w, e in self._prefill.items()})
-        out["iteration"] = self._iteration.value
         return out
 
     # --- persistence ----------------------------------------------------------------------------
@@ -187,41 +192,3 @@ class LatencyModel:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: invalid JSON ({exc})") from exc
         return cls.from_json(data, str(path))
-
-
-class RequestCalibration:
-    """End-to-end feedback: a quantile of recent actual/predicted request latencies, kept apart
-    for requests that found a free batch slot and requests that had to queue.
-
-    Step-level corrections cannot see what happens between steps of *other* requests (arrivals
-    joining the batch, prefills, the HTTP loop), so predictions of whole requests stay biased,
-    most of all the queue wait under overload. Multiplying a prediction by the ``quantile`` of
-    the last ``window`` ratios of its kind makes it an estimate of that quantile of the latency:
-    with 0.9, about 90% of requests finish within their predicted time. The two kinds are kept
-    apart so that errors made while queueing do not inflate predictions once the load is gone.
-    Until ``min_samples`` requests of a kind are seen, its factor is 1.
-    """
-
-    def __init__(self, quantile: float = 0.9, window: int = 200, min_samples: int = 20,
-                 bounds: tuple[float, float] = (0.5, 4.0)) -> None:
-        if not 0 < quantile < 1:
-            raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-        self.quantile, self.min_samples, self.bounds = quantile, min_samples, bounds
-        self._ratios: dict[bool, deque[float]] = {False: deque(maxlen=window), True: deque(maxlen=window)}
-        self._factors = {False: 1.0, True: 1.0}
-        self._lock = threading.Lock()
-
-    def observe(self, actual_s: float, predicted_s: float, queued: bool = False) -> None:
-        """One finished request; ``predicted_s`` without any factor; ``queued``: it had to wait for a slot."""
-        if predicted_s <= 0 or not math.isfinite(actual_s / predicted_s):
-            return
-        with self._lock:
-            ratios = self._ratios[queued]
-            ratios.append(actual_s / predicted_s)
-            if len(ratios) >= self.min_samples:
-                ordered = sorted(ratios)
-                value = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
-                self._factors[queued] = min(self.bounds[1], max(self.bounds[0], value))
-
-    def factor(self, queued: bool = False) -> float:
-        return self._factors[queued]

@@ -70,7 +70,7 @@ def _truthy(value: str) -> bool:
 
 
 def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPolicy:
-    if context.predictor is None:
+    if context.predictor is None and not context.dispatch:
         raise ValueError("the slo policy needs a latency predictor (a latency profile); none was given")
     options = parse_options(argument)
     known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s", "utilization", "rate_window_s"}

@@ -1,5 +1,11 @@
 """The latency-aware policy: the widest width whose predicted latency meets the request's SLO.
 
+Behind a backend that chooses widths itself at dispatch (``dispatch=True``: the engine of
+``matta serve``, whose scheduler decides width, order and refusal, :mod:`serving.scheduler`)
+the policy only names the allowed widths (``min_width`` and up) and whether to shed; it keeps
+no state and predicts nothing. What follows is the arrival-time policy of ``matta route``,
+whose backends each serve one width and cannot be looked inside.
+
 For each request the policy asks a :class:`~router.policy.LatencyPredictor` for the end-to-end
 seconds at every allowed width (queue wait + prefill + decode of ``max_tokens``, given the
 batches already running) and serves the widest one within ``latency_slo_ms``. Like SuperServe's
@@ -112,6 +118,11 @@ class SloPolicy:
         return ceiling
 
     def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
+        if self.dispatch:
+            # The backend's scheduler chooses among the allowed widths when the request gets its batch
+            # slot, and refuses it then if none can make it: nothing to predict here, no state to keep.
+            allowed = tuple(self.widths[self.floor:])
+            return WidthDecision(allowed[-1], "at_dispatch", None, candidates=allowed)
         slo_ms = request.latency_slo_ms if request.latency_slo_ms is not None else self.default_slo_ms
         ceiling = max(self.floor, self.load_ceiling(request, load, now))
         allowed = range(self.floor, ceiling + 1)
@@ -131,30 +142,15 @@ class SloPolicy:
                 continue
             chosen = i
             break
-        candidates = tuple(self.widths[i] for i in allowed) if self.dispatch else ()
         if chosen is None:
             chosen = self.floor
-            if self.dispatch and self._fits_at_best(request, load, budget):
-                reason = "at_dispatch"  # the engine narrows what waits ahead of it when it must
-            elif self.shed:
+            if self.shed:
                 return WidthDecision(self.widths[chosen], "shed", predicted[chosen], shed=True)
             else:
                 reason = "best_effort"
         if chosen != state.level:
             state.level, state.changed_at = chosen, now
-        return WidthDecision(self.widths[chosen], reason, predicted[chosen], candidates=candidates)
-
-    def _fits_at_best(self, request: RequestInfo, load: LoadSnapshot, budget: float) -> bool:
-        """Whether the request meets its SLO at the floor if every request waiting ahead of it is
-        also served at the floor: with the width chosen at dispatch, that is the best case the
-        backend can still reach, so only a request that misses even then is refused on arrival
-        (the engine refuses the rest, later, if they can no longer make it)."""
-        floor = self.widths[self.floor]
-        waiting = sum(load.waiting_by_width.values())
-        best = LoadSnapshot(waiting=load.waiting, running=load.running, running_by_width=load.running_by_width,
-                            waiting_by_width={floor: waiting}, max_batch=load.max_batch, max_queue=load.max_queue,
-                            groups=load.groups, remaining_tokens=load.remaining_tokens)
-        return self.predictor.predict_s(floor, request, best) <= budget
+        return WidthDecision(self.widths[chosen], reason, predicted[chosen])
 
     def __repr__(self) -> str:
         return (f"SloPolicy(default_slo_ms={self.default_slo_ms}, min_width={self.widths[self.floor]!r}, "

@@ -1,7 +1,7 @@
 """``matta serve``: the checkpoint's engine behind the one OpenAI front end.
 
-``build_app(settings)`` loads the checkpoint once, builds the engine and its cost model and plugs
-them into :func:`serving.frontend.build_frontend_app`; :func:`serve` runs it (what ``matta serve``
+``build_app(settings)`` loads the checkpoint once, builds the engine (its scheduler and latency
+model) and plugs it into :func:`serving.frontend.build_frontend_app`; :func:`serve` runs it (what ``matta serve``
 calls). Any ASGI server can run the app too (Ray Serve does, in ``deploy/ray``).
 """
 
@@ -14,8 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from matta.checkpoint import load_checkpoint
-from router.cost import EngineCostModel
-from router.latency import LatencyModel, RequestCalibration
+from router.latency import LatencyModel
 from router.quality import width_quality
 from serving import server
 from serving.chat import install_chat_route
@@ -40,20 +39,17 @@ def build_app(settings: ServeSettings) -> FastAPI:
         engine = EngineCoreClient(settings.checkpoint, ckpt.config, max_batch=settings.max_batch,
                                   max_queue=settings.max_queue, device=device,
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
-                                  measure_profile=needs_cost_model(settings), mixed=settings.forward == "mixed",
+                                  measure_profile=needs_cost_model(settings),
                                   compile=settings.compile, compile_cache=settings.compile_cache)
-        latency = engine.latency
-        check_profile_widths(latency, ckpt.config.served_widths, settings.profile)
-        cost = cost_model(latency, settings)
+        check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device)
         latency = load_or_measure_profile(settings, ckpt.model)
-        cost = cost_model(latency, settings)
         steps = DecodeSteps(ckpt.model, settings.compile, max_batch=settings.max_batch,
                             cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        cost=cost, mixed=settings.forward == "mixed", steps=steps)
-    backend = EngineBackend(engine, ckpt.tokenizer, cost, retry_after_s=settings.retry_after_s)
+                        latency=latency, steps=steps)
+    backend = EngineBackend(engine, ckpt.tokenizer, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",
                              quality=width_quality(ckpt.training, ckpt.config.served_widths, settings.quality_metric))
@@ -69,14 +65,6 @@ def server_chat_template(ckpt, settings: ServeSettings):
     bos = config.eos_token_id if config.bos_token_id is None else config.bos_token_id
     specials = {"bos_token": tokenizer.backend.id_to_token(bos), "eos_token": tokenizer.eos_token}
     return resolve_chat_template(settings.chat_template, ckpt.chat_template, specials, str(ckpt.path))
-
-
-def cost_model(latency: LatencyModel | None, settings: ServeSettings) -> EngineCostModel | None:
-    """The server's one cost model over its latency profile (none without a profile)."""
-    if latency is None:
-        return None
-    calibration = RequestCalibration(settings.calibration_quantile) if settings.calibration_quantile else None
-    return EngineCostModel(latency, calibration)
 
 
 def check_profile_widths(latency: LatencyModel | None, widths: list[str], source) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from router.cost import CostModel
 from router.policy import LoadSnapshot
+from serving.core_protocol import Load, Slo
 from serving.protocol import CompletionRequest
 
 
@@ -43,8 +44,8 @@ class Delta:
     """What one prompt produced since the last delta: new text (an echoed prompt first, when asked),
     the generated tokens it holds, their logprobs, and at the end the finish reason and totals.
 
-    Finish reasons beyond OpenAI's "stop" / "length": "abort" (the engine stopped or failed) and
-    "shed" (it could not start the prompt in time for the request's deadline).
+    Finish reasons beyond OpenAI's "stop" / "length": "abort" (the engine stopped or failed),
+    "shed" (it could not serve the prompt within the request's SLO) and "queue_full" (no room).
     """
 
     text: str
@@ -55,6 +56,7 @@ class Delta:
     completion_tokens: int = 0
     queue_s: float | None = None  # submit -> first scheduled, when the backend knows it
     width: str | None = None  # the width served, when the backend chose it at dispatch
+    predicted_s: float | None = None  # the backend's predicted arrival -> last token, when it made one
 
 
 class BackendError(Exception):
@@ -88,8 +90,10 @@ class Backend(Protocol):
     widths: list[str]  # narrowest first
     max_model_len: int | None  # context window, when known
     vocab_size: int | None  # token-id bound, when known
-    cost: CostModel | None  # how long a request will take here (the slo policy's predictor)
-    dispatches_width: bool  # it can choose a request's width when the request gets a batch slot
+    cost: CostModel | None  # how long a request will take here (the slo policy's predictor at arrival)
+    # It chooses a request's width (among the widths it is given), admits and refuses it itself,
+    # when the request gets a batch slot: the engine's scheduler does; a proxy cannot.
+    dispatches_width: bool
 
     @property
     def accepting(self) -> bool: ...
@@ -106,23 +110,21 @@ class Backend(Protocol):
         """The load now, for the policy and the gauges."""
         ...
 
-    def engine_counters(self) -> dict[str, Any] | None:
-        """The engine's own counters: ``compiled_steps``, ``eager_steps`` (decode forwards by how they
-        ran), ``ready`` and ``signatures`` (compiled steps loaded of those it can meet), and ``busy_s``
-        (the scheduler's seconds per phase, ``serving.engine.BUSY_PHASES``); None for a backend
-        without an engine of its own."""
+    def engine_counters(self) -> Load | None:
+        """The engine's own counters, its :class:`~serving.core_protocol.Load` (decode forwards by
+        path, compiled steps loaded, busy seconds per phase, iteration overruns); None for a
+        backend without an engine of its own."""
         ...
 
-    async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-                     deadline: float | None, candidates: tuple[str, ...] = (),
-                     slo_deadline: float | None = None) -> CompletionStream:
-        """Start generating every prompt at ``width``; APIError 429/503 when it cannot take them now
-        (a proxy relays its upstream's refusal with the upstream's status).
+    async def submit(self, prompts: PreparedPrompts, widths: tuple[str, ...], body: CompletionRequest,
+                     slo: Slo) -> CompletionStream:
+        """Start generating every prompt at one of ``widths`` (narrowest first); APIError 429/503 when
+        it cannot take them now (a proxy relays its upstream's refusal with the upstream's status).
 
-        ``deadline`` (time.monotonic()) is when a prompt still waiting for a batch slot can no
-        longer finish within its SLO: a backend that queues sheds it then ("shed"). With
-        ``candidates`` a backend that ``dispatches_width`` serves the width it picks among them
-        when the request gets its slot, aiming at ``slo_deadline``; the deltas name it.
+        A backend that ``dispatches_width`` picks the width among ``widths`` when the request gets
+        its batch slot, aiming at ``slo``'s targets, and refuses a prompt it cannot serve in time
+        when ``slo.shed`` (final delta "shed"); the deltas name the width. Any other backend serves
+        ``widths[0]``.
         """
         ...
 

@@ -19,8 +19,10 @@ How:
   ``compile="background"`` a worker (``python -m serving.compiled``, nice'd, the engine's thread
   count) compiles what the cache lacks while the engine serves eager steps: the engine answers
   from its first request, and no compile holds its GIL.
-- **Swapped in between steps.** The scheduler loads a finished step at an iteration boundary and
-  from then on runs steps of that signature compiled. A loaded step checks its guards on every
+- **Swapped in between steps.** Steps already in the cache are loaded before the engine serves;
+  a step the worker finishes later is loaded at an iteration boundary that the scheduler chooses
+  (one whose deadlines survive the pause, :mod:`serving.scheduler`), and from then on steps of that
+  signature run compiled. A loaded step checks its guards on every
   call (dtypes, ranks, the plan's structure); inputs it refuses run eager.
 
 ``compile="require"`` compiles (or loads) every signature before the engine starts: start-up pays
@@ -51,7 +53,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,22 +274,27 @@ class DecodeSteps:
                 self._load(index)
 
     def start(self) -> None:
-        """Background mode: on a thread, import the compiler's runtime, queue the steps already in the
-        cache, and start a worker process for the rest; the engine serves eager meanwhile."""
-        if self.mode == "background" and not self._started:
-            self._started = True
-            threading.Thread(target=self._background, name="matta-compile", daemon=True).start()
-
-    def _background(self) -> None:
+        """Background mode: import the compiler's runtime and load the steps already in the cache now
+        (a warm restart serves compiled from its first request: loading later, under load, would
+        stall running sequences), then start a worker process for the rest on a thread."""
+        if self.mode != "background" or self._started:
+            return
+        self._started = True
         import_compiler()
         missing = []
         for index, path in enumerate(self.paths):
-            if path.exists():
-                self._report(index)
-            else:
+            if not path.exists():
                 missing.append(index)
-        if not missing:
-            return
+                continue
+            try:
+                self._load(index)
+            except Exception as exc:  # a step that will not load leaves that signature eager
+                self.status.error = f"{type(exc).__name__}: {exc}"
+                log.exception("loading compiled decode step %d failed; it stays eager", index)
+        if missing:
+            threading.Thread(target=self._background, args=(missing,), name="matta-compile", daemon=True).start()
+
+    def _background(self, missing: list[int]) -> None:
         cmd = [*WORKER_COMMAND, "--checkpoint", str(self._checkpoint), "--max-batch", str(self._max_batch),
                "--threads", str(torch.get_num_threads()), "--cache-dir", str(self.cache_dir),
                "--device", str(self.device), "--only", ",".join(map(str, missing))]
@@ -327,29 +334,38 @@ class DecodeSteps:
         if self.on_report is not None:
             self.on_report()
 
-    def pending(self) -> bool:
-        """Whether something reported is waiting for :meth:`poll`."""
-        return not self._reported.empty()
+    def pending(self) -> int:
+        """How many reports (finished steps, worker errors) wait for :meth:`poll`."""
+        return self._reported.qsize()
 
-    def poll(self, limit: int | None = None) -> None:
+    @property
+    def ready_signatures(self) -> Collection[tuple]:
+        """The step signatures that run compiled now."""
+        return self._steps.keys()
+
+    def poll(self, limit: int | None = None) -> int:
         """Load the steps that are ready (call at an iteration boundary, on the engine's thread), at
-        most ``limit`` of them (a busy engine takes one per iteration: each holds it ~0.1-0.5 s)."""
+        most ``limit`` of them (each holds the engine ~0.1-0.5 s: the scheduler decides how many);
+        returns how many it loaded."""
+        loaded = 0
         while limit is None or limit > 0:
             if limit is not None:
                 limit -= 1
             try:
                 item = self._reported.get_nowait()
             except queue.Empty:
-                return
+                return loaded
             if isinstance(item, str):
                 self.status.error = item
                 log.warning("%s; steps without a compiled version stay eager", item)
                 continue
             try:
                 self._load(item)
+                loaded += 1
             except Exception as exc:  # a step that will not load leaves that signature eager
                 self.status.error = f"{type(exc).__name__}: {exc}"
                 log.exception("loading compiled decode step %d failed; it stays eager", item)
+        return loaded
 
     def _load(self, index: int) -> None:
         started = time.perf_counter()

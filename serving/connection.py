@@ -12,6 +12,11 @@ of a head still on its way are counted as they arrive and past the limit the ser
 and closes, before any key check. A head that arrives whole in one read (at most the transport's
 read size, 256 KiB) is measured by :class:`serving.http.RequestGuard`, which answers 431 too.
 Slow bodies are bounded separately, in the ASGI layer.
+
+The protocol also stamps each request with the moment its bytes were read
+(``request.state.received_at``, :data:`RECEIVED_AT`): under a burst, handlers start one after
+another on the event loop, so the time a handler starts can be tens of milliseconds after the
+request arrived, and a latency target counted from the handler would be missed by that much.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import time
 
 log = logging.getLogger(__name__)
+
+RECEIVED_AT = "received_at"  # request.state key: time.monotonic() when the request's bytes were read
 
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                      b"content-length: %d\r\n\r\n%s")
@@ -61,6 +69,8 @@ def head_deadline_protocol(seconds: float, max_bytes: int | None = None) -> type
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
                 return
+            # The parser builds a request's scope, with a copy of this state, inside this call.
+            self.app_state[RECEIVED_AT] = time.monotonic()
             super().data_received(data)
             # Between requests (none yet, or the last one answered) the head is still on its way.
             if self.cycle is None or self.cycle.response_complete:

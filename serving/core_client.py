@@ -1,8 +1,10 @@
 """The API process's handle on the engine-core process (:mod:`serving.core`).
 
-:class:`EngineCoreClient` has the engine's interface (``submit`` -> an async stream of
-:class:`~serving.engine.SequenceEvent`, ``cancel``, ``stats``, ``start``/``stop``), so the
-engine backend serves through it exactly as through the in-process engine (``--engine inproc``).
+:class:`EngineCoreClient` has the in-process engine's interface (``submit`` -> an async stream
+of :class:`~serving.core_protocol.SequenceOutput`, ``stats`` -> the core's
+:class:`~serving.core_protocol.Load`, ``start``/``stop``), so the engine backend serves through
+it exactly as through :class:`serving.engine.Engine` (``--engine inproc``). It decides nothing:
+the core's scheduler admits, refuses and chooses widths, and its load view is the only one.
 It starts the core as a subprocess (``python -m serving.core``: no multiprocessing, so nothing is
 pickled on the way), talks to it over two ZMQ IPC sockets with msgspec MessagePack, and reads one
 :class:`~serving.core_protocol.StepOutput` per engine step on a reader thread that hands it to
@@ -31,15 +33,7 @@ import zmq
 from matta.config import ModelConfig
 from router.latency import LatencyModel
 from serving import core_protocol as msg
-from serving.engine import (
-    EngineStats,
-    EngineStoppedError,
-    QueueFullError,
-    RequestStream,
-    SamplingParams,
-    SequenceEvent,
-    TokenLogprob,
-)
+from serving.engine import EngineStoppedError, RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +48,11 @@ class CoreDiedError(RuntimeError):
     """The engine-core process exited while the server was running."""
 
 
-def _events(out: msg.SequenceOutput) -> SequenceEvent:
-    def lp(entries):
-        return None if entries is None else [TokenLogprob(t, v, tuple(tuple(x) for x in top)) for t, v, top in entries]
-
-    return SequenceEvent(out.token_ids, out.text, out.time, lp(out.logprobs), lp(out.prompt_logprobs),
-                         out.finish_reason, out.prompt_tokens, out.completion_tokens, out.queue_s, out.width)
-
-
 class EngineCoreClient:
     """Starts, feeds, reads and stops one engine-core process."""
 
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
-                 threads: int, profile: Path | None = None, measure_profile: bool = False, mixed: bool = True,
+                 threads: int, profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning") -> None:
         self.config, self.max_batch, self.max_queue = config, max_batch, max_queue
         self._dir = tempfile.TemporaryDirectory(prefix="matta-core-")
@@ -79,8 +65,6 @@ class EngineCoreClient:
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--input", input_addr,
                "--output", output_addr, "--device", device, "--threads", str(threads), "--max-batch", str(max_batch),
                "--max-queue", str(max_queue), "--log-level", log_level]
-        if not mixed:
-            cmd.append("--per-width-forward")
         cmd += ["--compile", compile]
         if compile_cache is not None:
             cmd += ["--compile-cache", str(compile_cache)]
@@ -92,8 +76,8 @@ class EngineCoreClient:
         self.latency: LatencyModel | None = None
         self._ready(REQUIRE_COMPILE_TIMEOUT_S if compile == "require" else READY_TIMEOUT_S)
         self._ids = itertools.count()
-        self._streams: dict[int, tuple[RequestStream, str, int]] = {}  # request id -> (stream, width, sequences)
-        self._load: msg.Load | None = None
+        self._streams: dict[int, tuple[RequestStream, int]] = {}  # request id -> (stream, sequences)
+        self._load = msg.Load(max_batch=max_batch, max_queue=max_queue)
         self._stopping = False
         self._dead = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,25 +144,22 @@ class EngineCoreClient:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def submit(self, prompts: Sequence[Sequence[int]], width: str, params: SamplingParams) -> RequestStream:
+    def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
+               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None) -> RequestStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
-        for name in (width, *params.widths):
-            if name not in self.config.served_widths:
-                raise ValueError(f"unknown width {name!r}; known: {self.config.served_widths}")
+        widths = (widths,) if isinstance(widths, str) else tuple(widths)
+        unknown = [w for w in widths if w not in self.config.served_widths]
+        if not widths or unknown:
+            raise ValueError(f"unknown width(s) {unknown or list(widths)!r}; known: {self.config.served_widths}")
         if self._dead:
             raise EngineStoppedError("the engine core has died; the server cannot serve")
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
-        stats = self.stats()
-        if stats.waiting + len(prompts) > self.max_queue:
-            raise QueueFullError(f"the queue is full ({stats.waiting} waiting, limit {self.max_queue}); retry later")
         request_id = next(self._ids)
         stream = RequestStream(len(prompts), lambda: self.cancel(request_id), lambda: self._finished(request_id))
-        self._streams[request_id] = (stream, width, len(prompts))
-        sampling = msg.Sampling(params.max_tokens, params.temperature, params.top_p, params.seed, tuple(params.stop),
-                                params.logprobs, params.prompt_logprobs, params.deadline, tuple(params.widths),
-                                params.slo_deadline)
-        self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], width, sampling)))
+        self._streams[request_id] = (stream, len(prompts))
+        self._input.send(msg.encoder.encode(msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
+                                                    arrival if arrival is not None else time.monotonic())))
         return stream
 
     def cancel(self, request_id: int) -> None:
@@ -189,24 +170,9 @@ class EngineCoreClient:
     def _finished(self, request_id: int) -> None:
         self._streams.pop(request_id, None)
 
-    def stats(self) -> EngineStats:
-        """The core's last load snapshot, with requests sent since then counted as waiting: a burst
-        must see its own earlier arrivals, not a snapshot one step old."""
-        load = self._load
-        widths = self.config.served_widths
-        outstanding = dict.fromkeys(widths, 0)
-        for _, width, n in list(self._streams.values()):
-            outstanding[width] += n
-        if load is None:
-            return EngineStats(0, sum(outstanding.values()), dict.fromkeys(widths, 0), outstanding, self.max_batch,
-                               self.max_queue, 0, 0, 0)
-        waiting = {w: max(load.waiting_by_width.get(w, 0), outstanding[w] - load.running_by_width.get(w, 0))
-                   for w in widths}
-        return EngineStats(load.running, sum(waiting.values()), dict(load.running_by_width), waiting,
-                           load.max_batch, load.max_queue, load.steps, load.finished, load.cancelled,
-                           {w: tuple(g) for w, g in load.groups.items()}, tuple(load.remaining_tokens),
-                           load.recent_iteration_s, load.compiled_steps, load.eager_steps, load.compile_ready,
-                           load.compile_signatures, dict(load.busy_s))
+    def stats(self) -> msg.Load:
+        """The load view the core published after its last iteration (the only one there is)."""
+        return self._load
 
     # --- the reader thread -----------------------------------------------------------------------
 
@@ -236,16 +202,15 @@ class EngineCoreClient:
 
     def _apply(self, step: msg.StepOutput) -> None:
         self._load = step.load
-        if self.latency is not None and step.load.corrections:
-            self.latency.set_corrections(step.load.corrections)
         for out in step.outputs:
             entry = self._streams.get(out.request_id)
             if entry is not None:
-                entry[0].queue.put_nowait((out.index, _events(out)))
+                entry[0].queue.put_nowait((out.index, out))
 
     def _died(self) -> None:
         self._dead = True
-        for request_id, (stream, _, n) in list(self._streams.items()):
+        for request_id, (stream, n) in list(self._streams.items()):
             for index in range(n):
-                stream.queue.put_nowait((index, SequenceEvent([], "", time.monotonic(), finish_reason="abort")))
+                stream.queue.put_nowait((index, msg.SequenceOutput(request_id, index, [], "", time.monotonic(),
+                                                                   finish_reason="abort")))
             self._streams.pop(request_id, None)

@@ -1,7 +1,9 @@
 """``matta serve``'s backend: the checkpoint's engine behind the one front end (:mod:`serving.frontend`).
 
-Tokenizing, detokenized text, echo and logprob tokens as text happen here, on the API side;
-the engine (:mod:`serving.engine`) sees token ids only.
+Tokenizing, echo and logprob tokens as text happen here, on the API side; the engine
+(:mod:`serving.engine`) takes token ids and sends back text (its output processor detokenizes
+where the stop decision is made). The engine's scheduler chooses the width, admits and refuses:
+this backend only passes on the request's allowed widths and targets.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from matta.tokenizer import Tokenizer
-from router.cost import EngineCostModel
 from router.policy import LoadSnapshot
+from serving import core_protocol as msg
 from serving.backend import Delta, LogprobEntry, PreparedPrompts
-from serving.engine import EngineStoppedError, QueueFullError, RequestStream, SamplingParams, TokenLogprob
+from serving.engine import EngineStoppedError, RequestStream
 from serving.http import APIError
 from serving.protocol import CompletionRequest
 
@@ -27,7 +28,7 @@ class _Prompt:
 
 
 class EngineStream:
-    """A request's engine events as :class:`~serving.backend.Delta`: text, echo and logprobs rendered."""
+    """A request's engine outputs as :class:`~serving.backend.Delta`: text, echo and logprobs rendered."""
 
     usage: tuple[int, int] | None = None
 
@@ -39,22 +40,22 @@ class EngineStream:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        async for index, event in self._events:
-            text = event.text
-            if self._echo_pending[index]:
+        async for index, out in self._events:
+            text = out.text
+            if self._echo_pending[index] and out.finish_reason not in msg.REFUSALS:
                 self._echo_pending[index] = False
                 prompt = self._prompts[index]
                 text = (prompt.text if prompt.text is not None else self._tokenizer.decode(prompt.ids)) + text
-            logprobs = [*map(self._entry, event.prompt_logprobs or ()), *map(self._entry, event.logprobs or ())]
-            yield index, Delta(text, event.time, tokens=len(event.token_ids), logprobs=logprobs,
-                               finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
-                               queue_s=event.queue_s if event.finish_reason is not None else None,
-                               width=event.width)
+            logprobs = [*map(self._entry, out.prompt_logprobs or ()), *map(self._entry, out.logprobs or ())]
+            yield index, Delta(text, out.time, tokens=len(out.token_ids), logprobs=logprobs,
+                               finish_reason=out.finish_reason, completion_tokens=out.completion_tokens,
+                               queue_s=out.queue_s if out.finish_reason is not None else None,
+                               width=out.width, predicted_s=out.predicted_s)
 
-    def _entry(self, lp: TokenLogprob) -> LogprobEntry:
+    def _entry(self, lp: msg.Logprob) -> LogprobEntry:
         token = self._tokenizer.token_bytes
-        return LogprobEntry(token(lp.token_id), lp.logprob,
-                            None if lp.logprob is None else {token(t): v for t, v in lp.top})
+        token_id, logprob, top = lp
+        return LogprobEntry(token(token_id), logprob, None if logprob is None else {token(t): v for t, v in top})
 
     def cancel(self) -> None:
         self._events.cancel()
@@ -65,15 +66,16 @@ class EngineBackend:
     in-process :class:`~serving.engine.Engine` or the :class:`~serving.core_client.EngineCoreClient`
     of an engine-core process; both have the same interface."""
 
-    def __init__(self, engine, tokenizer: Tokenizer, cost: EngineCostModel | None = None,
-                 retry_after_s: int = 1) -> None:
+    cost = None  # the engine's scheduler prices every request itself: the front end predicts nothing
+    dispatches_width = True
+
+    def __init__(self, engine, tokenizer: Tokenizer, retry_after_s: int = 1) -> None:
         config = engine.config
-        self.engine, self.tokenizer, self.cost, self.retry_after_s = engine, tokenizer, cost, retry_after_s
+        self.engine, self.tokenizer, self.retry_after_s = engine, tokenizer, retry_after_s
         self.name = config.name
         self.widths = config.served_widths  # uniform widths and Mix'n'Match profiles, cheapest first
         self.max_model_len = config.n_ctx
         self.vocab_size = config.vocab_size
-        self.dispatches_width = cost is not None  # it needs the cost model to choose
 
     @property
     def accepting(self) -> bool:
@@ -117,21 +119,17 @@ class EngineBackend:
         s = self.engine.stats()
         return LoadSnapshot(waiting=s.waiting, running=s.running, running_by_width=s.running_by_width,
                             waiting_by_width=s.waiting_by_width, max_batch=s.max_batch, max_queue=s.max_queue,
-                            groups=s.groups, remaining_tokens=s.remaining_tokens)
+                            groups=s.groups, remaining_tokens=tuple(s.remaining_tokens))
 
-    async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-                     deadline: float | None, candidates: tuple[str, ...] = (),
-                     slo_deadline: float | None = None) -> EngineStream:
-        params = SamplingParams(
+    async def submit(self, prompts: PreparedPrompts, widths: tuple[str, ...], body: CompletionRequest,
+                     slo: msg.Slo) -> EngineStream:
+        params = msg.Sampling(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=body.stop_strings, logprobs=body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None,
-            deadline=deadline, widths=candidates, slo_deadline=slo_deadline,
-        )
+            stop=tuple(body.stop_strings), logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None)
         retry = {"retry-after": str(self.retry_after_s)}
         try:
-            events = self.engine.submit([p.ids for p in prompts.payload], width, params)
-        except QueueFullError as exc:
-            raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full", headers=retry) from exc
+            events = self.engine.submit([p.ids for p in prompts.payload], widths, params, slo)
         except EngineStoppedError as exc:
             raise APIError(503, str(exc), type_="service_unavailable", code="shutting_down", headers=retry) from exc
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
@@ -143,7 +141,5 @@ class EngineBackend:
         return True, {"running": stats.running, "waiting": stats.waiting,
                       "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}
 
-    def engine_counters(self) -> dict[str, Any]:
-        s = self.engine.stats()
-        return {"compiled_steps": s.compiled_steps, "eager_steps": s.eager_steps, "ready": s.compile_ready,
-                "signatures": s.compile_signatures, "busy_s": dict(s.busy_s)}
+    def engine_counters(self) -> msg.Load:
+        return self.engine.stats()

@@ -34,11 +34,15 @@ from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthPolicy,
 from serving.ab_guardrails import install_guardrail_monitor
 from serving.ab_routes import describe, install_experiment_routes
 from serving.backend import Backend, BackendError, CompletionStream, Delta, LogprobEntry
+from serving.connection import RECEIVED_AT
+from serving.core_protocol import REFUSALS, Slo
 from serving.http import (
     ARM_HEADER,
     COMPLETION_RESPONSES,
     PREDICTED_HEADER,
     REQUEST_ID_HEADER,
+    TPOT_SLO_HEADER,
+    TTFT_SLO_HEADER,
     WIDTH_HEADER,
     APIError,
     document_api,
@@ -65,12 +69,6 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 
-# The fraction of a request's SLO by which the engine must be able to finish it (see
-# Frontend.create_completion). In tests/test_overload.py (10x burst) the admitted p99 came out
-# over the SLO in 2 of 3 runs with 1.0, and within 2-10% of it (over in 2 of 9 runs) with 0.8:
-# 0.7 leaves the HTTP side room.
-QUEUE_DEADLINE_FRACTION = 0.7
-
 # A response that may hold more token entries than this is rendered to JSON on a worker thread, so
 # the event loop (other requests, /health) keeps running: 200 echoed prompts with logprobs built a
 # 27 MB body on the loop and stalled /health for 1.5 s.
@@ -79,12 +77,43 @@ LOOP_YIELD_ENTRIES = 64  # a delta with more logprob entries than this lets the 
 
 
 @dataclass(frozen=True)
+class SloTargets:
+    """A request's latency targets in ms (None: not set): end to end, first token, per output token."""
+
+    e2e_ms: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.e2e_ms is not None or self.ttft_ms is not None or self.tpot_ms is not None
+
+    def slo(self, arrival: float, shed: bool) -> Slo:
+        """The targets as the scheduler takes them: instants on the monotonic clock."""
+        return Slo(e2e_deadline=None if self.e2e_ms is None else arrival + self.e2e_ms / 1000,
+                   ttft_deadline=None if self.ttft_ms is None else arrival + self.ttft_ms / 1000,
+                   tpot_s=None if self.tpot_ms is None else self.tpot_ms / 1000, shed=shed)
+
+    def met(self, e2e_s: float, ttft_s: float | None, tpot_s: float | None) -> bool:
+        """Good only if every target set is met (vLLM's and DistServe's goodput)."""
+        return ((self.e2e_ms is None or e2e_s <= self.e2e_ms / 1000)
+                and (self.ttft_ms is None or (ttft_s is not None and ttft_s <= self.ttft_ms / 1000))
+                and (self.tpot_ms is None or tpot_s is None or tpot_s <= self.tpot_ms / 1000))
+
+    def describe(self) -> str:
+        parts = [f"{name} {value:g} ms" for name, value in
+                 (("end to end", self.e2e_ms), ("first token", self.ttft_ms), ("per token", self.tpot_ms))
+                 if value is not None]
+        return ", ".join(parts) or "none"
+
+
+@dataclass(frozen=True)
 class _Route:
     """How a request was routed, for the SLO metrics, the cost model and the A/B log when it ends."""
 
     width: str
     reason: str
-    slo_s: float | None
+    targets: SloTargets
     predicted_s: float | None
     info: RequestInfo
     load: LoadSnapshot
@@ -94,6 +123,10 @@ class _Route:
     experiment: str | None = None
     unit: str | None = None
     assignment: str | None = None
+
+    @property
+    def slo_s(self) -> float | None:
+        return None if self.targets.e2e_ms is None else self.targets.e2e_ms / 1000
 
 
 @dataclass
@@ -143,12 +176,14 @@ class Frontend:
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """Serve one completion request (streaming or not); raises :class:`APIError` for the client's errors."""
-        started = time.monotonic()
+        # Targets count from when the request's bytes were read, not from when this handler got the
+        # event loop (under a burst of 48, the last handler started ~60 ms after its request arrived).
+        started = min(time.monotonic(), getattr(raw_request.state, RECEIVED_AT, None) or float("inf"))
         request_id = completion_id()
-        width, route = None, None
+        width, route, stream = None, None, None
         try:
             pinned = self._pinned_width(body)
-            slo_ms = slo_ms_from(body.latency_slo_ms, raw_request, self.settings.slo_ms)
+            targets = self._targets(body, raw_request)
             prompts = self.backend.prepare(body.prompt)
             entries = self._response_entries(body, prompts)
             if not body.stream and entries > self.settings.max_response_entries:
@@ -157,7 +192,7 @@ class Frontend:
                                     f"limit of {self.settings.max_response_entries} (--max-response-entries); ask for "
                                     "fewer prompts, tokens or logprobs, or stream it", param="max_tokens",
                                code="response_too_large")
-            info = RequestInfo(pinned_width=pinned, latency_slo_ms=slo_ms,
+            info = RequestInfo(pinned_width=pinned, latency_slo_ms=targets.e2e_ms,
                                max_tokens=self._generable_tokens(body.max_tokens, prompts.longest_prompt),
                                prompt_tokens=prompts.prompt_tokens, user=body.user, n_prompts=prompts.n_prompts)
             load = self.backend.load()
@@ -173,33 +208,39 @@ class Frontend:
             width = decision.width
             predicted = decision.predicted_s if decision.predicted_s is None or math.isfinite(decision.predicted_s) \
                 else None
-            route = _Route(width, decision.reason, slo_ms / 1000 if slo_ms is not None else None, predicted, info, load,
-                           policy=policy.name, request_id=request_id, **ab)
-            if not (decision.candidates and prompts.n_prompts == 1 and route.slo_s is not None):
-                # (a width left to dispatch is counted once the backend has chosen it, below)
-                self.metrics.decisions.labels(policy.name, width, decision.reason).inc()
+            route = _Route(width, decision.reason, targets, predicted, info, load, policy=policy.name,
+                           request_id=request_id, **ab)
             if decision.shed:
                 self.metrics.shed.labels(policy.name).inc()
                 self.metrics.observe_slo(policy.name, "shed")
                 wait = self._retry_after((decision.predicted_s or 0) - route.slo_s)
                 shown = "an unbounded time" if predicted is None else f"{1000 * predicted:.0f} ms"
-                raise APIError(429, f"no width can meet the latency SLO of {slo_ms:g} ms now (predicted {shown} at "
-                                    f"width {width!r}); retry later", type_="rate_limit_error",
+                raise APIError(429, f"no width can meet the latency SLO of {targets.e2e_ms:g} ms now (predicted {shown} "
+                                    f"at width {width!r}); retry later", type_="rate_limit_error",
                                code="slo_unattainable", headers={"retry-after": str(wait)})
-            # A shedding policy also sheds from the queue: a request that waited past the point
-            # where it could still finish within its SLO is refused then, not served late. The
-            # engine aims inside the SLO: the rest is for time it cannot see (parsing, the event
-            # loop, sending the response), which grows under a burst of arrivals.
-            # Pinned requests are the client's choice, served whatever their SLO, as by the router.
-            deadline = (started + QUEUE_DEADLINE_FRACTION * route.slo_s
-                        if route.slo_s is not None and pinned is None and getattr(policy, "shed", False) else None)
-            # The width may be left to dispatch: the backend picks among the policy's candidates when
-            # the request gets its batch slot (one prompt: all prompts of a request share a width).
-            candidates = decision.candidates if prompts.n_prompts == 1 and route.slo_s is not None else ()
-            slo_deadline = started + route.slo_s if candidates else None
-            stream = await self._submit(prompts, width, body, deadline, started, candidates, slo_deadline)
+            # Pinned requests are the client's choice, served whatever their SLO; otherwise a shedding
+            # policy asks the scheduler to refuse what it cannot serve in time rather than serve it late.
+            shed = pinned is None and getattr(policy, "shed", False) and targets.any
+            widths = decision.candidates or (width,)
+            stream = await self._submit(prompts, widths, body, targets.slo(started, shed), started)
+            events = aiter(stream)
+            if self.backend.dispatches_width:
+                # The backend chooses the width (or refuses) when the request gets its batch slot: wait
+                # for its first delta (or the end of the request's deadline) so the response head can
+                # name it, or the refusal can be a plain 429.
+                first = await self._first_delta(events, started)
+                if isinstance(first, tuple):
+                    delta = first[1]
+                    if delta.finish_reason in REFUSALS and not delta.tokens:
+                        stream.cancel()
+                        route = replace(route, width=widths[0])  # refused even at its narrowest width
+                        raise self._refusal(route, delta.finish_reason)
+                    if delta.width is not None:
+                        route = replace(route, width=delta.width, predicted_s=delta.predicted_s)
+                events = _chain(first, events)
         except APIError as exc:
             exc.headers[REQUEST_ID_HEADER] = request_id
+            width = route.width if route is not None else width
             if width is not None:
                 exc.headers[WIDTH_HEADER] = width
             self.metrics.requests.labels(width or "none", str(exc.status)).inc()
@@ -207,16 +248,8 @@ class Frontend:
                 exc.headers[ARM_HEADER] = route.arm
                 await self._log_exposure(route, exc.status, time.monotonic() - started, 0)
             raise
+        self.metrics.decisions.labels(policy.name, route.width, route.reason).inc()
         choices = [_Choice() for _ in range(prompts.n_prompts)]
-        events = aiter(stream)
-        if candidates:
-            # The width is known once the engine dispatched the request: wait for its first delta
-            # (or the end of the request's deadline) so the response head can name it.
-            first = await self._first_delta(events, started)
-            if first is not None and not isinstance(first, BaseException) and first[1].width is not None:
-                route = replace(route, width=first[1].width)
-            self.metrics.decisions.labels(policy.name, route.width, route.reason).inc()
-            events = _chain(first, events)
         width = route.width
         headers = {WIDTH_HEADER: width, REQUEST_ID_HEADER: request_id}
         if route.arm is not None:
@@ -232,6 +265,25 @@ class Frontend:
                                      background=BackgroundTask(stream.cancel))
         return await self._complete(body, stream, events, choices, route, started, raw_request, headers, entries)
 
+    def _targets(self, body: CompletionRequest, raw_request: Request) -> SloTargets:
+        """The request's latency targets: body fields, else headers, else the server's defaults."""
+        s = self.settings
+        return SloTargets(slo_ms_from(body.latency_slo_ms, raw_request, s.slo_ms),
+                          slo_ms_from(body.ttft_slo_ms, raw_request, s.ttft_slo_ms, TTFT_SLO_HEADER),
+                          slo_ms_from(body.tpot_slo_ms, raw_request, s.tpot_slo_ms, TPOT_SLO_HEADER))
+
+    def _refusal(self, route: _Route, reason: str) -> APIError:
+        """The 429 of a request the backend refused before its first token."""
+        retry = {"retry-after": str(self.settings.retry_after_s)}
+        if reason == "queue_full":
+            return APIError(429, "the queue is full; retry later", type_="rate_limit_error", code="queue_full",
+                            headers=retry)
+        self.metrics.shed.labels(route.policy).inc()
+        self.metrics.observe_slo(route.policy, "shed")
+        return APIError(429, f"the scheduler predicts that no allowed width can meet this request's latency "
+                             f"targets ({route.targets.describe()}) now; retry later", type_="rate_limit_error",
+                        code="slo_unattainable", headers=retry)
+
     async def _first_delta(self, events: AsyncIterator, started: float) -> tuple[int, Delta] | BaseException | None:
         """The first delta, or what ended the request before one came (None: the deadline passed)."""
         timeout_s = self.settings.request_timeout_s
@@ -243,18 +295,17 @@ class Frontend:
         except (StopAsyncIteration, BackendError) as exc:
             return exc
 
-    async def _submit(self, prompts, width: str, body: CompletionRequest, deadline: float | None,
-                      started: float, candidates: tuple[str, ...] = (),
-                      slo_deadline: float | None = None) -> CompletionStream:
+    async def _submit(self, prompts, widths: tuple[str, ...], body: CompletionRequest, slo: Slo,
+                      started: float) -> CompletionStream:
         """``backend.submit`` within the request's deadline (a proxy waits there for its upstream's head)."""
         timeout_s = self.settings.request_timeout_s
         if timeout_s is None:
-            return await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
+            return await self.backend.submit(prompts, widths, body, slo)
         try:
             # asyncio.timeout, not wait_for: no task of its own, so an engine's submit still runs
             # before the next request's policy decision reads the load.
             async with asyncio.timeout(max(0.0, started + timeout_s - time.monotonic())):
-                return await self.backend.submit(prompts, width, body, deadline, candidates, slo_deadline)
+                return await self.backend.submit(prompts, widths, body, slo)
         except TimeoutError:
             raise APIError(504, f"the backend did not start answering within this server's deadline of "
                                 f"{timeout_s:g} s", type_="timeout_error", code="deadline_exceeded") from None
@@ -498,11 +549,12 @@ class Frontend:
         m, width = self.metrics, route.width
         elapsed = time.monotonic() - started
         policy = route.policy or self.policy.name
-        if status == 429 and route.slo_s is not None:  # shed from the queue (the engine's "shed")
+        if status == 429 and route.targets.any:  # shed after its first tokens (a proxy's upstream, a prompt)
             m.shed.labels(policy).inc()
             m.observe_slo(policy, "shed")
-        elif route.slo_s is not None:
-            outcome = "failed" if status != 200 else ("met" if elapsed <= route.slo_s else "missed")
+        elif route.targets.any:
+            good = status == 200 and route.targets.met(elapsed, *_ttft_tpot(choices, started))
+            outcome = "failed" if status != 200 else ("met" if good else "missed")
             m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
         generated = usage.completion_tokens if usage is not None else sum(c.tokens for c in choices)
         if status == 200:
@@ -522,6 +574,16 @@ class Frontend:
             m.e2e_latency.labels(width).observe(elapsed)
 
 
+def _ttft_tpot(choices: list[_Choice], started: float) -> tuple[float | None, float | None]:
+    """The request's time to first token and time per output token (vLLM's definitions, the worst
+    prompt's): TPOT = (last token - first token) / (tokens - 1)."""
+    firsts = [c.first_token_at for c in choices if c.first_token_at is not None]
+    ttft = max(firsts) - started if len(firsts) == len(choices) and firsts else None
+    tpots = [(c.last_token_at - c.first_token_at) / (c.tokens - 1) for c in choices
+             if c.first_token_at is not None and c.tokens > 1]
+    return ttft, max(tpots) if tpots else None
+
+
 async def _chain(first: tuple[int, Delta] | BaseException | None, rest: AsyncIterator) -> AsyncIterator:
     """The request's deltas again, ``first`` (already read) before the rest: what ended the request
     early is raised where it would have been (None, the deadline: waiting on an idle stream)."""
@@ -537,8 +599,8 @@ async def _chain(first: tuple[int, Delta] | BaseException | None, rest: AsyncIte
 
 
 def _late_shed_message(route: _Route) -> str:
-    return (f"waited for a batch slot until the latency SLO of {1000 * route.slo_s:.0f} ms could no longer be met "
-            f"at width {route.width!r}; retry later")
+    return (f"waited for a batch slot until its latency targets ({route.targets.describe()}) could no longer be "
+            f"met; retry later")
 
 
 def _sse_error(message: str, type_: str, code: str) -> str:
@@ -566,7 +628,9 @@ def build_frontend_app(backend: Backend, settings: FrontendSettings, *, title: s
     context = PolicyContext(predictor=backend.cost, default_slo_ms=settings.slo_ms, min_width=settings.min_width,
                             shed=settings.shed, dispatch=backend.dispatches_width)
     policy = make_policy(settings.policy, widths, context)
-    metrics = ServingMetrics(backend.load, corrections=backend.cost.corrections if backend.cost else None,
+    corrections = backend.cost.corrections if backend.cost is not None else (
+        lambda: getattr(backend.engine_counters(), "corrections", {}))
+    metrics = ServingMetrics(backend.load, corrections=corrections,
                              engine_counters=backend.engine_counters)
     live, ab_log = None, None
     if settings.experiment is not None:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 WIDTH_HEADER = "x-matta-width"
 SLO_HEADER = "x-matta-slo-ms"  # request header: latency target when the body gives none
+TTFT_SLO_HEADER = "x-matta-ttft-slo-ms"  # request header: time-to-first-token target
+TPOT_SLO_HEADER = "x-matta-tpot-slo-ms"  # request header: time-per-output-token target
 PREDICTED_HEADER = "x-matta-predicted-ms"  # response header: the router's latency prediction
 ARM_HEADER = "x-matta-arm"  # response header: the A/B arm that served the request
 REQUEST_ID_HEADER = "x-request-id"  # response header: the id /v1/feedback refers to (also the body's id)
@@ -141,11 +143,12 @@ def _openapi_error(entry: dict) -> dict:
     return out
 
 
-def slo_ms_from(body_value: float | None, request: Request, default: float | None) -> float | None:
-    """A request's latency target: the body's ``latency_slo_ms``, else the header, else ``default``."""
+def slo_ms_from(body_value: float | None, request: Request, default: float | None,
+                header_name: str = SLO_HEADER) -> float | None:
+    """One of a request's latency targets: the body's field, else the header, else ``default``."""
     if body_value is not None:
         return body_value
-    header = request.headers.get(SLO_HEADER)
+    header = request.headers.get(header_name)
     if header is None:
         return default
     try:
@@ -153,8 +156,8 @@ def slo_ms_from(body_value: float | None, request: Request, default: float | Non
     except ValueError:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
-        raise APIError(400, f"header {SLO_HEADER} must be a positive number of milliseconds, got {header!r}",
-                       param=SLO_HEADER)
+        raise APIError(400, f"header {header_name} must be a positive number of milliseconds, got {header!r}",
+                       param=header_name)
     return value
 
 
@@ -217,7 +220,7 @@ ADMIN_PREFIX = "/admin/"  # routes behind the admin key, which passes the API-ke
 # Headers that one check reads as a single value: sent twice, two checks could each read a different
 # one (the API-key guard the first Authorization, the admin check the last), so a repeat is a 400.
 SINGLE_VALUED_HEADERS = frozenset({"authorization", "content-length", "content-type", "host", "transfer-encoding",
-                                   SLO_HEADER})
+                                   SLO_HEADER, TTFT_SLO_HEADER, TPOT_SLO_HEADER})
 
 
 def is_admin_path(path: str) -> bool:

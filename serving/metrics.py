@@ -1,7 +1,8 @@
 """Prometheus metrics of one server, in its own registry (no global state: tests run many apps).
 
-Torch-free: the load gauges read any object with the fields of ``serving.engine.EngineStats``
-(``router.policy.LoadSnapshot`` has them too), so the ``matta route`` proxy shares this module.
+Torch-free: the load gauges read any object with the load fields of
+``serving.core_protocol.Load`` (``router.policy.LoadSnapshot`` has them too), so the ``matta
+route`` proxy shares this module.
 
 Names are prefixed ``matta_`` and carry their unit. Running/waiting gauges are read from the
 engine at scrape time, so they are never stale.
@@ -43,29 +44,41 @@ class _EngineCollector(Collector):
 
 
 class _EngineCountersCollector(Collector):
-    """The engine's decode forwards by path (compiled or eager), its compiled steps loaded, and where
-    its scheduler's time goes (``Backend.engine_counters``)."""
+    """The engine's own counters from its load view (``Backend.engine_counters``): decode forwards by
+    path (compiled or eager), compiled steps loaded, where its iterations' time goes, and how far
+    iterations ran past the scheduler's prediction."""
 
-    def __init__(self, counters: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, counters: Callable[[], Any]) -> None:
         self._counters = counters
 
     def collect(self) -> Iterable[Metric]:
-        status = self._counters()
-        if status is None:
+        load = self._counters()
+        if load is None:
             return
         steps = CounterMetricFamily("matta_decode_steps", "decode forwards by how they ran", labels=["path"])
-        steps.add_metric(["compiled"], status["compiled_steps"])
-        steps.add_metric(["eager"], status["eager_steps"])
+        steps.add_metric(["compiled"], load.compiled_steps)
+        steps.add_metric(["eager"], load.eager_steps)
         yield steps
         yield GaugeMetricFamily("matta_compiled_signatures_ready", "decode step signatures with a compiled graph "
-                                "loaded", value=status["ready"])
+                                "loaded", value=load.compile_ready)
         yield GaugeMetricFamily("matta_compiled_signatures", "decode step signatures the engine can meet "
-                                "(0: compilation off)", value=status["signatures"])
-        busy = CounterMetricFamily("matta_engine_busy_seconds", "seconds the engine's scheduler spent per phase "
+                                "(0: compilation off)", value=load.compile_signatures)
+        busy = CounterMetricFamily("matta_engine_busy_seconds", "seconds the engine's iterations spent per phase "
                                    "(prefill, decode, swap_in of compiled steps)", labels=["phase"])
-        for phase, seconds in status.get("busy_s", {}).items():
+        for phase, seconds in load.busy_s.items():
             busy.add_metric([phase], seconds)
         yield busy
+        yield CounterMetricFamily("matta_engine_iterations", "engine iterations the scheduler predicted",
+                                  value=load.iterations)
+        yield CounterMetricFamily("matta_engine_iteration_overrun_seconds", "seconds iterations ran past the "
+                                  "scheduler's prediction, summed", value=load.overrun_s)
+        yield CounterMetricFamily("matta_engine_iteration_overruns", "iterations that took more than twice their "
+                                  "prediction", value=load.overruns_2x)
+        yield CounterMetricFamily("matta_engine_swap_ins_deferred", "iterations that kept a compiled step waiting "
+                                  "because its pause would have made a promised deadline late",
+                                  value=load.swap_ins_deferred)
+        yield CounterMetricFamily("matta_engine_shed_sequences", "sequences the scheduler refused for their SLO",
+                                  value=load.shed)
 
 
 class _SloCollector(Collector):
@@ -102,7 +115,7 @@ class ServingMetrics:
 
     def __init__(self, stats: Callable[[], Any], registry: CollectorRegistry | None = None,
                  corrections: Callable[[], dict[str, float]] | None = None,
-                 engine_counters: Callable[[], dict[str, Any] | None] | None = None) -> None:
+                 engine_counters: Callable[[], Any] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._corrections = corrections
         self._slo_lock = threading.Lock()

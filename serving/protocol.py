@@ -110,7 +110,11 @@ class CompletionRequest(BaseModel):
     suffix: str | None = Field(None, json_schema_extra={"enum": ["", None]})
     # matta extensions
     latency_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
-        None, description="latency target the router tries to meet")
+        None, description="end-to-end latency target (ms) the scheduler tries to meet")
+    ttft_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
+        None, description="time-to-first-token target (ms)")
+    tpot_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
+        None, description="time-per-output-token target (ms): mean time between tokens after the first")
     width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
 
     _unicode = field_validator("model", "prompt", "stop", "user", "suffix", "width")(_valid_unicode)

@@ -50,6 +50,7 @@ from serving import server
 from serving.backend import BackendError, Delta, LogprobEntry, PreparedPrompts
 from serving.chat import install_chat_route
 from serving.chat_template import checkpoint_chat_template, resolve_chat_template
+from serving.core_protocol import Slo
 from serving.frontend import build_frontend_app
 from serving.http import APIError
 from serving.protocol import CompletionRequest
@@ -57,7 +58,7 @@ from serving.settings import BackendSpec, RouteSettings, settings_from
 
 log = logging.getLogger(__name__)
 
-MATTA_FIELDS = ("width", "latency_slo_ms")  # extensions a vLLM backend does not know
+MATTA_FIELDS = ("width", "latency_slo_ms", "ttft_slo_ms", "tpot_slo_ms")  # extensions a vLLM backend does not know
 MAX_UPSTREAM_ERROR_CHARS = 1000  # an upstream error message is relayed up to this length
 
 
@@ -216,9 +217,9 @@ class HttpBackend:
         with self._lock:
             self._in_flight[width] -= 1
 
-    async def submit(self, prompts: PreparedPrompts, width: str, body: CompletionRequest,
-                     deadline: float | None, candidates: tuple[str, ...] = (),
-                     slo_deadline: float | None = None) -> HttpStream:
+    async def submit(self, prompts: PreparedPrompts, widths: tuple[str, ...], body: CompletionRequest,
+                     slo: Slo) -> HttpStream:
+        width = widths[0]  # a backend serves one width: the policy chose it on arrival
         limit = self.settings.max_in_flight
         retry = {"retry-after": str(self.settings.retry_after_s)}
         with self._lock:

@@ -40,7 +40,11 @@ class FrontendSettings(BaseModel):
 
     policy: str | None = Field(None, description="width policy for unpinned requests: fixed:<width> or "
                                                  "slo[:key=value,...] (default: fixed:<widest>)")
-    slo_ms: float | None = Field(None, gt=0, description="latency target (ms) of requests that give none (slo policy)")
+    slo_ms: float | None = Field(None, gt=0, description="end-to-end latency target (ms) of requests that give none")
+    ttft_slo_ms: float | None = Field(None, gt=0, description="time-to-first-token target (ms) of requests that "
+                                                              "give none")
+    tpot_slo_ms: float | None = Field(None, gt=0, description="time-per-output-token target (ms) of requests that "
+                                                              "give none")
     min_width: str | None = Field(None, description="slo policy: never serve unpinned requests below this width")
     shed: bool = Field(False, description="slo policy: answer 429 + Retry-After when no width can meet the SLO "
                                           "(default: best effort)")
@@ -95,9 +99,6 @@ class ServeSettings(FrontendSettings):
     engine: Literal["process", "inproc"] = Field(
         "process", description="where the engine runs: its own process (scheduler, model and sampler away from "
                                "the HTTP side's GIL) or a thread of the server process")
-    forward: Literal["mixed", "per_width"] = Field(
-        "mixed", description="decode every width in one forward per step, or one forward per width group "
-                             "(the engine before; kept for side-by-side benchmarks)")
     max_batch: int = Field(32, ge=1, description="sequences decoded together")
     max_queue: int = Field(256, ge=1, description="sequences waiting before 429")
     # The default reads MATTA_COMPILE even when the settings are built in code (not only through
@@ -113,10 +114,6 @@ class ServeSettings(FrontendSettings):
                                                         "the HTTP loop)")
     profile: Path | None = Field(None, description="latency profile from `matta profile` (default: measured at "
                                                    "start-up when a policy needs one)")
-    # Request-level calibration of the slo predictor (router.latency.RequestCalibration): off by
-    # default, because in benchmarks/slo_router.py it did worse (89% vs 96% of served requests in SLO).
-    calibration_quantile: float | None = Field(None, gt=0, lt=1, description="slo policy: scale predictions by the "
-                                               "Q-quantile of recent actual/predicted latency (e.g. 0.9; default off)")
 
 
 class BackendSpec(BaseModel):

@@ -308,7 +308,7 @@ def test_an_experiment_with_an_slo_arm_starts_like_the_slo_policy(checkpoint_512
     settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml", config),
                              ab_db=tmp_path / "ab.sqlite")
     app = build_app(settings)
-    assert app.state.backend.cost is not None  # the measured profile behind the slo arm
+    assert app.state.engine.latency is not None  # the measured profile the scheduler prices the slo arm with
     with ServerThread(app) as server:
         arms = {}
         for user in (f"user-{i}" for i in range(40)):

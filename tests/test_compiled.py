@@ -23,11 +23,12 @@ from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.model import NestedGPT, StaticKVCache
 from serving.app import build_app
 from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, rows_signature, step_inputs
-from serving.engine import Engine, SamplingParams
+from serving.core_protocol import Sampling
+from serving.engine import Engine
 from serving.settings import ServeSettings
 from tests.helpers import REPO, sharpen, tiny_config
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+GREEDY = Sampling(max_tokens=12, temperature=0.0)
 PROMPTS = ["Now is the winter", "To be, or not to be", "Friends, Romans", "O Romeo", "All the world", "Is this"]
 
 

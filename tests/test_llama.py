@@ -18,7 +18,8 @@ from matta.hf import LLAMA_FAMILY, export_width, import_hf, llama_as_nested
 from matta.llama import NestedLlama, build_model
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
-from serving.engine import Engine, SamplingParams
+from serving.core_protocol import Sampling
+from serving.engine import Engine
 from tests.helpers import CHAT_TEMPLATE, FAMILIES, make_hf_dir, tiny_hf_tokenizer
 from tests.helpers import HF_WIDTHS as WIDTHS
 
@@ -110,7 +111,7 @@ def test_engine_greedy_equals_hf_generate_on_the_export(imported, tmp_path):
         return tokens
 
     async def main():
-        streams = [engine.submit([tokenizer.encode(p)], w, SamplingParams(max_tokens=n, temperature=0.0))
+        streams = [engine.submit([tokenizer.encode(p)], w, Sampling(max_tokens=n, temperature=0.0))
                    for p, w in prompts]
         engine.start()  # queued before the first step: the widths decode in one mixed batch
         return await asyncio.gather(*(collect(s) for s in streams))

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from router.cost import EngineCostModel
-from router.latency import LatencyModel, RequestCalibration, WidthCost
+from router.latency import LatencyModel, WidthCost
 from router.policies import make_policy
 from router.policy import LoadSnapshot, PolicyContext, RequestInfo, WidthDecision, decide_width
 from router.slo import ArrivalRate, SloPolicy
@@ -202,18 +201,25 @@ def model() -> LatencyModel:
     return LatencyModel({"s": cost(1.0), "m": cost(1.5), "l": cost(2.5), "ta": cost(4.0)}, alpha=0.1)
 
 
-def test_online_correction_converges_to_the_observed_speed_and_is_bounded():
+def test_online_correction_converges_to_the_observed_speed_per_path_and_is_bounded():
     m = model()
-    predicted = m.decode_step_s("ta", 8, 100)
+    groups = {"ta": (8, 100)}
+    predicted = m.step_s(groups)
     for _ in range(200):
-        m.observe_decode("ta", 8, 100, 2 * predicted)  # this machine is twice as slow
-    assert m.decode_step_s("ta", 8, 100) == pytest.approx(2 * predicted, rel=0.01)
-    assert m.decode_step_s("s", 8, 100) == pytest.approx(model().decode_step_s("s", 8, 100))  # per width
+        m.observe_step(groups, "eager", 2 * predicted)  # this machine is twice as slow
+    assert m.step_s(groups) == pytest.approx(2 * predicted, rel=0.01)
+    # A path not measured yet borrows eager's factor; once measured it has its own.
+    assert m.step_s(groups, "compiled") == pytest.approx(m.step_s(groups))
+    for _ in range(200):
+        m.observe_step(groups, "compiled", predicted)
+    assert m.step_s(groups, "compiled") == pytest.approx(predicted, rel=0.01)
+    assert m.step_s(groups) == pytest.approx(2 * predicted, rel=0.01)
     for _ in range(200):
         m.observe_prefill("s", 64, 1e9)  # absurd observations are clipped, not followed
     assert m.corrections()["prefill:s"] == pytest.approx(20.0)
-    m.observe_iteration(0.02, 0.01)
-    assert m.iteration_factor > 1.0
+    other = model()
+    other.set_corrections(m.corrections())  # what the engine core measured, read elsewhere
+    assert other.corrections() == pytest.approx(m.corrections())
 
 
 def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
@@ -236,61 +242,6 @@ def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
         LatencyModel.load(tmp_path / "missing.json")
 
 
-def test_engine_predictor_counts_queue_prefill_and_decode_of_the_batch_it_joins():
-    m = model()
-    predictor = EngineCostModel(m)
-    idle = LoadSnapshot(max_batch=4, max_queue=16)
-    r = RequestInfo(max_tokens=10, prompt_tokens=20)
-    expected = m.prefill_s("ta", 20) + 9 * m.iteration_s({"ta": (1, 20 + 5)})
-    assert predictor.predict_s("ta", r, idle) == pytest.approx(expected)
-    assert predictor.predict_s("s", r, idle) < predictor.predict_s("ta", r, idle)
-    # A running TA batch slows every width (one iteration runs every group)...
-    busy = LoadSnapshot(running=3, max_batch=4, max_queue=16, groups={"ta": (3, 50)}, remaining_tokens=(5, 8, 30))
-    assert predictor.predict_s("s", r, busy) > predictor.predict_s("s", r, idle)
-    # ...and a full batch makes the request wait for the k-th running sequence to finish.
-    full = LoadSnapshot(running=4, waiting=1, max_batch=4, max_queue=16, groups={"ta": (4, 50)},
-                        remaining_tokens=(5, 8, 30, 40))
-    wait = 8 * m.iteration_s({"ta": (4, 50)})  # one waiting ahead: the 2nd slot to free is ours
-    assert predictor.predict_s("s", r, full) >= wait
-    assert predictor.predict_s("s", r, full) > predictor.predict_s("s", r, busy)
-
-
-def test_engine_capacity_is_a_full_batch_turning_over_plus_each_prefill():
-    m = model()
-    predictor = EngineCostModel(m)
-    load_ = LoadSnapshot(max_batch=8, max_queue=16)
-    r = RequestInfo(max_tokens=10, prompt_tokens=20)
-    per_request = 9 * m.iteration_s({"ta": (8, 25)}) / 8 + m.prefill_s("ta", 20)
-    assert predictor.capacity_rps("ta", r, load_) == pytest.approx(1 / per_request)
-    assert predictor.capacity_rps("s", r, load_) > predictor.capacity_rps("ta", r, load_)
-    two = RequestInfo(max_tokens=10, prompt_tokens=40, n_prompts=2)  # two rows of 20 tokens
-    assert predictor.capacity_rps("ta", two, load_) == pytest.approx(1 / (2 * per_request))
-
-
-def test_request_calibration_is_a_quantile_of_recent_ratios_and_scales_predictions():
-    calibration = RequestCalibration(quantile=0.9, window=100, min_samples=10)
-    for _ in range(9):
-        calibration.observe(2.0, 1.0)
-    assert calibration.factor() == 1.0  # too few samples yet
-    for i in range(100):
-        calibration.observe(1.0 + i / 100, 1.0)  # ratios 1.00 .. 1.99: the 90% quantile is 1.90
-    assert calibration.factor() == pytest.approx(1.90)
-    calibration.observe(1e9, 1.0)
-    assert calibration.factor() <= 4.0  # bounded
-    m = model()
-    plain, calibrated = EngineCostModel(m), EngineCostModel(m, calibration)
-    r, idle = RequestInfo(max_tokens=10, prompt_tokens=20), LoadSnapshot(max_batch=4)
-    assert calibrated.predict_s("ta", r, idle) == pytest.approx(calibration.factor() * plain.predict_s("ta", r, idle))
-    # Requests that must queue have their own factor: errors made under overload stay there.
-    full = LoadSnapshot(running=4, waiting=2, max_batch=4, groups={"ta": (4, 50)}, remaining_tokens=(5, 8, 30, 40))
-    assert calibration.factor(queued=True) == 1.0
-    assert calibrated.predict_s("ta", r, full) == pytest.approx(plain.predict_s("ta", r, full))
-    for _ in range(20):
-        calibration.observe(3.0, 1.0, queued=True)
-    assert calibrated.predict_s("ta", r, full) == pytest.approx(3.0 * plain.predict_s("ta", r, full))
-    assert calibration.factor(queued=False) == pytest.approx(1.91)  # the absurd ratio pushed out 1.00
-
-
 def test_a_mixed_width_step_pays_the_fixed_cost_of_a_forward_once():
     """The engine decodes every width in one forward: the prediction of a mixed step is the widest
     present width's fixed cost plus each width's per-row costs, not the sum of one-width steps."""
@@ -299,8 +250,19 @@ def test_a_mixed_width_step_pays_the_fixed_cost_of_a_forward_once():
     assert s_only == pytest.approx(m.decode_step_s("s", 8, 100))
     mixed = m.step_s({"s": (8, 100), "ta": (8, 100)})
     assert mixed == pytest.approx(s_only + ta_only - 0.004)
-    assert m.iteration_s({"s": (8, 100), "ta": (0, 0)}) == pytest.approx(s_only)
+    assert m.step_s({"s": (8, 100), "ta": (0, 0)}) == pytest.approx(s_only)
     # What the profile measured a mixed step to cost over that sum scales mixed steps only.
     m.mixed_factor = 1.2
     assert m.step_s({"s": (8, 100), "ta": (8, 100)}) == pytest.approx(1.2 * mixed)
     assert m.step_s({"s": (8, 100)}) == pytest.approx(s_only)
+
+
+def test_behind_a_dispatching_backend_the_policy_only_names_the_allowed_widths():
+    """The engine's scheduler decides width, order and refusal: the policy predicts nothing and keeps no state."""
+    policy = make_policy("slo:min_width=m", WIDTHS, PolicyContext(predictor=None, dispatch=True, shed=True))
+    decisions = {policy.choose(req(slo), load(waiting), float(t)) for t, (slo, waiting) in
+                 enumerate([(50, 0), (5000, 100), (None, 3)])}
+    assert decisions == {WidthDecision("ta", "at_dispatch", None, candidates=("m", "l", "ta"))}
+    assert policy.shed
+    with pytest.raises(ValueError, match="latency predictor"):
+        make_policy("slo", WIDTHS, PolicyContext(predictor=None, dispatch=False))

@@ -9,11 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving.core_protocol import Add, Sampling, Slo
 from serving.detokenize import IncrementalDetokenizer
-from serving.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams
+from serving.engine import Engine, EngineCore, EngineStoppedError
 from tests.helpers import sharpen
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+GREEDY = Sampling(max_tokens=12, temperature=0.0)
 
 
 @pytest.fixture
@@ -38,11 +39,11 @@ async def collect(stream):
     return [out[i] for i in sorted(out)]
 
 
-def run_request(engine, prompts, width, params):
+def run_request(engine, prompts, width, params, slo=None):
     """Submit from inside an event loop (as the HTTP server does) and collect everything."""
 
     async def main():
-        return await collect(engine.submit(prompts, width, params))
+        return await collect(engine.submit(prompts, width, params, *(() if slo is None else (slo,))))
 
     return asyncio.run(main())
 
@@ -57,7 +58,7 @@ def test_greedy_with_joins_and_leaves_equals_the_model_alone(engine, model, toke
         # Let the first sequence decode a few steps so the others join a running batch mid-way.
         for _ in range(3):
             got.append(await first.__anext__())
-        rest = [engine.submit([tokenizer.encode(p)], w, SamplingParams(max_tokens=n, temperature=0.0))
+        rest = [engine.submit([tokenizer.encode(p)], w, Sampling(max_tokens=n, temperature=0.0))
                 for p, w, n in prompts[1:]]
         results = await asyncio.gather(collect(first), *(collect(s) for s in rest))
         head = [t for _, e in got for t in e.token_ids]
@@ -70,14 +71,14 @@ def test_greedy_with_joins_and_leaves_equals_the_model_alone(engine, model, toke
 
 
 def test_seeded_sampling_is_reproducible_alone_or_batched(engine, tokenizer):
-    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
+    params = Sampling(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
     ids = tokenizer.encode("Now is the winter")
 
     async def alone():
         return (await collect(engine.submit([ids], "m", params)))[0][0]
 
     async def crowded():
-        others = [engine.submit([tokenizer.encode("To be")], "m", SamplingParams(max_tokens=10, seed=i))
+        others = [engine.submit([tokenizer.encode("To be")], "m", Sampling(max_tokens=10, seed=i))
                   for i in range(5)]
         mine = engine.submit([ids], "m", params)
         results = await asyncio.gather(collect(mine), *(collect(o) for o in others))
@@ -85,7 +86,7 @@ def test_seeded_sampling_is_reproducible_alone_or_batched(engine, tokenizer):
 
     first = asyncio.run(alone())
     assert asyncio.run(crowded()) == first
-    other_seed = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=99)
+    other_seed = Sampling(max_tokens=10, temperature=0.9, top_p=0.9, seed=99)
     assert run_request(engine, [ids], "m", other_seed)[0][0] != first
 
 
@@ -99,7 +100,7 @@ def test_extreme_sampling_values_decode_like_greedy_and_fail_nothing(engine, tok
 
     async def extreme_beside_another():
         bystander = engine.submit([ids], "s", GREEDY)
-        mine = engine.submit([ids], "m", SamplingParams(max_tokens=12, seed=3, **{"temperature": 1.0, **extreme}))
+        mine = engine.submit([ids], "m", Sampling(max_tokens=12, seed=3, **{"temperature": 1.0, **extreme}))
         return await asyncio.gather(collect(mine), collect(bystander))
 
     mine, bystander = asyncio.run(extreme_beside_another())
@@ -112,19 +113,22 @@ def test_a_queued_sequence_past_its_deadline_is_shed_and_never_started(model, to
     engine.start()
     try:
         ids = tokenizer.encode("Now is the winter")
+        four = Sampling(max_tokens=4, temperature=0)
 
         async def main():
-            running = engine.submit([ids], "ta", SamplingParams(max_tokens=60, temperature=0))
-            hopeless = engine.submit([ids], "ta", SamplingParams(max_tokens=4, temperature=0,
-                                                                 deadline=time.monotonic() + 0.001))
-            patient = engine.submit([ids], "ta", SamplingParams(max_tokens=4, temperature=0))
-            return await asyncio.gather(collect(running), collect(hopeless), collect(patient))
+            running = engine.submit([ids], "ta", Sampling(max_tokens=60, temperature=0))
+            first = await running.__anext__()  # it holds the one batch slot now
+            hopeless = engine.submit([ids], "ta", four, Slo(e2e_deadline=time.monotonic() + 0.001, shed=True))
+            best_effort = engine.submit([ids], "ta", four, Slo(e2e_deadline=time.monotonic() + 0.001))
+            patient = engine.submit([ids], "ta", four)
+            rest = await asyncio.gather(collect(running), collect(hopeless), collect(best_effort), collect(patient))
+            return first, *rest
 
-        running, hopeless, patient = asyncio.run(main())
+        first, running, hopeless, best_effort, patient = asyncio.run(main())
         assert hopeless[0][2].finish_reason == "shed" and hopeless[0][0] == []
-        assert running[0][2].finish_reason == "length" and patient[0][2].finish_reason == "length"
-        alone = run_request(engine, [ids], "ta", SamplingParams(max_tokens=4, temperature=0,
-                                                                deadline=time.monotonic() + 5))
+        assert [r[0][2].finish_reason for r in (running, best_effort, patient)] == ["length"] * 3
+        assert first[1].finish_reason is None
+        alone = run_request(engine, [ids], "ta", four, Slo(e2e_deadline=time.monotonic() + 5, shed=True))
         assert alone[0][2].finish_reason == "length"
         assert engine.stats().running == 0 and engine.stats().waiting == 0
     finally:
@@ -139,7 +143,7 @@ def test_stop_string_truncates_and_is_never_streamed(engine, model, tokenizer):
     stop = full[k:k + 2]
 
     async def main():
-        stream = engine.submit([ids], "l", SamplingParams(max_tokens=30, temperature=0.0, stop=(stop,)))
+        stream = engine.submit([ids], "l", Sampling(max_tokens=30, temperature=0.0, stop=(stop,)))
         pieces, final = [], None
         async for _, event in stream:
             pieces.append(event.text)
@@ -153,21 +157,21 @@ def test_stop_string_truncates_and_is_never_streamed(engine, model, tokenizer):
 
 def test_prompt_logprobs_equal_the_model_log_softmax(engine, model, tokenizer):
     ids = tokenizer.encode("To be, or not to be, that is the question")
-    params = SamplingParams(max_tokens=0, temperature=0.0, logprobs=3, prompt_logprobs=True)
+    params = Sampling(max_tokens=0, temperature=0.0, logprobs=3, prompt_logprobs=True)
     [(tokens, text, final)] = run_request(engine, [ids], "s", params)
     assert tokens == [] and text == "" and final.finish_reason == "length"
     want = torch.log_softmax(model(torch.tensor([ids]), width="s").logits[0], dim=-1)
     lps = final.prompt_logprobs
-    assert [e.token_id for e in lps] == ids and lps[0].logprob is None
-    got = torch.tensor([e.logprob for e in lps[1:]])
+    assert [token for token, _, _ in lps] == ids and lps[0][1] is None
+    got = torch.tensor([logprob for _, logprob, _ in lps[1:]])
     torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
-    assert [t for t, _ in lps[1].top] == want[0].topk(3).indices.tolist()
+    assert [t for t, _ in lps[1][2]] == want[0].topk(3).indices.tolist()
 
 
 def test_generation_stops_at_the_context_window(engine, model, tokenizer, config):
     for length in (config.n_ctx - 3, config.n_ctx):
         ids = [random.Random(length).randrange(1, config.vocab_size) for _ in range(length)]
-        params = SamplingParams(max_tokens=10, temperature=0.0)
+        params = Sampling(max_tokens=10, temperature=0.0)
         [(tokens, _, final)] = run_request(engine, [ids], "ta", params)
         assert tokens == model.generate_greedy(ids, 10, width="ta")
         assert final.finish_reason == "length" or tokens[-1] == config.eos_token_id
@@ -176,26 +180,23 @@ def test_generation_stops_at_the_context_window(engine, model, tokenizer, config
 
 
 def test_a_full_queue_refuses_and_a_cancelled_waiter_frees_its_place_at_once(model, tokenizer):
-    engine = Engine(model, tokenizer, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    core = EngineCore(model, tokenizer, max_batch=1, max_queue=2)  # no iteration runs: nothing leaves the queue
 
-    async def main():
-        a = engine.submit([[5, 6]], "s", GREEDY)
-        engine.submit([[7]], "ta", GREEDY)
-        with pytest.raises(QueueFullError):
-            engine.submit([[8]], "s", GREEDY)
-        with pytest.raises(QueueFullError):
-            engine.submit([[8], [9]], "s", GREEDY)  # all or none: a 2-prompt request needs 2 places
-        a.cancel()
-        stats = engine.stats()
-        assert (stats.waiting, stats.waiting_by_width["s"], stats.cancelled) == (1, 0, 1)
-        engine.submit([[8]], "s", GREEDY)
+    def add(request_id, prompts, width):
+        return [o.finish_reason for o in core.add(Add(request_id, prompts, (width,), GREEDY))]
 
-    asyncio.run(main())
+    assert add(0, [[5, 6]], "s") == [] and add(1, [[7]], "ta") == []
+    assert add(2, [[8]], "s") == ["queue_full"]
+    assert add(3, [[8], [9]], "s") == ["queue_full"] * 2  # all or none: a 2-prompt request needs 2 places
+    core.cancel(0)
+    load = core.load()
+    assert (load.waiting, load.waiting_by_width["s"], load.cancelled) == (1, 0, 1)
+    assert add(4, [[8]], "s") == []
 
 
 def test_cancelling_a_running_sequence_frees_its_slot(engine, tokenizer):
     async def main():
-        stream = engine.submit([tokenizer.encode("Now")], "ta", SamplingParams(max_tokens=60, temperature=0.0))
+        stream = engine.submit([tokenizer.encode("Now")], "ta", Sampling(max_tokens=60, temperature=0.0))
         await stream.__anext__()
         assert engine.stats().running == 1
         stream.cancel()
@@ -212,7 +213,7 @@ def test_stopping_aborts_what_is_left_and_refuses_new_work(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=2, max_queue=4)
 
     async def main():
-        stream = engine.submit([[5, 6], [7]], "s", SamplingParams(max_tokens=50, temperature=0.0))
+        stream = engine.submit([[5, 6], [7]], "s", Sampling(max_tokens=50, temperature=0.0))
         engine.start()
         engine.stop()
         results = await collect(stream)
@@ -244,7 +245,7 @@ def test_the_same_engine_code_runs_on_cuda(model, tokenizer):
 
         async def main():
             streams = [engine.submit([tokenizer.encode(p)], w, GREEDY) for p, w in cases]
-            seeded = SamplingParams(max_tokens=8, temperature=0.7, seed=3, logprobs=2, prompt_logprobs=True)
+            seeded = Sampling(max_tokens=8, temperature=0.7, seed=3, logprobs=2, prompt_logprobs=True)
             sampled = [engine.submit([tokenizer.encode(cases[0][0])], "l", seeded) for _ in range(2)]
             return await asyncio.gather(*(collect(s) for s in streams + sampled))
 
@@ -260,17 +261,15 @@ def test_the_same_engine_code_runs_on_cuda(model, tokenizer):
         engine.stop()
 
 
-@pytest.mark.parametrize("mixed", [True, False])
-def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, tokenizer, mixed):
-    """With ``mixed`` (the default) a batch of four widths takes one decode forward per step; the
-    per-width engine takes one per width group. Either way every row decodes as it would alone."""
-    engine = Engine(model, tokenizer, max_batch=8, max_queue=16, mixed=mixed)
+def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, tokenizer):
+    """A batch of four widths takes one decode forward per step, and every row decodes as it would alone."""
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=16)
     prompts = [("Now is the winter", "ta"), ("To be, or not to be", "s"), ("Friends, Romans", "l"),
                ("and all the clouds", "m"), ("the slings and arrows", "s")]
     n = 20
 
     async def main():
-        streams = [engine.submit([tokenizer.encode(p)], w, SamplingParams(max_tokens=n, temperature=0.0))
+        streams = [engine.submit([tokenizer.encode(p)], w, Sampling(max_tokens=n, temperature=0.0))
                    for p, w in prompts]
         engine.start()  # every sequence is queued before the first step: they run together
         return await asyncio.gather(*(collect(s) for s in streams))
@@ -283,18 +282,18 @@ def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, toke
     for (text, width), result in zip(prompts, outputs, strict=True):
         assert result[0][0] == model.generate_greedy(tokenizer.encode(text), n, width=width), (text, width)
     # n - 1 decode steps after the prefill's token (fewer for a row that ends early).
-    assert steps <= n - 1 if mixed else steps >= 3 * (n - 1) - 4, steps
+    assert steps <= n - 1, steps
 
 
 def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
     """sample_rows: one call for the whole batch; each row's empirical distribution is its own
     softmax(logits / T) renormalised over its top-p nucleus, and a seeded row ignores its batch."""
-    from serving.engine import sample_rows
+    from serving.model_runner import sample_rows
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
     n = 40_000
-    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_p=0.8)] * (n // 2)
+    params = [Sampling(temperature=0.7), Sampling(temperature=1.3, top_p=0.8)] * (n // 2)
     draws = sample_rows(logits.repeat(n, 1), params, [None] * n)
     for row, (t, top_p) in enumerate([(0.7, 1.0), (1.3, 0.8)]):
         p = torch.softmax(logits / t, dim=-1)
@@ -302,51 +301,7 @@ def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
         expected = torch.where(keep, p, 0) / p[keep].sum()
         observed = torch.bincount(draws[row::2], minlength=5).float() / (n // 2)
         torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
-    alone = sample_rows(logits[None], [SamplingParams(temperature=1.0)], [torch.Generator().manual_seed(3)])
-    crowd = sample_rows(logits.repeat(4, 1), [SamplingParams(temperature=1.0)] * 4,
+    alone = sample_rows(logits[None], [Sampling(temperature=1.0)], [torch.Generator().manual_seed(3)])
+    crowd = sample_rows(logits.repeat(4, 1), [Sampling(temperature=1.0)] * 4,
                         [None, torch.Generator().manual_seed(3), None, None])
     assert int(alone[0]) == int(crowd[1])
-
-
-def _dispatched(engine, requests, now):
-    """Queue (width candidates, seconds to the deadline) requests, admit once, return their widths."""
-    from serving.engine import SamplingParams as Params
-
-    seqs = []
-    for candidates, slack_s in requests:
-        params = Params(max_tokens=20, temperature=0.0, widths=candidates, slo_deadline=now + slack_s)
-        seqs += engine.add([[5, 6, 7]], candidates[0], params, lambda index: (lambda event: None))
-    with engine._cond:
-        engine._admit_locked()
-    return [s.width for s in seqs]
-
-
-def test_the_width_is_chosen_at_dispatch_spending_the_batchs_slack(model, tokenizer):
-    """SlackFit at dispatch (no timing: a made-up latency model, the engine not started): a request
-    alone with slack gets the widest width; a batch whose deadlines only the narrow width meets
-    gets the narrow width; with room for some, the earliest deadlines are widened first."""
-    from router.cost import EngineCostModel
-    from router.latency import LatencyModel, WidthCost
-
-    # Per decode step: 1 ms fixed + 1 ms per Student row or 4 ms per TA row; prefill 1 ms.
-    costs = {"s": WidthCost(0.001, 0.001, 0.0, 0.001, 0.0), "m": WidthCost(0.001, 0.002, 0.0, 0.001, 0.0),
-             "l": WidthCost(0.001, 0.003, 0.0, 0.001, 0.0), "ta": WidthCost(0.001, 0.004, 0.0, 0.001, 0.0)}
-    all_widths = ("s", "m", "l", "ta")
-
-    def engine():
-        return Engine(model, tokenizer, max_batch=8, max_queue=64, cost=EngineCostModel(LatencyModel(dict(costs))))
-
-    now = time.monotonic()
-    assert _dispatched(engine(), [(all_widths, 10.0)], now) == ["ta"]
-    # 8 rows, 19 decode steps each: all Student (9 ms a step) end at 0.172 s; one row wider (10 ms
-    # a step or more) at 0.191 s or later, past a 0.18 s deadline.
-    assert _dispatched(engine(), [(all_widths, 0.18)] * 8, now) == ["s"] * 8
-    widths = _dispatched(engine(), [(all_widths, 0.30 + 0.01 * i) for i in range(8)], now)
-    sizes = [model.config.widths[w] for w in widths]
-    assert sizes[0] > model.config.widths["s"] and sorted(sizes, reverse=True) == sizes, widths
-    assert _dispatched(engine(), [(("s", "m"), 10.0), (("ta",), 10.0)], now) == ["m", "ta"]  # within its candidates
-    # A lone request spends only the slack that a full batch would leave it: alone it could run at
-    # the TA (19 steps of 5 ms), but with the 7 free slots taken by Student rows a step costs
-    # 1 + 7 + 4 = 12 ms (0.23 s), at l 11 ms (0.21 s), at m 10 ms (0.19 s): a burst's first request
-    # does not take the width that the rest of the burst needs.
-    assert _dispatched(engine(), [(all_widths, 0.2)], now) == ["m"]

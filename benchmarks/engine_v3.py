@@ -1,0 +1,234 @@
+"""The scheduler's promise in every compile mode, start-up stalls, and goodput under TTFT+TPOT targets.
+
+Three measurements against real `matta serve` processes (the shipped checkpoint, the engine core
+in its own process, one torch thread), each mode in the same run:
+
+1. **Tight-SLO burst** per ``--compile off|background|require`` (``--policy slo --shed``): the
+   Student's solo latency for 32 tokens is measured, then 48 requests arrive at once with an SLO
+   of 4x that. Counted: answered within the SLO, answered late (the one outcome ``--shed``
+   promises never to give), refused. ``background`` and ``require`` start with the compile cache
+   ``require`` filled (``--cache``), so their steps are compiled.
+2. **The first 16-client run after /health** (16 closed-loop clients, 64 tokens, 96 requests)
+   with a warm cache and with a cold one (``background``: the worker compiles while the engine
+   serves), then the same load again: p99 of the first run over p99 of the second.
+3. **TTFT + TPOT goodput**: an open-loop Poisson stream between the TA's and the Student's
+   capacity, every request with a TTFT and a TPOT target; a request is good only if it meets
+   both (vLLM's goodput). ``--policy slo --shed`` vs ``fixed:s`` vs ``fixed:ta``.
+
+    python -m benchmarks.engine_v3 [--cache DIR] [--only burst,startup,goodput]
+
+Writes ``benchmarks/results/engine_v3.json`` and ``.png``. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import matplotlib
+import numpy as np
+
+from benchmarks.harness import Server, open_loop, saturate
+from matta.checkpoint import load_checkpoint
+from tests.helpers import REPO
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+CHECKPOINT = REPO / "checkpoints" / "default"
+RESULTS = REPO / "benchmarks" / "results"
+MODES = ("off", "background", "require")
+
+
+def _prompts(ckpt, n: int = 64, length: int = 16) -> list[list[int]]:
+    text = ckpt.tokenizer.encode(" ".join(["Now is the winter of our discontent made glorious summer by this sun of "
+                                           "York and all the clouds that lowered upon our house"] * 8))
+    return [text[i:i + length] for i in range(0, n)]
+
+
+def _server(mode: str, cache: Path, log: Path, *extra: str) -> tuple[Server, str]:
+    server = Server(CHECKPOINT, threads=1, max_batch=32, log_path=log, compile=mode,
+                    extra_args=("--compile-cache", str(cache), *extra))
+    return server, server.start(timeout_s=1800)
+
+
+def _solo_ms(url: str, model: str, prompts, max_tokens: int, n: int = 8) -> float:
+    times = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n):
+            sent = time.monotonic()
+            client.post(f"{url}/v1/completions", json={"model": model, "prompt": prompts[i], "max_tokens": max_tokens,
+                                                       "temperature": 0}).raise_for_status()
+            times.append(time.monotonic() - sent)
+    return 1000 * statistics.median(times[2:])
+
+
+def _counts(records: list[dict], slo_s: float) -> dict:
+    ok = [r for r in records if r["status"] == 200]
+    return {"sent": len(records), "within_slo": sum(r["latency_s"] <= slo_s for r in ok),
+            "late": sum(r["latency_s"] > slo_s for r in ok), "refused": sum(r["status"] == 429 for r in records),
+            "other": sorted({r["status"] for r in records} - {200, 429}),
+            "widths": {w: sum(r["width"] == w for r in ok) for w in sorted({r["width"] for r in ok})}}
+
+
+def _engine_counters(url: str) -> dict:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        for name in ("matta_engine_iterations_total", "matta_engine_iteration_overruns_total",
+                     "matta_engine_iteration_overrun_seconds_total", "matta_engine_swap_ins_deferred_total"):
+            if line.startswith(name + " "):
+                out[name] = float(line.split()[-1])
+        if line.startswith('matta_decode_steps_total{path="compiled"}'):
+            out["compiled_steps"] = float(line.split()[-1])
+    return out
+
+
+def burst(ckpt, cache: Path, tmp: Path) -> dict:
+    prompts = _prompts(ckpt)
+    out = {}
+    for mode in ("require", "background", "off"):  # require first: it fills the cache the others start from
+        server, url = _server(mode, cache, tmp / f"burst-{mode}.log", "--policy", "slo", "--shed")
+        try:
+            solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
+            slo_ms = 4 * solo
+            trace = [(0.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": 32,
+                            "temperature": 0, "latency_slo_ms": slo_ms}) for i in range(48)]
+            records = asyncio.run(open_loop(url, trace, timeout_s=60))
+            out[mode] = {"student_solo_ms": round(solo, 1), "slo_ms": round(slo_ms, 1), **_counts(records, slo_ms / 1000),
+                         "engine": _engine_counters(url),
+                         "compiled": httpx.get(f"{url}/health").json().get("compiled")}
+        finally:
+            server.stop()
+        print("burst", mode, json.dumps(out[mode]))
+    return out
+
+
+def startup(ckpt, cache: Path, tmp: Path) -> dict:
+    prompts = _prompts(ckpt)
+    out = {}
+    for name, directory in (("warm", cache), ("cold", Path(tempfile.mkdtemp(prefix="matta-cold-", dir=tmp)))):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        server, url = _server("background", directory, tmp / f"startup-{name}.log")
+        try:
+            runs = []
+            for _ in range(2):
+                r = asyncio.run(saturate(url, f"{ckpt.name}:s", prompts, 64, clients=16, seconds=8))
+                runs.append({k: round(v, 4) for k, v in r.items()})
+            out[name] = {"first": runs[0], "second": runs[1], "p99_ratio": round(runs[0]["p99_s"] / runs[1]["p99_s"], 2),
+                         "engine": _engine_counters(url), "compiled": httpx.get(f"{url}/health").json()["compiled"]}
+        finally:
+            server.stop()
+        print("startup", name, json.dumps(out[name]))
+    return out
+
+
+def goodput(ckpt, cache: Path, tmp: Path, seconds: float = 20.0) -> dict:
+    prompts = _prompts(ckpt)
+    out = {"policies": {}}
+    capacity = {}
+    server, url = _server("background", cache, tmp / "goodput-capacity.log")
+    try:
+        for w in ("s", "ta"):
+            capacity[w] = asyncio.run(saturate(url, f"{ckpt.name}:{w}", prompts, 64, clients=32, seconds=8))
+        solo_s = _solo_ms(url, f"{ckpt.name}:s", prompts, 64) / 1000
+    finally:
+        server.stop()
+    rate = (capacity["s"]["requests_per_s"] * capacity["ta"]["requests_per_s"]) ** 0.5  # between the two
+    ttft_ms, tpot_ms = 250.0, round(1000 * 3 * solo_s / 64, 2)  # TPOT: 3x the Student's solo pace
+    rng = random.Random(0)
+    arrivals, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    out.update(rate_req_s=round(rate, 2), ttft_slo_ms=ttft_ms, tpot_slo_ms=tpot_ms,
+               capacity_req_s={w: round(c["requests_per_s"], 2) for w, c in capacity.items()})
+    for policy, extra in (("slo", ("--policy", "slo", "--shed")), ("fixed:s", ("--policy", "fixed:s")),
+                          ("fixed:ta", ("--policy", "fixed:ta"))):
+        server, url = _server("background", cache, tmp / f"goodput-{policy}.log", *extra)
+        try:
+            trace = [(a, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": 64, "temperature": 0,
+                          "ttft_slo_ms": ttft_ms, "tpot_slo_ms": tpot_ms, "stream": True,
+                          "stream_options": {"include_usage": True}})
+                     for i, a in enumerate(arrivals)]
+            records = asyncio.run(open_loop(url, trace, timeout_s=60))
+        finally:
+            server.stop()
+        good = [r for r in records if r["status"] == 200 and r.get("ttft_s") is not None
+                and r["ttft_s"] <= ttft_ms / 1000 and _tpot(r) <= tpot_ms / 1000]
+        ok = [r for r in records if r["status"] == 200]
+        out["policies"][policy] = {
+            "sent": len(records), "served": len(ok), "good": len(good), "refused": sum(r["status"] == 429 for r in records),
+            "goodput_req_s": round(len(good) / seconds, 2), "good_fraction": round(len(good) / len(records), 3),
+            "ttft_p99_ms": _p(records, "ttft_s"), "tpot_p99_ms": _p(records, None),
+            "widths": {w: sum(r["width"] == w for r in good) for w in sorted({r["width"] for r in good})}}
+        print("goodput", policy, json.dumps(out["policies"][policy]))
+    return out
+
+
+def _tpot(r: dict) -> float:
+    tokens = r.get("tokens") or 0
+    return (r["latency_s"] - r["ttft_s"]) / (tokens - 1) if tokens > 1 and r.get("ttft_s") is not None else 0.0
+
+
+def _p(records: list[dict], key: str | None) -> float | None:
+    values = [r[key] if key else _tpot(r) for r in records if r["status"] == 200 and r.get("ttft_s") is not None]
+    return round(1000 * float(np.percentile(values, 99)), 1) if values else None
+
+
+def plot(results: dict, path: Path) -> None:
+    panels = [k for k in ("burst", "startup", "goodput") if k in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, name in zip(axes[0], panels, strict=True):
+        data = results[name]
+        if name == "burst":
+            modes = list(data)
+            for k, (key, color) in enumerate((("within_slo", "tab:green"), ("late", "tab:red"), ("refused", "tab:gray"))):
+                ax.bar(np.arange(len(modes)) + 0.27 * (k - 1), [data[m][key] for m in modes], 0.27, label=key, color=color)
+            ax.set_xticks(range(len(modes)), [f"--compile {m}" for m in modes])
+            ax.set_title("48-request burst, SLO 4x Student solo, --shed")
+            ax.set_ylabel("requests")
+        elif name == "startup":
+            runs = list(data)
+            ax.bar(np.arange(len(runs)) - 0.2, [1000 * data[r]["first"]["p99_s"] for r in runs], 0.4, label="first run")
+            ax.bar(np.arange(len(runs)) + 0.2, [1000 * data[r]["second"]["p99_s"] for r in runs], 0.4, label="second run")
+            ax.set_xticks(range(len(runs)), [f"{r} cache" for r in runs])
+            ax.set_ylabel("p99 latency (ms)")
+            ax.set_title("16 clients right after /health")
+        else:
+            policies = list(data["policies"])
+            ax.bar(policies, [data["policies"][p]["goodput_req_s"] for p in policies], color="tab:green")
+            ax.axhline(data["rate_req_s"], color="k", ls="--", lw=1, label="offered")
+            ax.set_ylabel("goodput (req/s meeting TTFT and TPOT)")
+            ax.set_title(f"TTFT {data['ttft_slo_ms']:g} ms + TPOT {data['tpot_slo_ms']:g} ms")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "matta" / "compile",
+                   help="compile cache the compiled modes share (filled by the require run)")
+    p.add_argument("--only", default="burst,startup,goodput")
+    p.add_argument("--out", type=Path, default=RESULTS / "engine_v3")
+    args = p.parse_args()
+    ckpt = load_checkpoint(CHECKPOINT)
+    results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with tempfile.TemporaryDirectory(prefix="matta-engine-v3-") as tmp:
+        for name in args.only.split(","):
+            results[name] = {"burst": burst, "startup": startup, "goodput": goodput}[name](ckpt, args.cache, Path(tmp))
+            args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in results.items() if k != "started"}, indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The scheduler as a function: sequences and a made-up latency model in, admissions, widths and refusals out.
+
+No model, no clock: ``now`` is passed in, and the latency model is a table of coefficients, so
+every expectation below is arithmetic on those coefficients.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.latency import LatencyModel, WidthCost
+from serving.core_protocol import Slo
+from serving.scheduler import QueueFullError, Scheduler
+
+WIDTHS = ("s", "m", "l", "ta")
+SIZES = {"s": 16, "m": 32, "l": 48, "ta": 64}
+# Per decode step: 1 ms fixed + 1 ms per Student row ... 4 ms per TA row; prefill 1 ms.
+COSTS = {w: WidthCost(0.001, 0.001 * (i + 1), 0.0, 0.001, 0.0) for i, w in enumerate(WIDTHS)}
+
+
+def scheduler(max_batch: int = 8, max_queue: int = 64, margin: float = 1.0, path_of=None) -> Scheduler:
+    return Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=max_queue, latency=LatencyModel(dict(COSTS)),
+                     margin=margin, path_of=path_of)
+
+
+def add(sched: Scheduler, *, deadline_s: float | None = None, widths=WIDTHS, budget: int = 20, now: float = 0.0,
+        shed: bool = True, ttft_s: float | None = None, tpot_s: float | None = None, prompt: int = 3):
+    slo = Slo(e2e_deadline=None if deadline_s is None else now + deadline_s,
+              ttft_deadline=None if ttft_s is None else now + ttft_s, tpot_s=tpot_s, shed=shed)
+    [seq] = sched.add(len(sched.waiting) + len(sched.running), [prompt], [budget], widths, slo, now)
+    return seq
+
+
+def dispatched(requests, now: float = 0.0) -> list[str]:
+    """Queue (widths, seconds to the deadline) requests, schedule once, return their widths."""
+    sched = scheduler()
+    seqs = [add(sched, deadline_s=slack, widths=widths, now=now) for widths, slack in requests]
+    sched.schedule(now)
+    return [s.width for s in seqs]
+
+
+def test_the_width_is_chosen_at_dispatch_spending_the_batchs_slack():
+    """SlackFit at dispatch: a request alone with slack gets the widest width; a batch whose deadlines
+    only the narrow width meets gets the narrow width; with room for some, the earliest deadlines are
+    widened first; a width never leaves the request's candidates."""
+    assert dispatched([(WIDTHS, 10.0)]) == ["ta"]
+    # 8 rows, 19 decode steps each after a 1 ms prefill per width: all Student (9 ms a step) end at
+    # 0.172 s; one row wider (10 ms a step or more, plus a second prefill) at 0.192 s or later.
+    assert dispatched([(WIDTHS, 0.18)] * 8) == ["s"] * 8
+    widths = dispatched([(WIDTHS, 0.30 + 0.01 * i) for i in range(8)])
+    sizes = [SIZES[w] for w in widths]
+    assert sizes[0] > SIZES["s"] and sorted(sizes, reverse=True) == sizes, widths
+    assert dispatched([(("s", "m"), 10.0), (("ta",), 10.0)]) == ["m", "ta"]
+    # A lone request spends only the slack a full batch would leave it: alone it could run at the TA
+    # (19 steps of 5 ms), but with the 7 free slots taken by Student rows a step costs 1 + 7 + 4 =
+    # 12 ms (0.229 s), at l 11 ms (0.21 s), at m 10 ms (0.191 s): a burst's first request does not
+    # take the width that the rest of the burst needs.
+    assert dispatched([(WIDTHS, 0.2)]) == ["m"]
+
+
+def test_a_hopeless_promised_request_is_shed_and_a_best_effort_one_waits_its_turn():
+    sched = scheduler(max_batch=1)
+    running = add(sched, budget=50)
+    sched.schedule(0.0)
+    assert running.running and running.width == "ta"
+    # One slot, taken for 49 more steps of 5 ms: a 20-token request with 0.1 s cannot make it.
+    hopeless = add(sched, deadline_s=0.02)
+    patient = add(sched, deadline_s=0.02, shed=False)
+    out = sched.schedule(0.0)
+    assert out.shed == [hopeless] and out.admitted == [] and patient in sched.waiting
+
+
+def test_an_admission_that_would_make_a_running_promise_late_waits():
+    """A running TA row with just enough slack: a second row would slow its steps past its deadline,
+    so the newcomer (no deadline of its own) waits until the promised row is done."""
+    sched = scheduler()
+    promised = add(sched, deadline_s=20 * 0.005 + 0.002, widths=("ta",), budget=20)
+    sched.schedule(0.0)
+    assert promised.running
+    newcomer = add(sched, widths=("s",))
+    assert sched.schedule(0.001).admitted == []
+    sched.remove(promised)
+    assert sched.schedule(0.2).admitted == [newcomer]
+
+
+def test_ttft_and_tpot_targets_bind_the_width():
+    """TPOT moves with width (alone, a TA step is 5 ms, a Student step 2 ms); TTFT with queueing."""
+    assert dispatched_with(1, tpot_s=0.003) == "m"  # 3 ms per token: m (3 ms) fits, l (4 ms) does not
+    assert dispatched_with(1, tpot_s=0.01) == "ta"
+    # With 7 free slots assumed taken by Student rows, a TA step costs 12 ms, m 10 ms.
+    assert dispatched_with(8, tpot_s=0.01) == "m"
+    assert dispatched_with(8, tpot_s=0.003) == "s"  # late even at s with the reserve: nothing is widened
+    assert dispatched_with(1, ttft_s=0.0001) is None  # even the Student's prefill + first step is longer
+    assert dispatched_with(1, ttft_s=0.0045) == "m"  # prefill 1 ms + the first decode step (3 ms at m)
+
+
+def dispatched_with(max_batch: int, **targets) -> str | None:
+    sched = scheduler(max_batch=max_batch)
+    seq = add(sched, **targets)
+    out = sched.schedule(0.0)
+    return seq.width if seq in out.admitted else None
+
+
+def test_a_full_queue_refuses_all_prompts_or_none():
+    sched = scheduler(max_queue=2)
+    sched.add(0, [3], [5], ("s",), Slo(), 0.0)
+    with pytest.raises(QueueFullError):
+        sched.add(1, [3, 3], [5, 5], ("s",), Slo(), 0.0)
+    assert len(sched.waiting) == 1
+    with pytest.raises(ValueError, match="unknown width"):
+        sched.add(2, [3], [5], ("xl",), Slo(), 0.0)
+
+
+def test_a_swap_in_waits_for_an_iteration_whose_promises_survive_its_pause():
+    sched = scheduler()
+    add(sched, deadline_s=20 * 0.005 + 0.01, widths=("ta",))
+    out = sched.schedule(0.0, swaps_pending=1)
+    assert out.admitted and out.swap_in == 0 and sched.swaps_deferred == 1  # a 0.5 s pause would break it
+    sched.running.clear()
+    assert sched.schedule(1.0, swaps_pending=2).swap_in == 2  # idle: everything waiting loads
+
+
+def test_the_latency_model_prices_the_path_each_step_will_run():
+    """A compiled step measured twice as fast lets the scheduler widen where the eager step could not."""
+    latency = LatencyModel(dict(COSTS))
+    for _ in range(50):
+        latency.observe_step({"ta": (1, 10)}, "compiled", 0.5 * latency.profiled_step_s({"ta": (1, 10)}))
+    assert latency.step_s({"ta": (1, 10)}, "compiled") == pytest.approx(0.5 * latency.step_s({"ta": (1, 10)}),
+                                                                        rel=0.05)
+    widths = {}
+    for path in ("eager", "compiled"):
+        sched = Scheduler(WIDTHS, SIZES, max_batch=1, max_queue=8, latency=latency, margin=1.0,
+                          path_of=lambda rows, path=path: path)
+        seq = add(sched, tpot_s=0.003)
+        sched.schedule(0.0)
+        widths[path] = seq.width
+    assert widths == {"eager": "m", "compiled": "ta"}  # 3 ms per token: m eager (3 ms), ta compiled (~2.5 ms)
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(1, 24))
+    requests = []
+    for _ in range(n):
+        lo = draw(st.integers(0, 3))
+        hi = draw(st.integers(lo, 3))
+        requests.append(dict(
+            at=draw(st.floats(0, 0.5)), widths=WIDTHS[lo:hi + 1], budget=draw(st.integers(1, 40)),
+            prompt=draw(st.integers(1, 30)), shed=draw(st.booleans()),
+            deadline_s=draw(st.one_of(st.none(), st.floats(0.005, 0.5))),
+            ttft_s=draw(st.one_of(st.none(), st.floats(0.001, 0.2))),
+            tpot_s=draw(st.one_of(st.none(), st.floats(0.001, 0.02)))))
+    return sorted(requests, key=lambda r: r["at"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads(), st.integers(1, 8))
+def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_made_it(requests, max_batch):
+    """Drive the scheduler through a simulated run where every step takes exactly what the model
+    predicts: every promised sequence it admits finishes within its targets, and every one it
+    refuses would have missed a target even started alone at its narrowest width when refused."""
+    latency = LatencyModel(dict(COSTS))
+    sched = Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=latency, margin=1.0)
+    now, pending, finished = 0.0, list(requests), {}
+    while pending or sched.waiting or sched.running:
+        while pending and pending[0]["at"] <= now:
+            r = pending.pop(0)
+            add(sched, deadline_s=r["deadline_s"], widths=r["widths"], budget=r["budget"], now=now,
+                shed=r["shed"], ttft_s=r["ttft_s"], tpot_s=r["tpot_s"], prompt=r["prompt"])
+        if not sched.waiting and not sched.running:
+            now = pending[0]["at"]
+            continue
+        out = sched.schedule(now)
+        for seq in out.shed:
+            # Started now beside the rows running, at its narrowest, it could not have made it.
+            assert seq.promised
+            seq.width = seq.widths[0]
+            start = now + latency.prefill_s(seq.widths[0], seq.prompt_len)
+            step = latency.step_s(sched.shapes([*sched.running, seq]))
+            first, end = start + step, start + max(0, seq.budget - 1) * step
+            tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0
+            assert end > seq.aim_end or first > seq.aim_first or tpot > seq.aim_tpot, seq
+        # One iteration, exactly as predicted: prefills, then one decode step over every running row.
+        prefill = sum(latency.prefill_s(w, n) for w, n in _padded(out.admitted).items())
+        step = latency.step_s(sched.shapes(sched.running, midpoint=False))
+        now += prefill + step
+        for seq in list(sched.running):
+            tokens = 2 if seq in out.admitted and seq.budget > 1 else 1
+            sched.update(seq, min(tokens, seq.remaining), now)
+            if seq.remaining == 0:
+                finished[seq.seq_id] = (seq, now)
+                sched.remove(seq)
+    for seq, end in finished.values():
+        if not seq.promised:
+            continue
+        tpot = (end - seq.first_token_at) / (seq.budget - 1) if seq.budget > 1 else 0
+        # The prediction prices each row at the middle of its context; steps here are priced at the
+        # current one, so they are never slower than predicted.
+        assert end <= seq.aim_end + 1e-9 and seq.first_token_at <= seq.aim_first + 1e-9, seq
+        assert tpot <= seq.aim_tpot + 1e-9, seq
+
+
+def _padded(seqs) -> dict[str, int]:
+    by_width: dict[str, list[int]] = {}
+    for s in seqs:
+        by_width.setdefault(s.width, []).append(s.prompt_len)
+    return {w: len(n) * max(n) for w, n in by_width.items()}
