@@ -20,7 +20,7 @@ from serving import server
 from serving.chat import install_chat_route
 from serving.chat_template import resolve_chat_template
 from serving.compiled import DecodeSteps
-from serving.core_client import EngineCoreClient
+from serving.core_client import CORE_DIED_EXIT_CODE, EngineCoreClient
 from serving.engine import Engine
 from serving.engine_backend import EngineBackend
 from serving.frontend import build_frontend_app, needs_cost_model
@@ -40,7 +40,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   max_queue=settings.max_queue, device=device,
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
                                   measure_profile=needs_cost_model(settings),
-                                  compile=settings.compile, compile_cache=settings.compile_cache)
+                                  compile=settings.compile, compile_cache=settings.compile_cache,
+                                  on_core_death=settings.on_core_death)
         check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device)
@@ -106,4 +107,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, lo
     # benchmarks/serving_throughput.py).
     if settings.engine == "inproc":
         torch.set_num_threads(settings.threads or default_torch_threads())
-    return server.run(build_app(settings), "matta serve", host, port, log_level)
+    app = build_app(settings)
+    code = server.run(app, "matta serve", host, port, log_level)
+    # A core that died under --on-core-death exit stopped the server: say so to its supervisor.
+    return CORE_DIED_EXIT_CODE if getattr(app.state.engine, "exiting", False) else code

@@ -36,7 +36,13 @@ attention over the whole cache buffer under a mask, the write position and row w
 tensors rather than sizes, rows padded to the bucket, cache buffers at static addresses.
 
 The cache directory is created owner-only and refused when anyone else could write it: it holds
-compiled code and torch's serialized compile state.
+compiled code and torch's serialized compile state. Each artifact is one file, a header line (the
+format, torch's version, the payload's length and sha256) and torch's payload, written to a temporary
+file and renamed into place (one rename: no torn pair of files); :func:`read_artifact` checks all of
+it before torch sees a byte. A truncated, empty, garbage, other-torch or unreadable artifact, or a
+write that fails (a full disk), is a :class:`CacheFault`: one warning, one count in
+``CompileStatus.faults`` (``matta_compile_cache_faults_total{kind}``), and that signature runs eager
+(a bad artifact is compiled again, in the worker or, with ``require``, at start-up).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import torch
 
 from matta.config import ModelConfig
 from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
+from serving.lifecycle import die_with_parent, spawn_options
 from serving.settings import CompileMode
 
 log = logging.getLogger(__name__)
@@ -131,9 +138,83 @@ def cache_dir_for(config: ModelConfig, root: Path) -> Path:
 def artifact_path(cache_dir: Path, signature: tuple, device: torch.device) -> Path:
     """The file one signature's compiled step is saved to in an architecture's ``cache_dir``: per
     device type and torch thread count too (inductor generates code for the thread count, and the
-    compiled step's guards refuse another)."""
-    key = hashlib.sha256(repr((signature, device.type, torch.get_num_threads())).encode()).hexdigest()[:16]
+    compiled step's guards refuse another), and per torch version (also in the file's header)."""
+    key = hashlib.sha256(repr((signature, device.type, torch.get_num_threads(), torch.__version__,
+                               ARTIFACT_FORMAT)).encode()).hexdigest()[:16]
     return cache_dir / f"step-{key}.bin"
+
+
+ARTIFACT_MAGIC = b"matta-compiled-step\n"
+ARTIFACT_FORMAT = 1
+MAX_HEADER_BYTES = 4096
+
+
+class CacheFault(ValueError):
+    """A compile-cache artifact that must not be loaded, or could not be written; ``kind`` is the
+    metric's label: empty, truncated, garbage, version, checksum, unreadable, write."""
+
+    def __init__(self, kind: str, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.kind, self.message = kind, message
+
+
+def write_artifact(path: Path, payload: bytes) -> None:
+    """Save ``payload`` (torch's serialized step) under its header, atomically: a temporary file in
+    the same directory, flushed to disk, renamed over ``path``. Raises :class:`CacheFault` ("write")
+    when the disk refuses it (ENOSPC, EIO...), leaving no partial file behind."""
+    header = json.dumps({"format": ARTIFACT_FORMAT, "torch": torch.__version__, "bytes": len(payload),
+                         "sha256": hashlib.sha256(payload).hexdigest()}).encode() + b"\n"
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(ARTIFACT_MAGIC + header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise CacheFault("write", path, f"could not write the compiled step: {exc}") from exc
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`write_artifact` writes ``path`` before renaming it (per process: two servers
+    compiling into one cache never write one file)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def read_artifact(path: Path) -> bytes:
+    """The payload of an artifact written by :func:`write_artifact`, after checking its header
+    (format, torch version, length) and checksum; raises :class:`CacheFault` naming what is wrong.
+    Nothing of a file that fails here reaches torch's deserializer."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CacheFault("unreadable", path, f"unreadable: {exc}") from exc
+    if not data:
+        raise CacheFault("empty", path, "empty (zero bytes)")
+    if not data.startswith(ARTIFACT_MAGIC):
+        if ARTIFACT_MAGIC.startswith(data):
+            raise CacheFault("truncated", path, f"truncated in its header ({len(data)} bytes)")
+        raise CacheFault("garbage", path, "not a matta compiled-step artifact")
+    end = data.find(b"\n", len(ARTIFACT_MAGIC), len(ARTIFACT_MAGIC) + MAX_HEADER_BYTES)
+    if end < 0:
+        kind = "truncated" if len(data) < len(ARTIFACT_MAGIC) + MAX_HEADER_BYTES else "garbage"
+        raise CacheFault(kind, path, f"no complete header ({len(data)} bytes)")
+    try:
+        header = json.loads(data[len(ARTIFACT_MAGIC):end])
+        expected, digest = int(header["bytes"]), str(header["sha256"])
+    except (ValueError, KeyError, TypeError):
+        raise CacheFault("garbage", path, "unreadable header") from None
+    if header.get("format") != ARTIFACT_FORMAT or header.get("torch") != torch.__version__:
+        raise CacheFault("version", path, f"written by torch {header.get('torch')!r} (format {header.get('format')!r}); "
+                                          f"this is torch {torch.__version__}")
+    payload = data[end + 1:]
+    if len(payload) != expected:
+        raise CacheFault("truncated", path, f"{len(payload)} payload bytes, its header says {expected}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CacheFault("checksum", path, "sha256 mismatch (corrupt)")
+    return payload
 
 
 def check_private(directory: Path) -> None:
@@ -190,19 +271,35 @@ def step_inputs(model: NestedGPT, rows: Sequence[str], context: int = 8):
 
 def compile_step(model: NestedGPT, rows: Sequence[str], path: Path) -> None:
     """Compile :func:`decode_logits` for the signature of ``rows`` (dynamic shapes: batch, context
-    and plan integers are symbols) and save it to ``path`` (on CUDA without CUDA graphs: see the module doc)."""
+    and plan integers are symbols) and save it to ``path`` (on CUDA without CUDA graphs: see the module doc).
+    Raises :class:`CacheFault` ("write") when it cannot be saved."""
     with torch.inference_mode():
         step = torch.compile(decode_logits, fullgraph=True, dynamic=True)
         compiled = step.aot_compile(((model, *step_inputs(model, rows)), {}))
-    compiled.save_compiled_function(str(path))
+    write_artifact(path, type(compiled).serialize(compiled).serialized_data)
 
 
 def load_step(path: Path):
-    """A step saved by :func:`compile_step`; calling it checks its guards and raises on a mismatch."""
+    """A step saved by :func:`compile_step`; calling it checks its guards and raises on a mismatch.
+    Raises :class:`CacheFault` for an artifact that fails :func:`read_artifact`'s checks."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    payload = read_artifact(path)
     # Loaded in inference mode, as it was compiled and as the engine calls it: the guards rebuilt
     # here take the tensors' expected dispatch keys from the mode they are built in.
-    with torch.inference_mode(), open(path, "rb") as f:
-        return torch.compiler.load_compiled_function(f, f_globals=decode_logits.__globals__)
+    with torch.inference_mode():
+        return AOTCompiledFunction.deserialize(payload, decode_logits.__globals__)
+
+
+def artifact_fault(path: Path) -> CacheFault | None:
+    """What is wrong with the artifact at ``path`` (None: it is absent, or whole and of this torch)."""
+    if not path.exists():
+        return None
+    try:
+        read_artifact(path)
+    except CacheFault as fault:
+        return fault
+    return None
 
 
 @dataclass
@@ -218,6 +315,7 @@ class CompileStatus:
     all_ready_s: float | None = None
     guard_misses: int = 0  # steps of a loaded signature its guards refused (run eager)
     error: str | None = None
+    faults: dict[str, int] = field(default_factory=dict)  # compile-cache faults by CacheFault.kind
     load_s: list[float] = field(default_factory=list)  # seconds each swap-in held the scheduler
 
 
@@ -269,8 +367,12 @@ class DecodeSteps:
         self.paths = [artifact_path(self.cache_dir, signature, self.device) for signature in self._signatures]
         if mode == "require":
             for index, rows in enumerate(self.rows):
-                if not self.paths[index].exists():
-                    compile_step(model, rows, self.paths[index])
+                if not self.paths[index].exists() or self._faulty(index):
+                    try:
+                        compile_step(model, rows, self.paths[index])
+                    except CacheFault as fault:  # a full disk: this signature runs eager
+                        self.fault(fault)
+                        continue
                 self._load(index)
 
     def start(self) -> None:
@@ -283,8 +385,8 @@ class DecodeSteps:
         import_compiler()
         missing = []
         for index, path in enumerate(self.paths):
-            if not path.exists():
-                missing.append(index)
+            if not path.exists() or self._faulty(index):
+                missing.append(index)  # absent, or a bad artifact: compiled again
                 continue
             try:
                 self._load(index)
@@ -301,8 +403,9 @@ class DecodeSteps:
         with self._lock:
             if self._stopping:
                 return
+            # Started from this thread, which waits for it (the parent-death signal follows the thread).
             self._worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            preexec_fn=lambda: os.nice(10))
+                                            **spawn_options(nice=10))
         self._read_worker()
 
     def stop(self) -> None:
@@ -321,7 +424,11 @@ class DecodeSteps:
     def _read_worker(self) -> None:
         for line in self._worker.stdout:
             try:
-                self._report(int(json.loads(line)["index"]))
+                report = json.loads(line)
+                if "fault" in report:  # the worker could not save a step (a full disk): it stays eager
+                    self.fault(CacheFault(report["fault"], Path(report["path"]), report["error"]))
+                    continue
+                self._report(int(report["index"]))
             except (ValueError, KeyError, TypeError):
                 log.warning("compile worker: unreadable line %r", line[:200])
         code = self._worker.wait()
@@ -367,9 +474,25 @@ class DecodeSteps:
                 log.exception("loading compiled decode step %d failed; it stays eager", item)
         return loaded
 
+    def fault(self, fault: CacheFault) -> None:
+        """Count a compile-cache fault and say it once; the signature concerned runs eager."""
+        self.status.faults[fault.kind] = self.status.faults.get(fault.kind, 0) + 1
+        self.status.error = str(fault)
+        log.warning("compile cache: %s; that decode step runs eager", fault)
+
+    def _faulty(self, index: int) -> bool:
+        fault = artifact_fault(self.paths[index])
+        if fault is not None:
+            self.fault(fault)
+        return fault is not None
+
     def _load(self, index: int) -> None:
         started = time.perf_counter()
-        step = load_step(self.paths[index])
+        try:
+            step = load_step(self.paths[index])
+        except CacheFault as fault:  # changed since it was checked (or a worker's): never handed to torch
+            self.fault(fault)
+            return
         step.disable_guard_check()  # __call__ checks them first, and runs eager when they refuse
         self.status.load_s.append(time.perf_counter() - started)
         self._steps[self._signatures[index]] = step
@@ -416,6 +539,7 @@ def _refusal(step, args: tuple) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The background compile worker: compile and save the given signatures, one JSON line each."""
+    die_with_parent()  # a compile takes minutes: it must not outlive the engine that asked for it
     p = argparse.ArgumentParser(prog="python -m serving.compiled", description=main.__doc__)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--max-batch", type=int, required=True)
@@ -435,7 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     for index in indices:
         started = time.perf_counter()
         path = artifact_path(args.cache_dir, rows_signature(model.config, rows[index]), model.wte.weight.device)
-        compile_step(model, rows[index], path)
+        try:
+            compile_step(model, rows[index], path)
+        except CacheFault as fault:  # told to the engine, which keeps this signature eager; try the rest
+            print(json.dumps({"fault": fault.kind, "path": str(path), "error": fault.message}), flush=True)
+            continue
         print(json.dumps({"index": index, "compile_s": round(time.perf_counter() - started, 3)}), flush=True)
     return 0
 

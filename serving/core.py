@@ -10,7 +10,7 @@ thread: nothing to lock.
 
 Signals: SIGTERM and SIGINT are ignored, because the API process drains first and then sends
 :class:`~serving.core_protocol.Stop`; a process-group signal must not cut the drain short. If
-the API process dies, the core notices (its parent changes) and exits.
+the API process dies, the core dies too, in any phase (:mod:`serving.lifecycle`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from router.latency import LatencyModel
 from serving import core_protocol as msg
 from serving.compiled import COMPILE_MODES, DecodeSteps
 from serving.engine import EngineCore
+from serving.lifecycle import die_with_parent
 
 log = logging.getLogger("matta.core")
 
@@ -68,6 +69,7 @@ def serve_forever(core: EngineCore, push: zmq.Socket, pull: zmq.Socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # before anything long (loading, profiling, compiling): no phase may orphan the core
     p = argparse.ArgumentParser(prog="python -m serving.core", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--input", required=True, help="ZMQ address the API process sends requests on")

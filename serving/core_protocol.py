@@ -142,6 +142,8 @@ class Load(msgspec.Struct, frozen=True):
     overrun_s: float = 0.0  # seconds iterations ran past their prediction, summed
     overruns_2x: int = 0  # iterations that took more than twice their prediction
     swap_ins_deferred: int = 0  # iterations that kept a compiled step waiting to protect a deadline
+    compile_faults: dict[str, int] = {}  # compile-cache faults by kind (serving/compiled.py)
+    core_restarts: int = 0  # engine cores started again after one died (counted by the API process's client)
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

@@ -229,7 +229,8 @@ class EngineCore:
             steps=self.runner.decode_steps, corrections=self.latency.corrections() if self.latency else {},
             compiled_steps=status.compiled_steps, eager_steps=status.eager_steps, compile_ready=status.ready,
             compile_signatures=status.signatures, busy_s=dict(self._busy_s), iterations=self._iterations,
-            overrun_s=self._overrun_s, overruns_2x=self._overruns_2x)
+            overrun_s=self._overrun_s, overruns_2x=self._overruns_2x,
+            compile_faults=dict(status.faults))
 
 
 class RequestStream:

@@ -135,8 +135,8 @@ class EngineBackend:
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
 
     async def health(self) -> tuple[bool, dict]:
-        if not getattr(self.engine, "alive", True):
-            return False, {"error": "the engine core process has died; restart the server"}
+        if not getattr(self.engine, "alive", True):  # an engine-core process that died (serving.core_client)
+            return False, {"error": self.engine.health_error}
         stats = self.engine.stats()
         return True, {"running": stats.running, "waiting": stats.waiting,
                       "compiled": {"ready": stats.compile_ready, "signatures": stats.compile_signatures}}

@@ -79,6 +79,14 @@ class _EngineCountersCollector(Collector):
                                   value=load.swap_ins_deferred)
         yield CounterMetricFamily("matta_engine_shed_sequences", "sequences the scheduler refused for their SLO",
                                   value=load.shed)
+        faults = CounterMetricFamily("matta_compile_cache_faults", "compile-cache artifacts refused (empty, truncated, "
+                                     "garbage, version, checksum, unreadable) or not written (write); each such "
+                                     "decode step ran eager", labels=["kind"])
+        for kind, count in load.compile_faults.items():
+            faults.add_metric([kind], count)
+        yield faults
+        yield CounterMetricFamily("matta_engine_core_restarts", "engine-core processes started again after one "
+                                  "died (--on-core-death restart)", value=load.core_restarts)
 
 
 class _SloCollector(Collector):

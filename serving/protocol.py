@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from matta.configfile import shorten
 
@@ -21,6 +31,50 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, (bool, str)):
         raise ValueError(f"expected a number, got {type(value).__name__} {value!r}"[:200])
     return value
+
+
+# What crosses the process seam must fit MessagePack's integers (msgspec: -2^63 .. 2^64-1) and the
+# engine's int64 tensors: a JSON integer may be of any size (10**56 was accepted here and failed in
+# core_client.submit with an OverflowError, a 500).
+WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**63 - 1
+
+
+class Clamp:
+    """Marks a numeric field whose values beyond the wire's range are clamped into it rather than
+    refused, where OpenAI semantics allow (``max_tokens`` beyond the context is served up to the
+    context): ``Annotated[int, CLAMP]``."""
+
+
+CLAMP = Clamp()
+
+
+def _in_wire_range(value: Any, clamp: bool) -> Any:
+    """``value`` (a number, or lists of them) as the engine and the wire can carry it: integers
+    within int64 (clamped when ``clamp``), floats finite. Raises ValueError naming the problem."""
+    if isinstance(value, list):
+        return [_in_wire_range(item, clamp) for item in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        if clamp:
+            return min(max(value, WIRE_INT_MIN), WIRE_INT_MAX)
+        raise ValueError(f"{value} is outside the integers this server accepts "
+                         f"({WIRE_INT_MIN} .. {WIRE_INT_MAX})")
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no infinities, but Python's parser reads 1e400 as one (and NaN, Infinity).
+        raise ValueError(f"{value} is not a finite number")
+    return value
+
+
+class WireModel(BaseModel):
+    """A request body whose every numeric field, those added later included, is checked to fit what
+    the engine and the wire between processes accept (:func:`_in_wire_range`): one check, every field."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _wire_range(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        return _in_wire_range(value, any(isinstance(m, Clamp) for m in field.metadata))
 
 
 # Constraints of an optional number go inside its Annotated, before the validator
@@ -76,11 +130,11 @@ def _stop_schema(schema: dict) -> None:
             branch["items"]["minLength"] = 1
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(WireModel):
     include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(WireModel):
     """``POST /v1/completions``. Unknown fields are ignored, as vLLM does, so newer clients still work."""
 
     model_config = ConfigDict(extra="ignore")
@@ -90,7 +144,9 @@ class CompletionRequest(BaseModel):
         description="text, a list of texts, token ids, or a list of token-id lists",
         json_schema_extra=_nonempty_prompt_lists,
     )
-    max_tokens: JsonInt = Field(16, ge=0, description="0 with echo scores the prompt only")
+    # Clamped, not refused, beyond the wire's range: the engine serves it up to the context anyway.
+    max_tokens: Annotated[JsonInt, CLAMP] = Field(16, ge=0, description="0 with echo scores the prompt only; "
+                                                  "more than the context generates up to the context")
     temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, json_schema_extra=_stop_schema)
@@ -226,7 +282,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
                                          code=code)).model_dump()
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(WireModel):
     """``POST /v1/feedback``: an outcome for an earlier request (by its id) or for a unit."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={

@@ -107,6 +107,10 @@ class ServeSettings(FrontendSettings):
         default_factory=lambda: os.environ.get(ENV_PREFIX + "COMPILE") or "background",
         description="compiled decode steps (torch.compile): off; background (serve eager at once, swap compiled "
                     "steps in as a worker process finishes them); require (compile before serving)")
+    on_core_death: Literal["restart", "exit"] = Field(
+        "restart", description="when the engine-core process dies (engine=process): fail what is in flight (503), "
+                               "then start a new core with back-off, /health 503 until it is ready (restart), or "
+                               "drain and exit with status 3 for a supervisor to restart the server (exit)")
     compile_cache: Path | None = Field(None, description="directory of compiled decode steps, reused across "
                                                          "restarts (default: ~/.cache/matta/compile)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")

@@ -1,5 +1,6 @@
 """The engine core in its own process: the same answers as the in-process engine, no pickle on the
-wire or in the core, and a core that dies fails its requests and the health check instead of hanging."""
+wire or in the core, and a core that dies fails its requests and the health check instead of hanging,
+then is restarted (``--on-core-death restart``; ``exit``: tests/test_lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_the_core_process_answers_exactly_as_the_in_process_engine(checkpoint_51
 
 
 @pytest.mark.slow
-def test_a_core_that_dies_fails_its_requests_and_health_instead_of_hanging(checkpoint_512):
+def test_a_core_that_dies_fails_its_requests_and_health_then_is_restarted(checkpoint_512):
     _, path = checkpoint_512
     app = build_app(ServeSettings(checkpoint=path, device="cpu", max_batch=4))
     client = app.state.engine
@@ -89,6 +90,11 @@ def test_a_core_that_dies_fails_its_requests_and_health_instead_of_hanging(check
             assert time.monotonic() < deadline, client.stats()
             time.sleep(0.01)
         os.kill(client.process.pid, signal.SIGKILL)
+        # Sent before the reader notices the death: a blocking send to the dead core's socket froze the
+        # event loop (every request and /health after it hung; found by benchmarks/soak.py).
+        early = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                           timeout=10)
+        assert early.status_code == 503, early.text
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "a request hung after the core died"
@@ -98,6 +104,30 @@ def test_a_core_that_dies_fails_its_requests_and_health_instead_of_hanging(check
         assert health.status_code == 503 and "died" in health.json()["error"]
         after = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert after.status_code == 503 and after.headers["retry-after"]
+
+        # on_core_death=restart (the default): a new core, with back-off; /health 503 until it is
+        # ready, every request meanwhile a quick 503, and nothing served by a core that is not ready.
+        dead_pid = client.process.pid
+        deadline = time.monotonic() + 60
+        refused = 0
+        while True:
+            assert time.monotonic() < deadline, "the core was not restarted within 60 s"
+            health = httpx.get(f"{server.url}/health", timeout=5)
+            if health.status_code == 200:
+                break
+            assert health.status_code == 503 and "restarting" in health.json()["error"], health.text
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                           timeout=5)
+            if r.status_code == 200 and client.restarts == 1:
+                break  # the new core became ready between the two calls
+            assert r.status_code == 503 and r.headers["retry-after"] and "restarting" in r.json()["error"]["message"]
+            refused += 1
+            time.sleep(0.1)
+        assert refused > 0 and client.restarts == 1 and client.process.pid != dead_pid
+        served = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "To be", "max_tokens": 5,
+                                                                  "temperature": 0}, timeout=30)
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 5, served.text
+        assert "matta_engine_core_restarts_total 1.0" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_what_the_core_cannot_start_with_is_refused_with_its_own_message(tmp_path, checkpoint_dir):

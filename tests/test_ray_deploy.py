@@ -23,7 +23,8 @@ def ray_app(checkpoint_512):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"checkpoint": str(path), "threads": 1, "num_replicas": 2, "max_batch": 8}),
+        serve.run(build({"checkpoint": str(path), "threads": 1, "num_replicas": 2, "max_batch": 8,
+                         "health_check_period_s": 1}),
                   name="matta", route_prefix="/")
         yield f"http://127.0.0.1:{port}", model
     finally:
@@ -82,3 +83,48 @@ def test_locust_runs_against_the_ray_app(ray_app, checkpoint_512, tmp_path):
                        out=tmp_path / "ray", env=env)
     aggregated = report["endpoints"]["Aggregated"]
     assert aggregated["requests"] > 0 and aggregated["failures"] == 0, report["endpoints"]
+
+
+def test_a_replica_whose_core_dies_is_recovered_while_the_other_keeps_serving(ray_app, checkpoint_512):
+    """SIGKILL of one replica's engine core: its check_health fails, so Ray takes it out of rotation
+    (and replaces it, unless its core was restarted first); the other replica serves throughout, no
+    request gets a 5xx other than a quick 503, and both replicas serve again."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    url, _ = ray_app
+    _, path = checkpoint_512
+
+    def cores() -> list[int]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serving.core" in args and str(path).encode() in args:
+                found.append(int(cmdline.parent.name))
+        return sorted(found)
+
+    before = cores()
+    assert len(before) == 2, before
+    os.kill(before[0], signal.SIGKILL)
+    body = {"model": "tiny", "prompt": "Now", "max_tokens": 4, "temperature": 0}
+    statuses, served_by = [], set()
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, (statuses[-20:], served_by, cores())
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        statuses.append(r.status_code)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            served_by.add(r.headers["x-matta-replica"])
+        live = cores()
+        if len(live) == 2 and before[0] not in live and len(served_by) >= 2 and statuses[-4:] == [200] * 4:
+            break
+        time.sleep(0.1)
+    assert statuses.count(200) > statuses.count(503)  # the other replica served meanwhile
+    status = serve.status().applications["matta"].deployments["MattaDeployment"].replica_states
+    assert status.get("RUNNING") == 2, status

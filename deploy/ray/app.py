@@ -14,7 +14,9 @@ caps a replica at ``max_ongoing_requests`` (excess requests queue in the Ray pro
 ``max_queued_requests`` are refused with 503), and autoscales on ongoing requests. Inside a
 replica the matta engine still batches continuously and its own queue answers 429 when full.
 ``/metrics`` through the Ray proxy shows the replica that served that scrape; scrape replicas
-directly, or Ray's own metrics endpoint, for a cluster view.
+directly, or Ray's own metrics endpoint, for a cluster view. A replica whose engine core died fails
+Ray's health check (``check_health``) until its core is restarted; Ray replaces it if that takes
+longer than its health checks allow.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class MattaDeployment:
             name = load_experiment(settings.experiment).name
             settings = settings.model_copy(update={"ab_db": default_shard_path(name, self.ab_dir)})
         app = build_app(settings)
+        self.engine = app.state.engine
         replica = serve.get_replica_context().replica_id.unique_id
 
         @app.middleware("http")
@@ -70,10 +73,19 @@ class MattaDeployment:
 
         return app
 
+    def check_health(self) -> None:
+        """Ray Serve's health check (every ``health_check_period_s``): fails while the replica's engine
+        core is dead (restarting, or the replica on its way out), so Ray takes the replica out of
+        rotation and replaces it unless its core is back first."""
+        error = getattr(getattr(self, "engine", None), "health_error", None)
+        if error is not None:
+            raise RuntimeError(error)
+
 
 def build(args: dict) -> serve.Application:
     """Application builder for ``serve run`` / ``serve deploy``: ``args`` are ServeSettings fields and
-    ``ab_dir``, plus ``num_replicas`` (an int) or ``autoscaling`` (a Ray autoscaling_config dict).
+    ``ab_dir``, plus ``num_replicas`` (an int) or ``autoscaling`` (a Ray autoscaling_config dict), and
+    Ray's ``health_check_period_s`` / ``health_check_timeout_s`` (seconds; see ``check_health``).
     Invalid settings fail here, before any replica starts, with the field named."""
     args = dict(args)
     options = {}
@@ -81,6 +93,9 @@ def build(args: dict) -> serve.Application:
         options["num_replicas"] = int(args.pop("num_replicas"))
     if "autoscaling" in args:
         options["autoscaling_config"] = args.pop("autoscaling")
+    for key in ("health_check_period_s", "health_check_timeout_s"):
+        if key in args:
+            options[key] = float(args.pop(key))
     settings = {k: v for k, v in args.items() if k != "ab_dir"}
     settings_from(ServeSettings, {"threads": REPLICA_THREADS, **settings}, source="Ray Serve app arguments")
     deployment = MattaDeployment.options(**options) if options else MattaDeployment
