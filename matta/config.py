@@ -16,7 +16,7 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
 """Architecture families: GPT-2, and the Llama family, exported as HF Llama / Qwen2 / Mistral."""
-_LLAMA_FIELDS = ("n_kv_head", "rope_theta", "rope_scaling", "qkv_bias", "tie_embeddings", "bos_token_id")
+LLAMA_ONLY_FIELDS = ("n_kv_head", "rope_theta", "rope_scaling", "qkv_bias", "tie_embeddings", "bos_token_id")
 ROPE_TYPES = ("default", "linear", "llama3")
 """HF rope_scaling types the model implements; others (yarn, dynamic, longrope, ...) are refused."""
 
@@ -116,7 +116,7 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; known: {list(FAMILIES)}")
         if self.family == "gpt2":
-            defaults = {f.name: f.default for f in fields(self) if f.name in _LLAMA_FIELDS}
+            defaults = {f.name: f.default for f in fields(self) if f.name in LLAMA_ONLY_FIELDS}
             changed = sorted(k for k, v in defaults.items() if getattr(self, k) != v)
             if changed:
                 raise ValueError(f"{changed} apply to the Llama family only; family is 'gpt2'")
@@ -257,7 +257,7 @@ class ModelConfig:
         checkpoints stay readable by versions that predate them."""
         data = asdict(self)
         if not self.is_llama:
-            for key in ("family", *_LLAMA_FIELDS):
+            for key in ("family", *LLAMA_ONLY_FIELDS):
                 data.pop(key)
         return data
 

@@ -30,6 +30,9 @@ _CHAT_ONLY = {"messages", "max_tokens", "max_completion_tokens", "logprobs", "to
               "tools", "tool_choice", "response_format", "add_generation_prompt", "chat_template_kwargs"}
 
 
+_Ms = Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -80,14 +83,12 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: JsonFloat = Field(0.0, json_schema_extra={"enum": [0]})
     frequency_penalty: JsonFloat = Field(0.0, json_schema_extra={"enum": [0]})
     tools: list[Any] | None = Field(None, json_schema_extra={"enum": [None]})
-    # matta extensions, as on completions
-    latency_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
-        None, description="end-to-end latency target (ms) the scheduler tries to meet")
-    ttft_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
-        None, description="time-to-first-token target (ms)")
-    tpot_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
-        None, description="time-per-output-token target (ms)")
-    width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
+    # matta extensions, as on completions (CompletionRequest's descriptions); extensions added there
+    # later reach the completion path as extra fields even before they are declared here
+    latency_slo_ms: _Ms = Field(None, description=CompletionRequest.model_fields["latency_slo_ms"].description)
+    ttft_slo_ms: _Ms = Field(None, description=CompletionRequest.model_fields["ttft_slo_ms"].description)
+    tpot_slo_ms: _Ms = Field(None, description=CompletionRequest.model_fields["tpot_slo_ms"].description)
+    width: str | None = Field(None, description=CompletionRequest.model_fields["width"].description)
 
     _unicode = field_validator("model", "stop", "user", "width")(_valid_unicode)
 

@@ -130,6 +130,12 @@ def test_openai_client_chat_with_and_without_stream_equals_hf_generate(llama_ckp
             assert stopped.choices[0].finish_reason == "stop"
         bad = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny-qwen", "messages": []})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny-qwen", "messages": messages,
+                                                                    "ttft_slo_ms": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "ttft_slo_ms"
+        slo = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "model": "tiny-qwen", "messages": messages, "max_tokens": 2, "ttft_slo_ms": 60000, "tpot_slo_ms": 60000})
+        assert slo.status_code == 200 and slo.json()["object"] == "chat.completion"
         unknown = httpx.post(f"{server.url}/v1/chat/completions",
                              json={"model": "tiny-qwen:xl", "messages": messages})
         assert unknown.status_code == 404
