@@ -26,16 +26,8 @@ from benchmarks.harness import ServerThread, metric
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
 from serving.app import build_app
-from serving.compiled import (
-    ARTIFACT_MAGIC,
-    DecodeSteps,
-    artifact_path,
-    cache_dir_for,
-    read_artifact,
-    representative_rows,
-    rows_signature,
-    temporary_path,
-)
+from serving.compile_cache import ARTIFACT_MAGIC, artifact_path, cache_dir_for, read_artifact, temporary_path
+from serving.compiled import DecodeSteps, representative_rows, rows_signature
 from serving.core_protocol import Sampling
 from serving.engine import Engine
 from serving.settings import ServeSettings

@@ -22,7 +22,8 @@ from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.model import NestedGPT, StaticKVCache
 from serving.app import build_app
-from serving.compiled import DecodeSteps, cache_dir_for, decode_logits, representative_rows, rows_signature, step_inputs
+from serving.compile_cache import cache_dir_for
+from serving.compiled import DecodeSteps, decode_logits, representative_rows, rows_signature, step_inputs
 from serving.core_protocol import Sampling
 from serving.engine import Engine
 from serving.settings import ServeSettings
