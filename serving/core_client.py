@@ -205,7 +205,7 @@ class EngineCoreClient:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
-               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None) -> RequestStream:
+               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True) -> RequestStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
         widths = (widths,) if isinstance(widths, str) else tuple(widths)
         unknown = [w for w in widths if w not in self.config.served_widths]
@@ -216,16 +216,16 @@ class EngineCoreClient:
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
         request_id = next(self._ids)
-        stream = RequestStream(len(prompts), lambda: self.cancel(request_id), lambda: self._finished(request_id))
-        self._streams[request_id] = (stream, len(prompts))
+        events = RequestStream(len(prompts), lambda: self.cancel(request_id), lambda: self._finished(request_id))
+        self._streams[request_id] = (events, len(prompts))
         add = msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
-                      arrival if arrival is not None else time.monotonic())
+                      arrival if arrival is not None else time.monotonic(), stream)
         try:
             self._input.send(msg.encoder.encode(add))
         except zmq.Again:  # the core died a moment ago (the reader has not seen it yet), or is swamped
             self._streams.pop(request_id, None)
             raise EngineStoppedError("the engine core is not taking requests (it may have died); retry") from None
-        return stream
+        return events
 
     def cancel(self, request_id: int) -> None:
         """Free a request's slots in the core (idempotent; a finished request is already free)."""

@@ -62,6 +62,9 @@ class Add(msgspec.Struct, tag=True, frozen=True):
     """Queue one sequence per prompt of request ``request_id``, all or none.
 
     ``widths`` (narrowest first) are the widths the scheduler may serve it at; one width pins it.
+    ``stream``: an output per token; otherwise a sequence's first token (it names the width) and
+    then everything else at its end, so a whole answer costs the API process two messages, not one
+    per token.
     """
 
     request_id: int
@@ -70,6 +73,7 @@ class Add(msgspec.Struct, tag=True, frozen=True):
     sampling: Sampling
     slo: Slo = NO_SLO
     arrival: float = 0.0  # time.monotonic() the request arrived (0: when the core read it)
+    stream: bool = True
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

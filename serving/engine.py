@@ -101,7 +101,7 @@ class EngineCore:
         for seq, prompt in zip(seqs, request.prompts, strict=True):
             self._seqs[seq.seq_id] = seq
             self._prompts[seq.seq_id] = (list(prompt), request.sampling)
-            self.output.add(seq.seq_id, request.request_id, seq.index, len(prompt), request.sampling)
+            self.output.add(seq.seq_id, request.request_id, seq.index, len(prompt), request.sampling, request.stream)
         self._requests[request.request_id] = seqs
         return []
 
@@ -204,6 +204,8 @@ class EngineCore:
                 out = self.output.token(seq.seq_id, result.token, result.logprob, now, seq.width,
                                         result.prompt_logprobs, seq.predicted_s if first else None, queue_s)
                 self.scheduler.update(seq, 1, now)
+            if out is None:  # kept for the sequence's last output (not streamed)
+                continue
             outputs.append(out)
             if out.finish_reason is not None:
                 done.append(seq)
@@ -314,7 +316,7 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
-               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None) -> RequestStream:
+               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True) -> RequestStream:
         """Queue one sequence per prompt (all or none) at one of ``widths`` (narrowest first; a
         string pins it); call from the asyncio loop that consumes the stream. ValueError for input
         the model cannot take, :class:`EngineStoppedError` when stopping; a full queue or a shed
@@ -324,12 +326,12 @@ class Engine:
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
         request_id = next(self._ids)
-        stream = RequestStream(len(prompts), lambda: self._send(msg.Cancel(request_id)),
+        events = RequestStream(len(prompts), lambda: self._send(msg.Cancel(request_id)),
                                lambda: self._streams.pop(request_id, None))
-        self._streams[request_id] = (stream, asyncio.get_running_loop())
+        self._streams[request_id] = (events, asyncio.get_running_loop())
         self._send(msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
-                           arrival if arrival is not None else time.monotonic()))
-        return stream
+                           arrival if arrival is not None else time.monotonic(), stream))
+        return events
 
     def _send(self, message: msg.CoreInput) -> None:
         with self._cond:

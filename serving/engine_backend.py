@@ -129,7 +129,8 @@ class EngineBackend:
             prompt_logprobs=body.echo and body.logprobs is not None)
         retry = {"retry-after": str(self.retry_after_s)}
         try:
-            events = self.engine.submit([p.ids for p in prompts.payload], widths, params, slo)
+            # A plain (not streamed) answer needs its first token (the width) and its end only.
+            events = self.engine.submit([p.ids for p in prompts.payload], widths, params, slo, stream=body.stream)
         except EngineStoppedError as exc:
             raise APIError(503, str(exc), type_="service_unavailable", code="shutting_down", headers=retry) from exc
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)

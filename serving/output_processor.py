@@ -23,9 +23,12 @@ class _Text:
     prompt_tokens: int
     sampling: Sampling
     detok: IncrementalDetokenizer
+    stream: bool = True  # an output per token; else the first token's, then one at the end
     text: str = ""
     emitted: int = 0  # characters of ``text`` already sent
     tokens: int = 0
+    unsent: list[int] = field(default_factory=list)  # token ids not sent yet (not streamed)
+    unsent_logprobs: list[Logprob] = field(default_factory=list)
 
 
 @dataclass
@@ -37,13 +40,16 @@ class OutputProcessor:
     n_ctx: int
     _seqs: dict[int, _Text] = field(default_factory=dict)
 
-    def add(self, seq_id: int, request_id: int, index: int, prompt_tokens: int, sampling: Sampling) -> None:
-        self._seqs[seq_id] = _Text(request_id, index, prompt_tokens, sampling, IncrementalDetokenizer(self.tokenizer))
+    def add(self, seq_id: int, request_id: int, index: int, prompt_tokens: int, sampling: Sampling,
+            stream: bool = True) -> None:
+        self._seqs[seq_id] = _Text(request_id, index, prompt_tokens, sampling, IncrementalDetokenizer(self.tokenizer),
+                                   stream)
 
     def token(self, seq_id: int, token: int, logprob: Logprob | None, now: float, width: str,
               prompt_logprobs: list[Logprob] | None = None, predicted_s: float | None = None,
-              queue_s: float = 0.0) -> SequenceOutput:
-        """Append one sampled token; the output says whether the sequence finished (and why)."""
+              queue_s: float = 0.0) -> SequenceOutput | None:
+        """Append one sampled token; the output says whether the sequence finished (and why). None:
+        a sequence that is not streamed keeps its tokens until it finishes (its first token excepted)."""
         seq = self._seqs[seq_id]
         seq.tokens += 1
         p = seq.sampling
@@ -64,6 +70,11 @@ class OutputProcessor:
             if hits:
                 seq.text = seq.text[: min(hits)]
                 finish = "stop"
+        if finish is None and not seq.stream and seq.tokens > 1:
+            seq.unsent.append(token)
+            if logprob is not None:
+                seq.unsent_logprobs.append(logprob)
+            return None
         if finish is None:
             holdback = max((len(s) for s in p.stop), default=1) - 1  # a tail that could grow into a stop string
             end = max(seq.emitted, len(seq.text) - holdback)
@@ -71,10 +82,12 @@ class OutputProcessor:
             end = len(seq.text)
         text = seq.text[seq.emitted:end]
         seq.emitted = end
+        token_ids, logprobs = [*seq.unsent, token], [*seq.unsent_logprobs, *([logprob] if logprob is not None else [])]
+        seq.unsent, seq.unsent_logprobs = [], []
         if finish is not None:
             del self._seqs[seq_id]
-        return SequenceOutput(seq.request_id, seq.index, [token], text, now,
-                              [logprob] if logprob is not None else None, prompt_logprobs, finish,
+        return SequenceOutput(seq.request_id, seq.index, token_ids, text, now,
+                              logprobs if p.logprobs is not None else None, prompt_logprobs, finish,
                               seq.prompt_tokens, seq.tokens, queue_s if finish else 0.0, width, predicted_s)
 
     def finish(self, seq_id: int, reason: str, now: float, width: str | None = None,

@@ -193,7 +193,7 @@ class ResponseWriter:
         if delta.tokens:
             if choice.first_token_at is None:
                 choice.first_token_at = delta.time
-            else:
+            elif delta.tokens == 1:  # a plain answer's tokens after its first come as one delta: no gap to see
                 self.metrics.inter_token_latency.labels(width).observe(delta.time - choice.last_token_at)
             choice.last_token_at = delta.time
             choice.tokens += delta.tokens

@@ -305,3 +305,23 @@ def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
     crowd = sample_rows(logits.repeat(4, 1), [Sampling(temperature=1.0)] * 4,
                         [None, torch.Generator().manual_seed(3), None, None])
     assert int(alone[0]) == int(crowd[1])
+
+
+def test_a_plain_answer_comes_as_its_first_token_and_one_final_output_with_the_same_text(engine, tokenizer):
+    """Not streamed: two outputs per sequence (the first names the width), holding exactly the tokens,
+    text and logprobs the streamed outputs hold, stop strings included."""
+    ids = tokenizer.encode("Now is the winter")
+    params = Sampling(max_tokens=20, temperature=0.0, logprobs=2)
+
+    async def outputs(stream: bool):
+        return [o async for _, o in engine.submit([ids], "m", params, stream=stream)]
+
+    async def main():
+        return await outputs(True), await outputs(False)
+
+    streamed, plain = asyncio.run(main())
+    assert len(streamed) == 20 and len(plain) == 2 and plain[0].width == "m"
+    for key in ("token_ids", "logprobs"):
+        assert sum((getattr(o, key) for o in plain), []) == sum((getattr(o, key) for o in streamed), [])
+    assert "".join(o.text for o in plain) == "".join(o.text for o in streamed)
+    assert plain[-1].finish_reason == streamed[-1].finish_reason == "length"
