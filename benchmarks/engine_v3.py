@@ -192,7 +192,8 @@ def plot(results: dict, path: Path) -> None:
             modes = list(data)
             for k, (key, color) in enumerate((("within_slo", "tab:green"), ("late", "tab:red"), ("refused", "tab:gray"))):
                 ax.bar(np.arange(len(modes)) + 0.27 * (k - 1), [data[m][key] for m in modes], 0.27, label=key, color=color)
-            ax.set_xticks(range(len(modes)), [f"--compile {m}" for m in modes])
+            ax.set_xticks(range(len(modes)), modes)
+            ax.set_xlabel("--compile")
             ax.set_title("48-request burst, SLO 4x Student solo, --shed")
             ax.set_ylabel("requests")
         elif name == "startup":
