@@ -322,6 +322,6 @@ def test_a_plain_answer_comes_as_its_first_token_and_one_final_output_with_the_s
     streamed, plain = asyncio.run(main())
     assert len(streamed) == 20 and len(plain) == 2 and plain[0].width == "m"
     for key in ("token_ids", "logprobs"):
-        assert sum((getattr(o, key) for o in plain), []) == sum((getattr(o, key) for o in streamed), [])
+        assert [x for o in plain for x in getattr(o, key)] == [x for o in streamed for x in getattr(o, key)]
     assert "".join(o.text for o in plain) == "".join(o.text for o in streamed)
     assert plain[-1].finish_reason == streamed[-1].finish_reason == "length"
