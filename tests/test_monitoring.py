@@ -43,7 +43,8 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
 
 
 def send_traffic(url: str) -> dict[str, int]:
-    """Two requests met, one shed (its SLO is 10 us), one feedback: every `matta_` family gets a series.
+    """Three requests met (one streamed), one shed (its SLO is 10 us), one feedback: every `matta_`
+    family gets a series.
 
     Returns the expected ``matta_requests_total`` by status.
     """
@@ -58,9 +59,14 @@ def send_traffic(url: str) -> dict[str, int]:
         r = client.post("/v1/completions", json={"model": model, "prompt": "To be", "max_tokens": 64,
                                                  "latency_slo_ms": 0.01, "user": "u3"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "slo_unattainable", r.text
+        # Streamed, so the per-token metrics (inter-token latency) get series: a plain answer's tokens
+        # after its first come in one output.
+        with client.stream("POST", "/v1/completions", json={"model": model, "prompt": "To be", "max_tokens": 4,
+                                                             "latency_slo_ms": 60_000, "stream": True}) as r:
+            assert r.status_code == 200 and [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
         r = client.post("/v1/feedback", json={"request_id": ids[0], "metric": "success", "value": 1})
         assert r.status_code == 200, r.text
-    return {"200": 2, "429": 1}
+    return {"200": 3, "429": 1}
 
 
 def write_profile(widths: list[str], path: Path) -> Path:

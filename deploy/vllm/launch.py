@@ -63,7 +63,8 @@ def vllm_command(model_dir: str | Path, served_model_name: str, port: int, *, ho
         "--model", str(model_dir), "--served-model-name", served_model_name,
         "--host", host, "--port", str(port),
         "--dtype", "float32",
-        "--max-model-len", str(max_model_len or config["n_positions"]),
+        # GPT-2 names the context n_positions, the Llama family max_position_embeddings.
+        "--max-model-len", str(max_model_len or config.get("n_positions") or config["max_position_embeddings"]),
         # No torch.compile/inductor: tens of seconds of start-up for a model this small.
         "--enforce-eager",
         "--kv-cache-memory-bytes", str(kv_cache_bytes),
