@@ -143,3 +143,15 @@ def make_hf_dir(path, kind: str, n_ctx: int = 128, seed: int = 0):
     model.save_pretrained(path, safe_serialization=True)
     hf_tok.save_pretrained(path)
     return path, model
+
+
+async def generate_tokens(engine, cases, params) -> list[list[int]]:
+    """The token ids an engine generates for each (prompt text, width) case, all submitted at once."""
+    streams = [engine.submit([engine.tokenizer.encode(p)], w, params) for p, w in cases]
+    results = []
+    for stream in streams:
+        tokens = []
+        async for _, out in stream:
+            tokens += out.token_ids
+        results.append(tokens)
+    return results

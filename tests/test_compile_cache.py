@@ -31,7 +31,7 @@ from serving.compiled import DecodeSteps, representative_rows, rows_signature
 from serving.core_protocol import Sampling
 from serving.engine import Engine
 from serving.settings import ServeSettings
-from tests.helpers import sharpen, tiny_config
+from tests.helpers import generate_tokens, sharpen, tiny_config
 
 MAX_BATCH = 4
 GREEDY = Sampling(max_tokens=6, temperature=0.0)
@@ -166,20 +166,9 @@ def test_require_with_a_bad_artifact_compiles_it_again_and_a_full_disk_leaves_it
     engine = Engine(model, tokenizer, max_batch=MAX_BATCH, steps=steps)
     engine.start()
     try:
-        results = asyncio.run(_generate(engine, tokenizer))
+        results = asyncio.run(generate_tokens(engine, [(p, "s") for p in PROMPTS], GREEDY))
     finally:
         engine.stop()
     for prompt, tokens in zip(PROMPTS, results, strict=True):
         assert tokens == model.generate_greedy(tokenizer.encode(prompt), GREEDY.max_tokens, width="s")
     assert engine.stats().eager_steps > 0 and engine.stats().compiled_steps == 0
-
-
-async def _generate(engine, tokenizer) -> list[list[int]]:
-    streams = [engine.submit([tokenizer.encode(p)], "s", GREEDY) for p in PROMPTS]
-    results = []
-    for stream in streams:
-        tokens = []
-        async for _, event in stream:
-            tokens += event.token_ids
-        results.append(tokens)
-    return results

@@ -27,7 +27,7 @@ from serving.compiled import DecodeSteps, decode_logits, representative_rows, ro
 from serving.core_protocol import Sampling
 from serving.engine import Engine
 from serving.settings import ServeSettings
-from tests.helpers import REPO, sharpen, tiny_config
+from tests.helpers import REPO, generate_tokens, sharpen, tiny_config
 
 GREEDY = Sampling(max_tokens=12, temperature=0.0)
 PROMPTS = ["Now is the winter", "To be, or not to be", "Friends, Romans", "O Romeo", "All the world", "Is this"]
@@ -61,7 +61,7 @@ def test_compile_off_runs_every_step_eager(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=4)
     engine.start()
     try:
-        asyncio.run(_generate(engine, [("Now is", "s"), ("To be", "ta")]))
+        asyncio.run(generate_tokens(engine, [("Now is", "s"), ("To be", "ta")], GREEDY))
     finally:
         engine.stop()
     stats = engine.stats()
@@ -96,7 +96,7 @@ def test_a_failing_compile_worker_leaves_the_engine_serving_eager(two_widths, to
         while steps.status.error is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "the compile worker exited with code" in (steps.status.error or "")
-        results = asyncio.run(_generate(engine, [("Now is", "s"), ("To be", "ta")]))
+        results = asyncio.run(generate_tokens(engine, [("Now is", "s"), ("To be", "ta")], GREEDY))
     finally:
         engine.stop()
     for (prompt, width), tokens in zip([("Now is", "s"), ("To be", "ta")], results, strict=True):
@@ -207,7 +207,7 @@ def _generations_match_greedy(model, tokenizer, steps, cases) -> Engine:
     engine = Engine(model, tokenizer, max_batch=8, steps=steps)
     engine.start()
     try:
-        results = asyncio.run(_generate(engine, cases))
+        results = asyncio.run(generate_tokens(engine, cases, GREEDY))
     finally:
         engine.stop()
     for (prompt, width), tokens in zip(cases, results, strict=True):
@@ -220,17 +220,6 @@ def _compiled_steps(client) -> float:
         if line.startswith('matta_decode_steps_total{path="compiled"}'):
             return float(line.split()[-1])
     raise AssertionError("no matta_decode_steps_total{path=compiled} in /metrics")
-
-
-async def _generate(engine, cases):
-    streams = [engine.submit([engine.tokenizer.encode(p)], w, GREEDY) for p, w in cases]
-    results = []
-    for stream in streams:
-        tokens = []
-        async for _, event in stream:
-            tokens += event.token_ids
-        results.append(tokens)
-    return results
 
 
 @pytest.mark.slow
