@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matta.config import ModelConfig
-from matta.model import NestedDecoder, NestedFFN, NestedGPT, attend, extend_cache
+from matta.model import Block, NestedDecoder, NestedFFN, NestedGPT, attend, extend_cache
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -103,19 +103,10 @@ class NestedSwiGLU(NestedFFN):
         return (self.gate_weight, self.up_weight, self.down_weight)
 
 
-class LlamaBlock(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = GroupedQueryAttention(config)
-        self.ln_2 = nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = NestedSwiGLU(config)
-
-    def forward(self, x, width, attn_mask, past, static=None, rope=None):
-        attn_out, present = self.attn(self.ln_1(x), attn_mask, past, static, rope)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x), width)
-        return x, present
+class LlamaBlock(Block):
+    norm = nn.RMSNorm
+    attention = GroupedQueryAttention
+    ffn = NestedSwiGLU
 
 
 class NestedLlama(NestedDecoder):

@@ -132,8 +132,10 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         static: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        rope: object = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``static`` = (key buffer, value buffer, filled length): write this step in place, attend to views."""
+        """``static`` = (key buffer, value buffer, filled length): write this step in place, attend to views.
+        ``rope`` is unused: GPT-2 adds learned positions to the embeddings instead."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -253,15 +255,21 @@ class NestedMLP(NestedFFN):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block; an architecture's block names its norm, attention and FFN."""
+
+    norm: type[nn.Module] = nn.LayerNorm
+    attention: type[nn.Module] = CausalSelfAttention
+    ffn: type[nn.Module] = NestedMLP
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = NestedMLP(config)
+        self.ln_1 = self.norm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = self.attention(config)
+        self.ln_2 = self.norm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = self.ffn(config)
 
     def forward(self, x, width, attn_mask, past, static=None, rope=None):
-        attn_out, present = self.attn(self.ln_1(x), attn_mask, past, static)
+        attn_out, present = self.attn(self.ln_1(x), attn_mask, past, static, rope)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x), width)
         return x, present
