@@ -45,7 +45,7 @@ import httpx
 from benchmarks.harness import SHAPE_BUILDERS, VLLM_VENV, Server, VLLMServer, make_prompts, metric, saturate
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.hf import export_width
-from serving.core_protocol import BUSY_PHASES
+from serving.messages import BUSY_PHASES
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = ("shipped", "gpt2-small", "smollm-135m")

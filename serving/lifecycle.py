@@ -1,7 +1,7 @@
 """Child processes that die with their parent, in every phase of their life.
 
-The engine core (``python -m serving.core``) and the background compile worker (``python -m
-serving.compiled``) are children that must never outlive the process that started them: an
+The engine core (``python -m serving.engine.core_process``) and the background compile worker
+(``python -m serving.worker.compile_worker``) are children that must never outlive the process that started them: an
 orphaned core compiling at start-up held its cores for 13+ minutes after ``matta serve`` was
 killed, because the only check (the parent pid changing) ran in the serve loop.
 

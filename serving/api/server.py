@@ -1,7 +1,7 @@
 """Running a front-end app (``matta serve`` or ``matta route``) on a socket: one way to start, reload and drain.
 
 :func:`run` binds (``port=0`` picks a free port, printed before anything is served), runs
-uvicorn with the request-head deadline and size bound (:mod:`serving.connection`) until SIGTERM/SIGINT, then
+uvicorn with the request-head deadline and size bound (:mod:`serving.api.connection`) until SIGTERM/SIGINT, then
 drains: it stops accepting, lets in-flight requests finish within the settings'
 ``shutdown_timeout_s``, stops the backend, and returns 0. SIGHUP re-reads the A/B experiment file.
 """
@@ -16,8 +16,8 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from serving.ab_routes import describe
-from serving.connection import head_deadline_protocol
+from serving.api.ab_routes import describe
+from serving.api.connection import head_deadline_protocol
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
