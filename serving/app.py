@@ -41,7 +41,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   threads=settings.threads or default_torch_threads(), profile=settings.profile,
                                   measure_profile=needs_cost_model(settings),
                                   compile=settings.compile, compile_cache=settings.compile_cache,
-                                  on_core_death=settings.on_core_death)
+                                  on_core_death=settings.on_core_death,
+                                  width_changes=settings.width_changes == "on")
         check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device)
@@ -49,7 +50,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
         steps = DecodeSteps(ckpt.model, settings.compile, max_batch=settings.max_batch,
                             cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        latency=latency, steps=steps)
+                        latency=latency, steps=steps, width_changes=settings.width_changes == "on")
     backend = EngineBackend(engine, ckpt.tokenizer, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",

@@ -64,7 +64,8 @@ class Add(msgspec.Struct, tag=True, frozen=True):
     ``widths`` (narrowest first) are the widths the scheduler may serve it at; one width pins it.
     ``stream``: an output per token; otherwise a sequence's first token (it names the width) and
     then everything else at its end, so a whole answer costs the API process two messages, not one
-    per token.
+    per token. ``width_changes``: the scheduler may change the width of its running sequences
+    (when the server allows it; a pinned request never changes).
     """
 
     request_id: int
@@ -74,6 +75,7 @@ class Add(msgspec.Struct, tag=True, frozen=True):
     slo: Slo = NO_SLO
     arrival: float = 0.0  # time.monotonic() the request arrived (0: when the core read it)
     stream: bool = True
+    width_changes: bool = True
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -114,8 +116,9 @@ class SequenceOutput(msgspec.Struct, array_like=True, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float = 0.0  # arrival -> admitted (final output only)
-    width: str | None = None  # the width the sequence is served at (chosen at dispatch)
+    width: str | None = None  # the width the sequence is served at now (chosen at dispatch, changed mid-generation)
     predicted_s: float | None = None  # the scheduler's predicted arrival -> last token, at admission
+    widths: list[tuple[str, int]] | None = None  # final output: every (width, first token generated at it)
 
 
 BUSY_PHASES = ("prefill", "decode", "swap_in")  # where the core's iterations spend their time
@@ -148,6 +151,7 @@ class Load(msgspec.Struct, frozen=True):
     swap_ins_deferred: int = 0  # iterations that kept a compiled step waiting to protect a deadline
     compile_faults: dict[str, int] = {}  # compile-cache faults by kind (serving/worker/compiled.py)
     core_restarts: int = 0  # engine cores started again after one died (counted by the API process's client)
+    width_changes: dict[str, int] = {}  # "from->to" -> running sequences whose width the scheduler changed
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

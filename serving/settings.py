@@ -118,6 +118,11 @@ class ServeSettings(FrontendSettings):
                                                         "the HTTP loop)")
     profile: Path | None = Field(None, description="latency profile from `matta profile` (default: measured at "
                                                    "start-up when a policy needs one)")
+    # On by default: under the bursty trace and a burst over long sequences it served more requests
+    # within their SLO at no loss of quality (docs/width_changes.md).
+    width_changes: Literal["on", "off"] = Field(
+        "on", description="running sequences may change width mid-generation (narrow under a burst, widen when it "
+                          "passes; a pinned request or one with width_changes false never does)")
 
 
 class BackendSpec(BaseModel):

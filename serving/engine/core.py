@@ -1,10 +1,11 @@
 """The engine: one loop, on one thread, over the scheduler, the model runner and the output processor.
 
 :class:`EngineCore` is one iteration at a time, as vLLM V1's core: **schedule** (the scheduler
-decides refusals, admissions with their widths and swap-ins, :mod:`serving.engine.scheduler`) -> **run**
-(the model runner prefills and decodes, :mod:`serving.worker.model_runner`) -> **update** (tokens become
-text and finish reasons, :mod:`serving.engine.output_processor`; the latency model learns what the step
-cost on the path it ran) -> **send** (the caller ships the outputs and the one load view).
+decides refusals, admissions with their widths, width changes of running sequences and swap-ins,
+:mod:`serving.engine.scheduler`) -> **run** (the model runner prefills and decodes,
+:mod:`serving.worker.model_runner`) -> **update** (tokens become text and finish reasons,
+:mod:`serving.engine.output_processor`; the latency model learns what the step cost on the path
+it ran) -> **send** (the caller ships the outputs and the one load view).
 
 The engine-core process (:mod:`serving.engine.core_process`) runs that loop on its main thread between reads of
 its socket; :class:`Engine` runs the same loop on a thread of the server process (``--engine
@@ -45,16 +46,18 @@ class EngineCore:
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
         """``latency``, when given, prices every decision (admission, width, refusal, swap-in) and is
-        told what every step cost; without it the engine admits first come, first served."""
+        told what every step cost; without it the engine admits first come, first served.
+        ``width_changes``: running sequences may change width (``--width-changes``)."""
         self.config = model.config
         self.runner = ModelRunner(model, steps)
         self.steps = self.runner.steps
         self.latency = latency
         sizes = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
         self.scheduler = Scheduler(self.config.served_widths, sizes, max_batch=max_batch, max_queue=max_queue,
-                                   latency=latency, path_of=self.runner.path_of, margin=margin)
+                                   latency=latency, path_of=self.runner.path_of, margin=margin,
+                                   width_changes=width_changes)
         self.output = OutputProcessor(tokenizer, self.config.eos_token_id, self.config.n_ctx)
         self._seqs: dict[int, SeqState] = {}
         self._prompts: dict[int, tuple[list[int], msg.Sampling]] = {}
@@ -92,7 +95,7 @@ class EngineCore:
         try:
             self.validate(request.prompts, request.widths)
             seqs = self.scheduler.add(request.request_id, [len(p) for p in request.prompts], budgets,
-                                      request.widths, request.slo, arrival)
+                                      request.widths, request.slo, arrival, request.width_changes)
         except (QueueFullError, ValueError) as exc:
             reason = "queue_full" if isinstance(exc, QueueFullError) else "abort"
             log.info("request %d refused: %s", request.request_id, exc)
@@ -140,6 +143,8 @@ class EngineCore:
         outputs = [self.output.finish(s.seq_id, "shed", now) for s in plan.shed]
         for seq in plan.shed:
             self._forget(seq)
+        if plan.changes:  # the rows continue at their new widths on the caches they have
+            self.runner.set_widths({seq.seq_id: new for seq, _, new in plan.changes})
         swap_s = 0.0
         if plan.swap_in:
             swapping = time.perf_counter()
@@ -202,7 +207,8 @@ class EngineCore:
                 out = self.output.finish(seq.seq_id, "length", now, seq.width, result.prompt_logprobs, queue_s)
             else:
                 out = self.output.token(seq.seq_id, result.token, result.logprob, now, seq.width,
-                                        result.prompt_logprobs, seq.predicted_s if first else None, queue_s)
+                                        result.prompt_logprobs, seq.predicted_s if first else None, queue_s,
+                                        seq.steps)
                 self.scheduler.update(seq, 1, now)
             if out is None:  # kept for the sequence's last output (not streamed)
                 continue
@@ -217,7 +223,7 @@ class EngineCore:
         """End sequences the engine cannot finish (stopping, or a failed step), telling their clients."""
         now = time.monotonic()
         seqs = list(self.scheduler.running) + ([] if running_only else list(self.scheduler.waiting))
-        outputs = [self.output.finish(s.seq_id, "abort", now, s.width) for s in seqs]
+        outputs = [self.output.finish(s.seq_id, "abort", now, s.width, steps=s.steps) for s in seqs]
         self.runner.clear()
         for seq in seqs:
             seq.running = False
@@ -273,9 +279,9 @@ class Engine:
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
         self.core = EngineCore(model, tokenizer, max_batch=max_batch, max_queue=max_queue, latency=latency,
-                               steps=steps, margin=margin)
+                               steps=steps, margin=margin, width_changes=width_changes)
         self.config, self.tokenizer, self.latency, self.steps = model.config, tokenizer, latency, self.core.steps
         self.max_batch, self.max_queue = max_batch, max_queue
         self._cond = threading.Condition()
@@ -316,11 +322,13 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
-               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True) -> RequestStream:
+               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True,
+               width_changes: bool = True) -> RequestStream:
         """Queue one sequence per prompt (all or none) at one of ``widths`` (narrowest first; a
         string pins it); call from the asyncio loop that consumes the stream. ValueError for input
         the model cannot take, :class:`EngineStoppedError` when stopping; a full queue or a shed
-        request ends its stream with that finish reason."""
+        request ends its stream with that finish reason. ``width_changes``: the scheduler may
+        change its width while it runs."""
         widths = (widths,) if isinstance(widths, str) else tuple(widths)
         self.core.validate(prompts, widths)
         if self._stopping:
@@ -330,7 +338,7 @@ class Engine:
                                lambda: self._streams.pop(request_id, None))
         self._streams[request_id] = (events, asyncio.get_running_loop())
         self._send(msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
-                           arrival if arrival is not None else time.monotonic(), stream))
+                           arrival if arrival is not None else time.monotonic(), stream, width_changes))
         return events
 
     def _send(self, message: msg.CoreInput) -> None:

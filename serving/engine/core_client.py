@@ -64,7 +64,7 @@ class EngineCoreClient:
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
                  threads: int, profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning",
-                 on_core_death: str = "restart") -> None:
+                 on_core_death: str = "restart", width_changes: bool = True) -> None:
         """``on_core_death``: what a core that dies while serving leads to (``ServeSettings.on_core_death``):
         ``"restart"`` a new core, with back-off, or ``"exit"`` of this process (SIGTERM to itself: the
         server drains what is left, and ``matta serve`` exits with :data:`CORE_DIED_EXIT_CODE`)."""
@@ -76,7 +76,7 @@ class EngineCoreClient:
         self._context = zmq.Context()
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--device", device, "--threads", str(threads),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", log_level]
-        cmd += ["--compile", compile]
+        cmd += ["--compile", compile, "--width-changes", "on" if width_changes else "off"]
         if compile_cache is not None:
             cmd += ["--compile-cache", str(compile_cache)]
         self._cmd, self._profile_args = cmd, []
@@ -205,7 +205,8 @@ class EngineCoreClient:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
-               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True) -> RequestStream:
+               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True,
+               width_changes: bool = True) -> RequestStream:
         """Send one request's prompts to the core; raises like :meth:`serving.engine.core.Engine.submit`."""
         widths = (widths,) if isinstance(widths, str) else tuple(widths)
         unknown = [w for w in widths if w not in self.config.served_widths]
@@ -219,7 +220,7 @@ class EngineCoreClient:
         events = RequestStream(len(prompts), lambda: self.cancel(request_id), lambda: self._finished(request_id))
         self._streams[request_id] = (events, len(prompts))
         add = msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
-                      arrival if arrival is not None else time.monotonic(), stream)
+                      arrival if arrival is not None else time.monotonic(), stream, width_changes)
         try:
             self._input.send(msg.encoder.encode(add))
         except zmq.Again:  # the core died a moment ago (the reader has not seen it yet), or is swamped

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.worker.compiled)")
     p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
+    p.add_argument("--width-changes", choices=("on", "off"), default="on",
+                   help="running sequences may change width (serving.engine.width_changes)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = DecodeSteps(ckpt.model, args.compile, max_batch=args.max_batch, cache_dir=args.compile_cache,
                             checkpoint=args.checkpoint)
         core = EngineCore(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                          latency=latency, steps=steps)
+                          latency=latency, steps=steps, width_changes=args.width_changes == "on")
         steps.start()  # the cached compiled steps load before Ready: none is swapped in under load
     except Exception as exc:  # told to the API process, which refuses to start with this message
         push.send(msg.encoder.encode(msg.Failed(f"{type(exc).__name__}: {exc}")))

@@ -47,9 +47,10 @@ class OutputProcessor:
 
     def token(self, seq_id: int, token: int, logprob: Logprob | None, now: float, width: str,
               prompt_logprobs: list[Logprob] | None = None, predicted_s: float | None = None,
-              queue_s: float = 0.0) -> SequenceOutput | None:
+              queue_s: float = 0.0, steps: list[tuple[str, int]] | None = None) -> SequenceOutput | None:
         """Append one sampled token; the output says whether the sequence finished (and why). None:
-        a sequence that is not streamed keeps its tokens until it finishes (its first token excepted)."""
+        a sequence that is not streamed keeps its tokens until it finishes (its first token excepted).
+        ``steps``: the widths it was served at so far (the final output carries them)."""
         seq = self._seqs[seq_id]
         seq.tokens += 1
         p = seq.sampling
@@ -88,17 +89,19 @@ class OutputProcessor:
             del self._seqs[seq_id]
         return SequenceOutput(seq.request_id, seq.index, token_ids, text, now,
                               logprobs if p.logprobs is not None else None, prompt_logprobs, finish,
-                              seq.prompt_tokens, seq.tokens, queue_s if finish else 0.0, width, predicted_s)
+                              seq.prompt_tokens, seq.tokens, queue_s if finish else 0.0, width, predicted_s,
+                              list(steps) if finish and steps else None)
 
     def finish(self, seq_id: int, reason: str, now: float, width: str | None = None,
-               prompt_logprobs: list[Logprob] | None = None, queue_s: float = 0.0) -> SequenceOutput | None:
+               prompt_logprobs: list[Logprob] | None = None, queue_s: float = 0.0,
+               steps: list[tuple[str, int]] | None = None) -> SequenceOutput | None:
         """End a sequence without a new token (refused, cancelled, aborted, or nothing to generate);
         None when it already ended."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return None
         return SequenceOutput(seq.request_id, seq.index, [], "", now, None, prompt_logprobs, reason,
-                              seq.prompt_tokens, seq.tokens, queue_s, width)
+                              seq.prompt_tokens, seq.tokens, queue_s, width, widths=list(steps) if steps else None)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs

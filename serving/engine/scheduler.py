@@ -20,7 +20,14 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    the batch's free slots taken by narrowest rows (a burst reaches the engine a few requests per
    iteration; the first ones must not take the width the rest of it needs) and the waiting
    sequences can still start in time at their narrowest.
-4. **Compiled steps.** A compiled decode step waiting to be swapped in is loaded only in an
+4. **Width changes mid-generation** (:mod:`serving.engine.width_changes`, unless the server runs
+   ``--width-changes off``). Running sequences narrow, widest first and one rung at a time, when
+   a promised one among them is predicted late, or when a promised waiting sequence could then
+   be admitted within its targets (step 2); a hopeless one is refused only if it misses even with
+   the running rows at the narrowest they may reach. With no one waiting, running sequences widen
+   one rung, earliest deadline first, while every promised target holds with headroom; pinned
+   and opted-out requests never change.
+5. **Compiled steps.** A compiled decode step waiting to be swapped in is loaded only in an
    iteration whose promised deadlines survive the pause it costs (measured, online); otherwise it
    waits. An idle engine loads everything waiting.
 
@@ -38,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from serving.engine import width_changes as changes_rule
 from serving.messages import Load, Slo
 
 INF = float("inf")
@@ -92,6 +100,10 @@ class SeqState:
     first_token_at: float | None = None
     predicted_s: float | None = None  # arrival -> last token, predicted at admission
     running: bool = False
+    changes: bool = False  # may change width while it runs (not pinned, nor opted out, and the server allows it)
+    steps: list[tuple[str, int]] = field(default_factory=list)  # (width, first token generated at it)
+    changed_at: int = 0  # tokens generated when its width last changed
+    widest: str | None = None  # the widest width it ran at (its cache was built mostly there)
     # What the scheduler aims at (the targets less the margin), set by Scheduler.add.
     aim_end: float = INF
     aim_first: float = INF
@@ -121,11 +133,13 @@ class SeqState:
 
 @dataclass
 class SchedulerOutput:
-    """What one iteration runs: the sequences admitted (with ``width`` set), the ones refused, and
-    how many compiled steps to swap in before running."""
+    """What one iteration runs: the sequences admitted (with ``width`` set), the ones refused, the
+    running ones whose width changes (sequence, from, to), and how many compiled steps to swap in
+    before running."""
 
     admitted: list[SeqState] = field(default_factory=list)
     shed: list[SeqState] = field(default_factory=list)
+    changes: list[tuple[SeqState, str, str]] = field(default_factory=list)
     swap_in: int = 0
     predicted_s: float = 0.0  # the whole iteration: swap-ins, prefills and the decode step
 
@@ -138,6 +152,7 @@ class _Plan:
     prefills: list[SeqState]
     extra_s: float = 0.0  # a pause before the iteration's work (a swap-in)
     reserve: int = 0  # free slots assumed taken by narrowest rows while these run
+    step_scale: float = 1.0  # steps priced this much slower (the headroom a widening must leave)
 
 
 class Scheduler:
@@ -145,7 +160,8 @@ class Scheduler:
 
     def __init__(self, widths: Sequence[str], ffn_size: Mapping[str, int], *, max_batch: int, max_queue: int,
                  latency: StepLatency | None = None, path_of: Callable[[Sequence[str]], str] | None = None,
-                 margin: float = DEFAULT_MARGIN) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
+        """``width_changes``: whether running sequences may change width (``--width-changes``)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -158,6 +174,8 @@ class Scheduler:
         self.latency = latency if latency is not None else _NoLatency()
         self.path_of = path_of or (lambda rows: "eager")
         self.margin = margin
+        self.width_changes = width_changes
+        self.changes_by_pair: dict[str, int] = {}  # "from->to" -> width changes made
         self.waiting: list[SeqState] = []
         self.running: list[SeqState] = []
         self._ids = itertools.count()
@@ -169,8 +187,9 @@ class Scheduler:
     # --- requests ----------------------------------------------------------------------------
 
     def add(self, request_id: int, prompt_lens: Sequence[int], budgets: Sequence[int], widths: Sequence[str],
-            slo: Slo, arrival: float) -> list[SeqState]:
-        """Queue one sequence per prompt, all or none; :class:`QueueFullError` when they do not fit."""
+            slo: Slo, arrival: float, width_changes: bool = True) -> list[SeqState]:
+        """Queue one sequence per prompt, all or none; :class:`QueueFullError` when they do not fit.
+        ``width_changes``: the request lets its sequences change width while they run."""
         unknown = [w for w in widths if w not in self.ffn_size]
         if not widths or unknown:
             raise ValueError(f"unknown width(s) {unknown or list(widths)!r}; known: {self.widths}")
@@ -182,6 +201,7 @@ class Scheduler:
                 for i, (n, b) in enumerate(zip(prompt_lens, budgets, strict=True))]
         for seq in seqs:
             self._set_aims(seq)
+            seq.changes = width_changes and self.width_changes and len(ordered) > 1
         self.waiting += seqs
         return seqs
 
@@ -219,6 +239,16 @@ class Scheduler:
     def schedule(self, now: float, swaps_pending: int = 0) -> SchedulerOutput:
         """Decide this iteration (see the module doc); the admitted sequences move to ``running``."""
         out = SchedulerOutput(shed=self._shed_hopeless(now))
+        changed: changes_rule.Changes = {}
+        running = list(self.running)
+        if self.width_changes:
+            # A promised running row predicted late: narrow as far as brings them all back on time
+            # (else not at all: a lost deadline is not bought with quality).
+            current = _Plan(list(self.running), [])
+            promised = {s.seq_id for s in self.running if s.promised}
+            if promised and self._late(current, now, promised):
+                changes_rule.narrow_until(running, self.ffn_size, lambda: not self._late(current, now, promised),
+                                          changed)
         free = self.max_batch - len(self.running)
         plan = _Plan(list(self.running), [])
         tried = 0
@@ -227,7 +257,10 @@ class Scheduler:
                 break
             tried += 1
             seq.width = seq.widths[0]
-            if not self._admissible(plan, seq, now):
+            if not self._admissible(plan, seq, now) and not (
+                    seq.promised and self.width_changes
+                    and changes_rule.narrow_until(running, self.ffn_size, lambda s=seq: self._admissible(plan, s, now),
+                                                  changed)):
                 seq.width = None
                 continue
             plan.rows.append(seq)
@@ -235,10 +268,18 @@ class Scheduler:
             free -= 1
         if plan.prefills:
             self._widen(plan, now, free)
+        elif self.width_changes and not self.waiting:
+            # Widen with headroom and the free slots taken by narrowest rows (as at dispatch).
+            plan.reserve, plan.step_scale = max(0, free), 1 + changes_rule.WIDEN_HEADROOM
+            promised = {s.seq_id for s in plan.rows if s.promised}
+            changes_rule.widen(plan.rows, lambda s: not self._late(plan, now, promised | {s.seq_id}), changed)
+            plan.reserve, plan.step_scale = 0, 1.0
         for seq in plan.prefills:
             self.waiting.remove(seq)
             self.running.append(seq)
             seq.running, seq.admitted_at = True, now
+            seq.steps, seq.widest = [(seq.width, 0)], seq.width
+        out.changes = changes_rule.record(changed, self.ffn_size, self.changes_by_pair)
         if self.priced:
             ends = self._ends(plan, now)
             for seq in plan.prefills:
@@ -262,8 +303,11 @@ class Scheduler:
         promised = [s for s in self.waiting if s.promised]
         if not promised:
             return []
-        base = self.shapes(self.running)
-        widths = [s.width for s in self.running]
+        # Running rows that may narrow are priced at the narrowest they may reach: the scheduler would
+        # narrow them before letting a promise go.
+        floor = (lambda s: changes_rule.floor_width(s, self.ffn_size)) if self.width_changes else None
+        base = self.shapes(self.running, width_of=floor)
+        widths = [floor(s) if floor else s.width for s in self.running]
         hopeless = []
         for seq in promised:
             width = seq.widths[0]
@@ -341,13 +385,16 @@ class Scheduler:
 
     # --- predictions ------------------------------------------------------------------------
 
-    def shapes(self, rows: Sequence[SeqState], reserve: int = 0, midpoint: bool = True) -> dict[str, tuple[int, int]]:
+    def shapes(self, rows: Sequence[SeqState], reserve: int = 0, midpoint: bool = True,
+               width_of: Callable[[SeqState], str] | None = None) -> dict[str, tuple[int, int]]:
         """{width: (rows, context)} of a batch; ``midpoint`` prices each row at the middle of what it
-        may still generate (the context grows as it runs); ``reserve`` more rows at the narrowest width."""
+        may still generate (the context grows as it runs); ``reserve`` more rows at the narrowest width;
+        ``width_of`` prices each row at another width than its own."""
         shapes: dict[str, tuple[int, int]] = {}
         for s in rows:
-            n, c = shapes.get(s.width, (0, 0))
-            shapes[s.width] = (n + 1, max(c, s.context + (s.remaining // 2 if midpoint else 0)))
+            width = width_of(s) if width_of else s.width
+            n, c = shapes.get(width, (0, 0))
+            shapes[width] = (n + 1, max(c, s.context + (s.remaining // 2 if midpoint else 0)))
         if reserve:
             narrowest = self.widths[0]
             n, c = shapes.get(narrowest, (0, 0))
@@ -374,7 +421,7 @@ class Scheduler:
         """Predicted time of every row's last token: this iteration's pause and prefills, then one
         decode step per token still to come, each at the batch's step time (with its reserve)."""
         start = now + plan.extra_s + self._prefill_s(plan)
-        step = self._step_s(plan.rows, plan.reserve)
+        step = self._step_s(plan.rows, plan.reserve) * plan.step_scale
         ends = {}
         for s in plan.rows:
             # An admitted row's prefill makes its first token, its first decode step the second.
@@ -388,7 +435,7 @@ class Scheduler:
             return set()
         ends = self._ends(plan, now)
         # An admitted row's first token goes out when the iteration ends: after the decode step.
-        first_token = now + plan.extra_s + self._prefill_s(plan) + self._step_s(plan.rows, plan.reserve)
+        first_token = now + plan.extra_s + self._prefill_s(plan) + self._step_s(plan.rows, plan.reserve) * plan.step_scale
         late = set()
         for s in plan.rows:
             if s.seq_id not in watched:
@@ -430,4 +477,4 @@ class Scheduler:
                     finished=self.finished, cancelled=self.cancelled, shed=self.shed_count,
                     groups=self.shapes(self.running, midpoint=False),
                     remaining_tokens=sorted(s.remaining for s in self.running),
-                    swap_ins_deferred=self.swaps_deferred, **engine)
+                    swap_ins_deferred=self.swaps_deferred, width_changes=dict(self.changes_by_pair), **engine)

@@ -167,6 +167,15 @@ class ModelRunner:
         self._next_ids = self._next_ids.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
 
+    def set_widths(self, widths: dict[int, str]) -> None:
+        """Running rows continue at other widths ({seq_id: width}) on the caches they have: only the
+        FFN is nested, so nothing is recomputed; the rows are kept widest first (one permutation)."""
+        if not widths:
+            return
+        for row in self.rows:
+            row.width = widths.get(row.seq_id, row.width)
+        self._sort_widest_first()
+
     def clear(self) -> None:
         self.rows, self._cache, self._mask, self._next_ids = [], None, None, None
 
