@@ -389,9 +389,10 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
 
 async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
     """Send each completion body at its arrival time (seconds from now) on its own connection,
-    whatever the server is doing; per request: status, latency from when it was due, width,
-    ``Retry-After``, the router's prediction and the completion tokens (and, for a body with
-    ``"stream": true`` and ``stream_options.include_usage``, the time to first token).
+    whatever the server is doing; per request: status, latency from when it was due, width (and
+    the width steps of ``x-matta-widths``), ``Retry-After``, the router's prediction and the
+    completion tokens (and, for a body with ``"stream": true`` and
+    ``stream_options.include_usage``, the time to first token).
 
     Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
     hundred or more requests/s starves the server it measures, and the schedule slips (a slo
@@ -428,7 +429,7 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
         headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
         status = int(lines[0].split()[1]) if lines[0] else 0
         out = {"t": due - start, "status": status, "latency_s": done - due, "send_lag_s": lag,
-               "width": headers.get("x-matta-width"),
+               "width": headers.get("x-matta-width"), "widths": headers.get("x-matta-widths"),
                "retry_after": headers.get("retry-after"),
                "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
                else None}

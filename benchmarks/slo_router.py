@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.harness import ENGINES, Server, make_bursty_trace, make_prompts, make_trace, open_loop, saturate
 from matta.checkpoint import load_checkpoint
-from router.quality import width_quality
+from router.quality import answer_quality, parse_width_steps, width_quality
 
 RESULTS = Path(__file__).parent / "results"
 NO_CEILING = "slo:utilization=0"  # the slo policy without its load ceiling: per-request choice only
@@ -99,6 +99,14 @@ def attainable(arrivals: list[float], capacity_rps: float, duration: float, wind
     return float(np.minimum(windows, cap).sum() / max(1, len(arrivals)))
 
 
+def record_quality(record: dict, quality: dict[str, float]) -> float:
+    """An answer's quality: its width's, or, when its width changed mid-generation (``x-matta-widths``),
+    the mean over its tokens."""
+    if record.get("widths"):
+        return answer_quality(quality, parse_width_steps(record["widths"]), record.get("tokens") or 0)
+    return quality[record["width"]]
+
+
 def summarise(records: list[dict], slo_s: float, quality: dict[str, float], duration: float, bins: int) -> dict:
     n = len(records)
     ok = [r for r in records if r["status"] == 200]
@@ -126,8 +134,8 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
         "p99_s": float(np.percentile(lat, 99)) if lat else None,
         "goodput_requests_per_s": len(met) / duration,
         "goodput_tokens_per_s": sum(r.get("tokens", 0) for r in met) / duration,
-        "effective_quality": sum(quality[r["width"]] for r in met) / n if n else None,
-        "quality_of_met": sum(quality[r["width"]] for r in met) / len(met) if met else None,
+        "effective_quality": sum(record_quality(r, quality) for r in met) / n if n else None,
+        "quality_of_met": sum(record_quality(r, quality) for r in met) / len(met) if met else None,
         "width_mix": {w: sum(r["width"] == w for r in ok) / len(ok) for w in quality} if ok else {},
         "send_lag_p99_s": float(np.percentile([r.get("send_lag_s", 0.0) for r in records], 99)) if records else None,
         "late_after_send_lag": sum(r["latency_s"] > slo_s >= r["latency_s"] - r.get("send_lag_s", 0.0) for r in ok),

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS exposures (
     latency_s REAL,                 -- arrival to last token
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
-    created_unix REAL NOT NULL
+    created_unix REAL NOT NULL,
+    widths TEXT                     -- every width served, 'width@first token' per change ('ta@0,s@17')
 );
 CREATE INDEX IF NOT EXISTS exposures_unit ON exposures (experiment, unit);
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -69,6 +70,10 @@ class Exposure:
     prompt_tokens: int | None
     completion_tokens: int | None
     created_unix: float
+    widths: str | None = None  # x-matta-widths: the widths served and the token each began at
+
+
+EXPOSURE_COLUMNS = ", ".join(f.name for f in fields(Exposure))
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,12 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(exposures)")}
+    if "widths" not in columns:  # a log written before widths were recorded
+        try:
+            conn.execute("ALTER TABLE exposures ADD COLUMN widths TEXT")
+        except sqlite3.OperationalError:  # another process sharing the file added it meanwhile
+            pass
     return conn
 
 
@@ -146,7 +157,8 @@ class ABLog:
         try:
             if exposures:
                 self._conn.executemany(
-                    "INSERT OR REPLACE INTO exposures VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", exposures)
+                    f"INSERT OR REPLACE INTO exposures ({EXPOSURE_COLUMNS}) VALUES ({', '.join('?' * len(fields(Exposure)))})",
+                    exposures)
             if outcomes:
                 self._conn.executemany(
                     "INSERT INTO outcomes (experiment, request_id, unit, metric, value, created_unix) "

@@ -73,7 +73,7 @@ def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPol
     if context.predictor is None and not context.dispatch:
         raise ValueError("the slo policy needs a latency predictor (a latency profile); none was given")
     options = parse_options(argument)
-    known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s", "utilization", "rate_window_s"}
+    known = {"slo_ms", "min_width", "shed", "headroom", "dwell_s", "utilization", "rate_window_s", "width_changes"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"slo policy: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -88,6 +88,7 @@ def _slo(argument: str, widths: Sequence[str], context: PolicyContext) -> SloPol
             utilization=float(options.get("utilization", 0.9)),
             rate_window_s=float(options.get("rate_window_s", 2.0)),
             dispatch=context.dispatch,
+            width_changes=_truthy(options.get("width_changes", "on")),
         )
     except ValueError as exc:
         raise ValueError(f"policy 'slo:{argument}': {exc}") from exc

@@ -76,7 +76,9 @@ class SloPolicy:
     def __init__(self, widths: Sequence[str], predictor: LatencyPredictor, *, default_slo_ms: float | None = None,
                  min_width: str | None = None, shed: bool = False, headroom: float = 0.2,
                  dwell_s: float = 1.0, utilization: float = 0.9, rate_window_s: float = 2.0,
-                 dispatch: bool = False) -> None:
+                 dispatch: bool = False, width_changes: bool = True) -> None:
+        """``width_changes``: whether the engine may change the width of this policy's requests while
+        they run (an A/B arm can compare ``slo`` with and without)."""
         if not widths:
             raise ValueError("slo policy: no widths")
         if min_width is not None and min_width not in widths:
@@ -95,6 +97,7 @@ class SloPolicy:
         self.dwell_s = dwell_s
         self.utilization = utilization
         self.dispatch = dispatch
+        self.width_changes = width_changes
         self.name = "slo"
         self._classes: dict[float, _ClassState] = {}
         self._arrivals = ArrivalRate(rate_window_s)
@@ -154,4 +157,4 @@ class SloPolicy:
 
     def __repr__(self) -> str:
         return (f"SloPolicy(default_slo_ms={self.default_slo_ms}, min_width={self.widths[self.floor]!r}, "
-                f"shed={self.shed})")
+                f"shed={self.shed}, width_changes={self.width_changes})")

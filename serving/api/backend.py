@@ -57,6 +57,7 @@ class Delta:
     queue_s: float | None = None  # submit -> first scheduled, when the backend knows it
     width: str | None = None  # the width served, when the backend chose it at dispatch
     predicted_s: float | None = None  # the backend's predicted arrival -> last token, when it made one
+    widths: list[tuple[str, int]] | None = None  # last delta: every (width, first token at it), when it changed
 
 
 class BackendError(Exception):

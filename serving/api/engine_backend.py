@@ -50,7 +50,7 @@ class EngineStream:
             yield index, Delta(text, out.time, tokens=len(out.token_ids), logprobs=logprobs,
                                finish_reason=out.finish_reason, completion_tokens=out.completion_tokens,
                                queue_s=out.queue_s if out.finish_reason is not None else None,
-                               width=out.width, predicted_s=out.predicted_s)
+                               width=out.width, predicted_s=out.predicted_s, widths=out.widths)
 
     def _entry(self, lp: msg.Logprob) -> LogprobEntry:
         token = self._tokenizer.token_bytes
@@ -130,7 +130,8 @@ class EngineBackend:
         retry = {"retry-after": str(self.retry_after_s)}
         try:
             # A plain (not streamed) answer needs its first token (the width) and its end only.
-            events = self.engine.submit([p.ids for p in prompts.payload], widths, params, slo, stream=body.stream)
+            events = self.engine.submit([p.ids for p in prompts.payload], widths, params, slo, stream=body.stream,
+                                        width_changes=body.width_changes)
         except EngineStoppedError as exc:
             raise APIError(503, str(exc), type_="service_unavailable", code="shutting_down", headers=retry) from exc
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)

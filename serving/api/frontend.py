@@ -142,6 +142,8 @@ class Frontend(ResponseWriter):
             # policy asks the scheduler to refuse what it cannot serve in time rather than serve it late.
             shed = pinned is None and getattr(policy, "shed", False) and targets.any
             widths = decision.candidates or (width,)
+            if body.width_changes and not getattr(policy, "width_changes", True):
+                body = body.model_copy(update={"width_changes": False})  # an arm of `slo:width_changes=off`
             stream = await self._submit(prompts, widths, body, targets.slo(started, shed), started)
             events = aiter(stream)
             if self.backend.dispatches_width:

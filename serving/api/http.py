@@ -21,6 +21,8 @@ from serving.settings import FrontendSettings
 log = logging.getLogger(__name__)
 
 WIDTH_HEADER = "x-matta-width"
+# Response header: every width served, "width@first token" per change ("ta@0,s@17"); ";" between prompts.
+WIDTHS_HEADER = "x-matta-widths"
 SLO_HEADER = "x-matta-slo-ms"  # request header: latency target when the body gives none
 TTFT_SLO_HEADER = "x-matta-ttft-slo-ms"  # request header: time-to-first-token target
 TPOT_SLO_HEADER = "x-matta-tpot-slo-ms"  # request header: time-per-output-token target

@@ -79,6 +79,12 @@ class _EngineCountersCollector(Collector):
                                   value=load.swap_ins_deferred)
         yield CounterMetricFamily("matta_engine_shed_sequences", "sequences the scheduler refused for their SLO",
                                   value=load.shed)
+        changes = CounterMetricFamily("matta_width_changes", "running sequences whose width the scheduler changed "
+                                      "mid-generation, by width before and after", labels=["from", "to"])
+        for pair, count in load.width_changes.items():
+            before, _, after = pair.partition("->")
+            changes.add_metric([before, after], count)
+        yield changes
         faults = CounterMetricFamily("matta_compile_cache_faults", "compile-cache artifacts refused (empty, truncated, "
                                      "garbage, version, checksum, unreadable) or not written (write); each such "
                                      "decode step ran eager", labels=["kind"])

@@ -172,6 +172,9 @@ class CompletionRequest(WireModel):
     tpot_slo_ms: Annotated[float, Field(gt=0), BeforeValidator(_json_number)] | None = Field(
         None, description="time-per-output-token target (ms): mean time between tokens after the first")
     width: str | None = Field(None, description="pin a named width (same as model '<name>:<width>')")
+    width_changes: StrictBool = Field(True, description="false: serve the whole answer at the width it starts "
+                                                        "at (the server may otherwise narrow it under a burst and "
+                                                        "widen it again; x-matta-widths names every width served)")
 
     _unicode = field_validator("model", "prompt", "stop", "user", "suffix", "width")(_valid_unicode)
 
@@ -244,6 +247,9 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # matta extensions: the widths the completion was served at (x-matta-widths) and the tokens of each
+    widths: str | None = None
+    width_tokens: dict[str, int] | None = None
 
 
 def completion_id() -> str:

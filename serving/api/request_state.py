@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.policy import LoadSnapshot, RequestInfo
+from router.quality import format_width_steps, tokens_by_width
 from serving.api.backend import LogprobEntry
 from serving.messages import Slo
 
@@ -75,6 +76,22 @@ class Choice:
     first_token_at: float | None = None
     last_token_at: float | None = None
     text_offset: int = 0  # characters already streamed (logprobs text_offset when streaming)
+    widths: list[tuple[str, int]] | None = None  # (width, first token at it), when the backend says
+
+
+def served_widths(choices: list[Choice], width: str) -> str:
+    """``x-matta-widths``: every choice's width steps (``width@0`` where the backend reported none),
+    ``;`` between choices."""
+    return ";".join(format_width_steps(c.widths or [(width, 0)]) for c in choices)
+
+
+def width_tokens(choices: list[Choice], width: str) -> dict[str, int]:
+    """Tokens generated at each width, over every choice."""
+    out: dict[str, int] = {}
+    for c in choices:
+        for w, n in tokens_by_width(c.widths or [(width, 0)], c.completion_tokens or c.tokens).items():
+            out[w] = out.get(w, 0) + n
+    return out
 
 
 def ttft_tpot(choices: list[Choice], started: float) -> tuple[float | None, float | None]:

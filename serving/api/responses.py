@@ -17,8 +17,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from router.ab_log import Exposure
+from router.quality import token_quality
 from serving.api.backend import BackendError, CompletionStream, Delta, LogprobEntry
-from serving.api.http import WIDTH_HEADER, APIError
+from serving.api.http import WIDTH_HEADER, WIDTHS_HEADER, APIError
 from serving.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -27,7 +28,7 @@ from serving.api.protocol import (
     UsageInfo,
     error_body,
 )
-from serving.api.request_state import Choice, Route, ttft_tpot
+from serving.api.request_state import Choice, Route, served_widths, ttft_tpot, width_tokens
 
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
@@ -43,13 +44,14 @@ class ResponseWriter:
     """Rendering, accounting and logging of accepted requests (see the module doc)."""
 
     async def _log_exposure(self, route: Route, status: int, elapsed: float, completion_tokens: int,
-                            wait: bool = True) -> None:
-        """Record an A/B exposure; with ``wait`` (the default) return only once it is durable."""
+                            wait: bool = True, widths: str | None = None) -> None:
+        """Record an A/B exposure (``widths``: every width served, as ``x-matta-widths``); with ``wait``
+        (the default) return only once it is durable."""
         if route.arm is None or self.ab_log is None:
             return
         self.metrics.ab_exposures.labels(route.experiment, route.arm, route.width, str(status)).inc()
         row = Exposure(route.request_id, route.experiment, route.unit, route.assignment, route.arm, route.policy,
-                       route.width, status, elapsed, route.info.prompt_tokens, completion_tokens, time.time())
+                       route.width, status, elapsed, route.info.prompt_tokens, completion_tokens, time.time(), widths)
         if wait:
             await self.ab_log.write(row)
         else:
@@ -116,8 +118,9 @@ class ResponseWriter:
             content = render()
         self._finish_metrics(choices, route, started, 200, usage)
         # The exposure is durable before the client can see the answer (see router/ab_log.py).
-        await self._log_exposure(route, 200, time.monotonic() - started, usage.completion_tokens)
-        return Response(content, media_type="application/json", headers=headers)
+        await self._log_exposure(route, 200, time.monotonic() - started, usage.completion_tokens,
+                                 widths=usage.widths)
+        return Response(content, media_type="application/json", headers={**headers, WIDTHS_HEADER: usage.widths})
 
     async def _consume(self, events: AsyncIterator, choices: list[Choice], width: str) -> None:
         async for index, delta in events:
@@ -178,7 +181,8 @@ class ResponseWriter:
                                              "model": body.model, "choices": [], "usage": usage.model_dump()}) + "\n\n"
             status = 503 if any(c.finish_reason == "abort" for c in choices) else 200
             self._finish_metrics(choices, route, started, status, usage)
-            await self._log_exposure(route, status, time.monotonic() - started, usage.completion_tokens)
+            await self._log_exposure(route, status, time.monotonic() - started, usage.completion_tokens,
+                                     widths=usage.widths)
             logged = True
             yield "data: [DONE]\n\n"
         finally:
@@ -198,6 +202,8 @@ class ResponseWriter:
             choice.last_token_at = delta.time
             choice.tokens += delta.tokens
         choice.logprobs += delta.logprobs
+        if delta.widths is not None:
+            choice.widths = delta.widths
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
             choice.completion_tokens = delta.completion_tokens or choice.tokens
@@ -224,7 +230,8 @@ class ResponseWriter:
             prompt, completion = stream.usage
         else:
             prompt, completion = route.info.prompt_tokens, sum(c.completion_tokens for c in choices)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         widths=served_widths(choices, route.width), width_tokens=width_tokens(choices, route.width))
 
     def _finish_metrics(self, choices: list[Choice], route: Route, started: float, status: int,
                         usage: UsageInfo | None = None) -> None:
@@ -237,7 +244,9 @@ class ResponseWriter:
         elif route.targets.any:
             good = status == 200 and route.targets.met(elapsed, *ttft_tpot(choices, started))
             outcome = "failed" if status != 200 else ("met" if good else "missed")
-            m.observe_slo(policy, outcome, self.quality.get(width, 0.0))
+            # An answer whose width changed mid-generation counts each width for the tokens it made.
+            quality = token_quality(self.quality, width_tokens(choices, width))
+            m.observe_slo(policy, outcome, self.quality.get(width, 0.0) if quality is None else quality)
         generated = usage.completion_tokens if usage is not None else sum(c.tokens for c in choices)
         if status == 200:
             cost = self.backend.cost
@@ -248,7 +257,11 @@ class ResponseWriter:
                 m.prediction_error.labels(policy, width).observe(abs(elapsed - route.predicted_s))
         m.requests.labels(width, str(status)).inc()
         m.prompt_tokens.labels(width).inc(usage.prompt_tokens if usage is not None else route.info.prompt_tokens)
-        m.generation_tokens.labels(width).inc(generated)
+        by_width = width_tokens(choices, width)
+        for w, n in by_width.items():
+            m.generation_tokens.labels(w).inc(n)
+        if generated > sum(by_width.values()):  # tokens no choice accounted for (a backend's own usage)
+            m.generation_tokens.labels(width).inc(generated - sum(by_width.values()))
         for c in choices:
             if c.first_token_at is not None:
                 m.time_to_first_token.labels(width).observe(c.first_token_at - started)
