@@ -119,8 +119,11 @@ def _read_shard(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _select(conn: sqlite3.Connection, table: str, columns: list[str]) -> list[dict]:
-    rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table}")
-    return [dict(zip(columns, row, strict=True)) for row in rows]
+    """Every row of ``table`` as {column: value}; a column an older log lacks (``widths``) is None."""
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    chosen = [c for c in columns if c in present]
+    rows = conn.execute(f"SELECT {', '.join(chosen)} FROM {table}")
+    return [{**dict.fromkeys(columns), **dict(zip(chosen, row, strict=True))} for row in rows]
 
 
 # --- statistics ------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ class Exposure:
     widths: str | None = None  # x-matta-widths: the widths served and the token each began at
 
 
-EXPOSURE_COLUMNS = ", ".join(f.name for f in fields(Exposure))
+_INSERT_EXPOSURE = (f"INSERT OR REPLACE INTO exposures ({', '.join(f.name for f in fields(Exposure))}) "
+                    f"VALUES ({', '.join('?' * len(fields(Exposure)))})")
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,7 @@ class ABLog:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             if exposures:
-                self._conn.executemany(
-                    f"INSERT OR REPLACE INTO exposures ({EXPOSURE_COLUMNS}) VALUES ({', '.join('?' * len(fields(Exposure)))})",
-                    exposures)
+                self._conn.executemany(_INSERT_EXPOSURE, exposures)
             if outcomes:
                 self._conn.executemany(
                     "INSERT INTO outcomes (experiment, request_id, unit, metric, value, created_unix) "

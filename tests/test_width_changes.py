@@ -3,12 +3,17 @@ model, as tests/test_scheduler.py) and the model runner's decode on a cache buil
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matta.model import NestedGPT
+from router.ab_analysis import load_shards
+from router.ab_log import ABLog, Exposure
 from router.latency import LatencyModel
 from serving.engine.scheduler import Scheduler
 from serving.engine.width_changes import DWELL_TOKENS
@@ -195,3 +200,31 @@ def check_switched_rows(changes, first, other_changes, other_first, other_prompt
         ids, logprobs = reference(model, prompts[i], schedule[i], 12)
         assert got[i][0] == ids, (i, schedule[i])
         assert got[i][1] == pytest.approx(logprobs, abs=1e-4)
+
+
+# --- the A/B log ------------------------------------------------------------------------------------
+
+# The log's tables as written before widths were recorded.
+LOG_BEFORE_WIDTHS = """
+CREATE TABLE exposures (request_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, unit TEXT, assignment TEXT NOT NULL,
+    arm TEXT NOT NULL, policy TEXT NOT NULL, width TEXT NOT NULL, status INTEGER NOT NULL, latency_s REAL,
+    prompt_tokens INTEGER, completion_tokens INTEGER, created_unix REAL NOT NULL);
+CREATE TABLE outcomes (id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, request_id TEXT, unit TEXT,
+    metric TEXT NOT NULL, value REAL NOT NULL, created_unix REAL NOT NULL);
+"""
+
+
+def test_the_ab_log_records_the_widths_served_and_reads_a_log_written_before_them(tmp_path):
+    """An exposure keeps its width steps; a shard written before the column existed is read (widths
+    None) and, opened for writing, gains the column."""
+    old = tmp_path / "old.sqlite"
+    with closing(sqlite3.connect(old)) as conn, conn:
+        conn.executescript(LOG_BEFORE_WIDTHS)
+        conn.execute("INSERT INTO exposures VALUES ('r-old', 'exp', 'u1', 'hash', 'a', 'slo', 'ta', 200, 0.1, 3, 5, 1.0)")
+    log = ABLog(tmp_path / "new.sqlite")
+    log.write_sync([Exposure("r-new", "exp", "u2", "hash", "b", "slo", "ta", 200, 0.1, 3, 5, 2.0, "ta@0,m@3")])
+    log.close()
+    exposures, _ = load_shards([old, tmp_path / "new.sqlite"])
+    assert {e["request_id"]: e["widths"] for e in exposures} == {"r-old": None, "r-new": "ta@0,m@3"}
+    ABLog(old).close()  # opened for writing: the column is added, the old row kept
+    assert {e["request_id"]: e["widths"] for e in load_shards([old])[0]} == {"r-old": None}
