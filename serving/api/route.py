@@ -58,7 +58,8 @@ from serving.settings import BackendSpec, RouteSettings, settings_from
 
 log = logging.getLogger(__name__)
 
-MATTA_FIELDS = ("width", "latency_slo_ms", "ttft_slo_ms", "tpot_slo_ms", "width_changes")  # extensions a vLLM backend does not know
+# The extensions a vLLM backend does not know.
+MATTA_FIELDS = ("width", "latency_slo_ms", "ttft_slo_ms", "tpot_slo_ms", "width_changes")
 MAX_UPSTREAM_ERROR_CHARS = 1000  # an upstream error message is relayed up to this length
 
 
