@@ -20,8 +20,8 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    the batch's free slots taken by narrowest rows (a burst reaches the engine a few requests per
    iteration; the first ones must not take the width the rest of it needs) and the waiting
    sequences can still start in time at their narrowest.
-4. **Width changes mid-generation** (:mod:`serving.engine.width_changes`, unless the server runs
-   ``--width-changes off``). Running sequences narrow, widest first and one rung at a time, when
+4. **Width changes mid-generation** (:mod:`serving.engine.width_changes`, when the server runs
+   ``--width-changes on``). Running sequences narrow, widest first and one rung at a time, when
    a promised one among them is predicted late, or when a promised waiting sequence could then
    be admitted within its targets (step 2); a hopeless one is refused only if it misses even with
    the running rows at the narrowest they may reach. With no one waiting, running sequences widen
@@ -43,12 +43,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from serving.engine import width_changes as changes_rule
+from serving.engine.pricing import NoLatency, Plan, Pricing, SeqState, StepLatency
 from serving.messages import Load, Slo
 
-INF = float("inf")
 # Aim at 70% of every target: the rest is for time the engine cannot see (a loaded HTTP side parsing
 # and answering, the event loop, the client): tests/test_overload.py's 10x burst.
 DEFAULT_MARGIN = 0.7
@@ -56,79 +55,8 @@ SWAP_PATIENCE_S = 10.0  # without a latency model, how long a compiled step may 
 MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per iteration (keeps an iteration O(batch))
 
 
-class StepLatency(Protocol):
-    """What the scheduler asks of the latency model."""
-
-    def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
-        """Seconds of one decode step over ``groups`` {width: (rows, context)} run on ``path``."""
-        ...
-
-    def prefill_s(self, width: str, tokens: int) -> float:
-        """Seconds to prefill ``tokens`` prompt tokens at ``width``."""
-        ...
-
-
-class _NoLatency:
-    """Without a latency model every prediction is zero: only a target already passed counts."""
-
-    def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
-        return 0.0
-
-    def prefill_s(self, width: str, tokens: int) -> float:
-        return 0.0
-
-
 class QueueFullError(RuntimeError):
     """The waiting queue cannot take the request now; retry later."""
-
-
-@dataclass(eq=False)
-class SeqState:
-    """One sequence as the scheduler sees it (token ids and sampling live in the model runner)."""
-
-    seq_id: int
-    request_id: int
-    index: int
-    prompt_len: int
-    budget: int  # tokens it may generate: max_tokens within the context window
-    widths: tuple[str, ...]  # narrowest first; one width: pinned
-    slo: Slo
-    arrival: float
-    width: str | None = None  # chosen at admission
-    generated: int = 0
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    predicted_s: float | None = None  # arrival -> last token, predicted at admission
-    running: bool = False
-    changes: bool = False  # may change width while it runs (not pinned, nor opted out, and the server allows it)
-    steps: list[tuple[str, int]] = field(default_factory=list)  # (width, first token generated at it)
-    changed_at: int = 0  # tokens generated when its width last changed
-    widest: str | None = None  # the widest width it ran at (its cache was built mostly there)
-    # What the scheduler aims at (the targets less the margin), set by Scheduler.add.
-    aim_end: float = INF
-    aim_first: float = INF
-    aim_tpot: float = INF
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.budget - self.generated)
-
-    @property
-    def context(self) -> int:
-        return self.prompt_len + self.generated
-
-    @property
-    def has_targets(self) -> bool:
-        return self.aim_end < INF or self.aim_first < INF or self.aim_tpot < INF
-
-    @property
-    def promised(self) -> bool:
-        """Refused rather than served late: its targets bind every decision."""
-        return self.slo.shed and self.has_targets
-
-    @property
-    def edf_key(self) -> tuple[float, int]:
-        return min(self.aim_end, self.aim_first), self.seq_id
 
 
 @dataclass
@@ -144,23 +72,12 @@ class SchedulerOutput:
     predicted_s: float = 0.0  # the whole iteration: swap-ins, prefills and the decode step
 
 
-@dataclass
-class _Plan:
-    """A candidate batch: the running rows plus the ones admitted this iteration."""
-
-    rows: list[SeqState]
-    prefills: list[SeqState]
-    extra_s: float = 0.0  # a pause before the iteration's work (a swap-in)
-    reserve: int = 0  # free slots assumed taken by narrowest rows while these run
-    step_scale: float = 1.0  # steps priced this much slower (the headroom a widening must leave)
-
-
-class Scheduler:
+class Scheduler(Pricing):
     """Earliest-deadline-first admission, width at dispatch and every refusal (see the module doc)."""
 
     def __init__(self, widths: Sequence[str], ffn_size: Mapping[str, int], *, max_batch: int, max_queue: int,
                  latency: StepLatency | None = None, path_of: Callable[[Sequence[str]], str] | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
         """``width_changes``: whether running sequences may change width (``--width-changes``)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -171,7 +88,7 @@ class Scheduler:
         self.widths = list(widths)
         self.ffn_size = dict(ffn_size)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.latency = latency if latency is not None else _NoLatency()
+        self.latency = latency if latency is not None else NoLatency()
         self.path_of = path_of or (lambda rows: "eager")
         self.margin = margin
         self.width_changes = width_changes
@@ -244,13 +161,13 @@ class Scheduler:
         if self.width_changes:
             # A promised running row predicted late: narrow as far as brings them all back on time
             # (else not at all: a lost deadline is not bought with quality).
-            current = _Plan(list(self.running), [])
+            current = Plan(list(self.running), [])
             promised = {s.seq_id for s in self.running if s.promised}
             if promised and self._late(current, now, promised):
                 changes_rule.narrow_until(running, self.ffn_size, lambda: not self._late(current, now, promised),
                                           changed)
         free = self.max_batch - len(self.running)
-        plan = _Plan(list(self.running), [])
+        plan = Plan(list(self.running), [])
         tried = 0
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
@@ -293,7 +210,7 @@ class Scheduler:
     @property
     def priced(self) -> bool:
         """Whether decisions are priced by a latency model (else first come, first served)."""
-        return not isinstance(self.latency, _NoLatency)
+        return not isinstance(self.latency, NoLatency)
 
     def _shed_hopeless(self, now: float) -> list[SeqState]:
         """Refuse the promised waiting sequences that miss a target even started now at their narrowest.
@@ -325,17 +242,17 @@ class Scheduler:
         self.shed_count += len(hopeless)
         return hopeless
 
-    def _admissible(self, plan: _Plan, seq: SeqState, now: float) -> bool:
+    def _admissible(self, plan: Plan, seq: SeqState, now: float) -> bool:
         """Whether ``seq`` at its narrowest keeps every promised sequence on time (itself included;
         a best-effort sequence may itself be late)."""
         promised = {s.seq_id for s in plan.rows if s.promised} | ({seq.seq_id} if seq.promised else set())
         if not promised:
             return True
         before = self._late(plan, now, promised)
-        after = self._late(_Plan([*plan.rows, seq], [*plan.prefills, seq]), now, promised)
+        after = self._late(Plan([*plan.rows, seq], [*plan.prefills, seq]), now, promised)
         return not (after - before)
 
-    def _widen(self, plan: _Plan, now: float, free: int) -> None:
+    def _widen(self, plan: Plan, now: float, free: int) -> None:
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
         (nor the widened sequence's own) becomes late, with the free slots filled by narrowest rows."""
         plan.reserve = max(0, free)
@@ -356,7 +273,7 @@ class Scheduler:
                     break
         plan.reserve = 0
 
-    def _swaps(self, plan: _Plan, now: float, pending: int) -> int:
+    def _swaps(self, plan: Plan, now: float, pending: int) -> int:
         """How many compiled steps to swap in this iteration: all when idle, one when the promised
         deadlines survive the pause, else none."""
         if not pending:
@@ -372,7 +289,7 @@ class Scheduler:
             return 1 if now - self._pending_since >= SWAP_PATIENCE_S else 0
         promised = {s.seq_id for s in plan.rows if s.promised}
         late_now = self._late(plan, now, promised)
-        paused = _Plan(plan.rows, plan.prefills, extra_s=self.swap_s)
+        paused = Plan(plan.rows, plan.prefills, extra_s=self.swap_s)
         if self._late(paused, now, promised) - late_now:
             self.swaps_deferred += 1
             return 0
@@ -382,85 +299,6 @@ class Scheduler:
     def observe_swap(self, seconds: float) -> None:
         """A swap-in took ``seconds``: what the next one is expected to cost (EWMA, quick to rise)."""
         self.swap_s = max(seconds, 0.7 * self.swap_s + 0.3 * seconds)
-
-    # --- predictions ------------------------------------------------------------------------
-
-    def shapes(self, rows: Sequence[SeqState], reserve: int = 0, midpoint: bool = True,
-               width_of: Callable[[SeqState], str] | None = None) -> dict[str, tuple[int, int]]:
-        """{width: (rows, context)} of a batch; ``midpoint`` prices each row at the middle of what it
-        may still generate (the context grows as it runs); ``reserve`` more rows at the narrowest width;
-        ``width_of`` prices each row at another width than its own."""
-        shapes: dict[str, tuple[int, int]] = {}
-        for s in rows:
-            width = width_of(s) if width_of else s.width
-            n, c = shapes.get(width, (0, 0))
-            shapes[width] = (n + 1, max(c, s.context + (s.remaining // 2 if midpoint else 0)))
-        if reserve:
-            narrowest = self.widths[0]
-            n, c = shapes.get(narrowest, (0, 0))
-            shapes[narrowest] = (n + reserve, max(c, 1))
-        return shapes
-
-    def _step_s(self, rows: Sequence[SeqState], reserve: int = 0, midpoint: bool = True) -> float:
-        if not rows:
-            return 0.0
-        path = self.path_of([s.width for s in rows])
-        return self.latency.step_s(self.shapes(rows, reserve, midpoint), path)
-
-    def _prefill_s(self, plan: _Plan) -> float:
-        by_width: dict[str, list[int]] = {}
-        for s in plan.prefills:
-            by_width.setdefault(s.width, []).append(s.prompt_len)
-        # One left-padded batch per width: padded tokens are paid too.
-        return sum(self.latency.prefill_s(w, len(lens) * max(lens)) for w, lens in by_width.items())
-
-    def _iteration_s(self, plan: _Plan) -> float:
-        return plan.extra_s + self._prefill_s(plan) + self._step_s(plan.rows, midpoint=False)
-
-    def _ends(self, plan: _Plan, now: float) -> dict[int, float]:
-        """Predicted time of every row's last token: this iteration's pause and prefills, then one
-        decode step per token still to come, each at the batch's step time (with its reserve)."""
-        start = now + plan.extra_s + self._prefill_s(plan)
-        step = self._step_s(plan.rows, plan.reserve) * plan.step_scale
-        ends = {}
-        for s in plan.rows:
-            # An admitted row's prefill makes its first token, its first decode step the second.
-            steps = max(0, s.budget - 1) if s in plan.prefills else s.remaining
-            ends[s.seq_id] = start + steps * step
-        return ends
-
-    def _late(self, plan: _Plan, now: float, watched: set[int]) -> set[int]:
-        """The watched rows of ``plan`` predicted to miss a target (end, first token, time per token)."""
-        if not watched:
-            return set()
-        ends = self._ends(plan, now)
-        # An admitted row's first token goes out when the iteration ends: after the decode step.
-        first_token = now + plan.extra_s + self._prefill_s(plan) + self._step_s(plan.rows, plan.reserve) * plan.step_scale
-        late = set()
-        for s in plan.rows:
-            if s.seq_id not in watched:
-                continue
-            end = ends[s.seq_id]
-            first = s.first_token_at if s.first_token_at is not None else first_token
-            tpot = (end - first) / (s.budget - 1) if s.budget > 1 else 0.0
-            if end > s.aim_end or first > s.aim_first or tpot > s.aim_tpot:
-                late.add(s.seq_id)
-        return late
-
-    def _late_waiting(self, plan: _Plan, now: float, waiting: list[SeqState]) -> set[int]:
-        """Waiting promised sequences that could no longer start in time: each takes the slot of the
-        next row of ``plan`` to end, then runs at its narrowest in a batch like this one."""
-        if not waiting:
-            return set()
-        ends = sorted(self._ends(plan, now).values())
-        step = self._step_s(plan.rows, plan.reserve)
-        late = set()
-        for start, s in zip(ends, waiting, strict=False):
-            first = start + self.latency.prefill_s(s.widths[0], s.prompt_len)
-            end = first + max(0, s.budget - 1) * step
-            if end > s.aim_end or first > s.aim_first:
-                late.add(s.seq_id)
-        return late
 
     # --- the load view ------------------------------------------------------------------------
 
