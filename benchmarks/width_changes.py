@@ -6,14 +6,15 @@ thread, eager steps, one latency profile measured once for all), in one run, on 
 1. **Bursty trace** (:func:`benchmarks.harness.make_bursty_trace`, as `benchmarks.slo_router`
    draws it): gamma inter-arrivals, CV^2 = 4, mean 1.2 R, R the TA's saturated rate; SLO = 2x the
    TA's median latency at that rate. Policies: ``slo --shed`` with ``--width-changes on`` and
-   ``off``, ``fixed:s``, ``fixed:ta``. Reported: SLO attainment and the mean quality of the
-   answers within the SLO (quality = the checkpoint's cloze accuracy per width, weighted by the
-   tokens generated at each width, from ``x-matta-widths``), through
-   :func:`benchmarks.slo_router.summarise`.
-2. **Tight burst over long sequences**: 16 long requests (no SLO, so the scheduler runs them at
-   ``ta``), then, once they run, 48 requests at once with an SLO of 4x the Student's solo latency
-   (`benchmarks.engine_v3`'s burst). Counted among the 48: within the SLO, late, refused; with and
-   without width changes.
+   ``off`` (alternating, ``--repeats`` replays each), ``fixed:s``, ``fixed:ta``. Reported: SLO
+   attainment and the mean quality of the answers within the SLO (quality = the checkpoint's
+   cloze accuracy per width, and 1 / its test perplexity, weighted by the tokens generated at each
+   width, from ``x-matta-widths``), through :func:`benchmarks.slo_router.summarise`.
+2. **Tight burst over long sequences**: 16 long requests (240 tokens, no SLO, so the scheduler
+   runs them at ``ta``), then, 0.3 s later while they run, 48 requests at once with an SLO of 6x,
+   10x and 16x the Student's solo latency (`benchmarks.engine_v3`'s burst, whose 4x leaves no room
+   beside the long sequences here).
+   Counted among the 48: within the SLO, late, refused; with and without width changes.
 
     python -m benchmarks.width_changes [--duration 30] [--out benchmarks/results/width_changes]
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of the bursty trace")
     p.add_argument("--bursty-rate", type=float, default=1.2, help="the bursty trace's mean rate, x the TA's")
-    p.add_argument("--long-tokens", type=int, default=200, help="tokens of each of the 16 long requests")
+    p.add_argument("--long-tokens", type=int, default=240, help="tokens of each of the 16 long requests")
+    p.add_argument("--burst-after", type=float, default=0.3, help="seconds after the long requests the burst comes")
+    p.add_argument("--burst-slo-factors", default="6,10,16",
+                   help="the burst's SLOs, x the Student's solo latency (engine_v3's 4x leaves no room beside 16 "
+                        "long sequences on 2 shared cores)")
+    p.add_argument("--repeats", type=int, default=3, help="replays of the bursty trace per slo variant, alternating")
     p.add_argument("--only", default="bursty,burst")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "width_changes")
@@ -73,7 +80,15 @@ def with_width_metrics(url: str, summary: dict) -> dict:
     return summary
 
 
+def compact(summary: dict) -> dict:
+    """What the JSON keeps of one replay (its timeline is left out)."""
+    keys = ("requests", "served", "met", "shed", "slo_attainment", "quality_of_met", "quality_of_met_inverse_ppl",
+            "p50_s", "p99_s", "width_mix", "width_changes")
+    return {k: summary[k] for k in keys}
+
+
 def bursty(args, ckpt, prompts, quality, common, work: Path) -> dict:
+    quality_ppl = width_quality(ckpt.training, list(quality), metric="inverse_ppl")
     server, url = served(args, work / "calibrate.log", common, "--policy", "fixed:ta")
     try:
         asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
@@ -83,48 +98,63 @@ def bursty(args, ckpt, prompts, quality, common, work: Path) -> dict:
     rate, slo_ms = capacity["requests_per_s"], 2000 * capacity["p50_s"]
     trace = make_bursty_trace(prompts, args.bursty_rate * rate, 4.0, args.duration, args.seed)
     slo = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", "--shed")
-    policies = {"slo": (*slo, "--width-changes", "on"), "slo, changes off": (*slo, "--width-changes", "off"),
-                "fixed:s": ("--policy", "fixed:s"), "fixed:ta": ("--policy", "fixed:ta")}
-    out = {"rate_R": rate, "slo_ms": slo_ms, "requests": len(trace), "policies": {}}
-    for name, flags in policies.items():
-        server, url = served(args, work / f"bursty-{name.replace(' ', '_')}.log", common, *flags)
+    flags = {"slo": (*slo, "--width-changes", "on"), "slo, changes off": (*slo, "--width-changes", "off"),
+             "fixed:s": ("--policy", "fixed:s"), "fixed:ta": ("--policy", "fixed:ta")}
+    # The two slo variants alternate, --repeats times each: on 2 shared cores the machine's speed
+    # drifts between replays more than the variants differ.
+    order = [*(["slo", "slo, changes off"] * args.repeats), "fixed:s", "fixed:ta"]
+    out = {"rate_R": rate, "slo_ms": slo_ms, "requests": len(trace), "runs": {name: [] for name in flags}}
+    bodies = [(t, {"model": ckpt.name, "prompt": p, "max_tokens": args.max_tokens, "temperature": 0,
+                   "latency_slo_ms": slo_ms}) for t, p in trace]
+    for i, name in enumerate(order):
+        server, url = served(args, work / f"bursty-{i}.log", common, *flags[name])
         try:
-            bodies = [(t, {"model": ckpt.name, "prompt": p, "max_tokens": args.max_tokens, "temperature": 0,
-                           "latency_slo_ms": slo_ms}) for t, p in trace]
             records = asyncio.run(open_loop(url, bodies, timeout_s=max(5.0, 5 * slo_ms / 1000)))
-            summary = summarise(records, slo_ms / 1000, quality, args.duration, bins=6)
-            out["policies"][name] = with_width_metrics(url, summary)
+            summary = summarise(records, slo_ms / 1000, quality, args.duration, bins=1)
+            # The same answers scored by 1 / test perplexity of each width (cloze accuracy is noisy:
+            # on this checkpoint m scores below s).
+            summary["quality_of_met_inverse_ppl"] = summarise(records, slo_ms / 1000, quality_ppl, args.duration,
+                                                              bins=1)["quality_of_met"]
+            out["runs"][name].append(compact(with_width_metrics(url, summary)))
         finally:
             server.stop()
-        s = out["policies"][name]
-        print(f"bursty {name}: attainment {s['slo_attainment']:.3f}, quality of met {s['quality_of_met']}, "
-              f"changes {s['width_changes']}", flush=True)
+        s = out["runs"][name][-1]
+        print(f"bursty {name}: attainment {s['slo_attainment']:.3f}, quality of met {s['quality_of_met']} "
+              f"(1/ppl: {s['quality_of_met_inverse_ppl']}), changes {s['width_changes']}", flush=True)
+    out["policies"] = {name: {key: statistics.mean(r[key] or 0 for r in runs)
+                              for key in ("slo_attainment", "quality_of_met", "quality_of_met_inverse_ppl")}
+                       for name, runs in out["runs"].items()}
     return out
 
 
 def burst(args, ckpt, prompts, quality, common, work: Path) -> dict:
-    out = {}
-    slo_ms = None
+    """16 long requests, then the 48-request burst, at each SLO factor; one server per variant."""
+    out: dict = {"slo_factors": [float(f) for f in args.burst_slo_factors.split(",")], "variants": {}}
     for name, changes in (("slo", "on"), ("slo, changes off", "off")):
         server, url = served(args, work / f"burst-{changes}.log", common, "--policy", "slo", "--shed",
                              "--width-changes", changes)
+        runs = out["variants"][name] = []
         try:
-            if slo_ms is None:  # measured once: both variants get the same SLO
-                solo = _solo_ms(url, f"{ckpt.name}:s", prompts, args.max_tokens)
-                slo_ms = 4 * solo
-            long = [(0.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": args.long_tokens,
-                           "temperature": 0}) for i in range(16)]
-            tight = [(1.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens,
-                            "temperature": 0, "latency_slo_ms": slo_ms}) for i in range(48)]
-            records = asyncio.run(open_loop(url, long + tight, timeout_s=60))
-            entry = {"student_solo_ms": round(solo, 1), "slo_ms": round(slo_ms, 1),
-                     **_counts(records[16:], slo_ms / 1000),
-                     "long": {"served": sum(r["status"] == 200 for r in records[:16]),
-                              "widths": [r.get("widths") for r in records[:16]]}}
-            out[name] = with_width_metrics(url, entry)
+            if "student_solo_ms" not in out:  # measured once: both variants get the same SLOs
+                out["student_solo_ms"] = _solo_ms(url, f"{ckpt.name}:s", prompts, args.max_tokens)
+            for factor in out["slo_factors"]:
+                slo_ms = factor * out["student_solo_ms"]
+                long = [(0.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)],
+                               "max_tokens": args.long_tokens, "temperature": 0}) for i in range(16)]
+                tight = [(args.burst_after, {"model": ckpt.name, "prompt": prompts[i % len(prompts)],
+                                             "max_tokens": args.max_tokens, "temperature": 0,
+                                             "latency_slo_ms": slo_ms}) for i in range(48)]
+                before = with_width_metrics(url, {})["width_changes"]
+                records = asyncio.run(open_loop(url, long + tight, timeout_s=60))
+                after = with_width_metrics(url, {})["width_changes"]
+                runs.append({"slo_factor": factor, "slo_ms": round(slo_ms, 1), **_counts(records[16:], slo_ms / 1000),
+                             "long_widths": sorted({r.get("widths") or "" for r in records[:16]}),
+                             "width_changes": {k: v - before.get(k, 0) for k, v in after.items()
+                                               if v != before.get(k, 0)}})
+                print(f"burst {name} x{factor:g}: {json.dumps({k: v for k, v in runs[-1].items() if k != 'long_widths'})}",
+                      flush=True)
         finally:
             server.stop()
-        print(f"burst {name}: {json.dumps({k: v for k, v in out[name].items() if k != 'long'})}", flush=True)
     return out
 
 
@@ -140,32 +170,37 @@ def plot(results: dict, path: Path) -> None:
     for ax, name in zip(axes[0], panels, strict=True):
         data = results[name]
         if name == "bursty":
-            policies = list(data["policies"])
-            summaries = [data["policies"][p] for p in policies]
+            policies = list(data["runs"])
             x = np.arange(len(policies))
-            ax.bar(x - 0.2, [100 * s["slo_attainment"] for s in summaries], 0.4, label="% within SLO",
-                   color="tab:green")
+            ax.bar(x - 0.2, [100 * data["policies"][p]["slo_attainment"] for p in policies], 0.4,
+                   label="% within SLO (mean; dots: replays)", color="tab:green")
+            for i, p in enumerate(policies):
+                ax.plot([i - 0.2] * len(data["runs"][p]), [100 * r["slo_attainment"] for r in data["runs"][p]], "k.")
             ax.set_ylabel("% of requests within the SLO")
             ax.set_xticks(x, policies, fontsize=8)
             twin = ax.twinx()
-            twin.bar(x + 0.2, [s["quality_of_met"] or 0 for s in summaries], 0.4, label="quality of met",
-                     color="tab:purple")
-            twin.set_ylabel("mean quality of in-SLO answers (cloze acc.)")
-            lo = min(s["quality_of_met"] or 1 for s in summaries)
-            twin.set_ylim(0.95 * lo, None)
-            ax.set_title(f"bursty trace ({data['requests']} requests, SLO {data['slo_ms']:.0f} ms)")
-            ax.legend(loc="upper left", fontsize=8)
-            twin.legend(loc="upper right", fontsize=8)
+            values = [data["policies"][p]["quality_of_met"] for p in policies]
+            twin.bar(x + 0.2, values, 0.4, label="quality of in-SLO answers (cloze)", color="tab:purple")
+            twin.set_ylim(0.95 * min(v for v in values if v), 1.01 * max(values))
+            ax.set_title(f"bursty trace ({data['requests']} requests, SLO {data['slo_ms']:.0f} ms)", fontsize=9)
+            ax.legend(loc="upper left", fontsize=7)
+            twin.legend(loc="upper right", fontsize=7)
         else:
-            variants = list(data)
-            for k, (key, color) in enumerate((("within_slo", "tab:green"), ("late", "tab:red"),
-                                              ("refused", "tab:gray"))):
-                ax.bar(np.arange(len(variants)) + 0.27 * (k - 1), [data[v][key] for v in variants], 0.27, label=key,
-                       color=color)
-            ax.set_xticks(range(len(variants)), variants)
-            ax.set_ylabel("of the 48 tight-SLO requests")
-            ax.set_title("48-request burst over 16 long ta sequences")
-            ax.legend(fontsize=8)
+            factors = data["slo_factors"]
+            x = np.arange(len(factors))
+            for k, (variant, hatch) in enumerate((("slo", ""), ("slo, changes off", "//"))):
+                runs = data["variants"][variant]
+                bottom = np.zeros(len(factors))
+                for key, color in (("within_slo", "tab:green"), ("late", "tab:red"), ("refused", "tab:gray")):
+                    values = np.array([r[key] for r in runs])
+                    ax.bar(x + 0.4 * (k - 0.5), values, 0.38, bottom=bottom, color=color, hatch=hatch,
+                           label=f"{key} ({variant})" if key != "refused" or k == 0 else None)
+                    bottom += values
+            ax.set_xticks(x, [f"{f:g}x ({f * data['student_solo_ms']:.0f} ms)" for f in factors])
+            ax.set_xlabel("SLO, x the Student's solo latency")
+            ax.set_ylabel("of the 48 requests (left bar: slo; hatched: changes off)")
+            ax.set_title("48-request burst over 16 long ta sequences", fontsize=9)
+            ax.legend(fontsize=7)
     fig.suptitle("width changes mid-generation (2 shared CPU cores; server and load generator together)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -156,13 +156,16 @@ def workloads(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(workloads(), st.integers(1, 8))
-def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_made_it(requests, max_batch):
+@given(workloads(), st.integers(1, 8), st.booleans())
+def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_made_it(requests, max_batch,
+                                                                                      width_changes):
     """Drive the scheduler through a simulated run where every step takes exactly what the model
     predicts: every promised sequence it admits finishes within its targets, and every one it
-    refuses would have missed a target even started alone at its narrowest width when refused."""
+    refuses would have missed a target even started alone at its narrowest width when refused; with
+    or without width changes mid-generation."""
     latency = LatencyModel(dict(COSTS))
-    sched = Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=latency, margin=1.0)
+    sched = Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=latency, margin=1.0,
+                      width_changes=width_changes)
     now, pending, finished = 0.0, list(requests), {}
     while pending or sched.waiting or sched.running:
         while pending and pending[0]["at"] <= now:

@@ -30,7 +30,7 @@ def served(checkpoint_512, tmp_path_factory):
     profile = LatencyModel({w: WidthCost(0.001, per_row, 0.0, 0.001, 0.0) for w, per_row in COSTS.items()})
     profile_path = profile.save(tmp_path_factory.mktemp("profile") / "profile.json")
     app = build_app(ServeSettings(checkpoint=path, max_batch=4, max_queue=16, device="cpu", engine="inproc",
-                                  policy="slo", shed=True, profile=profile_path))
+                                  policy="slo", shed=True, profile=profile_path, width_changes="on"))
     with ServerThread(app) as server:
         yield server.url, model, app.state.checkpoint.tokenizer
 

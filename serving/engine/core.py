@@ -46,7 +46,7 @@ class EngineCore:
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
         """``latency``, when given, prices every decision (admission, width, refusal, swap-in) and is
         told what every step cost; without it the engine admits first come, first served.
         ``width_changes``: running sequences may change width (``--width-changes``)."""
@@ -279,7 +279,7 @@ class Engine:
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = True) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
         self.core = EngineCore(model, tokenizer, max_batch=max_batch, max_queue=max_queue, latency=latency,
                                steps=steps, margin=margin, width_changes=width_changes)
         self.config, self.tokenizer, self.latency, self.steps = model.config, tokenizer, latency, self.core.steps

@@ -64,7 +64,7 @@ class EngineCoreClient:
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
                  threads: int, profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning",
-                 on_core_death: str = "restart", width_changes: bool = True) -> None:
+                 on_core_death: str = "restart", width_changes: bool = False) -> None:
         """``on_core_death``: what a core that dies while serving leads to (``ServeSettings.on_core_death``):
         ``"restart"`` a new core, with back-off, or ``"exit"`` of this process (SIGTERM to itself: the
         server drains what is left, and ``matta serve`` exits with :data:`CORE_DIED_EXIT_CODE`)."""

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.worker.compiled)")
     p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
-    p.add_argument("--width-changes", choices=("on", "off"), default="on",
+    p.add_argument("--width-changes", choices=("on", "off"), default="off",
                    help="running sequences may change width (serving.engine.width_changes)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)

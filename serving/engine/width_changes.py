@@ -15,7 +15,7 @@ to widen again); this module says which changes are allowed and applies them ten
   when every promised deadline still holds with ``WIDEN_HEADROOM`` more step time than predicted;
   it narrows whenever a deadline needs it. Widths follow load, not noise.
 - **Opt-outs.** A pinned request (one width), a request with ``"width_changes": false`` and a
-  server started with ``--width-changes off`` never change (``SeqState.changes`` is False).
+  server not started with ``--width-changes on`` never change (``SeqState.changes`` is False).
 
 Pure Python and torch-free, as the scheduler is.
 """
