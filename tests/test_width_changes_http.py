@@ -95,3 +95,17 @@ def test_an_answer_that_opts_out_keeps_its_width_and_the_tight_request_is_refuse
     assert long.json()["usage"]["width_tokens"] == {"ta": long.json()["usage"]["completion_tokens"]}
     assert tight.status_code == 429 and tight.json()["error"]["code"] == "slo_unattainable"
     assert metric(httpx.get(url + "/metrics").text, "matta_width_changes_total") == before
+
+
+def test_an_ab_arm_of_slo_with_width_changes_off_keeps_every_width(checkpoint_512, tmp_path):
+    """`slo:width_changes=off` (what an A/B arm names) serves like a request that opted out."""
+    _, path = checkpoint_512
+    profile = LatencyModel({w: WidthCost(0.001, per_row, 0.0, 0.001, 0.0) for w, per_row in COSTS.items()})
+    app = build_app(ServeSettings(checkpoint=path, max_batch=4, max_queue=16, device="cpu", engine="inproc",
+                                  policy="slo:width_changes=off", shed=True,
+                                  profile=profile.save(tmp_path / "profile.json"), width_changes="on"))
+    with ServerThread(app) as server:
+        body = {"model": "tiny", "prompt": [5, 9, 13, 2, 7], "max_tokens": 150, "temperature": 0}
+        long, tight = asyncio.run(long_then_tight(server.url, body))
+    assert long.status_code == 200 and long.headers["x-matta-widths"] == "ta@0"
+    assert tight.status_code == 429
