@@ -29,7 +29,7 @@ from matta.checkpoint import load_checkpoint
 from router.latency import LatencyModel
 from serving import messages as msg
 from serving.engine.core import EngineCore
-from serving.lifecycle import die_with_parent
+from serving.lifecycle import die_with_parent, freeze_startup_heap
 from serving.worker.compiled import COMPILE_MODES, DecodeSteps
 
 log = logging.getLogger("matta.core")
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         push.close(linger=2000)
         context.term()
         return 1
+    freeze_startup_heap()
     push.send(msg.encoder.encode(msg.Ready(latency.to_json() if latency is not None else None)))
     serve_forever(core, push, pull)
     push.close(linger=2000)
