@@ -47,6 +47,7 @@ from matta.config import ModelConfig
 from matta.llama import NestedLlama
 from matta.model import NestedGPT, StaticKVCache
 from serving.api.server import uvicorn_config
+from serving.lifecycle import freeze_startup_heap
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -398,6 +399,7 @@ async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float
     hundred or more requests/s starves the server it measures, and the schedule slips (a slo
     replay at 150 req/s sent its last 10 s of requests up to 5 s late)."""
     host, port = url.removeprefix("http://").split(":")
+    freeze_startup_heap()  # a full collection of this process's heap (torch, a checkpoint) mid-burst sent 48 requests 131 ms late
 
     async def one(body: dict, due: float) -> dict:
         payload = json.dumps(body).encode()
@@ -462,6 +464,7 @@ async def saturate(url: str, model: str | list[str], prompts: list[list[int]], m
                    seconds: float) -> dict:
     """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies.
     With a list of model ids, client j asks for ``model[j % len(model)]`` (e.g. a 50/50 width mix)."""
+    freeze_startup_heap()  # as open_loop: no full collection of the client's heap mid-run
     models = [model] if isinstance(model, str) else list(model)
     latencies: list[float] = []
     tokens: list[int] = []

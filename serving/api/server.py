@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from serving.api.ab_routes import describe
 from serving.api.connection import head_deadline_protocol
+from serving.lifecycle import freeze_startup_heap
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def run(app: FastAPI, name: str, host: str = "127.0.0.1", port: int = 8000, log_
     sock.listen(2048)
     print(f"{name}: listening on http://{host}:{sock.getsockname()[1]}", flush=True)
     server = uvicorn.Server(uvicorn_config(app, log_level=log_level))
+    freeze_startup_heap()  # the app (and an in-process engine's weights) is built: serving starts
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
     # that re-raise is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -26,10 +26,11 @@ import torch
 import zmq
 
 from matta.checkpoint import load_checkpoint
+from matta.config import DTYPE_CHOICES
 from router.latency import LatencyModel
 from serving import messages as msg
 from serving.engine.core import EngineCore
-from serving.lifecycle import die_with_parent
+from serving.lifecycle import die_with_parent, freeze_startup_heap
 from serving.worker.compiled import COMPILE_MODES, DecodeSteps
 
 log = logging.getLogger("matta.core")
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="ZMQ address the core sends step outputs on")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="the weights' and KV cache's dtype")
     p.add_argument("--max-batch", type=int, required=True)
     p.add_argument("--max-queue", type=int, required=True)
     p.add_argument("--profile", type=Path, help="latency profile JSON to serve with")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     push.connect(args.output)
     pull.connect(args.input)
     try:
-        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        ckpt = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
         latency = None
         if args.profile is not None:
             latency = LatencyModel.load(args.profile)
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         push.close(linger=2000)
         context.term()
         return 1
+    freeze_startup_heap()
     push.send(msg.encoder.encode(msg.Ready(latency.to_json() if latency is not None else None)))
     serve_forever(core, push, pull)
     push.close(linger=2000)
