@@ -27,50 +27,108 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class StaticKVCache:
-    """Preallocated per-layer key/value buffers (B, n_head, capacity, head_dim), filled up to ``length``.
+    """Preallocated per-layer key/value buffers of row slots (slots, n_kv, capacity, head_dim): the
+    first ``batch_size`` slots are the live rows, row i filled up to ``lengths[i]``; ``length`` is the
+    longest row's.
 
-    A decode step writes its new keys and values in place and attends to views of the buffers,
-    so it copies nothing: the list cache (:data:`KVCache`) re-concatenates the whole cache every
-    step, memory traffic that grows with batch x context and, on a small model, costs more than
-    the FFN. When a step would overflow, the buffers grow geometrically (amortised O(1) per token).
-    Every row shares ``length`` (rows of a batch are left-padded to a common length).
+    A decode step writes each row's new key and value in place at that row's own length and
+    attends to views of the buffers, so it copies nothing: the list cache (:data:`KVCache`)
+    re-concatenates the whole cache every step, memory traffic that grows with batch x context.
+    Rows come and go without touching the others: :meth:`write_rows` copies new rows into slots,
+    :meth:`move_row` copies one row's filled part to another slot, each costing that row's
+    length, never the batch's. When a row or a step would not fit, the buffers grow
+    geometrically (amortised O(1) per token).
+
+    A cache made by :meth:`from_list` from a (left-padded) forward holds every row at the common
+    length; an attention mask marks its padding.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
-        self.keys, self.values, self.length = keys, values, length
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slot_lengths: torch.Tensor,
+                 batch_size: int) -> None:
+        self.keys, self.values = keys, values
+        self.slot_lengths = slot_lengths  # (slots,) long: filled positions per slot
+        self.batch_size = batch_size
+        self.length = int(self.lengths.max()) if batch_size else 0
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(batch_size,) filled positions of the live rows (a view: a step advances it in place)."""
+        return self.slot_lengths[: self.batch_size]
+
+    @classmethod
+    def empty_like(cls, cache: KVCache, slots: int, capacity: int) -> StaticKVCache:
+        """An empty cache (no live row) of ``slots`` rows x ``capacity`` positions, shaped like ``cache``'s layers.
+        Zeroed, not just allocated: a decode step multiplies masked positions' values by a zero
+        probability, and uninitialised memory may hold NaN (0 x NaN is NaN)."""
+        keys = [k.new_zeros(slots, k.shape[1], capacity, k.shape[3]) for k, _ in cache]
+        values = [v.new_zeros(slots, v.shape[1], capacity, v.shape[3]) for _, v in cache]
+        return cls(keys, values, torch.zeros(slots, dtype=torch.long, device=keys[0].device), 0)
 
     @classmethod
     def from_list(cls, cache: KVCache, capacity: int) -> StaticKVCache:
         """Copy a list cache into buffers of at least ``capacity`` positions."""
-        length = cache[0][0].shape[2]
-        capacity = max(capacity, length)
-        keys, values = [], []
-        for k, v in cache:
-            kb = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            vb = v.new_empty(kb.shape)
-            kb[:, :, :length] = k
-            vb[:, :, :length] = v
-            keys.append(kb)
-            values.append(vb)
-        return cls(keys, values, length)
+        batch, length = cache[0][0].shape[0], cache[0][0].shape[2]
+        static = cls.empty_like(cache, batch, max(capacity, length))
+        static.write_rows(cache, torch.full((batch,), length, dtype=torch.long, device=cache[0][0].device))
+        return static
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
     @property
-    def batch_size(self) -> int:
+    def slots(self) -> int:
         return self.keys[0].shape[0]
 
     def as_list(self) -> KVCache:
-        """Views of the filled part, per layer (keys, values)."""
-        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values, strict=True)]
+        """Views of the live rows' filled part (up to the longest row), per layer (keys, values)."""
+        B, L = self.batch_size, self.length
+        return [(k[:B, :, :L], v[:B, :, :L]) for k, v in zip(self.keys, self.values, strict=True)]
 
-    def reserve(self, length: int, limit: int) -> None:
-        """Make room for ``length`` positions (growing to at most ``limit``)."""
-        if length > self.capacity:
-            grown = StaticKVCache.from_list(self.as_list(), min(limit, max(length, 2 * self.capacity)))
-            self.keys, self.values = grown.keys, grown.values
+    def reserve(self, length: int, limit: int, slots: int = 0) -> None:
+        """Make room for ``length`` positions (growing to at most ``limit``) and ``slots`` rows."""
+        if length <= self.capacity and slots <= self.slots:
+            return
+        capacity = min(limit, max(length, 2 * self.capacity)) if length > self.capacity else self.capacity
+        grown = StaticKVCache.empty_like(self.as_list(), max(slots, 2 * self.slots) if slots > self.slots else self.slots,
+                                         capacity)
+        for new, old in zip(grown.keys + grown.values, self.keys + self.values, strict=True):
+            new[: self.slots, :, : self.capacity] = old  # geometric growth: a rare whole copy
+        grown.slot_lengths[: self.slots] = self.slot_lengths
+        self.keys, self.values, self.slot_lengths = grown.keys, grown.values, grown.slot_lengths
+
+    def write_rows(self, cache: KVCache, lengths: torch.Tensor, left_padded: bool = False) -> None:
+        """Append live rows: row j of ``cache`` (per layer (b, n_kv, T, hs)) becomes row
+        ``batch_size + j`` holding ``lengths[j]`` positions, its first ones (its last ones when
+        ``left_padded``: a left-padded prefill's real tokens end at T)."""
+        b, T = cache[0][0].shape[0], cache[0][0].shape[2]
+        B = self.batch_size
+        self.reserve(T, T, B + b)
+        if not left_padded or bool((lengths == T).all()):
+            for layer, (k, v) in enumerate(cache):
+                self.keys[layer][B : B + b, :, :T] = k
+                self.values[layer][B : B + b, :, :T] = v
+        else:
+            for j, n in enumerate(lengths.tolist()):  # strip each row's padding: one row's copy each
+                for layer, (k, v) in enumerate(cache):
+                    self.keys[layer][B + j, :, :n] = k[j, :, T - n :]
+                    self.values[layer][B + j, :, :n] = v[j, :, T - n :]
+        self.slot_lengths[B : B + b] = lengths
+        self.set_batch_size(B + b)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy slot ``source``'s filled part into slot ``target`` (any slots, live or not)."""
+        n = int(self.slot_lengths[source])
+        for buffer in self.keys + self.values:
+            buffer[target, :, :n] = buffer[source, :, :n]
+        self.slot_lengths[target] = n
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The first ``batch_size`` slots are the live rows (the caller moved them there)."""
+        if batch_size > self.slots:
+            raise ValueError(f"{batch_size} live rows do not fit {self.slots} slots")
+        self.batch_size = batch_size
+        self.length = int(self.lengths.max()) if batch_size else 0
 
 
 @dataclass
@@ -104,16 +162,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
 
 
+StaticSlice = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+"""One layer of a :class:`StaticKVCache` for a forward: key buffer, value buffer, each row's filled
+length (B,) and the longest row's."""
+
+
 def extend_cache(k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-                 static: tuple[torch.Tensor, torch.Tensor, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 static: StaticSlice | None) -> tuple[torch.Tensor, torch.Tensor]:
     """This step's keys and values (B, n_kv, T, hs) appended to the cache: written in place into a
-    static buffer (``static`` = key buffer, value buffer, filled length) or concatenated to ``past``."""
+    static buffer (one token per row at that row's own length, or T tokens at the common length)
+    or concatenated to ``past``."""
     if static is not None:
-        k_buf, v_buf, length = static
-        T = k.shape[2]
-        k_buf[:, :, length : length + T] = k
-        v_buf[:, :, length : length + T] = v
-        return k_buf[:, :, : length + T], v_buf[:, :, : length + T]
+        k_buf, v_buf, lengths, length = static
+        B, T = k.shape[0], k.shape[2]
+        if T == 1:
+            rows = torch.arange(B, device=k.device)
+            k_buf[rows, :, lengths] = k[:, :, 0]  # (B, n_kv, hs) at (row, lengths[row])
+            v_buf[rows, :, lengths] = v[:, :, 0]
+        else:  # a chunk after a prefill: every row at the common length
+            k_buf[:B, :, length : length + T] = k
+            v_buf[:B, :, length : length + T] = v
+        return k_buf[:B, :, : length + T], v_buf[:B, :, : length + T]
     if past is not None:
         return torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, n_kv, Tp+T, hs)
     return k, v
@@ -132,10 +201,10 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
-        static: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        static: StaticSlice | None = None,
         rope: object = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``static`` = (key buffer, value buffer, filled length): write this step in place, attend to views.
+        """``static`` (:data:`StaticSlice`): write this step in place, attend to views.
         ``rope`` is unused: GPT-2 adds learned positions to the embeddings instead."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -357,6 +426,17 @@ class NestedDecoder(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != (batch, past + new) = {(B, past_len + T)}"
             )
+        lengths = None
+        if static is not None:
+            if static.batch_size != B:
+                raise ValueError(f"the cache holds {static.batch_size} rows; the batch has {B}")
+            static.reserve(past_len + T, self.config.n_ctx)  # first: growing replaces the buffers and lengths
+            lengths = static.lengths
+            if T > 1 and bool((lengths != past_len).any()):
+                raise ValueError("a chunk of several tokens needs every cached row at the same length")
+            if attention_mask is None and T == 1:
+                # Rows of their own lengths: each sees its filled part and the token it writes.
+                attention_mask = torch.arange(past_len + 1, device=input_ids.device)[None, :] <= lengths[:, None]
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
@@ -364,14 +444,14 @@ class NestedDecoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         attn_mask = None
         if attention_mask is not None or (past_key_values is not None and T > 1):
-            attn_mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device)
+            attn_mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device, lengths)
 
         x = self.embed(input_ids, position_ids)  # (B, T, d)
         rope = self.rope(position_ids)
         if static is not None:
-            static.reserve(past_len + T, self.config.n_ctx)
             for i, block in enumerate(self.h):
-                x, _ = block(x, widths[i], attn_mask, None, (static.keys[i], static.values[i], past_len), rope)
+                x, _ = block(x, widths[i], attn_mask, None, (static.keys[i], static.values[i], lengths, past_len), rope)
+            lengths.add_(T)
             static.length = past_len + T
             presents: KVCache | StaticKVCache = static
         else:
@@ -388,15 +468,20 @@ class NestedDecoder(nn.Module):
 
     @staticmethod
     def _attention_mask(
-        attention_mask: torch.Tensor | None, B: int, T: int, past_len: int, device: torch.device
+        attention_mask: torch.Tensor | None, B: int, T: int, past_len: int, device: torch.device,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Boolean (B, 1, T, T_past + T) mask: causal and over real tokens only."""
+        """Boolean (B, 1, T, T_past + T) mask: causal and over real tokens only. ``lengths``: each
+        row's filled length in a :class:`StaticKVCache`, where a decode step writes its token."""
         total = past_len + T
         if T == 1 and attention_mask is not None:
-            # A decode step: the one query is the last position, so causality is trivial; it
+            # A decode step: the one query is the newest position, so causality is trivial; it
             # sees the real tokens and itself (two ops instead of seven, once per step).
             mask = attention_mask != 0  # a new tensor: the caller's mask is not written
-            mask[:, -1] = True
+            if lengths is None:
+                mask[:, -1] = True
+            else:
+                mask[torch.arange(B, device=device), lengths] = True
             return mask[:, None, None, :]
         query_pos = torch.arange(past_len, total, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None, :]

@@ -127,15 +127,19 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
         steps(ids, mask, cache_a, model.config.resolve_width("s"))
     assert steps.status.compiled_steps == 6 and steps.status.ready == 4
     # A cache filled to its last slot is grown first (the steps were traced with room to spare);
-    # inputs the guards refuse (an int32 mask) run eager, and the signature stays compiled.
+    # inputs the guards refuse (an explicit int32 mask; the engine passes none) run eager, and the
+    # signature stays compiled.
     ids, mask, cache_a, plans = step_inputs(model, ["ta", "s"], context=20)
     _, _, cache_b, _ = step_inputs(model, ["ta", "s"], context=20)
     full = StaticKVCache.from_list(cache_b.as_list(), capacity=cache_b.length + 1)
+    full.slot_lengths[:2] = cache_b.lengths  # the rows' own lengths, as step_inputs made them
+    full.set_batch_size(2)
+    explicit = (torch.arange(cache_b.length + 1)[None, :] <= cache_b.lengths[:, None]).int()
     with torch.inference_mode():
         want = decode_logits(model, ids, mask, cache_a, plans)
         torch.testing.assert_close(steps(ids, mask, full, plans), want, atol=1e-5, rtol=0)
         assert steps.status.compiled_steps == 7
-        got = steps(ids, mask.int(), cache_b, plans)
+        got = steps(ids, explicit, cache_b, plans)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert steps.status.guard_misses == 1 and steps.status.eager_steps == 1 and steps.status.ready == 4
 

@@ -86,10 +86,11 @@ WORKER_COMMAND = (sys.executable, "-m", "serving.worker.compile_worker")
 Plans = Sequence["int | FFNBlocks"]
 
 
-def decode_logits(model: NestedGPT, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache,
+def decode_logits(model: NestedGPT, ids: torch.Tensor, mask: torch.Tensor | None, cache: StaticKVCache,
                   plans: Plans) -> torch.Tensor:
     """The engine's decode step: one new token per row (``ids`` (B, 1)) against ``cache``, which it
-    extends in place; ``mask`` (B, cached + 1) marks real tokens. Returns the new token's logits (B, V).
+    extends in place, each row at its own length; ``mask`` (B, cached + 1), when given, marks real
+    tokens of a left-padded cache (the engine's rows have none). Returns the new token's logits (B, V).
 
     This is the function :func:`compile_step` compiles, and what runs eager."""
     out = model(ids, plans=plans, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -166,9 +167,11 @@ def step_inputs(model: NestedGPT, rows: Sequence[str], context: int = 8):
     mask = torch.ones(batch, context - 1, dtype=torch.long, device=device)
     cache = StaticKVCache.from_list(model(ids, row_widths=rows, attention_mask=mask, use_cache=True).past_key_values,
                                     capacity=2 * context)
+    if batch > 1:  # rows of their own lengths, as the engine's are
+        cache.slot_lengths[0] -= 1
+        cache.set_batch_size(batch)
     step_ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator).to(device)
-    full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-    return step_ids, full, cache, ffn_plans(config, rows, device)
+    return step_ids, None, cache, ffn_plans(config, rows, device)
 
 
 def compile_step(model: NestedGPT, rows: Sequence[str], path: Path) -> None:
@@ -398,7 +401,7 @@ class DecodeSteps:
         log.info("compiled decode step %d/%d loaded in %.2f s", self.status.ready, self.status.signatures,
                  self.status.load_s[-1])
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache, plans: Plans) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None, cache: StaticKVCache, plans: Plans) -> torch.Tensor:
         """One decode step (see :func:`decode_logits`), compiled when its signature's step is loaded
         and its guards accept these inputs, eager otherwise."""
         # Growing the buffers stays outside the graph, and so does a cache filled to its last slot:

@@ -6,12 +6,18 @@ whose width includes it), with rows kept widest first so a block runs on a prefi
 Decode steps go through :class:`serving.worker.compiled.DecodeSteps`: compiled per step signature once
 its graph is loaded, eager otherwise (:meth:`ModelRunner.path_of` tells the scheduler which).
 
-KV cache layout: the running rows keep one left-padded, preallocated cache
-(:class:`~matta.model.StaticKVCache`, per layer (B, n_head, capacity, head_dim), filled to L)
-with an attention mask (B, L) marking real tokens. ``NestedGPT.forward`` derives positions from
-the mask, so a padded row computes exactly what it would alone. A decode step writes its keys
-and values in place and attends to views. Joins pad and concatenate once; leaves gather the
-surviving rows once and trim columns that became padding in every row.
+KV cache layout: the running rows keep one preallocated cache of row slots
+(:class:`~matta.model.StaticKVCache`, per layer (slots, n_kv, capacity, head_dim)), row i holding
+its own tokens at positions [0, length_i), no padding; a decode step writes each row's key and
+value at that row's length, in place, under a mask the model derives from the lengths. No event
+copies the batch. A join copies the new rows' prefill (its padding stripped) into free slots.
+Rows stay grouped by width, widest first (the FFN then runs a prefix of rows per block), by
+moving one row per group: a joining row takes the place of the first row of the narrowest
+group, which moves to its group's end, and so on up to the joining row's group; a leaving row's
+hole takes the last row of its group, whose slot takes the last row of the next narrower group,
+and so on; a width change is a leave and a join of that row. A move copies one row's filled
+part, so an event costs (rows moved <= number of widths) x their length, whatever the batch
+size (``benchmarks/kv_cache.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class _Row:
     width: str
     sampling: Sampling
     generator: torch.Generator | None
+    next_id: int = 0  # the token this row feeds to the next decode step
 
 
 class ModelRunner:
@@ -54,10 +61,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.steps = steps if steps is not None else DecodeSteps(model)
         self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
-        self.rows: list[_Row] = []
+        self.rows: list[_Row] = []  # row i lives in cache slot i: grouped by width, widest first
         self._cache: StaticKVCache | None = None
-        self._mask: torch.Tensor | None = None  # (B, L) long, 1 = real token
-        self._next_ids: torch.Tensor | None = None  # (B, 1) the last sampled token of each row
         self.decode_steps = 0
         self._paths: dict[tuple, str] = {}
 
@@ -81,7 +86,7 @@ class ModelRunner:
 
     @property
     def context(self) -> int:
-        return 0 if self._mask is None else int(self._mask.shape[1])
+        return 0 if self._cache is None else self._cache.length
 
     # --- forwards ------------------------------------------------------------------------------
 
@@ -123,12 +128,15 @@ class ModelRunner:
             tokens = self._sample(rows, result.logits.index_select(0, index)[:, -1])
             for row, i, (token, lp) in zip(rows, live, tokens, strict=True):
                 out[row.seq_id] = Sampled(token, lp, prompt_lp[i])
-            longest = max(group[i][3].max_tokens for i in live)
-            cache = StaticKVCache.from_list(
-                [(k.index_select(0, index), v.index_select(0, index)) for k, v in result.past_key_values],
-                capacity=min(self.config.n_ctx, P + longest))
-            next_ids = torch.tensor([[t] for t, _ in tokens], device=self.device)
-            self._join(rows, cache, mask.index_select(0, index), next_ids)
+            new = [(k.index_select(0, index), v.index_select(0, index)) for k, v in result.past_key_values]
+            if self._cache is None:
+                longest = max(group[i][3].max_tokens for i in live)
+                self._cache = StaticKVCache.empty_like(new, len(live) + 1, min(self.config.n_ctx, P + longest))
+            self._cache.write_rows(new, torch.tensor([lengths[i] for i in live], device=self.device), left_padded=True)
+            for row, (token, _) in zip(rows, tokens, strict=True):
+                row.next_id = token
+                self.rows.append(row)
+                self._into_group(len(self.rows) - 1)
             timings[width] = (ids.numel(), time.perf_counter() - started)
         return out, timings
 
@@ -136,36 +144,42 @@ class ModelRunner:
         """One decode step for every running row: feed its last token, sample the next."""
         if not self.rows:
             return {}
-        B = len(self.rows)
-        mask = torch.cat([self._mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
+        ids = torch.tensor([[r.next_id] for r in self.rows], device=self.device)
         plans = ffn_plans(self.config, [r.width for r in self.rows], self.device)
-        logits = self.steps(self._next_ids, mask, self._cache, plans)  # extends the cache in place
-        self._mask = mask
+        # No mask: each row attends to its own filled length (the model derives the mask from it).
+        logits = self.steps(ids, None, self._cache, plans)  # extends the cache in place
         tokens = self._sample(self.rows, logits)
-        self._next_ids = torch.tensor([[t] for t, _ in tokens], device=self.device)
+        for row, (token, _) in zip(self.rows, tokens, strict=True):
+            row.next_id = token
         self.decode_steps += 1
         return {row.seq_id: Sampled(token, lp) for row, (token, lp) in zip(self.rows, tokens, strict=True)}
 
     # --- rows ----------------------------------------------------------------------------------
 
     def remove(self, seq_ids: set[int]) -> None:
-        """Drop rows (finished, cancelled): gather the survivors and trim all-padding columns, once."""
-        keep = [i for i, r in enumerate(self.rows) if r.seq_id not in seq_ids]
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
+        """Drop rows (finished, cancelled): each one's hole is filled by moving a row per group."""
+        for index in sorted((i for i, r in enumerate(self.rows) if r.seq_id in seq_ids), reverse=True):
+            self._leave(index)
+        if not self.rows:
             self.clear()
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        lead = int(mask.any(dim=0).int().argmax())  # first column holding a real token
-        self._mask = mask[:, lead:]
-        self._cache = StaticKVCache.from_list(
-            [(k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:])
-             for k, v in self._cache.as_list()],
-            capacity=self._cache.capacity - lead)
-        self._next_ids = self._next_ids.index_select(0, index)
-        self.rows = [self.rows[i] for i in keep]
+
+    def set_widths(self, widths: dict[int, str]) -> None:
+        """Running rows continue at other widths ({seq_id: width}) on the caches they have: only the
+        FFN is nested, so nothing is recomputed; each changed row leaves its width's group and joins
+        the new one (a few rows moved, see the module doc)."""
+        for seq_id, width in widths.items():
+            index = next((i for i, r in enumerate(self.rows) if r.seq_id == seq_id), None)
+            if index is None or self.rows[index].width == width:
+                continue
+            row = self.rows[index]
+            spare = self._spare()
+            self._cache.move_row(index, spare)  # parked while the others close the hole
+            self._leave(index)
+            self._cache.move_row(spare, len(self.rows))
+            row.width = width
+            self.rows.append(row)
+            self._cache.set_batch_size(len(self.rows))
+            self._into_group(len(self.rows) - 1)
 
     def set_widths(self, widths: dict[int, str]) -> None:
         """Running rows continue at other widths ({seq_id: width}) on the caches they have: only the
@@ -177,39 +191,48 @@ class ModelRunner:
         self._sort_widest_first()
 
     def clear(self) -> None:
-        self.rows, self._cache, self._mask, self._next_ids = [], None, None, None
+        self.rows, self._cache = [], None
 
-    def _join(self, rows: list[_Row], cache: StaticKVCache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
-        """Add freshly prefilled rows to the running batch (left-padding the shorter), widest first."""
-        if not self.rows:
-            self.rows, self._cache, self._mask, self._next_ids = rows, cache, mask, next_ids
-        else:
-            L, P = self._mask.shape[1], mask.shape[1]
-            T = max(L, P)
-            merged = [
-                (torch.cat([F.pad(ko, (0, 0, T - L, 0)), F.pad(kn, (0, 0, T - P, 0))]),
-                 torch.cat([F.pad(vo, (0, 0, T - L, 0)), F.pad(vn, (0, 0, T - P, 0))]))
-                for (ko, vo), (kn, vn) in zip(self._cache.as_list(), cache.as_list(), strict=True)
-            ]
-            capacity = max(self._cache.capacity - L, cache.capacity - P) + T
-            self._cache = StaticKVCache.from_list(merged, capacity=capacity)
-            self._mask = torch.cat([F.pad(self._mask, (T - L, 0)), F.pad(mask, (T - P, 0))])
-            self._next_ids = torch.cat([self._next_ids, next_ids])
-            self.rows = self.rows + rows
-        self._sort_widest_first()
+    def _spare(self) -> int:
+        """A free slot past the live rows (the cache grows when it has none)."""
+        self._cache.reserve(0, 0, len(self.rows) + 1)
+        return len(self.rows)
 
-    def _sort_widest_first(self) -> None:
-        """Reorder rows by FFN size, widest first (stable; a no-op when sorted)."""
-        sizes = [self._ffn_size[r.width] for r in self.rows]
-        order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-        if order == list(range(len(sizes))):
+    def _into_group(self, index: int) -> None:
+        """Move the last row (``index``) to the end of its width's group: the first row of each
+        narrower group, narrowest first, moves to the slot after its group's end."""
+        size = self._ffn_size[self.rows[index].width]
+        target = next(i for i, r in enumerate(self.rows) if i == index or self._ffn_size[r.width] < size)
+        if target == index:
             return
-        index = torch.tensor(order, device=self.device)
-        self._cache = StaticKVCache([k.index_select(0, index) for k in self._cache.keys],
-                                    [v.index_select(0, index) for v in self._cache.values], self._cache.length)
-        self._mask = self._mask.index_select(0, index)
-        self._next_ids = self._next_ids.index_select(0, index)
-        self.rows = [self.rows[i] for i in order]
+        starts = [i for i in range(target, index) if i == target or self.rows[i].width != self.rows[i - 1].width]
+        spare = self._spare()
+        joining = self.rows[index]
+        self._cache.move_row(index, spare)
+        hole = index
+        for start in reversed(starts):  # the narrowest group first
+            self._move(start, hole)
+            hole = start
+        self._cache.move_row(spare, hole)
+        self.rows[hole] = joining
+
+    def _leave(self, index: int) -> None:
+        """Drop the row at ``index``: the last row of its group fills its slot, the last row of each
+        narrower group the slot the previous move freed; the last slot ends free."""
+        ends = [i for i in range(index, len(self.rows))
+                if i == len(self.rows) - 1 or self.rows[i].width != self.rows[i + 1].width]
+        hole = index
+        for end in ends:
+            self._move(end, hole)
+            hole = end
+        self.rows.pop()
+        self._cache.set_batch_size(len(self.rows))
+
+    def _move(self, source: int, target: int) -> None:
+        """One row (its cache and state) from live slot ``source`` to slot ``target``."""
+        if source != target:
+            self._cache.move_row(source, target)
+            self.rows[target] = self.rows[source]
 
     # --- sampling ------------------------------------------------------------------------------
 
