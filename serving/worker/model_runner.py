@@ -181,15 +181,6 @@ class ModelRunner:
             self._cache.set_batch_size(len(self.rows))
             self._into_group(len(self.rows) - 1)
 
-    def set_widths(self, widths: dict[int, str]) -> None:
-        """Running rows continue at other widths ({seq_id: width}) on the caches they have: only the
-        FFN is nested, so nothing is recomputed; the rows are kept widest first (one permutation)."""
-        if not widths:
-            return
-        for row in self.rows:
-            row.width = widths.get(row.seq_id, row.width)
-        self._sort_widest_first()
-
     def clear(self) -> None:
         self.rows, self._cache = [], None
 
