@@ -149,8 +149,9 @@ class Pricing:
         step = self._step_s(plan.rows, plan.reserve) * plan.step_scale
         ends = {}
         for s in plan.rows:
-            # An admitted row's prefill makes its first token, its first decode step the second.
-            steps = max(0, s.budget - 1) if s in plan.prefills else s.remaining
+            # An admitted row's prefill makes its first token, its first decode step the second; even
+            # a one-token row's answer goes out only when the iteration (its decode step) ends.
+            steps = max(1, s.budget - 1) if s in plan.prefills else s.remaining
             ends[s.seq_id] = start + steps * step
         return ends
 
