@@ -205,8 +205,7 @@ async def send(host: str, port: int, body: dict, due: float, start: float, timeo
             out.status = int(lines[0].split()[1])
             headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
             out.width = headers.get("x-matta-width")
-            if "retry-after" in headers:
-                out.retry_after = float(headers["retry-after"])
+            out.retry_after = _seconds(headers.get("retry-after"))
             if "x-matta-predicted-ms" in headers:
                 out.predicted_s = float(headers["x-matta-predicted-ms"]) / 1000
             chunked = _Chunked() if headers.get("transfer-encoding") == "chunked" else None
@@ -252,6 +251,14 @@ async def send(host: str, port: int, body: dict, due: float, start: float, timeo
             usage = json.loads(content).get("usage", {})
             out.output_tokens, out.prompt_tokens = usage.get("completion_tokens"), usage.get("prompt_tokens")
     return out
+
+
+def _seconds(value: str | None) -> float | None:
+    """A header's number of seconds (``Retry-After`` may also be an HTTP date: then None)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _body(request: Request, stream: bool) -> dict:
