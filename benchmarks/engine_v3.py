@@ -35,7 +35,7 @@ import matplotlib
 import numpy as np
 
 from benchmarks.client import Request, RequestOutput, arrivals, requests_at, run_closed_loop, run_open_loop, summarize
-from benchmarks.harness import Server
+from benchmarks.harness import Server, save_png
 from matta.checkpoint import load_checkpoint
 from tests.helpers import REPO
 
@@ -201,7 +201,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(f"TTFT {data['ttft_slo_ms']:g} ms + TPOT {data['tpot_slo_ms']:g} ms")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -460,7 +460,7 @@ def plot(report: dict, path: Path, title: str) -> None:
     table.scale(1, 1.4)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -504,6 +504,32 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+
+
+MAX_RESULT_BYTES = 100_000
+"""The most any file under ``benchmarks/results/`` may hold: summaries and plots only (per-request
+rows go under ``runs/``, which git ignores)."""
+
+
+def save_png(fig, path: Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as a PNG of at most :data:`MAX_RESULT_BYTES`: a colour palette
+    (plots have few colours; the file shrinks 3-5x), then a lower dpi and fewer colours only as
+    far as needed. Raises if even the smallest version is too big (plot less)."""
+    import io
+
+    from PIL import Image
+
+    for scale, colors in ((1.0, 256), (0.8, 256), (0.8, 64), (0.65, 64), (0.5, 32)):
+        raw = io.BytesIO()
+        fig.savefig(raw, format="png", dpi=dpi * scale)
+        raw.seek(0)
+        out = io.BytesIO()
+        Image.open(raw).convert("RGB").quantize(colors=colors).save(out, format="PNG", optimize=True)
+        if out.tell() <= MAX_RESULT_BYTES:
+            Path(path).write_bytes(out.getvalue())
+            return Path(path)
+    raise ValueError(f"{path}: {out.tell()} bytes even at dpi {dpi * scale:g} and {colors} colours; "
+                     f"the limit is {MAX_RESULT_BYTES}")
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.client import RUNS, arrivals, requests_at, run_closed_loop, run_open_loop, summarize, write_rows
-from benchmarks.harness import VLLM_VENV, Server, VLLMServer, make_prompts
+from benchmarks.harness import VLLM_VENV, Server, VLLMServer, make_prompts, save_png
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width
 from router.quality import width_quality
@@ -250,7 +250,7 @@ def plot(results: dict, path: Path) -> None:
     right.set(ylabel="max req/s within SLO", title="max rate within SLO (label: mean FFN width served)")
     fig.suptitle("max rate within SLO: matta serve policies and vLLM (2 cores shared with the client)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_png(fig, path, dpi=80)
     plt.close(fig)
 
 

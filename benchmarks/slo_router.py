@@ -53,7 +53,7 @@ from benchmarks.client import (
     summarize,
     write_rows,
 )
-from benchmarks.harness import ENGINES, Server, make_prompts
+from benchmarks.harness import ENGINES, Server, make_prompts, save_png
 from matta.checkpoint import load_checkpoint
 from router.quality import width_quality
 
@@ -198,7 +198,7 @@ def plot(results: dict, path: Path, slo_records: dict[str, list[RequestOutput]])
         axes[1][j].axis("off")
     fig.suptitle("slo_router (2 cores shared by the server and the load generator)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

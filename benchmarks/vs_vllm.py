@@ -52,7 +52,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.client import Request, run_closed_loop, summarize
-from benchmarks.harness import SHAPE_BUILDERS, VLLM_VENV, Server, VLLMServer, make_prompts, metric
+from benchmarks.harness import SHAPE_BUILDERS, VLLM_VENV, Server, VLLMServer, make_prompts, metric, save_png
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.hf import export_width
 from serving.core_protocol import BUSY_PHASES
@@ -294,7 +294,7 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"matta serve vs vLLM on the same export ({results['threads']} thread each; "
                  f"2 cores shared with the client; bars: our client, labels: / vLLM; black: vLLM's client)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

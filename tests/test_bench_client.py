@@ -331,3 +331,22 @@ def test_vllm_client_arguments(tmp_path):
     assert command[:3] == [str(tmp_path / "venv" / "bin" / "python"), "-c", VLLM_CLIENT_SCRIPT]
     assert command[3:] == args
     assert "from vllm.benchmarks.serve import add_cli_args, main" in VLLM_CLIENT_SCRIPT
+
+
+def test_save_png_stays_under_the_results_limit(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from benchmarks.harness import MAX_RESULT_BYTES, save_png
+
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    rng = np.random.default_rng(0)
+    for ax in axes.flat:  # noisy scatter: the kind of plot that makes big PNGs
+        ax.scatter(rng.random(1500), rng.random(1500), s=3, c=rng.random(1500), cmap="viridis")
+    path = save_png(fig, tmp_path / "big.png", dpi=120)
+    plt.close(fig)
+    assert 0 < path.stat().st_size <= MAX_RESULT_BYTES
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
