@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.lifecycle import freeze_startup_heap
+
 PERCENTILES = (50, 90, 99)
 SLO_METRICS = ("ttft", "tpot", "e2el")
 RUNS = Path(__file__).resolve().parent.parent / "runs"
@@ -279,6 +281,7 @@ async def run_open_loop(url: str, requests: Sequence[Request], timeout_s: float 
     """Open loop: send each request at its ``arrival_s`` (seconds from now) whatever the earlier
     ones are doing. Returns the outputs in order and the run's duration (s, start to last answer)."""
     host, port = _host_port(url)
+    freeze_startup_heap()  # a full collection of the caller's heap (torch, a checkpoint) mid-burst sends requests late
     start = time.perf_counter()
     tasks = []
     for request in sorted(requests, key=lambda r: r.arrival_s):
@@ -296,6 +299,7 @@ async def run_closed_loop(url: str, requests: Sequence[Request], concurrency: in
     """Closed loop: ``concurrency`` requests in flight, each client sending its next as soon as its
     last is answered; every request once, or, with ``duration_s``, cycling through them until then."""
     host, port = _host_port(url)
+    freeze_startup_heap()  # as run_open_loop: no full collection of the caller's heap mid-run
     start = time.perf_counter()
     outputs: list[RequestOutput] = []
     count = 0

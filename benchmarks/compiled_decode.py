@@ -1,7 +1,7 @@
 """Eager, per-shape compiled and the engine's compiled decode steps, per width and batch, in one run.
 
 For the shipped checkpoint, each width in ``--widths`` and each batch in ``--batches`` at one
-context, the engine's decode step (``serving.compiled.decode_logits``: one token per row against a
+context, the engine's decode step (``serving.worker.compiled.decode_logits``: one token per row against a
 ``StaticKVCache``) three ways, timed interleaved (medians):
 
   eager     the forward as the engine ran it before issue 20;
@@ -9,7 +9,7 @@ context, the engine's decode step (``serving.compiled.decode_logits``: one token
             context: the best inductor does here, and what serving could not afford);
   frozen    the same with inductor's ``freezing`` (weights as constants of the graph: folded and,
             for its linear layers, prepacked), which a step cached per checkpoint could use;
-  engine    what ``matta serve --compile`` runs: ``serving.compiled.DecodeSteps`` with one step per
+  engine    what ``matta serve --compile`` runs: ``serving.worker.compiled.DecodeSteps`` with one step per
             signature, batch, context and FFN plan symbolic, loaded from the compile cache.
 
 Prefill stays eager in the engine; to see what compiling it would buy, the engine's prefill forward
@@ -43,7 +43,7 @@ import torch
 from benchmarks.harness import interleaved, machine_peaks, roofline_ms, save_png, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import StaticKVCache
-from serving.compiled import DecodeSteps, decode_logits, step_inputs
+from serving.worker.compiled import DecodeSteps, decode_logits, step_inputs
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "static", "frozen", "engine")
@@ -95,7 +95,7 @@ def time_split(run, repeats: int) -> dict:
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, width: str, logits_to_keep: int = 1):
-    """The engine's prefill forward (``serving.engine.Engine._prefill``): logits and the KV cache."""
+    """The engine's prefill forward (``serving.engine.core.Engine._prefill``): logits and the KV cache."""
     out = model(ids, width=width, attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
 

@@ -17,7 +17,7 @@ is the figure the serving issue sets a goal for (>= 0.9). A roofline prediction 
 per width, max(FLOPs / sgemm peak, bytes / read bandwidth) with the peaks measured in this run.
 
 Eager and compiled steps in the same run (``--steps eager compiled``): the compiled step is the
-engine's (``serving.compiled.DecodeSteps`` with ``require``: one compiled step per signature with
+engine's (``serving.worker.compiled.DecodeSteps`` with ``require``: one compiled step per signature with
 dynamic batch and context), timed interleaved with the eager one; per point, each against its
 roofline (the issue's target: >= 0.7 at batch >= 4), and the Student/TA step ratio of each against
 the roofline ratio (target >= 0.9 of it).
@@ -51,7 +51,7 @@ import torch
 from benchmarks.harness import SHAPE_BUILDERS, machine_peaks, model_decode_step, roofline_ms, save_png, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import NestedDecoder
-from serving.compiled import DecodeSteps
+from serving.worker.compiled import DecodeSteps
 
 SHAPES = ("shipped", "gpt2-small", "smollm-135m")
 

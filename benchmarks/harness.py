@@ -43,7 +43,7 @@ from matta.checkpoint import Checkpoint
 from matta.config import ModelConfig
 from matta.llama import NestedLlama
 from matta.model import NestedGPT, StaticKVCache
-from serving.server import uvicorn_config
+from serving.api.server import uvicorn_config
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -352,13 +352,13 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
                       steps: dict | None = None) -> dict:
     """Bare decode step (batch x 1 against a ``context``-long cache) per width, ms, interleaved.
 
-    ``steps`` maps a variant name to how a step runs (a :class:`serving.compiled.DecodeSteps`, or
+    ``steps`` maps a variant name to how a step runs (a :class:`serving.worker.compiled.DecodeSteps`, or
     any callable taking ``(ids, mask, cache, plans)``); default ``{"eager": DecodeSteps(model)}``.
     Every (variant, width) pair is timed in rotating order, so drift hits all alike. Returns
     ``{variant: {width: timing}}``. The cache is a :class:`StaticKVCache`, as in the engine,
     rewound before every step so all steps see the same context.
     """
-    from serving.compiled import DecodeSteps
+    from serving.worker.compiled import DecodeSteps
 
     steps = steps or {"eager": DecodeSteps(model)}
     gen = torch.Generator().manual_seed(0)

@@ -69,7 +69,7 @@ def open_fds(pid: int) -> int | None:
 def core_pid(api_pid: int) -> int | None:
     for pid in descendants(api_pid):
         try:
-            if b"serving.core" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"serving.engine.core_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         except OSError:
             continue

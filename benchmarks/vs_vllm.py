@@ -55,7 +55,7 @@ from benchmarks.client import Request, run_closed_loop, summarize
 from benchmarks.harness import SHAPE_BUILDERS, VLLM_VENV, Server, VLLMServer, make_prompts, metric, save_png
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.hf import export_width
-from serving.core_protocol import BUSY_PHASES
+from serving.messages import BUSY_PHASES
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = ("shipped", "gpt2-small", "smollm-135m")

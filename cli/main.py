@@ -191,7 +191,7 @@ def cmd_route(args) -> int:
     """Route OpenAI-compatible requests over backends that each serve one width (pinned `matta serve`
     instances, or vLLM serving exported widths), with the same front end, policies, headers and metrics.
     Flags override the config file, which overrides MATTA_<SETTING> variables."""
-    from serving.route import load_route_settings, serve_route
+    from serving.api.route import load_route_settings, serve_route
     from serving.settings import RouteSettings, flag_values
 
     settings = load_route_settings(args.config, flag_values(args, RouteSettings))
@@ -206,7 +206,7 @@ def cmd_compile(args) -> int:
     import torch
 
     from matta.checkpoint import load_checkpoint
-    from serving.compiled import DecodeSteps
+    from serving.worker.compiled import DecodeSteps
 
     torch.set_num_threads(args.threads or 1)
     ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu")
@@ -223,7 +223,7 @@ def cmd_profile(args) -> int:
     import torch
 
     from matta.checkpoint import load_checkpoint
-    from serving.profile import profile_model
+    from serving.worker.profile import profile_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_analyze_arguments(p)
 
     p = add("route", cmd_route, "width router (proxy) in front of one backend per width")
-    p.add_argument("config", type=Path, help="route config YAML (see serving/route.py)")
+    p.add_argument("config", type=Path, help="route config YAML (see serving/api/route.py)")
     _add_server_flags(p)
     _add_settings_flags(p, "RouteSettings", skip=frozenset({"model", "checkpoint"}))
 

@@ -5,7 +5,7 @@ policy at arrival), learns from each finished request (:meth:`observe_request`, 
 front end) and reports its corrections for metrics. :class:`BackendCostModel` cannot see inside
 a backend, so it learns each one's seconds per token as a function of the requests in flight.
 (``matta serve``'s engine has no cost model here: its scheduler prices every decision with the
-engine's own :class:`~router.latency.LatencyModel`, :mod:`serving.scheduler`.)
+engine's own :class:`~router.latency.LatencyModel`, :mod:`serving.engine.scheduler`.)
 
 Pure Python: no torch, no serving.
 """

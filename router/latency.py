@@ -27,7 +27,7 @@ CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile i
 STEP_PATHS = ("eager", "compiled")
 # Weight of a decode step slower than its path's factor: a machine that slows down (another process
 # took a core) is followed within a few steps, or every promise made meanwhile is broken.
-STEP_RISE = 0.2  # how the engine may run a decode step (serving/compiled.py)
+STEP_RISE = 0.2  # how the engine may run a decode step (serving/worker/compiled.py)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The latency-aware policy: the widest width whose predicted latency meets the request's SLO.
 
 Behind a backend that chooses widths itself at dispatch (``dispatch=True``: the engine of
-``matta serve``, whose scheduler decides width, order and refusal, :mod:`serving.scheduler`)
+``matta serve``, whose scheduler decides width, order and refusal, :mod:`serving.engine.scheduler`)
 the policy only names the allowed widths (``min_width`` and up) and whether to shed; it keeps
 no state and predicts nothing. What follows is the arrival-time policy of ``matta route``,
 whose backends each serve one width and cannot be looked inside.

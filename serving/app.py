@@ -1,7 +1,7 @@
 """``matta serve``: the checkpoint's engine behind the one OpenAI front end.
 
 ``build_app(settings)`` loads the checkpoint once, builds the engine (its scheduler and latency
-model) and plugs it into :func:`serving.frontend.build_frontend_app`; :func:`serve` runs it (what ``matta serve``
+model) and plugs it into :func:`serving.api.frontend.build_frontend_app`; :func:`serve` runs it (what ``matta serve``
 calls). Any ASGI server can run the app too (Ray Serve does, in ``deploy/ray``).
 """
 
@@ -16,15 +16,15 @@ from fastapi import FastAPI
 from matta.checkpoint import load_checkpoint
 from router.latency import LatencyModel
 from router.quality import width_quality
-from serving import server
-from serving.chat import install_chat_route
-from serving.chat_template import resolve_chat_template
-from serving.compiled import DecodeSteps
-from serving.core_client import CORE_DIED_EXIT_CODE, EngineCoreClient
-from serving.engine import Engine
-from serving.engine_backend import EngineBackend
-from serving.frontend import build_frontend_app, needs_cost_model
+from serving.api import server
+from serving.api.chat import install_chat_route
+from serving.api.chat_template import resolve_chat_template
+from serving.api.engine_backend import EngineBackend
+from serving.api.frontend import build_frontend_app, needs_cost_model
+from serving.engine.core import Engine
+from serving.engine.core_client import CORE_DIED_EXIT_CODE, EngineCoreClient
 from serving.settings import ServeSettings
+from serving.worker.compiled import DecodeSteps
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def load_or_measure_profile(settings: ServeSettings, model) -> LatencyModel | No
         return latency
     if not needs_cost_model(settings):
         return None
-    from serving.profile import profile_model
+    from serving.worker.profile import profile_model
 
     log.info("no latency profile given (--profile); measuring one now")
     latency = profile_model(model)
@@ -99,7 +99,7 @@ def default_torch_threads() -> int:
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
-    """Run ``matta serve`` until SIGTERM/SIGINT, then drain (see :func:`serving.server.run`)."""
+    """Run ``matta serve`` until SIGTERM/SIGINT, then drain (see :func:`serving.api.server.run`)."""
     # Process-wide, hence here and not in build_app (the engine-core process sets its own). OpenMP
     # threads that spin on cores another process is using can make each small decode step ~100x
     # slower; by default one core is left to the HTTP event loop (measured on 2 cores: 16-client

@@ -25,7 +25,7 @@ from matta.config import DEFAULT_CHECKPOINT
 from matta.configfile import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 
 ENV_PREFIX = "MATTA_"
-CompileMode = Literal["off", "background", "require"]  # serving/compiled.py: what each mode does
+CompileMode = Literal["off", "background", "require"]  # serving/worker/compiled.py: what each mode does
 
 
 def _flag(name: str, **extra: Any) -> dict:

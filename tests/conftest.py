@@ -14,7 +14,7 @@ from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
 from tests.helpers import REPO, SAMPLE_TEXT, SERVED_N_CTX, sharpen, tiny_config
 
-# Servers the tests start decode eagerly unless a test asks for compiled steps (serving/compiled.py):
+# Servers the tests start decode eagerly unless a test asks for compiled steps (serving/worker/compiled.py):
 # a background compile worker per test server would take the CI machine's cores.
 os.environ.setdefault("MATTA_COMPILE", "off")
 

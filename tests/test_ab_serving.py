@@ -197,7 +197,7 @@ def test_reload_bodies_too_deep_too_large_or_with_endless_errors_are_a_bounded_4
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text[:500]
     assert len(r.content) < 3000, len(r.content)
     assert time.monotonic() - started < 5
-    assert max(len(record.getMessage()) for record in caplog.records if record.name == "serving.ab_routes") < 1000
+    assert max(len(record.getMessage()) for record in caplog.records if record.name == "serving.api.ab_routes") < 1000
     assert [a["name"] for a in httpx.get(url, headers=auth).json()["arms"]] == ["control", "treatment"]
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -258,9 +258,9 @@ def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logge
         checkpoint_512, tmp_path, monkeypatch, caplog):
     """A latency limit the treatment cannot meet (median under 1 microsecond): after min_units units the
     server sets its weight to 0 through the reload path; new units all get the control."""
-    import serving.ab_guardrails
+    import serving.api.ab_guardrails
 
-    monkeypatch.setattr(serving.ab_guardrails, "POLL_S", 0.05)
+    monkeypatch.setattr(serving.api.ab_guardrails, "POLL_S", 0.05)
     _, path = checkpoint_512
     guarded = {**CONFIG, "guardrail_check_s": 0.2, "guardrails": [
         {"metric": "latency_s", "quantile": 0.5, "max": 1e-6, "min_units": 5},
@@ -268,7 +268,7 @@ def test_a_breaching_treatment_arm_is_rolled_back_live_with_a_metric_and_a_logge
     settings = ServeSettings(checkpoint=path, device="cpu", experiment=write_config(tmp_path / "exp.yaml", guarded),
                              ab_db=tmp_path / "ab.sqlite", admin_key="sesame")
     auth = {"authorization": "Bearer sesame"}
-    with caplog.at_level("WARNING", logger="serving.ab_guardrails"), ServerThread(build_app(settings)) as server:
+    with caplog.at_level("WARNING", logger="serving.api.ab_guardrails"), ServerThread(build_app(settings)) as server:
         text = httpx.get(f"{server.url}/metrics").text
         assert 'matta_ab_arm_weight{arm="treatment",experiment="width-test"} 50.0' in text
         empty = httpx.get(f"{server.url}/admin/experiment/analysis", headers=auth)

@@ -261,7 +261,7 @@ def test_a_client_that_never_reads_its_stream_holds_no_batch_slot(impatient):
 
 
 def test_the_route_proxy_needs_the_api_key_too(monkeypatch):
-    from serving.route import build_route_app
+    from serving.api.route import build_route_app
     from serving.settings import RouteSettings, settings_from
 
     monkeypatch.setenv("MATTA_API_KEY", "proxy-key")
@@ -300,7 +300,7 @@ def _admin_and_api_keys_are_separate(url: str, reload_status: int) -> None:
 
 def test_an_admin_key_that_differs_from_the_api_key_opens_the_admin_api_and_repeated_keys_are_400(
         checkpoint_512, tmp_path, monkeypatch):
-    from serving.route import build_route_app
+    from serving.api.route import build_route_app
     from serving.settings import RouteSettings
 
     monkeypatch.delenv("MATTA_API_KEY", raising=False)

@@ -14,9 +14,9 @@ import transformers
 from benchmarks.harness import ServerThread, metric
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width, import_hf
+from serving.api.chat_template import BUILTIN_TEMPLATES, ChatTemplate, ChatTemplateError
+from serving.api.route import build_route_app
 from serving.app import build_app
-from serving.chat_template import BUILTIN_TEMPLATES, ChatTemplate, ChatTemplateError
-from serving.route import build_route_app
 from serving.settings import RouteSettings, ServeSettings
 from tests.helpers import HF_WIDTHS, make_hf_dir, tiny_hf_tokenizer
 

@@ -3,7 +3,7 @@ another torch's, failing its checksum, unreadable) and a write that fails (a ful
 server serving, that decode step eager, with one warning and a count in
 ``matta_compile_cache_faults_total{kind}``; nothing of a bad artifact reaches torch's deserializer.
 
-Before the artifact header (serving/compiled.py ``write_artifact``/``read_artifact``), each of these
+Before the artifact header (serving/worker/compiled.py ``write_artifact``/``read_artifact``), each of these
 artifacts went to ``torch.compiler.load_compiled_function`` as it was: a pickle planted in the cache
 ran, ``--compile require`` failed to start, and no metric said anything."""
 
@@ -26,11 +26,11 @@ from benchmarks.harness import ServerThread, metric
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
 from serving.app import build_app
-from serving.compile_cache import ARTIFACT_MAGIC, artifact_path, cache_dir_for, read_artifact, temporary_path
-from serving.compiled import DecodeSteps, representative_rows, rows_signature
-from serving.core_protocol import Sampling
-from serving.engine import Engine
+from serving.engine.core import Engine
+from serving.messages import Sampling
 from serving.settings import ServeSettings
+from serving.worker.compile_cache import ARTIFACT_MAGIC, artifact_path, cache_dir_for, read_artifact, temporary_path
+from serving.worker.compiled import DecodeSteps, representative_rows, rows_signature
 from tests.helpers import generate_tokens, sharpen, tiny_config
 
 MAX_BATCH = 4
@@ -92,7 +92,7 @@ def corrupt(artifact: Path, kind: str, marker: Path) -> None:
 
 
 def cache_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "serving.compiled" and r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.name == "serving.worker.compiled" and r.levelname == "WARNING"]
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "version", "checksum", "unreadable"])

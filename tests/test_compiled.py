@@ -1,4 +1,4 @@
-"""Compiled decode steps (serving/compiled.py): the same numbers as eager, swapped in without a start-up tax.
+"""Compiled decode steps (serving/worker/compiled.py): the same numbers as eager, swapped in without a start-up tax.
 
 The compile tests use a two-width model (four step signatures) and share one on-disk cache, so the
 cold compile is paid once per session (about a minute and a half on two cores).
@@ -22,11 +22,11 @@ from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.model import NestedGPT, StaticKVCache
 from serving.app import build_app
-from serving.compile_cache import cache_dir_for
-from serving.compiled import DecodeSteps, decode_logits, representative_rows, rows_signature, step_inputs
-from serving.core_protocol import Sampling
-from serving.engine import Engine
+from serving.engine.core import Engine
+from serving.messages import Sampling
 from serving.settings import ServeSettings
+from serving.worker.compile_cache import cache_dir_for
+from serving.worker.compiled import DecodeSteps, decode_logits, representative_rows, rows_signature, step_inputs
 from tests.helpers import REPO, generate_tokens, sharpen, tiny_config
 
 GREEDY = Sampling(max_tokens=12, temperature=0.0)

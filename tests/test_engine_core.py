@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-import serving.core_client
+import serving.engine.core_client
 from benchmarks.harness import ServerThread
 from serving.app import build_app
 from serving.settings import ServeSettings
@@ -27,7 +27,7 @@ import pickle, sys, torch
 def refuse(*args, **kwargs):
     raise AssertionError("the engine core tried to unpickle")
 pickle.load = pickle.loads = torch.load = refuse
-from serving.core import main
+from serving.engine.core_process import main
 sys.exit(main())
 """
 
@@ -54,7 +54,7 @@ def answers(url: str) -> list[dict]:
 @pytest.mark.slow
 def test_the_core_process_answers_exactly_as_the_in_process_engine(checkpoint_512, monkeypatch):
     _, path = checkpoint_512
-    monkeypatch.setattr(serving.core_client, "CORE_COMMAND", (sys.executable, "-c", GUARDED_CORE))
+    monkeypatch.setattr(serving.engine.core_client, "CORE_COMMAND", (sys.executable, "-c", GUARDED_CORE))
     results = {}
     for engine in ("inproc", "process"):
         app = build_app(ServeSettings(checkpoint=path, device="cpu", engine=engine, max_batch=8))

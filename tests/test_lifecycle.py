@@ -124,14 +124,14 @@ def spawn():
 
 def test_a_core_still_importing_dies_with_the_api_process(checkpoint, spawn):
     serve = spawn(checkpoint, "--compile", "off")
-    _wait_for(lambda: serve.child("serving.core"), 60, "the core process")
+    _wait_for(lambda: serve.child("serving.engine.core_process"), 60, "the core process")
     serve.kill_and_check_children_die()
 
 
 def test_a_core_loading_and_profiling_dies_with_the_api_process(checkpoint, spawn):
     # --policy slo: the core measures a latency profile after loading, seconds before it is Ready.
     serve = spawn(checkpoint, "--compile", "off", "--policy", "slo")
-    core = _wait_for(lambda: serve.child("serving.core"), 60, "the core process")
+    core = _wait_for(lambda: serve.child("serving.engine.core_process"), 60, "the core process")
     _wait_for(lambda: "libtorch" in Path(f"/proc/{core}/maps").read_text(), 60, "the core to import torch")
     time.sleep(1.0)  # loading the checkpoint, then measuring the profile
     assert serve.proc.poll() is None and not select.select([serve.proc.stdout], [], [], 0)[0]  # nothing listens yet
@@ -141,7 +141,7 @@ def test_a_core_loading_and_profiling_dies_with_the_api_process(checkpoint, spaw
 def test_a_core_compiling_at_start_up_dies_with_the_api_process(checkpoint, tmp_path, spawn):
     # The reported case: --compile require with a cold cache compiles for minutes before Ready.
     serve = spawn(checkpoint, "--compile", "require", "--compile-cache", str(tmp_path))
-    _wait_for(lambda: serve.child("serving.core"), 60, "the core process")
+    _wait_for(lambda: serve.child("serving.engine.core_process"), 60, "the core process")
     _wait_for(lambda: list(tmp_path.glob("torch-*/*/inductor")) or list(tmp_path.glob("torch-*/*")), 120,
               "the compile to start")
     time.sleep(1.0)  # well inside the first signature's compile (tens of seconds)
@@ -151,8 +151,8 @@ def test_a_core_compiling_at_start_up_dies_with_the_api_process(checkpoint, tmp_
 def test_a_serving_core_and_its_compile_worker_die_with_the_api_process(checkpoint, tmp_path, spawn):
     serve = spawn(checkpoint, "--compile", "background", "--compile-cache", str(tmp_path))
     url = serve.listening()
-    _wait_for(lambda: serve.child("serving.core"), 10, "the core process")
-    _wait_for(lambda: serve.child("serving.compiled"), 60, "the background compile worker")
+    _wait_for(lambda: serve.child("serving.engine.core_process"), 10, "the core process")
+    _wait_for(lambda: serve.child("serving.worker.compile_worker"), 60, "the background compile worker")
     body = {"model": "tiny", "prompt": "To be", "max_tokens": 400, "stream": True}
     threading.Thread(target=lambda: _drain_stream(url, body), daemon=True).start()
     time.sleep(0.5)
@@ -162,7 +162,7 @@ def test_a_serving_core_and_its_compile_worker_die_with_the_api_process(checkpoi
 def test_a_draining_core_dies_with_the_api_process(checkpoint, spawn):
     serve = spawn(checkpoint, "--compile", "off")
     url = serve.listening()
-    core = _wait_for(lambda: serve.child("serving.core"), 10, "the core process")
+    core = _wait_for(lambda: serve.child("serving.engine.core_process"), 10, "the core process")
     body = {"model": "tiny", "prompt": "To be", "max_tokens": 500, "stream": True, "temperature": 0}
     for _ in range(4):
         threading.Thread(target=lambda: _drain_stream(url, body), daemon=True).start()
@@ -185,7 +185,7 @@ def _drain_stream(url: str, body: dict) -> None:
 def test_with_on_core_death_exit_a_dead_core_fails_what_is_in_flight_and_the_server_exits_3(checkpoint, spawn):
     serve = spawn(checkpoint, "--compile", "off", "--on-core-death", "exit")
     url = serve.listening()
-    core = _wait_for(lambda: serve.child("serving.core"), 10, "the core process")
+    core = _wait_for(lambda: serve.child("serving.engine.core_process"), 10, "the core process")
     answers = {}
 
     def request() -> None:

@@ -18,8 +18,8 @@ from matta.hf import LLAMA_FAMILY, export_width, import_hf, llama_as_nested
 from matta.llama import NestedLlama, build_model
 from matta.model import NestedGPT, StaticKVCache
 from matta.tokenizer import Tokenizer
-from serving.core_protocol import Sampling
-from serving.engine import Engine
+from serving.engine.core import Engine
+from serving.messages import Sampling
 from tests.helpers import CHAT_TEMPLATE, FAMILIES, make_hf_dir, tiny_hf_tokenizer
 from tests.helpers import HF_WIDTHS as WIDTHS
 

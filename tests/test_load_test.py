@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from benchmarks.harness import ServerThread, load_test
+from serving.api.route import build_route_app
 from serving.app import build_app
-from serving.route import build_route_app
 from serving.settings import RouteSettings, ServeSettings
 from tests.helpers import CONFIG, rows
 

@@ -168,8 +168,8 @@ def test_a_pinned_mixnmatch_id_is_listed_and_served_over_http(mixnmatch_checkpoi
 
 def test_slo_policy_and_profile_get_the_profiles_as_operating_points(mixnmatch_checkpoint):
     from serving.app import build_app
-    from serving.profile import profile_model
     from serving.settings import ServeSettings
+    from serving.worker.profile import profile_model
 
     model, path = mixnmatch_checkpoint
     latency = profile_model(model, batches=(1, 4), contexts=(8, 32), prefill=((1, 8), (2, 16)), repeats=1)

@@ -104,7 +104,7 @@ def test_a_replica_whose_core_dies_is_recovered_while_the_other_keeps_serving(ra
                 args = cmdline.read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"serving.core" in args and str(path).encode() in args:
+            if b"serving.engine.core_process" in args and str(path).encode() in args:
                 found.append(int(cmdline.parent.name))
         return sorted(found)
 

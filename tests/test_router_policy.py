@@ -88,6 +88,6 @@ def test_router_policy_does_not_import_torch():
 def test_the_router_package_does_not_import_torch():
     """DESIGN: router never imports torch, nor does `matta route`'s front end (the proxy runs without the engine)."""
     code = ("import sys, router.policy, router.policies, router.slo, router.cost, router.latency, router.quality, "
-            "router.experiment, router.ab_log, router.ab_analysis, router.sequential, router.guardrails, serving.route; "
+            "router.experiment, router.ab_log, router.ab_analysis, router.sequential, router.guardrails, serving.api.route; "
             "assert 'torch' not in sys.modules, 'the router imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,7 +18,7 @@ import yaml
 from benchmarks.harness import Server, ServerThread, metric
 from router.cost import BackendCostModel
 from router.policy import LoadSnapshot, RequestInfo
-from serving.route import build_route_app, load_route_settings
+from serving.api.route import build_route_app, load_route_settings
 from serving.settings import RouteSettings
 
 

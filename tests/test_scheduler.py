@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.latency import LatencyModel, WidthCost
-from serving.core_protocol import Slo
-from serving.scheduler import QueueFullError, Scheduler
+from serving.engine.scheduler import QueueFullError, Scheduler
+from serving.messages import Slo
 
 WIDTHS = ("s", "m", "l", "ta")
 SIZES = {"s": 16, "m": 32, "l": 48, "ta": 64}

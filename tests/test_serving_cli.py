@@ -18,7 +18,7 @@ from benchmarks.harness import Server
 from cli.main import build_parser
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
-from serving.route import load_route_settings
+from serving.api.route import load_route_settings
 from serving.settings import RouteSettings, ServeSettings, flag_values, settings_from
 from tests.helpers import REPO, tiny_config
 

@@ -333,7 +333,7 @@ def test_sigkill_during_training_then_resume_reaches_the_same_final_loss(tmp_pat
 
 
 def test_a_chat_template_in_the_config_ships_in_the_checkpoint(tmp_path, corpus_dir):
-    chatml = REPO / "serving" / "templates" / "chatml.jinja"
+    chatml = REPO / "serving" / "api" / "templates" / "chatml.jinja"
     cfg = tiny_run(tmp_path, corpus_dir, "student", steps=2, chat_template=str(chatml))
     ckpt = load_checkpoint(train(TrainConfig.model_validate(cfg), progress=False))
     assert ckpt.chat_template == chatml.read_text()

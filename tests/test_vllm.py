@@ -15,7 +15,7 @@ from benchmarks.harness import VLLM_VENV, ServerThread, VLLMServer
 from deploy.vllm.launch import check_export, vllm_command, vllm_env
 from matta.checkpoint import load_checkpoint
 from matta.hf import export_width
-from serving.route import build_route_app
+from serving.api.route import build_route_app
 from serving.settings import RouteSettings
 from tests.helpers import REPO
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from benchmarks.harness import ServerThread
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
+from serving.api.protocol import WIRE_INT_MAX, CompletionRequest
 from serving.app import build_app
-from serving.protocol import WIRE_INT_MAX, CompletionRequest
 from serving.settings import ServeSettings
 from tests.helpers import tiny_config
 

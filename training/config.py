@@ -108,7 +108,7 @@ class TrainConfig(_Strict):
     final_eval: bool = True
     cloze_items: int = Field(3000, ge=0)
     chat_template: Path | None = Field(None, description="a jinja chat template file the checkpoint ships as "
-                                       "chat_template.jinja (e.g. serving/templates/chatml.jinja); default: "
+                                       "chat_template.jinja (e.g. serving/api/templates/chatml.jinja); default: "
                                        "init_from's, if it has one")
     description: str = ""
 

@@ -39,9 +39,9 @@ from router.ab_analysis import analyze, load_shards
 from router.ab_log import ABLog
 from router.experiment import LiveExperiment
 from router.guardrails import GuardrailMonitor
-from serving.ab_routes import check_bearer
-from serving.http import APIError, error_responses
-from serving.metrics import ServingMetrics
+from serving.api.ab_routes import check_bearer
+from serving.api.http import APIError, error_responses
+from serving.api.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 from matta.configfile import ConfigTooLargeError, load_yaml, shorten
 from router.ab_log import ABLog, Outcome
 from router.experiment import LiveExperiment, parse_experiment
-from serving.http import APIError, bearer_matches, error_responses
-from serving.metrics import ServingMetrics
-from serving.protocol import FeedbackRequest
+from serving.api.http import APIError, bearer_matches, error_responses
+from serving.api.metrics import ServingMetrics
+from serving.api.protocol import FeedbackRequest
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
 """The engine-core process: scheduler, model, KV cache, sampler and output processing, away from the HTTP side's GIL.
 
-``python -m serving.core --checkpoint DIR --input ADDR --output ADDR ...`` is started by
-:class:`serving.core_client.EngineCoreClient` (never by hand). It loads the checkpoint, measures
+``python -m serving.engine.core_process --checkpoint DIR --input ADDR --output ADDR ...`` is started by
+:class:`serving.engine.core_client.EngineCoreClient` (never by hand). It loads the checkpoint, measures
 or loads the latency profile, loads the compiled steps already cached, answers
-:class:`~serving.core_protocol.Ready` (or ``Failed``), then runs :class:`serving.engine.EngineCore`'s
+:class:`~serving.messages.Ready` (or ``Failed``), then runs :class:`serving.engine.core.EngineCore`'s
 loop on its main thread: read whatever requests arrived, run one iteration, send one
-:class:`~serving.core_protocol.StepOutput` (every sequence's new text and the load view). One
+:class:`~serving.messages.StepOutput` (every sequence's new text and the load view). One
 thread: nothing to lock.
 
 Signals: SIGTERM and SIGINT are ignored, because the API process drains first and then sends
-:class:`~serving.core_protocol.Stop`; a process-group signal must not cut the drain short. If
+:class:`~serving.messages.Stop`; a process-group signal must not cut the drain short. If
 the API process dies, the core dies too, in any phase (:mod:`serving.lifecycle`).
 """
 
@@ -27,10 +27,10 @@ import zmq
 
 from matta.checkpoint import load_checkpoint
 from router.latency import LatencyModel
-from serving import core_protocol as msg
-from serving.compiled import COMPILE_MODES, DecodeSteps
-from serving.engine import EngineCore
-from serving.lifecycle import die_with_parent
+from serving import messages as msg
+from serving.engine.core import EngineCore
+from serving.lifecycle import die_with_parent, freeze_startup_heap
+from serving.worker.compiled import COMPILE_MODES, DecodeSteps
 
 log = logging.getLogger("matta.core")
 
@@ -70,7 +70,7 @@ def serve_forever(core: EngineCore, push: zmq.Socket, pull: zmq.Socket) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # before anything long (loading, profiling, compiling): no phase may orphan the core
-    p = argparse.ArgumentParser(prog="python -m serving.core", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.engine.core_process", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--input", required=True, help="ZMQ address the API process sends requests on")
     p.add_argument("--output", required=True, help="ZMQ address the core sends step outputs on")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, required=True)
     p.add_argument("--profile", type=Path, help="latency profile JSON to serve with")
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
-    p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.compiled)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.worker.compiled)")
     p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile is not None:
             latency = LatencyModel.load(args.profile)
         elif args.measure_profile:
-            from serving.profile import profile_model
+            from serving.worker.profile import profile_model
 
             latency = profile_model(ckpt.model)
         steps = DecodeSteps(ckpt.model, args.compile, max_batch=args.max_batch, cache_dir=args.compile_cache,
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         push.close(linger=2000)
         context.term()
         return 1
+    freeze_startup_heap()
     push.send(msg.encoder.encode(msg.Ready(latency.to_json() if latency is not None else None)))
     serve_forever(core, push, pull)
     push.close(linger=2000)

@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions`` on the one front end, for ``matta serve`` and ``matta route`` alike.
 
 A chat request is a completion request in other clothes: its messages become one prompt through
-the model's chat template (:mod:`serving.chat_template`), then :meth:`Frontend.create_completion`
+the model's chat template (:mod:`serving.api.chat_template`), then :meth:`Frontend.create_completion`
 serves it, so the width policy and extension, SLO fields and headers, A/B arms, guardrails,
 metrics, deadlines and errors are exactly the completion path's. Only the answer is re-rendered:
 ``chat.completion`` (a message with role and content) or ``chat.completion.chunk`` events (the
@@ -20,9 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from serving.chat_template import ChatTemplate, ChatTemplateError
-from serving.http import COMPLETION_RESPONSES, APIError
-from serving.protocol import MAX_LOGPROBS, CompletionRequest, JsonFloat, JsonInt, StreamOptions, _json_number, _valid_unicode
+from serving.api.chat_template import ChatTemplate, ChatTemplateError
+from serving.api.http import COMPLETION_RESPONSES, APIError
+from serving.api.protocol import MAX_LOGPROBS, CompletionRequest, JsonFloat, JsonInt, StreamOptions, _json_number, _valid_unicode
 
 # Fields whose meaning differs between the two requests; everything else a CompletionRequest
 # knows (matta's extensions included, present and future) passes through as it came.
@@ -207,7 +207,7 @@ async def create_chat_completion(frontend, template: ChatTemplate | None, body: 
 
 
 def install_chat_route(app: FastAPI, template: ChatTemplate | None) -> None:
-    """Add ``POST /v1/chat/completions`` to a front-end app (:func:`serving.frontend.build_frontend_app`)."""
+    """Add ``POST /v1/chat/completions`` to a front-end app (:func:`serving.api.frontend.build_frontend_app`)."""
     frontend = app.state.frontend
     app.state.chat_template = template
 

@@ -1,6 +1,6 @@
 """Output processing: sampled token ids to the text a client sees, in the engine core.
 
-Incremental detokenization (O(1) per token, :mod:`serving.detokenize`), end of sequence, the
+Incremental detokenization (O(1) per token, :mod:`serving.engine.detokenize`), end of sequence, the
 token budget and the context window, stop strings (text that could still grow into one is held
 back until it cannot, and a stop string is never streamed), and the :class:`SequenceOutput` of
 each iteration. It runs where the stop decision must be made, in the core, beside the scheduler
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from matta.tokenizer import Tokenizer
-from serving.core_protocol import Logprob, Sampling, SequenceOutput
-from serving.detokenize import IncrementalDetokenizer
+from serving.engine.detokenize import IncrementalDetokenizer
+from serving.messages import Logprob, Sampling, SequenceOutput
 
 
 @dataclass(eq=False)

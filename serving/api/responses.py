@@ -1,7 +1,7 @@
 """The front end's responses: a whole JSON body or server-sent events, with SLO accounting, metrics
 and the A/B exposure of every request that ends, however it ends.
 
-:class:`ResponseWriter` is the half of :class:`serving.frontend.Frontend` that runs once a
+:class:`ResponseWriter` is the half of :class:`serving.api.frontend.Frontend` that runs once a
 backend has accepted a request; it reads the front end's ``backend``, ``policy``, ``metrics``,
 ``settings``, ``quality``, ``ab_log``, ``_background`` and ``_render_pool``. Torch-free.
 """
@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from router.ab_log import Exposure
-from serving.backend import BackendError, CompletionStream, Delta, LogprobEntry
-from serving.http import WIDTH_HEADER, APIError
-from serving.protocol import (
+from serving.api.backend import BackendError, CompletionStream, Delta, LogprobEntry
+from serving.api.http import WIDTH_HEADER, APIError
+from serving.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -27,7 +27,7 @@ from serving.protocol import (
     UsageInfo,
     error_body,
 )
-from serving.request_state import Choice, Route, ttft_tpot
+from serving.api.request_state import Choice, Route, ttft_tpot
 
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics

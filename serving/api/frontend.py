@@ -1,13 +1,13 @@
 """The one OpenAI-compatible front end, for ``matta serve`` (engine backend) and ``matta route`` (HTTP backends).
 
-:func:`build_frontend_app` wires a :class:`~serving.backend.Backend` behind the same surface:
+:func:`build_frontend_app` wires a :class:`~serving.api.backend.Backend` behind the same surface:
 ``/v1/completions`` (JSON or SSE), ``/v1/models`` with pinned ids, ``/v1/feedback`` and
 ``/admin/experiment`` (A/B), ``/health``, ``/metrics``; the request guard (API key, body limit
 and deadline, concurrency cap), the OpenAI error bodies, the width policy and A/B arms, SLO
 accounting and metrics, request deadlines and client disconnects. :class:`Frontend` holds the
 request logic, kept free of FastAPI routing as vLLM's ``serving_completion.py`` is: it returns a
-response or raises :class:`~serving.http.APIError`, which the app turns into the error body; its
-responses are written by :class:`serving.responses.ResponseWriter`. Torch-free.
+response or raises :class:`~serving.api.http.APIError`, which the app turns into the error body; its
+responses are written by :class:`serving.api.responses.ResponseWriter`. Torch-free.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from router.ab_log import ABLog, default_shard_path
 from router.experiment import LiveExperiment, load_experiment
 from router.policies import make_policy
 from router.policy import PolicyContext, RequestInfo, WidthPolicy, decide_width
-from serving.ab_guardrails import install_guardrail_monitor
-from serving.ab_routes import describe, install_experiment_routes
-from serving.backend import Backend, BackendError, CompletionStream, Delta
-from serving.connection import RECEIVED_AT
-from serving.core_protocol import REFUSALS, Slo
-from serving.http import (
+from serving.api.ab_guardrails import install_guardrail_monitor
+from serving.api.ab_routes import describe, install_experiment_routes
+from serving.api.backend import Backend, BackendError, CompletionStream, Delta
+from serving.api.connection import RECEIVED_AT
+from serving.api.http import (
     ARM_HEADER,
     COMPLETION_RESPONSES,
     PREDICTED_HEADER,
@@ -49,22 +48,23 @@ from serving.http import (
     install_request_guard,
     slo_ms_from,
 )
-from serving.metrics import ServingMetrics
-from serving.protocol import (
+from serving.api.metrics import ServingMetrics
+from serving.api.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
     completion_id,
 )
-from serving.request_state import Choice, Route, SloTargets
-from serving.responses import ResponseWriter, chain_first
+from serving.api.request_state import Choice, Route, SloTargets
+from serving.api.responses import ResponseWriter, chain_first
+from serving.messages import REFUSALS, Slo
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
 
 
 class Frontend(ResponseWriter):
-    """``/v1/completions`` and ``/v1/models`` over one :class:`~serving.backend.Backend`."""
+    """``/v1/completions`` and ``/v1/models`` over one :class:`~serving.api.backend.Backend`."""
 
     def __init__(self, backend: Backend, policy: WidthPolicy, metrics: ServingMetrics, settings: FrontendSettings,
                  quality: dict[str, float] | None = None, experiment: LiveExperiment | None = None,

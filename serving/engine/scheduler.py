@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serving.core_protocol import Load, Slo
+from serving.messages import Load, Slo
 
 INF = float("inf")
 # Aim at 70% of every target: the rest is for time the engine cannot see (a loaded HTTP side parsing

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.metrics import ServingMetrics
-from serving.protocol import CompletionResponse, ErrorResponse, error_body
+from serving.api.metrics import ServingMetrics
+from serving.api.protocol import CompletionResponse, ErrorResponse, error_body
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class RequestGuard:
     """ASGI middleware: request-head limits, the optional API key, a concurrency cap, and limits on request bodies.
 
     A head whose headers total over ``max_header_bytes`` gets 431 (heads that never end are cut
-    earlier, by :mod:`serving.connection`); a repeated single-valued header
+    earlier, by :mod:`serving.api.connection`); a repeated single-valued header
     (:data:`SINGLE_VALUED_HEADERS`: ``Authorization``, ``Content-Length``...) gets 400, so every
     check reads the same value. With a key, every route but ``/health`` answers 401 (OpenAI error
     body) unless the request carries ``Authorization: Bearer <key>``, as vLLM's ``--api-key`` and

@@ -3,7 +3,7 @@
 MessagePack through ``msgspec`` over ZMQ, never pickle: every message is one of the typed
 structs below, decoded against its union, so a malformed message is an error, not code. These
 structs are also what the engine works with on either side (no mirror types): the front end
-builds an :class:`Add`, the scheduler (:mod:`serving.scheduler`) reads its widths and
+builds an :class:`Add`, the scheduler (:mod:`serving.engine.scheduler`) reads its widths and
 :class:`Slo`, the model runner its :class:`Sampling`, and the output processor produces the
 :class:`SequenceOutput` that the API process streams. After every iteration the core publishes
 one :class:`Load`, the one load view of the server. Torch-free.
@@ -146,7 +146,7 @@ class Load(msgspec.Struct, frozen=True):
     overrun_s: float = 0.0  # seconds iterations ran past their prediction, summed
     overruns_2x: int = 0  # iterations that took more than twice their prediction
     swap_ins_deferred: int = 0  # iterations that kept a compiled step waiting to protect a deadline
-    compile_faults: dict[str, int] = {}  # compile-cache faults by kind (serving/compiled.py)
+    compile_faults: dict[str, int] = {}  # compile-cache faults by kind (serving/worker/compiled.py)
     core_restarts: int = 0  # engine cores started again after one died (counted by the API process's client)
 
 

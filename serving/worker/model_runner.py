@@ -3,7 +3,7 @@
 Every running sequence, whatever its width, is decoded in one forward per step (attention,
 norms, embeddings and the LM head shared; each FFN block of hidden units only for the rows
 whose width includes it), with rows kept widest first so a block runs on a prefix of rows.
-Decode steps go through :class:`serving.compiled.DecodeSteps`: compiled per step signature once
+Decode steps go through :class:`serving.worker.compiled.DecodeSteps`: compiled per step signature once
 its graph is loaded, eager otherwise (:meth:`ModelRunner.path_of` tells the scheduler which).
 
 KV cache layout: the running rows keep one left-padded, preallocated cache
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from matta.model import NestedGPT, StaticKVCache, ffn_plans
-from serving.compiled import DecodeSteps, rows_signature
-from serving.core_protocol import GREEDY_BELOW, Logprob, Sampling
+from serving.messages import GREEDY_BELOW, Logprob, Sampling
+from serving.worker.compiled import DecodeSteps, rows_signature
 
 
 @dataclass(frozen=True)

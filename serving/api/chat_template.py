@@ -2,7 +2,7 @@
 
 A model's template comes from its tokenizer (HF's tokenizer_config.json or chat_template.jinja;
 a matta checkpoint keeps it as chat_template.jinja), or from ``--chat-template FILE`` for a model
-without one (``--chat-template chatml`` names the ChatML template shipped in serving/templates/).
+without one (``--chat-template chatml`` names the ChatML template shipped in serving/api/templates/).
 Rendering follows ``transformers.PreTrainedTokenizerBase.apply_chat_template(tokenize=False)``:
 a sandboxed environment with ``trim_blocks`` and ``lstrip_blocks``, the loop-controls extension,
 HF's ``tojson`` (no HTML escaping, non-ASCII kept), ``raise_exception`` and ``strftime_now``, and

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.policy import LoadSnapshot, RequestInfo
-from serving.backend import LogprobEntry
-from serving.core_protocol import Slo
+from serving.api.backend import LogprobEntry
+from serving.messages import Slo
 
 
 @dataclass(frozen=True)

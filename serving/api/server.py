@@ -1,7 +1,7 @@
 """Running a front-end app (``matta serve`` or ``matta route``) on a socket: one way to start, reload and drain.
 
 :func:`run` binds (``port=0`` picks a free port, printed before anything is served), runs
-uvicorn with the request-head deadline and size bound (:mod:`serving.connection`) until SIGTERM/SIGINT, then
+uvicorn with the request-head deadline and size bound (:mod:`serving.api.connection`) until SIGTERM/SIGINT, then
 drains: it stops accepting, lets in-flight requests finish within the settings'
 ``shutdown_timeout_s``, stops the backend, and returns 0. SIGHUP re-reads the A/B experiment file.
 """
@@ -16,8 +16,9 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from serving.ab_routes import describe
-from serving.connection import head_deadline_protocol
+from serving.api.ab_routes import describe
+from serving.api.connection import head_deadline_protocol
+from serving.lifecycle import freeze_startup_heap
 from serving.settings import FrontendSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def run(app: FastAPI, name: str, host: str = "127.0.0.1", port: int = 8000, log_
     sock.listen(2048)
     print(f"{name}: listening on http://{host}:{sock.getsockname()[1]}", flush=True)
     server = uvicorn.Server(uvicorn_config(app, log_level=log_level))
+    freeze_startup_heap()  # the app (and an in-process engine's weights) is built: serving starts
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
     # that re-raise is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

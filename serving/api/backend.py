@@ -1,7 +1,7 @@
-"""The seam between the one OpenAI front end (:mod:`serving.frontend`) and what generates tokens.
+"""The seam between the one OpenAI front end (:mod:`serving.api.frontend`) and what generates tokens.
 
-``matta serve`` plugs in :class:`serving.engine_backend.EngineBackend` (the checkpoint's engine),
-``matta route`` plugs in :class:`serving.route.HttpBackend` (one OpenAI-compatible server per
+``matta serve`` plugs in :class:`serving.api.engine_backend.EngineBackend` (the checkpoint's engine),
+``matta route`` plugs in :class:`serving.api.route.HttpBackend` (one OpenAI-compatible server per
 width). The front end does everything a client sees (validation, model ids and pins, the width
 policy, A/B arms, SLO accounting, metrics, error bodies, JSON or SSE); a backend only prepares
 prompts, reports its load and streams what each prompt produced. Torch-free.
@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from router.cost import CostModel
 from router.policy import LoadSnapshot
-from serving.core_protocol import Load, Slo
-from serving.protocol import CompletionRequest
+from serving.api.protocol import CompletionRequest
+from serving.messages import Load, Slo
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class CompletionStream(Protocol):
 
 
 class Backend(Protocol):
-    """What the front end needs of a token generator; raises :class:`serving.http.APIError` for client errors."""
+    """What the front end needs of a token generator; raises :class:`serving.api.http.APIError` for client errors."""
 
     name: str  # the routed model id; '<name>:<width>' pins a width
     widths: list[str]  # narrowest first
@@ -111,7 +111,7 @@ class Backend(Protocol):
         ...
 
     def engine_counters(self) -> Load | None:
-        """The engine's own counters, its :class:`~serving.core_protocol.Load` (decode forwards by
+        """The engine's own counters, its :class:`~serving.messages.Load` (decode forwards by
         path, compiled steps loaded, busy seconds per phase, iteration overruns); None for a
         backend without an engine of its own."""
         ...

@@ -1,7 +1,7 @@
 """``matta route CONFIG.yaml``: the one front end over OpenAI-compatible backends, one per width.
 
 Backends are pinned ``matta serve`` instances or vLLM servers of exported widths. The proxy is
-:func:`serving.frontend.build_frontend_app` with :class:`HttpBackend` plugged in, so it speaks
+:func:`serving.api.frontend.build_frontend_app` with :class:`HttpBackend` plugged in, so it speaks
 exactly what ``matta serve`` speaks (routes, headers, errors, metrics, A/B experiments, request
 guard, deadlines, SIGTERM drain) and chooses widths with the same policies. It cannot see inside
 a backend, so its cost model (:class:`router.cost.BackendCostModel`) learns each one's latency
@@ -46,14 +46,14 @@ from matta.configfile import read_yaml
 from router.cost import BackendCostModel
 from router.policy import LoadSnapshot
 from router.quality import width_quality
-from serving import server
-from serving.backend import BackendError, Delta, LogprobEntry, PreparedPrompts
-from serving.chat import install_chat_route
-from serving.chat_template import checkpoint_chat_template, resolve_chat_template
-from serving.core_protocol import Slo
-from serving.frontend import build_frontend_app
-from serving.http import APIError
-from serving.protocol import CompletionRequest
+from serving.api import server
+from serving.api.backend import BackendError, Delta, LogprobEntry, PreparedPrompts
+from serving.api.chat import install_chat_route
+from serving.api.chat_template import checkpoint_chat_template, resolve_chat_template
+from serving.api.frontend import build_frontend_app
+from serving.api.http import APIError
+from serving.api.protocol import CompletionRequest
+from serving.messages import Slo
 from serving.settings import BackendSpec, RouteSettings, settings_from
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def load_route_settings(path: str | Path, overrides: Mapping[str, Any] | None = 
 
 
 class HttpStream:
-    """One request relayed from an upstream SSE stream, as :class:`~serving.backend.Delta` per chunk."""
+    """One request relayed from an upstream SSE stream, as :class:`~serving.api.backend.Delta` per chunk."""
 
     def __init__(self, backend: HttpBackend, width: str, upstream: httpx.Response, n_prompts: int) -> None:
         self.usage: tuple[int, int] | None = None

@@ -1,15 +1,15 @@
 """The engine: one loop, on one thread, over the scheduler, the model runner and the output processor.
 
 :class:`EngineCore` is one iteration at a time, as vLLM V1's core: **schedule** (the scheduler
-decides refusals, admissions with their widths and swap-ins, :mod:`serving.scheduler`) -> **run**
-(the model runner prefills and decodes, :mod:`serving.model_runner`) -> **update** (tokens become
-text and finish reasons, :mod:`serving.output_processor`; the latency model learns what the step
+decides refusals, admissions with their widths and swap-ins, :mod:`serving.engine.scheduler`) -> **run**
+(the model runner prefills and decodes, :mod:`serving.worker.model_runner`) -> **update** (tokens become
+text and finish reasons, :mod:`serving.engine.output_processor`; the latency model learns what the step
 cost on the path it ran) -> **send** (the caller ships the outputs and the one load view).
 
-The engine-core process (:mod:`serving.core`) runs that loop on its main thread between reads of
+The engine-core process (:mod:`serving.engine.core_process`) runs that loop on its main thread between reads of
 its socket; :class:`Engine` runs the same loop on a thread of the server process (``--engine
 inproc``, tests), handing outputs to asyncio streams. Requests, outputs and the load view are the
-message structs of :mod:`serving.core_protocol` in both.
+message structs of :mod:`serving.messages` in both.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
 from router.latency import LatencyModel
-from serving import core_protocol as msg
-from serving.compiled import DecodeSteps
-from serving.model_runner import ModelRunner
-from serving.output_processor import OutputProcessor
-from serving.scheduler import DEFAULT_MARGIN, QueueFullError, Scheduler, SeqState
+from serving import messages as msg
+from serving.engine.output_processor import OutputProcessor
+from serving.engine.scheduler import DEFAULT_MARGIN, QueueFullError, Scheduler, SeqState
+from serving.worker.compiled import DecodeSteps
+from serving.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
-"""The API process's handle on the engine-core process (:mod:`serving.core`).
+"""The API process's handle on the engine-core process (:mod:`serving.engine.core_process`).
 
 :class:`EngineCoreClient` has the in-process engine's interface (``submit`` -> an async stream
-of :class:`~serving.core_protocol.SequenceOutput`, ``stats`` -> the core's
-:class:`~serving.core_protocol.Load`, ``start``/``stop``), so the engine backend serves through
-it exactly as through :class:`serving.engine.Engine` (``--engine inproc``). It decides nothing:
+of :class:`~serving.messages.SequenceOutput`, ``stats`` -> the core's
+:class:`~serving.messages.Load`, ``start``/``stop``), so the engine backend serves through
+it exactly as through :class:`serving.engine.core.Engine` (``--engine inproc``). It decides nothing:
 the core's scheduler admits, refuses and chooses widths, and its load view is the only one.
-It starts the core as a subprocess (``python -m serving.core``: no multiprocessing, so nothing is
+It starts the core as a subprocess (``python -m serving.engine.core_process``: no multiprocessing, so nothing is
 pickled on the way), talks to it over two ZMQ IPC sockets with msgspec MessagePack, and reads one
-:class:`~serving.core_protocol.StepOutput` per engine step on a reader thread that hands it to
+:class:`~serving.messages.StepOutput` per engine step on a reader thread that hands it to
 the event loop.
 
 Death of the core is detected (the reader sees the process exit): every request in flight ends
@@ -37,13 +37,13 @@ import zmq
 
 from matta.config import ModelConfig
 from router.latency import LatencyModel
-from serving import core_protocol as msg
-from serving.engine import EngineStoppedError, RequestStream
+from serving import messages as msg
+from serving.engine.core import EngineStoppedError, RequestStream
 from serving.lifecycle import spawn_options
 
 log = logging.getLogger(__name__)
 
-CORE_COMMAND = (sys.executable, "-m", "serving.core")  # how the core is started (tests wrap it)
+CORE_COMMAND = (sys.executable, "-m", "serving.engine.core_process")  # how the core is started (tests wrap it)
 READY_TIMEOUT_S = 600.0  # loading a checkpoint and measuring a profile on a slow CPU
 REQUIRE_COMPILE_TIMEOUT_S = 3600.0  # --compile require: every decode step compiled before Ready
 STOP_TIMEOUT_S = 30.0
@@ -206,7 +206,7 @@ class EngineCoreClient:
 
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
                slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True) -> RequestStream:
-        """Send one request's prompts to the core; raises like :meth:`serving.engine.Engine.submit`."""
+        """Send one request's prompts to the core; raises like :meth:`serving.engine.core.Engine.submit`."""
         widths = (widths,) if isinstance(widths, str) else tuple(widths)
         unknown = [w for w in widths if w not in self.config.served_widths]
         if not widths or unknown:

@@ -16,12 +16,12 @@ How:
   path (``aot_compile``) and saved to a file under ``cache_dir/torch-<version>/<architecture>``. A
   compiled step takes the weights as inputs, so a restart, and any checkpoint of the same shape,
   loads it from there in a fraction of a second; nothing is traced in the serving process. With
-  ``compile="background"`` a worker (``python -m serving.compiled``, nice'd, the engine's thread
+  ``compile="background"`` a worker (``python -m serving.worker.compile_worker``, nice'd, the engine's thread
   count) compiles what the cache lacks while the engine serves eager steps: the engine answers
   from its first request, and no compile holds its GIL.
 - **Swapped in between steps.** Steps already in the cache are loaded before the engine serves;
   a step the worker finishes later is loaded at an iteration boundary that the scheduler chooses
-  (one whose deadlines survive the pause, :mod:`serving.scheduler`), and from then on steps of that
+  (one whose deadlines survive the pause, :mod:`serving.engine.scheduler`), and from then on steps of that
   signature run compiled. A loaded step checks its guards on every
   call (dtypes, ranks, the plan's structure); inputs it refuses run eager.
 
@@ -47,7 +47,6 @@ write that fails (a full disk), is a :class:`CacheFault`: one warning, one count
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -66,7 +65,9 @@ import torch
 
 from matta.config import ModelConfig
 from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
-from serving.compile_cache import (
+from serving.lifecycle import spawn_options
+from serving.settings import CompileMode
+from serving.worker.compile_cache import (
     CacheFault,
     artifact_fault,
     artifact_path,
@@ -76,13 +77,11 @@ from serving.compile_cache import (
     read_artifact,
     write_artifact,
 )
-from serving.lifecycle import die_with_parent, spawn_options
-from serving.settings import CompileMode
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
-WORKER_COMMAND = (sys.executable, "-m", "serving.compiled")
+WORKER_COMMAND = (sys.executable, "-m", "serving.worker.compile_worker")
 
 Plans = Sequence["int | FFNBlocks"]
 
@@ -427,38 +426,3 @@ def _refusal(step, args: tuple) -> str:
         return "; ".join(report.verbose_code_parts)[:500]
     except Exception as exc:  # a private torch API: the warning must not fail the step
         return f"no guard report ({type(exc).__name__})"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The background compile worker: compile and save the given signatures, one JSON line each."""
-    die_with_parent()  # a compile takes minutes: it must not outlive the engine that asked for it
-    p = argparse.ArgumentParser(prog="python -m serving.compiled", description=main.__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--max-batch", type=int, required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache-dir", type=Path, required=True, help="the architecture's directory (cache_dir_for)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--only", help="comma-separated indices into representative_rows (default: all)")
-    args = p.parse_args(argv)
-    from matta.checkpoint import load_checkpoint
-
-    torch.set_num_threads(args.threads)
-    check_private(args.cache_dir)
-    configure(args.cache_dir)
-    model = load_checkpoint(args.checkpoint, device=args.device).model.eval()
-    rows = representative_rows(model.config, args.max_batch)
-    indices = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
-    for index in indices:
-        started = time.perf_counter()
-        path = artifact_path(args.cache_dir, rows_signature(model.config, rows[index]), model.wte.weight.device)
-        try:
-            compile_step(model, rows[index], path)
-        except CacheFault as fault:  # told to the engine, which keeps this signature eager; try the rest
-            print(json.dumps({"fault": fault.kind, "path": str(path), "error": fault.message}), flush=True)
-            continue
-        print(json.dumps({"index": index, "compile_s": round(time.perf_counter() - started, 3)}), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Prometheus metrics of one server, in its own registry (no global state: tests run many apps).
 
 Torch-free: the load gauges read any object with the load fields of
-``serving.core_protocol.Load`` (``router.policy.LoadSnapshot`` has them too), so the ``matta
+``serving.messages.Load`` (``router.policy.LoadSnapshot`` has them too), so the ``matta
 route`` proxy shares this module.
 
 Names are prefixed ``matta_`` and carry their unit. Running/waiting gauges are read from the

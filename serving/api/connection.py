@@ -10,7 +10,7 @@ The head must also fit in ``max_bytes``: uvicorn (with httptools) buffers header
 before the app sees them (a 96 MiB header took ~200 MiB and stalled the loop for 6 s), so the bytes
 of a head still on its way are counted as they arrive and past the limit the server answers 431
 and closes, before any key check. A head that arrives whole in one read (at most the transport's
-read size, 256 KiB) is measured by :class:`serving.http.RequestGuard`, which answers 431 too.
+read size, 256 KiB) is measured by :class:`serving.api.http.RequestGuard`, which answers 431 too.
 Slow bodies are bounded separately, in the ASGI layer.
 
 The protocol also stamps each request with the moment its bytes were read

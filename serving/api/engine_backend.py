@@ -1,7 +1,7 @@
-"""``matta serve``'s backend: the checkpoint's engine behind the one front end (:mod:`serving.frontend`).
+"""``matta serve``'s backend: the checkpoint's engine behind the one front end (:mod:`serving.api.frontend`).
 
 Tokenizing, echo and logprob tokens as text happen here, on the API side; the engine
-(:mod:`serving.engine`) takes token ids and sends back text (its output processor detokenizes
+(:mod:`serving.engine.core`) takes token ids and sends back text (its output processor detokenizes
 where the stop decision is made). The engine's scheduler chooses the width, admits and refuses:
 this backend only passes on the request's allowed widths and targets.
 """
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from matta.tokenizer import Tokenizer
 from router.policy import LoadSnapshot
-from serving import core_protocol as msg
-from serving.backend import Delta, LogprobEntry, PreparedPrompts
-from serving.engine import EngineStoppedError, RequestStream
-from serving.http import APIError
-from serving.protocol import CompletionRequest
+from serving import messages as msg
+from serving.api.backend import Delta, LogprobEntry, PreparedPrompts
+from serving.api.http import APIError
+from serving.api.protocol import CompletionRequest
+from serving.engine.core import EngineStoppedError, RequestStream
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class _Prompt:
 
 
 class EngineStream:
-    """A request's engine outputs as :class:`~serving.backend.Delta`: text, echo and logprobs rendered."""
+    """A request's engine outputs as :class:`~serving.api.backend.Delta`: text, echo and logprobs rendered."""
 
     usage: tuple[int, int] | None = None
 
@@ -63,7 +63,7 @@ class EngineStream:
 
 class EngineBackend:
     """The engine of one checkpoint: every width from one copy of the weights. ``engine`` is the
-    in-process :class:`~serving.engine.Engine` or the :class:`~serving.core_client.EngineCoreClient`
+    in-process :class:`~serving.engine.core.Engine` or the :class:`~serving.engine.core_client.EngineCoreClient`
     of an engine-core process; both have the same interface."""
 
     cost = None  # the engine's scheduler prices every request itself: the front end predicts nothing
@@ -136,7 +136,7 @@ class EngineBackend:
         return EngineStream(events, prompts.payload, self.tokenizer, body.echo)
 
     async def health(self) -> tuple[bool, dict]:
-        if not getattr(self.engine, "alive", True):  # an engine-core process that died (serving.core_client)
+        if not getattr(self.engine, "alive", True):  # an engine-core process that died (serving.engine.core_client)
             return False, {"error": self.engine.health_error}
         stats = self.engine.stats()
         return True, {"running": stats.running, "waiting": stats.waiting,

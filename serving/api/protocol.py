@@ -105,7 +105,7 @@ def _valid_unicode(value: Any) -> Any:
 
 def _nonempty_prompt_lists(schema: dict) -> None:
     """OpenAPI: every list form of ``prompt`` needs an item, token ids are >= 0 (the upper bound,
-    the vocabulary, is the checkpoint's: :func:`serving.http.document_api` adds it)."""
+    the vocabulary, is the checkpoint's: :func:`serving.api.http.document_api` adds it)."""
     for branch in schema.get("anyOf", []):
         if branch.get("type") == "string":
             branch["minLength"] = 1
