@@ -2,7 +2,7 @@
 
 As ``vllm bench sweep serve_sla``, a bisection over the request rate: each probe replays open-loop
 Poisson arrivals (``--burstiness`` 1; vLLM's gamma otherwise) at one rate for ``--duration``
-seconds with :mod:`benchmarks.client`, and passes when at least ``--target`` of the requests sent
+seconds (``--min-requests`` at least) with :mod:`benchmarks.client`, and passes when at least ``--target`` of the requests sent
 are good by vLLM's definition under the TTFT + TPOT SLO (completed, TTFT <= ``--ttft-ms`` and TPOT
 <= ``--tpot-ms``). The rate doubles from ``--start-rate`` until a probe fails (or halves until one
 passes), then bisects until the bracket is within ``--rel-tol``.
@@ -19,7 +19,7 @@ Without ``--ttft-ms``/``--tpot-ms`` the SLO is ``--slo-factor`` x the unloaded T
 ``benchmarks/results/``; per-request rows of every probe under ``runs/bench/max_rate/``.
 
     python -m benchmarks.max_rate                                    # full size (~40 min)
-    python -m benchmarks.max_rate --duration 8 --rel-tol 0.25        # a quick look
+    python -m benchmarks.max_rate --duration 8 --min-requests 100 --rel-tol 0.2   # a quick look
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slo-factor", type=float, default=5.0)
     p.add_argument("--target", type=float, default=0.99, help="share of requests that must be good")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per probe")
+    p.add_argument("--min-requests", type=int, default=200,
+                   help="requests per probe at least (at 99%% the probe may miss 1 in 100: fewer judge noise)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1: Poisson)")
     p.add_argument("--start-rate", type=float, default=8.0, help="first probe's rate (req/s)")
     p.add_argument("--rel-tol", type=float, default=0.1, help="stop when the bracket is this tight")
@@ -111,7 +113,7 @@ def sweep(url: str, model: str, prompts: list, args, slo_ms: dict, name: str) ->
     probes = []
 
     def probe(rate: float) -> bool:
-        n = max(20, round(rate * args.duration))
+        n = max(args.min_requests, round(rate * args.duration))
         requests = requests_at(arrivals(n, rate, args.burstiness, args.seed), prompts, args.max_tokens, model,
                                seed=args.seed)
         outputs, duration = asyncio.run(run_open_loop(url, requests, timeout_s=max(30.0, 4 * args.duration)))
@@ -159,24 +161,26 @@ def main(argv=None) -> int:
     slo_ms = {k: v for k, v in (("ttft", args.ttft_ms), ("tpot", args.tpot_ms)) if v is not None}
     systems: dict[str, dict] = {}
 
-    for policy in policies:
-        name = f"matta {policy}"
+    def matta_server(policy: str) -> Server:
         flags = ["--policy", policy, "--max-queue", "100000"]
-        server = Server(args.checkpoint, args.threads, args.max_batch, work / f"{policy.replace(':', '_')}.log",
-                        tuple(flags), compile=args.compile)
+        if policy.startswith("slo"):  # the targets the client judges by, as the server's defaults
+            flags += ["--ttft-slo-ms", str(slo_ms["ttft"]), "--tpot-slo-ms", str(slo_ms["tpot"])]
+        return Server(args.checkpoint, args.threads, args.max_batch, work / f"{policy.replace(':', '_')}.log",
+                      tuple(flags), compile=args.compile)
+
+    if len(slo_ms) < 2:
+        server = matta_server(f"fixed:{ta}")
         url = server.start(timeout_s=600)
         try:
-            if len(slo_ms) < 2:
-                measured = unloaded_slo(url, f"{config.name}:{ta}", prompts, args)
-                slo_ms = measured | slo_ms
-                print(f"SLO: TTFT <= {slo_ms['ttft']} ms, TPOT <= {slo_ms['tpot']} ms", flush=True)
-            if policy.startswith("slo"):  # the same targets the client judges by, as the server's defaults
-                server.stop()
-                flags += ["--ttft-slo-ms", str(slo_ms["ttft"]), "--tpot-slo-ms", str(slo_ms["tpot"])]
-                server = Server(args.checkpoint, args.threads, args.max_batch, server.log_path, tuple(flags),
-                                compile=args.compile)
-                url = server.start(timeout_s=600)
-            systems[name] = sweep(url, config.name, prompts, args, slo_ms, name)
+            slo_ms = unloaded_slo(url, f"{config.name}:{ta}", prompts, args) | slo_ms
+        finally:
+            server.stop()
+    print(f"SLO: TTFT <= {slo_ms['ttft']} ms, TPOT <= {slo_ms['tpot']} ms", flush=True)
+    for policy in policies:
+        server = matta_server(policy)
+        url = server.start(timeout_s=600)
+        try:
+            systems[f"matta {policy}"] = sweep(url, config.name, prompts, args, slo_ms, f"matta {policy}")
         finally:
             server.stop()
     context = args.prompt_tokens + args.max_tokens + 8
