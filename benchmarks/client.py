@@ -240,7 +240,7 @@ async def send(host: str, port: int, body: dict, due: float, start: float, timeo
                     break
                 pending += chunked.feed(chunk) if chunked else chunk
             writer.close()
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, IndexError) as exc:
         out.error = type(exc).__name__
         return out
     if stream and out.status == 200:

@@ -2,10 +2,11 @@
 
 As ``vllm bench sweep serve_sla``, a bisection over the request rate: each probe replays open-loop
 Poisson arrivals (``--burstiness`` 1; vLLM's gamma otherwise) at one rate for ``--duration``
-seconds (``--min-requests`` at least) with :mod:`benchmarks.client`, and passes when at least ``--target`` of the requests sent
-are good by vLLM's definition under the TTFT + TPOT SLO (completed, TTFT <= ``--ttft-ms`` and TPOT
-<= ``--tpot-ms``). The rate doubles from ``--start-rate`` until a probe fails (or halves until one
-passes), then bisects until the bracket is within ``--rel-tol``.
+seconds (longer for ``--min-requests``, up to 4x) with :mod:`benchmarks.client`, and passes when
+at least ``--target`` of the requests sent are good by vLLM's definition under the TTFT + TPOT SLO
+(completed, TTFT <= ``--ttft-ms`` and TPOT <= ``--tpot-ms``). The rate doubles from ``--start-rate``
+until a probe fails (or halves until one passes, down to 1/16 of it), then bisects until the
+bracket is within ``--rel-tol``.
 
 Systems, each a fresh server on this machine (2 cores shared with the client):
 - ``matta serve`` with the width policies ``slo`` (per-request width from the latency model, under
@@ -113,7 +114,9 @@ def sweep(url: str, model: str, prompts: list, args, slo_ms: dict, name: str) ->
     probes = []
 
     def probe(rate: float) -> bool:
-        n = max(args.min_requests, round(rate * args.duration))
+        # --duration, or longer for --min-requests, but at most 4x --duration (low rates stay short).
+        seconds = min(max(args.duration, args.min_requests / rate), 4 * args.duration)
+        n = max(1, round(rate * seconds))
         requests = requests_at(arrivals(n, rate, args.burstiness, args.seed), prompts, args.max_tokens, model,
                                seed=args.seed)
         outputs, duration = asyncio.run(run_open_loop(url, requests, timeout_s=max(30.0, 4 * args.duration)))
@@ -126,7 +129,7 @@ def sweep(url: str, model: str, prompts: list, args, slo_ms: dict, name: str) ->
               f"mix {summary['width_mix']}) {'pass' if passed else 'fail'}", flush=True)
         return passed
 
-    lo, hi = max_rate_within(probe, args.start_rate, args.rel_tol, args.max_probes)
+    lo, hi = max_rate_within(probe, args.start_rate, args.rel_tol, args.max_probes, min_rate=args.start_rate / 16)
     at = next((p for p in probes if p["request_rate"] == lo), None)
     return {"max_rate": lo, "failed_at": None if math.isinf(hi) else hi, "at_max_rate": at, "probes": probes}
 
