@@ -350,3 +350,33 @@ def test_save_png_stays_under_the_results_limit(tmp_path):
     plt.close(fig)
     assert 0 < path.stat().st_size <= MAX_RESULT_BYTES
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_client_command_replays_a_trace(tmp_path):
+    """``python -m benchmarks.client --trace``: the sample Azure trace, 100x faster and 1/100 the
+    length, against a fake server: every request sent, its max_tokens the scaled output length."""
+    import threading
+
+    from benchmarks.client import main
+
+    fake = FakeStreamingServer(tokens=2, gap_s=0.001)
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(fake.handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        trace = traces.SAMPLES / "azure_llm_inference_sample.csv"
+        assert main(["--url", url, "--model", "m", "--trace", str(trace), "--time-scale", "0.01",
+                     "--length-scale", "0.01", "--goodput", "e2el:5000", "--out", str(tmp_path / "s.json"),
+                     "--rows", str(tmp_path / "rows.jsonl")]) == 0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    expected = traces.scale(traces.load(trace), 0.01, 0.01, 128, 32)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["num_prompts"] == summary["completed"] == len(expected) == 40
+    assert summary["good_requests"] == 40 and summary["width_mix"] == {"ta": 1.0}
+    assert sorted(b["max_tokens"] for b in fake.bodies) == sorted(r.output_tokens for r in expected)
+    assert sorted(len(b["prompt"]) for b in fake.bodies) == sorted(r.prompt_tokens for r in expected)
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 40
