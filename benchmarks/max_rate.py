@@ -240,7 +240,7 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, s in results["systems"].items():
         probes = sorted(s["probes"], key=lambda p: p["request_rate"])
-        left.plot([p["request_rate"] for p in probes], [100 * p["good_fraction"] for p in probes], "o-",
+        left.plot([p["request_rate"] for p in probes], [100 * p["good_fraction"] for p in probes], marker="o",
                   label=name, linestyle="--" if name.startswith("vllm") else "-")
     left.axhline(100 * results["target_good_fraction"], color="black", linestyle=":", label="target")
     left.set(xlabel="request rate (req/s)", ylabel="% of requests good", xscale="log", ylim=(0, 102),
