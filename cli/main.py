@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from matta.config import DEFAULT_CHECKPOINT
+from matta.config import DEFAULT_CHECKPOINT, DTYPE_CHOICES
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], file=None) -> None:
@@ -140,7 +140,7 @@ def cmd_eval(args) -> int:
     from training.data import TokenData
     from training.trainer import evaluate_widths
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, dtype=args.dtype)
     data = TokenData(args.data)
     if data.tokenizer().backend.get_vocab() != ckpt.tokenizer.backend.get_vocab():
         raise ValueError(f"{args.data} was tokenized with a different tokenizer than {args.checkpoint}")
@@ -209,7 +209,7 @@ def cmd_compile(args) -> int:
     from serving.worker.compiled import DecodeSteps
 
     torch.set_num_threads(args.threads or 1)
-    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu")
+    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu", dtype=args.dtype)
     started = time.perf_counter()
     steps = DecodeSteps(ckpt.model, "require", max_batch=args.max_batch, cache_dir=args.compile_cache)
     print(f"{steps.status.ready} compiled decode steps in {steps.cache_dir} ({torch.get_num_threads()} torch "
@@ -227,7 +227,7 @@ def cmd_profile(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu")
+    ckpt = load_checkpoint(args.checkpoint, device=args.device or "cpu", dtype=args.dtype)
     latency = profile_model(ckpt.model, repeats=args.repeats)
     out = latency.save(args.out)
     print(f"{'width':>6} {'decode B=1 L=64':>16} {'decode B=32 L=160':>18} {'prefill 256 tok':>16} "
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/shakespeare"))
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--cloze-items", type=int, default=3000)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="the weights' dtype (what a server started with this --dtype computes)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="write a quality-vs-FLOPs Pareto plot")
 
@@ -365,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="the server's torch threads (default 1: what it uses on 2 cores)")
     p.add_argument("--compile-cache", type=Path, help="default ~/.cache/matta/compile")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="the server's --dtype")
 
     p = add("profile", cmd_profile, "measure per-width step times on this machine (latency profile for the router)")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, type=Path)
@@ -372,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median is kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (profile with what the server will use)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="the server's --dtype")
     _add_elastic_commands(sub)
     return parser
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from matta.config import ModelConfig
+from matta.config import DTYPE_CHOICES, ModelConfig
 from matta.llama import build_model
 from matta.model import NestedDecoder
 from matta.tokenizer import Tokenizer
@@ -41,6 +41,8 @@ MANIFEST_FILE = "manifest.json"
 MIXNMATCH_FILE = "mixnmatch.json"
 MIXNMATCH_FORMAT = "matta-mixnmatch/1"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # optional: the tokenizer's chat template (HF's file name)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The dtypes a model can be loaded and served in (weights and KV cache; checkpoints store float32)."""
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TRAINING_FILE)
 
 
@@ -185,9 +187,11 @@ def load_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{source}: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> Checkpoint:
-    """Verify and load a checkpoint directory; the model is returned in eval mode. With ``weights=False``
-    only the config, tokenizer and training record are read (a server's API process needs no more)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: bool = True,
+                    dtype: str = "float32") -> Checkpoint:
+    """Verify and load a checkpoint directory; the model is returned in eval mode, its weights in
+    ``dtype`` (:data:`DTYPES`, or "auto": :func:`resolve_dtype`). With ``weights=False`` only the
+    config, tokenizer and training record are read (a server's API process needs no more)."""
     path = Path(path)
     config = load_config(path)
     try:
@@ -220,9 +224,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
         raise CheckpointError(f"{weights_path}: unreadable safetensors ({exc})") from exc
     model = build_model(config)
     load_state_dict_strict(model, tensors, weights_path)
-    model.to(device).eval()
+    model.to(device=device, dtype=DTYPES[resolve_dtype(dtype, device)]).eval()
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, training=training,
                       chat_template=chat_template)
+
+
+def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
+    """``dtype`` itself, or for "auto" "bfloat16" where the device computes it natively (a CUDA GPU
+    with bf16, a CPU with AVX-512 BF16 or AMX, as oneDNN reports) and "float32" elsewhere."""
+    if dtype in DTYPES:
+        return dtype
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {list(DTYPE_CHOICES)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
 def load_state_dict_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:

@@ -11,6 +11,8 @@ WidthSpec = str | int | Sequence[str | int]
 """A width as a name (``"s"``), an FFN hidden size (``384``) or one of those per layer."""
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")  # what `matta serve` and friends load when given none
+DTYPE_CHOICES = ("float32", "bfloat16", "auto")
+"""What a model may be loaded and served in (``auto``: bf16 where the device computes it natively)."""
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 

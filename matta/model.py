@@ -95,7 +95,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
         scores = torch.matmul(qg, k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, n_kv, group, S)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, nh, 1, hs)
+        # Softmax in float32 whatever the cache's dtype (bf16 would round the probabilities).
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v).view(B, nh, 1, hs)
     gqa = n_kv != nh
     if attn_mask is None:
         # No padding and no cache: the plain causal fast path.
@@ -381,7 +382,8 @@ class NestedDecoder(nn.Module):
                 presents.append(present)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.ln_f(x))  # (B, T or logits_to_keep, vocab)
+        # Logits leave in float32 whatever the weights' dtype: sampling, logprobs and losses read them.
+        logits = self.lm_head(self.ln_f(x)).float()  # (B, T or logits_to_keep, vocab)
         return GPTOutput(logits=logits, past_key_values=presents if use_cache else None)
 
     @staticmethod

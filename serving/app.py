@@ -38,13 +38,14 @@ def build_app(settings: ServeSettings) -> FastAPI:
         ckpt = load_checkpoint(settings.checkpoint, weights=False)
         engine = EngineCoreClient(settings.checkpoint, ckpt.config, max_batch=settings.max_batch,
                                   max_queue=settings.max_queue, device=device,
-                                  threads=settings.threads or default_torch_threads(), profile=settings.profile,
+                                  threads=settings.threads or default_torch_threads(), dtype=settings.dtype,
+                                  profile=settings.profile,
                                   measure_profile=needs_cost_model(settings),
                                   compile=settings.compile, compile_cache=settings.compile_cache,
                                   on_core_death=settings.on_core_death)
         check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
     else:
-        ckpt = load_checkpoint(settings.checkpoint, device=device)
+        ckpt = load_checkpoint(settings.checkpoint, device=device, dtype=settings.dtype)
         latency = load_or_measure_profile(settings, ckpt.model)
         steps = DecodeSteps(ckpt.model, settings.compile, max_batch=settings.max_batch,
                             cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)

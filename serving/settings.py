@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from matta.config import DEFAULT_CHECKPOINT
+from matta.config import DEFAULT_CHECKPOINT, DTYPE_CHOICES
 from matta.configfile import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 
 ENV_PREFIX = "MATTA_"
@@ -114,6 +114,9 @@ class ServeSettings(FrontendSettings):
     compile_cache: Path | None = Field(None, description="directory of compiled decode steps, reused across "
                                                          "restarts (default: ~/.cache/matta/compile)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: CUDA when present)")
+    dtype: Literal[DTYPE_CHOICES] = Field(
+        "float32", description="weights and KV cache: float32, bfloat16 (norms, softmax and logits in float32), "
+                               "or auto (bfloat16 where the CPU or GPU computes it natively)")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores but one, left to "
                                                         "the HTTP loop)")
     profile: Path | None = Field(None, description="latency profile from `matta profile` (default: measured at "

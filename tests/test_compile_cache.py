@@ -58,7 +58,7 @@ def one_width(tmp_path_factory, tokenizer):
     rows = representative_rows(model.config, MAX_BATCH)[0]
     DecodeSteps(model, "require", max_batch=MAX_BATCH, cache_dir=root / "cache", rows=[rows])
     artifact = artifact_path(cache_dir_for(model.config, root / "cache"), rows_signature(model.config, rows),
-                             torch.device("cpu"))
+                             torch.device("cpu"), torch.float32)
     assert read_artifact(artifact)  # whole, of this torch
     return path, model, root / "cache", artifact.relative_to(root / "cache")
 

@@ -248,3 +248,27 @@ def test_compiled_steps_of_a_nested_llama_match_eager(tokenizer, tmp_path):
     engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 2 else "ta")
                                                                  for i, p in enumerate(PROMPTS)])
     assert engine.stats().compiled_steps > 0
+
+
+@pytest.mark.slow
+def test_bfloat16_steps_compile_apart_from_float32_ones_and_match_bfloat16_eager(two_widths, tmp_path):
+    """A bf16 engine's steps are compiled for bf16 (their own artifacts beside the fp32 ones in one
+    cache) and compute what the bf16 eager step computes."""
+    import copy
+
+    _, model, _ = two_widths
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    rows = [["ta", "s"]]
+    cache = tmp_path / "cache"
+    fp32 = DecodeSteps(model, "require", max_batch=8, cache_dir=cache, rows=rows)
+    bf16 = DecodeSteps(half, "require", max_batch=8, cache_dir=cache, rows=rows)
+    assert fp32.paths[0] != bf16.paths[0] and fp32.paths[0].exists() and bf16.paths[0].exists()
+    ids, mask, cache_a, plans = step_inputs(half, rows[0], context=20)
+    _, _, cache_b, _ = step_inputs(half, rows[0], context=20)
+    assert cache_a.keys[0].dtype == torch.bfloat16
+    with torch.inference_mode():
+        want = decode_logits(half, ids, mask, cache_a, plans)
+        got = bf16(ids, mask, cache_b, plans)
+    assert got.dtype == torch.float32 and bf16.status.compiled_steps == 1
+    # Fused kernels round bf16 intermediates at other points than eager's op-by-op path.
+    torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0)

@@ -247,3 +247,25 @@ def test_mixed_widths_are_refused_with_a_clear_error_when_they_do_not_fit(model,
         model(x, plans=[16])
     with pytest.raises(ValueError, match="unknown width"):
         model(x, row_widths=["s", "xl"])
+
+
+def test_bfloat16_weights_and_cache_track_float32_and_logits_leave_in_float32(model, config):
+    """In bf16 the weights and the KV cache halve their bytes; softmax and logits stay float32, so
+    the bf16 model is the fp32 one within bf16's rounding (8 bits of mantissa, per layer)."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    x = ids(config, B=2, T=24)
+    with torch.no_grad():
+        for width in ("s", "ta", ["s", "m", "ta"]):
+            want = model(x, width=width).logits
+            full = half(x, width=width).logits
+            assert full.dtype == torch.float32
+            assert float((full - want).abs().max() / want.abs().max()) < 0.05, width
+        cache = StaticKVCache.from_list(half(x[:, :10], width="ta", use_cache=True).past_key_values, capacity=32)
+        assert cache.keys[0].dtype == torch.bfloat16
+        steps = [half(x[:, t : t + 1], width="ta", past_key_values=cache, use_cache=True).logits for t in range(10, 24)]
+    # Decoding on the bf16 cache is the bf16 model's full forward, up to bf16's rounding.
+    with torch.no_grad():
+        full = half(x, width="ta").logits[:, 10:]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.05, rtol=0.02)

@@ -325,3 +325,27 @@ def test_a_plain_answer_comes_as_its_first_token_and_one_final_output_with_the_s
         assert [x for o in plain for x in getattr(o, key)] == [x for o in streamed for x in getattr(o, key)]
     assert "".join(o.text for o in plain) == "".join(o.text for o in streamed)
     assert plain[-1].finish_reason == streamed[-1].finish_reason == "length"
+
+
+def test_a_bfloat16_engine_decodes_mixed_widths_as_the_bfloat16_model_alone(model, tokenizer):
+    """``--dtype bfloat16``: weights and KV cache in bf16; batched, mixed-width decoding still
+    gives each row exactly the tokens the same bf16 model gives it alone."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    engine = Engine(half, tokenizer, max_batch=8, max_queue=16)
+    prompts = [("Now is the winter", "ta"), ("To be, or not to be", "s"), ("Friends, Romans", "l"),
+               ("the slings and arrows", "s")]
+
+    async def main():
+        streams = [engine.submit([tokenizer.encode(p)], w, Sampling(max_tokens=16, temperature=0.0))
+                   for p, w in prompts]
+        engine.start()
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        engine.stop()
+    for (text, width), result in zip(prompts, outputs, strict=True):
+        assert result[0][0] == half.generate_greedy(tokenizer.encode(text), 16, width=width), (text, width)

@@ -62,7 +62,7 @@ class EngineCoreClient:
     """Starts, feeds, reads and stops one engine-core process."""
 
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
-                 threads: int, profile: Path | None = None, measure_profile: bool = False,
+                 threads: int, dtype: str = "float32", profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning",
                  on_core_death: str = "restart") -> None:
         """``on_core_death``: what a core that dies while serving leads to (``ServeSettings.on_core_death``):
@@ -75,7 +75,7 @@ class EngineCoreClient:
         self._dir = tempfile.TemporaryDirectory(prefix="matta-core-")
         self._context = zmq.Context()
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--device", device, "--threads", str(threads),
-               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", log_level]
+               "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", log_level]
         cmd += ["--compile", compile]
         if compile_cache is not None:
             cmd += ["--compile-cache", str(compile_cache)]

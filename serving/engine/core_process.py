@@ -26,6 +26,7 @@ import torch
 import zmq
 
 from matta.checkpoint import load_checkpoint
+from matta.config import DTYPE_CHOICES
 from router.latency import LatencyModel
 from serving import messages as msg
 from serving.engine.core import EngineCore
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="ZMQ address the core sends step outputs on")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="the weights' and KV cache's dtype")
     p.add_argument("--max-batch", type=int, required=True)
     p.add_argument("--max-queue", type=int, required=True)
     p.add_argument("--profile", type=Path, help="latency profile JSON to serve with")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     push.connect(args.output)
     pull.connect(args.input)
     try:
-        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        ckpt = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
         latency = None
         if args.profile is not None:
             latency = LatencyModel.load(args.profile)

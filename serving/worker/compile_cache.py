@@ -41,11 +41,12 @@ def cache_dir_for(config: ModelConfig, root: Path) -> Path:
     return root / f"torch-{torch.__version__}" / hashlib.sha256(shape.encode()).hexdigest()[:16]
 
 
-def artifact_path(cache_dir: Path, signature: tuple, device: torch.device) -> Path:
+def artifact_path(cache_dir: Path, signature: tuple, device: torch.device, dtype: torch.dtype) -> Path:
     """The file one signature's compiled step is saved to in an architecture's ``cache_dir``: per
-    device type and torch thread count too (inductor generates code for the thread count, and the
-    compiled step's guards refuse another), and per torch version (also in the file's header)."""
-    key = hashlib.sha256(repr((signature, device.type, torch.get_num_threads(), torch.__version__,
+    device type, weight dtype and torch thread count too (inductor generates code for the dtype and
+    the thread count, and the compiled step's guards refuse another), and per torch version (also in
+    the file's header)."""
+    key = hashlib.sha256(repr((signature, device.type, str(dtype), torch.get_num_threads(), torch.__version__,
                                ARTIFACT_FORMAT)).encode()).hexdigest()[:16]
     return cache_dir / f"step-{key}.bin"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from matta.checkpoint import DTYPES, load_checkpoint
 from serving.lifecycle import die_with_parent
 from serving.worker.compile_cache import CacheFault, artifact_path, check_private
 from serving.worker.compiled import compile_step, configure, representative_rows, rows_signature
@@ -29,19 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, required=True, help="the architecture's directory (cache_dir_for)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the engine's weights' dtype")
     p.add_argument("--only", help="comma-separated indices into representative_rows (default: all)")
     args = p.parse_args(argv)
-    from matta.checkpoint import load_checkpoint
-
     torch.set_num_threads(args.threads)
     check_private(args.cache_dir)
     configure(args.cache_dir)
-    model = load_checkpoint(args.checkpoint, device=args.device).model.eval()
+    model = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype).model.eval()
     rows = representative_rows(model.config, args.max_batch)
     indices = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
     for index in indices:
         started = time.perf_counter()
-        path = artifact_path(args.cache_dir, rows_signature(model.config, rows[index]), model.wte.weight.device)
+        path = artifact_path(args.cache_dir, rows_signature(model.config, rows[index]), model.wte.weight.device,
+                             model.wte.weight.dtype)
         try:
             compile_step(model, rows[index], path)
         except CacheFault as fault:  # told to the engine, which keeps this signature eager; try the rest

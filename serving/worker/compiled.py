@@ -255,7 +255,8 @@ class DecodeSteps:
         self._lock = threading.Lock()
         self._stopping = False
         self._signatures = [rows_signature(model.config, rows) for rows in self.rows]
-        self.paths = [artifact_path(self.cache_dir, signature, self.device) for signature in self._signatures]
+        self.paths = [artifact_path(self.cache_dir, signature, self.device, model.wte.weight.dtype)
+                      for signature in self._signatures]
         if mode == "require":
             for index, rows in enumerate(self.rows):
                 if not self.paths[index].exists() or self._faulty(index):
@@ -290,7 +291,8 @@ class DecodeSteps:
     def _background(self, missing: list[int]) -> None:
         cmd = [*WORKER_COMMAND, "--checkpoint", str(self._checkpoint), "--max-batch", str(self._max_batch),
                "--threads", str(torch.get_num_threads()), "--cache-dir", str(self.cache_dir),
-               "--device", str(self.device), "--only", ",".join(map(str, missing))]
+               "--device", str(self.device), "--dtype", str(self.model.wte.weight.dtype).removeprefix("torch."),
+               "--only", ",".join(map(str, missing))]
         with self._lock:
             if self._stopping:
                 return
