@@ -342,10 +342,12 @@ def test_save_png_stays_under_the_results_limit(tmp_path):
 
     from benchmarks.harness import MAX_RESULT_BYTES, save_png
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     rng = np.random.default_rng(0)
     for ax in axes.flat:  # noisy scatter: the kind of plot that makes big PNGs
-        ax.scatter(rng.random(1500), rng.random(1500), s=3, c=rng.random(1500), cmap="viridis")
+        ax.scatter(rng.random(1000), rng.random(1000), s=3, c=rng.random(1000), cmap="viridis")
+    fig.savefig(tmp_path / "plain.png", dpi=120)
+    assert (tmp_path / "plain.png").stat().st_size > MAX_RESULT_BYTES  # what the limit is for
     path = save_png(fig, tmp_path / "big.png", dpi=120)
     plt.close(fig)
     assert 0 < path.stat().st_size <= MAX_RESULT_BYTES
