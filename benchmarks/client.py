@@ -407,6 +407,10 @@ def format_summary(summary: dict, title: str = "") -> str:
             value = summary.get(f"{stat}_{name}_ms")
             if value is not None:
                 lines.append(f"{f'{stat}_{name}_ms':<40} {value:<12.2f}")
+    for key in ("width_mix", "failures"):
+        if summary.get(key):
+            lines.append(f"{key:<40} " + " ".join(f"{k} {v:.0%}" if key == "width_mix" else f"{k}: {v}"
+                                                  for k, v in summary[key].items()))
     return "\n".join(lines)
 
 
