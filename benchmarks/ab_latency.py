@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.harness import BENCHMARKS, REPO, Route, Server, make_prompts
+from benchmarks.harness import BENCHMARKS, REPO, Route, Server, make_prompts, save_png
 from matta.checkpoint import load_checkpoint
 from router.ab_analysis import analyze, load_shards
 from router.experiment import parse_experiment
@@ -231,7 +231,7 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"fixed:ta (control) vs fixed:s (treatment), same load: {st['users']} users x "
                  f"{st['requests_per_user']} requests, {st['concurrency']} concurrent, {st['max_tokens']} tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -40,6 +40,7 @@ from benchmarks.ab_calibration import (
     sequential_width_ratio,
     unit_level_fpr,
 )
+from benchmarks.harness import save_png
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,7 +71,7 @@ def plot(result: dict, path: Path) -> None:
     axes[3].set(title="price of peeking", xlabel="units / tuning_units", ylabel="sequential / fixed CI width")
     fig.suptitle(f"A/B analysis calibration ({result['experiments']} simulated A/A experiments per bar)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import Server, make_prompts
+from benchmarks.harness import Server, make_prompts, save_png
 from matta.checkpoint import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
@@ -182,7 +182,7 @@ def plot(results: dict, path: Path) -> None:
     ax_t.legend(fontsize=8)
     ax_r.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import interleaved, machine_peaks, roofline_ms, step_bytes, step_flops
+from benchmarks.harness import interleaved, machine_peaks, roofline_ms, save_png, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import StaticKVCache
 from serving.worker.compiled import DecodeSteps, decode_logits, step_inputs
@@ -231,7 +231,7 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"eager, per-shape compiled (static, frozen) and the engine's compiled step ({results['threads']} thread, "
                  f"context {results['points'][0]['context']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

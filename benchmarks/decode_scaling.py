@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import SHAPE_BUILDERS, machine_peaks, model_decode_step, roofline_ms, step_bytes, step_flops
+from benchmarks.harness import SHAPE_BUILDERS, machine_peaks, model_decode_step, roofline_ms, save_png, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
 from matta.model import NestedDecoder
 from serving.worker.compiled import DecodeSteps
@@ -232,7 +232,7 @@ def plot(results: dict, path: Path) -> None:
         ax_g.legend(fontsize=6)
         ax_e.legend(fontsize=5, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
 
 
 def main() -> None:

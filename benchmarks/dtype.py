@@ -29,7 +29,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from benchmarks.harness import SHAPE_BUILDERS, greedy_batch, interleaved, step_bytes
+from benchmarks.harness import SHAPE_BUILDERS, greedy_batch, interleaved, save_png, step_bytes
 from matta.checkpoint import load_checkpoint
 from matta.model import StaticKVCache
 from serving.worker.compiled import decode_logits
@@ -143,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
     ax_s.set_title(f"eager decode step, context {'/'.join(str(s['context']) for s in results['speed'].values())}")
     ax_s.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.harness import save_png
 from matta.checkpoint import load_checkpoint, sha256_file
 from matta.hf import export_width
 from training.config import load_train_config
@@ -132,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ in its own process, one torch thread), each mode in the same run:
    serves), then the same load again: p99 of the first run over p99 of the second.
 3. **TTFT + TPOT goodput**: an open-loop Poisson stream between the TA's and the Student's
    capacity, every request with a TTFT and a TPOT target; a request is good only if it meets
-   both (vLLM's goodput). ``--policy slo --shed`` vs ``fixed:s`` vs ``fixed:ta``.
+   both (vLLM's goodput, :mod:`benchmarks.client`). ``--policy slo --shed`` vs ``fixed:s`` vs ``fixed:ta``.
 
     python -m benchmarks.engine_v3 [--cache DIR] [--only burst,startup,goodput]
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -35,7 +34,8 @@ import httpx
 import matplotlib
 import numpy as np
 
-from benchmarks.harness import Server, open_loop, saturate
+from benchmarks.client import Request, RequestOutput, arrivals, requests_at, run_closed_loop, run_open_loop, summarize
+from benchmarks.harness import Server, save_png
 from matta.checkpoint import load_checkpoint
 from tests.helpers import REPO
 
@@ -70,12 +70,21 @@ def _solo_ms(url: str, model: str, prompts, max_tokens: int, n: int = 8) -> floa
     return 1000 * statistics.median(times[2:])
 
 
-def _counts(records: list[dict], slo_s: float) -> dict:
-    ok = [r for r in records if r["status"] == 200]
-    return {"sent": len(records), "within_slo": sum(r["latency_s"] <= slo_s for r in ok),
-            "late": sum(r["latency_s"] > slo_s for r in ok), "refused": sum(r["status"] == 429 for r in records),
-            "other": sorted({r["status"] for r in records} - {200, 429}),
-            "widths": {w: sum(r["width"] == w for r in ok) for w in sorted({r["width"] for r in ok})}}
+def _counts(records: list[RequestOutput], slo_s: float) -> dict:
+    ok = [r for r in records if r.status == 200]
+    return {"sent": len(records), "within_slo": sum(r.latency_s <= slo_s for r in ok),
+            "late": sum(r.latency_s > slo_s for r in ok), "refused": sum(r.status == 429 for r in records),
+            "other": sorted({r.status for r in records} - {200, 429}),
+            "widths": {w: sum(r.width == w for r in ok) for w in sorted({r.width for r in ok})}}
+
+
+def _saturate(url: str, model: str, prompts, max_tokens: int, clients: int, seconds: float) -> dict:
+    """Closed loop of ``clients`` for ``seconds``: vLLM-named figures of the run."""
+    requests = [Request(p, max_tokens, 0.0, model) for p in prompts]
+    outputs, duration = asyncio.run(run_closed_loop(url, requests, clients, stream=False, duration_s=seconds))
+    s = summarize(outputs, duration)
+    return {k: s[k] for k in ("request_throughput", "output_throughput", "median_e2el_ms", "p99_e2el_ms",
+                              "completed", "failed")}
 
 
 def _engine_counters(url: str) -> dict:
@@ -99,9 +108,9 @@ def burst(ckpt, cache: Path, tmp: Path) -> dict:
         try:
             solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
             slo_ms = 4 * solo
-            trace = [(0.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": 32,
-                            "temperature": 0, "latency_slo_ms": slo_ms}) for i in range(48)]
-            records = asyncio.run(open_loop(url, trace, timeout_s=60))
+            burst = [Request(prompts[i % len(prompts)], 32, 0.0, ckpt.name, {"latency_slo_ms": slo_ms})
+                     for i in range(48)]
+            records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
             out[mode] = {"student_solo_ms": round(solo, 1), "slo_ms": round(slo_ms, 1), **_counts(records, slo_ms / 1000),
                          "engine": _engine_counters(url),
                          "compiled": httpx.get(f"{url}/health").json().get("compiled")}
@@ -120,9 +129,9 @@ def startup(ckpt, cache: Path, tmp: Path) -> dict:
         try:
             runs = []
             for _ in range(2):
-                r = asyncio.run(saturate(url, f"{ckpt.name}:s", prompts, 64, clients=16, seconds=8))
-                runs.append({k: round(v, 4) for k, v in r.items()})
-            out[name] = {"first": runs[0], "second": runs[1], "p99_ratio": round(runs[0]["p99_s"] / runs[1]["p99_s"], 2),
+                runs.append(_saturate(url, f"{ckpt.name}:s", prompts, 64, clients=16, seconds=8))
+            out[name] = {"first": runs[0], "second": runs[1],
+                         "p99_ratio": round(runs[0]["p99_e2el_ms"] / runs[1]["p99_e2el_ms"], 2),
                          "engine": _engine_counters(url), "compiled": httpx.get(f"{url}/health").json()["compiled"]}
         finally:
             server.stop()
@@ -137,50 +146,31 @@ def goodput(ckpt, cache: Path, tmp: Path, seconds: float = 20.0) -> dict:
     server, url = _server("background", cache, tmp / "goodput-capacity.log")
     try:
         for w in ("s", "ta"):
-            capacity[w] = asyncio.run(saturate(url, f"{ckpt.name}:{w}", prompts, 64, clients=32, seconds=8))
+            capacity[w] = _saturate(url, f"{ckpt.name}:{w}", prompts, 64, clients=32, seconds=8)
         solo_s = _solo_ms(url, f"{ckpt.name}:s", prompts, 64) / 1000
     finally:
         server.stop()
-    rate = (capacity["s"]["requests_per_s"] * capacity["ta"]["requests_per_s"]) ** 0.5  # between the two
+    rate = (capacity["s"]["request_throughput"] * capacity["ta"]["request_throughput"]) ** 0.5  # between the two
     ttft_ms, tpot_ms = 250.0, round(1000 * 3 * solo_s / 64, 2)  # TPOT: 3x the Student's solo pace
-    rng = random.Random(0)
-    arrivals, t = [], 0.0
-    while t < seconds:
-        t += rng.expovariate(rate)
-        arrivals.append(t)
+    times = arrivals(round(rate * seconds), rate, seed=0)
     out.update(rate_req_s=round(rate, 2), ttft_slo_ms=ttft_ms, tpot_slo_ms=tpot_ms,
-               capacity_req_s={w: round(c["requests_per_s"], 2) for w, c in capacity.items()})
+               capacity_req_s={w: round(c["request_throughput"], 2) for w, c in capacity.items()})
     for policy, extra in (("slo", ("--policy", "slo", "--shed")), ("fixed:s", ("--policy", "fixed:s")),
                           ("fixed:ta", ("--policy", "fixed:ta"))):
         server, url = _server("background", cache, tmp / f"goodput-{policy}.log", *extra)
         try:
-            trace = [(a, {"model": ckpt.name, "prompt": prompts[i % len(prompts)], "max_tokens": 64, "temperature": 0,
-                          "ttft_slo_ms": ttft_ms, "tpot_slo_ms": tpot_ms, "stream": True,
-                          "stream_options": {"include_usage": True}})
-                     for i, a in enumerate(arrivals)]
-            records = asyncio.run(open_loop(url, trace, timeout_s=60))
+            requests = requests_at(times, prompts, 64, ckpt.name, {"ttft_slo_ms": ttft_ms, "tpot_slo_ms": tpot_ms})
+            records, duration = asyncio.run(run_open_loop(url, requests, timeout_s=60))
         finally:
             server.stop()
-        good = [r for r in records if r["status"] == 200 and r.get("ttft_s") is not None
-                and r["ttft_s"] <= ttft_ms / 1000 and _tpot(r) <= tpot_ms / 1000]
-        ok = [r for r in records if r["status"] == 200]
+        s = summarize(records, duration, {"ttft": ttft_ms, "tpot": tpot_ms})
         out["policies"][policy] = {
-            "sent": len(records), "served": len(ok), "good": len(good), "refused": sum(r["status"] == 429 for r in records),
-            "goodput_req_s": round(len(good) / seconds, 2), "good_fraction": round(len(good) / len(records), 3),
-            "ttft_p99_ms": _p(records, "ttft_s"), "tpot_p99_ms": _p(records, None),
-            "widths": {w: sum(r["width"] == w for r in good) for w in sorted({r["width"] for r in good})}}
+            "sent": len(records), "served": s["completed"], "good": s["good_requests"],
+            "refused": sum(r.status == 429 for r in records), "goodput_req_s": round(s["request_goodput"], 2),
+            "good_fraction": round(s["good_fraction"], 3), "ttft_p99_ms": s["p99_ttft_ms"],
+            "tpot_p99_ms": s["p99_tpot_ms"], "widths": s["width_mix"]}
         print("goodput", policy, json.dumps(out["policies"][policy]))
     return out
-
-
-def _tpot(r: dict) -> float:
-    tokens = r.get("tokens") or 0
-    return (r["latency_s"] - r["ttft_s"]) / (tokens - 1) if tokens > 1 and r.get("ttft_s") is not None else 0.0
-
-
-def _p(records: list[dict], key: str | None) -> float | None:
-    values = [r[key] if key else _tpot(r) for r in records if r["status"] == 200 and r.get("ttft_s") is not None]
-    return round(1000 * float(np.percentile(values, 99)), 1) if values else None
 
 
 def plot(results: dict, path: Path) -> None:
@@ -198,8 +188,8 @@ def plot(results: dict, path: Path) -> None:
             ax.set_ylabel("requests")
         elif name == "startup":
             runs = list(data)
-            ax.bar(np.arange(len(runs)) - 0.2, [1000 * data[r]["first"]["p99_s"] for r in runs], 0.4, label="first run")
-            ax.bar(np.arange(len(runs)) + 0.2, [1000 * data[r]["second"]["p99_s"] for r in runs], 0.4, label="second run")
+            ax.bar(np.arange(len(runs)) - 0.2, [data[r]["first"]["p99_e2el_ms"] for r in runs], 0.4, label="first run")
+            ax.bar(np.arange(len(runs)) + 0.2, [data[r]["second"]["p99_e2el_ms"] for r in runs], 0.4, label="second run")
             ax.set_xticks(range(len(runs)), [f"{r} cache" for r in runs])
             ax.set_ylabel("p99 latency (ms)")
             ax.set_title("16 clients right after /health")
@@ -211,7 +201,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(f"TTFT {data['ttft_slo_ms']:g} ms + TPOT {data['tpot_slo_ms']:g} ms")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -5,10 +5,10 @@
   :class:`ServerThread`: any front-end app under uvicorn in a background thread; :class:`VLLMServer`:
   vLLM's CPU build serving an export (its own virtualenv, :data:`VLLM_VENV`); :data:`ENGINES`: the
   engine variants of ``matta serve`` as flags;
-- load: :func:`open_loop` (raw-socket open-loop client, on a schedule from :func:`make_trace`),
-  :func:`saturate` (closed loop), :func:`load_test` (headless locust and its report);
+- load: :func:`load_test` (headless locust and its report); every serving benchmark's own load
+  (open and closed loop, arrivals, vLLM's metrics and goodput) is :mod:`benchmarks.client`, trace
+  replay :mod:`benchmarks.traces`;
 - :func:`make_prompts` (prompt windows whose greedy continuation has no early end-of-text),
-  :func:`make_trace` / :func:`make_bursty_trace` (Poisson ramp / gamma arrivals),
   :func:`gpt2_small_shape` (a random elastic model of GPT-2 small's shape),
   :func:`model_decode_step` (bare decode-step timing), :func:`interleaved` (timing in rotating
   order), :func:`roofline_ms` with :func:`step_flops`, :func:`step_bytes` and :func:`machine_peaks`,
@@ -20,11 +20,9 @@ this module the same way. Nothing here is installed with the package.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import os
-import random
 import signal
 import socket
 import statistics
@@ -37,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 import uvicorn
 
@@ -47,7 +44,6 @@ from matta.config import ModelConfig
 from matta.llama import NestedLlama
 from matta.model import NestedGPT, StaticKVCache
 from serving.api.server import uvicorn_config
-from serving.lifecycle import freeze_startup_heap
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -388,138 +384,6 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
                     "tokens_per_s": batch / statistics.median(times[v, w])} for w in widths} for v in steps}
 
 
-async def open_loop(url: str, bodies: list[tuple[float, dict]], timeout_s: float) -> list[dict]:
-    """Send each completion body at its arrival time (seconds from now) on its own connection,
-    whatever the server is doing; per request: status, latency from when it was due, width (and
-    the width steps of ``x-matta-widths``), ``Retry-After``, the router's prediction and the
-    completion tokens (and, for a body with ``"stream": true`` and
-    ``stream_options.include_usage``, the time to first token).
-
-    Raw asyncio streams rather than httpx: on 2 cores httpx's ~2.5 ms of CPU per request at a
-    hundred or more requests/s starves the server it measures, and the schedule slips (a slo
-    replay at 150 req/s sent its last 10 s of requests up to 5 s late)."""
-    host, port = url.removeprefix("http://").split(":")
-    freeze_startup_heap()  # a full collection of this process's heap (torch, a checkpoint) mid-burst sent 48 requests 131 ms late
-
-    async def one(body: dict, due: float) -> dict:
-        payload = json.dumps(body).encode()
-        request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-                   f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
-        first_at = None
-        try:
-            # How late the client itself sends (its event loop shares the cores with the server).
-            lag = time.monotonic() - due
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(request)
-            if body.get("stream"):
-                # Streamed: the first event carrying completion text is the time to first token.
-                raw = b""
-                async with asyncio.timeout(timeout_s):
-                    while chunk := await reader.read(65536):
-                        raw += chunk
-                        if first_at is None and b'"text":"' in raw.partition(b"\r\n\r\n")[2].replace(b'"text":""', b""):
-                            first_at = time.monotonic()
-            else:
-                raw = await asyncio.wait_for(reader.read(), timeout_s)
-            writer.close()
-        except (OSError, TimeoutError) as exc:
-            return {"t": due - start, "status": 0, "latency_s": time.monotonic() - due, "width": None,
-                    "error": type(exc).__name__}
-        done = time.monotonic()
-        head, _, content = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-        status = int(lines[0].split()[1]) if lines[0] else 0
-        out = {"t": due - start, "status": status, "latency_s": done - due, "send_lag_s": lag,
-               "width": headers.get("x-matta-width"), "widths": headers.get("x-matta-widths"),
-               "retry_after": headers.get("retry-after"),
-               "predicted_s": float(headers["x-matta-predicted-ms"]) / 1000 if "x-matta-predicted-ms" in headers
-               else None}
-        if status == 200 and body.get("stream"):
-            out["ttft_s"] = None if first_at is None else first_at - due
-            usage = [json.loads(line[6:]) for line in content.split(b"\n") if line.startswith(b"data: {")
-                     and b'"usage"' in line]
-            out["tokens"] = usage[-1]["usage"]["completion_tokens"] if usage else None
-        elif status == 200:
-            out["tokens"] = json.loads(content)["usage"]["completion_tokens"]
-        return out
-
-    start = time.monotonic()
-    return await on_schedule(bodies, one, start)  # latency counts from when each was due
-
-
-async def on_schedule(items: list[tuple[float, object]], send, start: float) -> list:
-    """Open loop: start ``send(item, due)`` at each item's arrival (seconds after ``start``),
-    whatever the earlier ones are doing; their results in order."""
-    tasks = []
-    for arrival, item in items:
-        delay = start + arrival - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send(item, start + arrival)))
-    return list(await asyncio.gather(*tasks))
-
-
-async def saturate(url: str, model: str | list[str], prompts: list[list[int]], max_tokens: int, clients: int,
-                   seconds: float) -> dict:
-    """Closed loop with ``clients`` concurrent clients for ``seconds``: requests/s and latencies.
-    With a list of model ids, client j asks for ``model[j % len(model)]`` (e.g. a 50/50 width mix)."""
-    freeze_startup_heap()  # as open_loop: no full collection of the client's heap mid-run
-    models = [model] if isinstance(model, str) else list(model)
-    latencies: list[float] = []
-    tokens: list[int] = []
-    deadline = time.monotonic() + seconds
-
-    async def client_loop(j: int, client: httpx.AsyncClient) -> None:
-        k = 0
-        while time.monotonic() < deadline:
-            body = {"model": models[j % len(models)], "prompt": prompts[(j * 7 + k) % len(prompts)],
-                    "max_tokens": max_tokens, "temperature": 0}
-            sent = time.monotonic()
-            r = await client.post(f"{url}/v1/completions", json=body)
-            r.raise_for_status()
-            latencies.append(time.monotonic() - sent)
-            tokens.append(r.json()["usage"]["completion_tokens"])
-            k += 1
-
-    async with httpx.AsyncClient(timeout=120) as client:
-        start = time.monotonic()
-        await asyncio.gather(*[client_loop(j, client) for j in range(clients)])
-        elapsed = time.monotonic() - start
-    return {"requests_per_s": len(latencies) / elapsed, "tokens_per_s": sum(tokens) / elapsed,
-            "p50_s": statistics.median(latencies),
-            "p99_s": float(np.percentile(latencies, 99)), "requests": len(latencies)}
-
-
-def make_trace(prompts: list[list[int]], rate_from: float, rate_to: float, duration: float,
-               seed: int) -> list[tuple[float, list[int]]]:
-    """Poisson arrivals with a linearly ramping rate (thinning of a process at the peak rate)."""
-    rng = random.Random(seed)
-    peak = max(rate_from, rate_to)
-    t, trace = 0.0, []
-    while True:
-        t += rng.expovariate(peak)
-        if t >= duration:
-            return trace
-        rate = rate_from + (rate_to - rate_from) * t / duration
-        if rng.random() < rate / peak:
-            trace.append((t, prompts[rng.randrange(len(prompts))]))
-
-
-def make_bursty_trace(prompts: list[list[int]], rate: float, cv2: float, duration: float,
-                      seed: int) -> list[tuple[float, list[int]]]:
-    """Gamma-distributed inter-arrival times with mean ``1/rate`` and squared coefficient of
-    variation ``cv2`` (1 is Poisson; 4 means arrivals clump into bursts separated by lulls)."""
-    rng = random.Random(seed)
-    shape = 1.0 / cv2
-    t, trace = 0.0, []
-    while True:
-        t += rng.gammavariate(shape, 1.0 / (rate * shape))
-        if t >= duration:
-            return trace
-        trace.append((t, prompts[rng.randrange(len(prompts))]))
-
-
 # Where `matta serve` runs its engine, as CLI flags: the engine core in its own process (the
 # default) or its loop on a thread of the server process.
 ENGINES = {"process": ("--engine", "process"), "inproc": ("--engine", "inproc")}
@@ -596,7 +460,7 @@ def plot(report: dict, path: Path, title: str) -> None:
     table.scale(1, 1.4)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -640,6 +504,32 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+
+
+MAX_RESULT_BYTES = 100_000
+"""The most any file under ``benchmarks/results/`` may hold: summaries and plots only (per-request
+rows go under ``runs/``, which git ignores)."""
+
+
+def save_png(fig, path: Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as a PNG of at most :data:`MAX_RESULT_BYTES`: a colour palette
+    (plots have few colours; the file shrinks 3-5x), then a lower dpi and fewer colours only as
+    far as needed. Raises if even the smallest version is too big (plot less)."""
+    import io
+
+    from PIL import Image
+
+    for scale, colors in ((1.0, 256), (0.8, 256), (0.8, 64), (0.65, 64), (0.5, 32)):
+        raw = io.BytesIO()
+        fig.savefig(raw, format="png", dpi=dpi * scale)
+        raw.seek(0)
+        out = io.BytesIO()
+        Image.open(raw).convert("RGB").quantize(colors=colors).save(out, format="PNG", optimize=True)
+        if out.tell() <= MAX_RESULT_BYTES:
+            Path(path).write_bytes(out.getvalue())
+            return Path(path)
+    raise ValueError(f"{path}: {out.tell()} bytes even at dpi {dpi * scale:g} and {colors} colours; "
+                     f"the limit is {MAX_RESULT_BYTES}")
 
 
 def metric(text: str, name: str, **labels) -> float:

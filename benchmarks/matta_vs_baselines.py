@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.harness import save_png
 from matta.checkpoint import load_checkpoint, sha256_file
 from matta.model import NestedGPT
 from training.config import TrainConfig
@@ -209,7 +210,7 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set(title="MatTA variants: every width (one line per seed)", xlabel="FLOPs / token",
                 ylabel="test perplexity")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import free_port, load_test
+from benchmarks.harness import free_port, load_test, save_png
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     axes[1].set(title="p99 latency", ylabel="ms")
     fig.suptitle(f"Ray Serve, {args.users} locust users, 2 CPUs")
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    save_png(fig, args.out.with_suffix(".png"))
     for r in rows:
         print(f"{r['replicas']} replica(s): {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
               f"{r['failures']} failures")

@@ -73,7 +73,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import Server, make_prompts, model_decode_step
+from benchmarks.client import RUNS
+from benchmarks.harness import Server, make_prompts, model_decode_step, save_png
 from matta.checkpoint import Checkpoint, load_checkpoint
 from matta.hf import export_width, load_hf_gpt2
 from serving.engine.core import Engine
@@ -441,7 +442,11 @@ def main(argv=None) -> int:
         goals["at_least_0.9_of_predicted"] = measured / predicted >= 0.9
     results["goals"] = goals
     results["runtime_s"] = time.perf_counter() - t_start
-    results["raw_runs"] = [{k: v for k, v in x.items() if k not in ("texts", "outputs")} for x in raw]
+    # Per-request latencies are big: under runs/ (ignored by git), not in the committed summary.
+    rows = RUNS / "bench" / f"{args.out.name}_runs.jsonl"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    rows.write_text("".join(json.dumps({k: v for k, v in x.items() if k not in ("texts", "outputs")}) + "\n"
+                            for x in raw))
     if exit_code != 0:
         results["server"]["log_tail"] = server_log
 
@@ -540,7 +545,7 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"{results['model']}: matta serve vs HF generate, prompt {s['prompt_tokens']} + {s['max_tokens']} "
                  f"tokens, torch threads={results['threads']}, {results['machine']['cpus']} CPUs")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import save_png
 from matta.checkpoint import load_checkpoint
 from matta.config import ModelConfig
 from matta.hf import gpt2_config, gpt2_state_dict
@@ -170,7 +171,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     fig.suptitle("elastic width vs dense model at that width (label: elastic/dense)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -7,9 +7,11 @@ Steps, all against real `matta serve` subprocesses on this machine:
      engine's TA rate R sets the traces and the SLO (`--slo-factor` x its median latency there); the
      Student's rate is what the server can serve at most, and (the best engine's) bounds what any
      policy can serve: per 5 s of a trace, at most that many (the `attainable` bound);
-  3. draw the scenarios' open-loop traces (fixed seed, the same prompts and `max_tokens` everywhere):
+  3. draw the scenarios' open-loop arrivals (:mod:`benchmarks.client`; fixed seed, the same prompts
+     and `max_tokens` everywhere):
      - ramp: Poisson arrivals whose rate ramps linearly from 0.5 R to 4 R over `--duration` s;
-     - bursty: gamma inter-arrivals, CV^2 = 4, mean 1.2 R (within the Student's capacity on average);
+     - bursty: gamma inter-arrivals of burstiness 0.25 (vLLM's meaning: CV^2 = 4), mean 1.2 R (within
+       the Student's capacity on average);
      - overload: Poisson at 10 R for `--overload-seconds` (only `slo --shed`: what it admits in time);
   4. replay each trace against `fixed:<TA>`, `fixed:<Student>` and `slo` (optionally its ablation
      `slo:utilization=0`), each a fresh server, for every engine.
@@ -19,7 +21,7 @@ latency of the served, goodput, shed requests, width mix over time, effective qu
 of the served width over answers within the SLO, 0 for late or refused ones; quality = the
 checkpoint's cloze accuracy), the mean quality of the answers within the SLO, and the router's
 prediction error (actual / predicted latency). The client shares the machine's cores with the
-server. JSON + PNG.
+server. Summary JSON + PNG under ``benchmarks/results/``; per-request rows under ``runs/bench/slo_router/``.
 
     python -m benchmarks.slo_router --engines process,inproc --max-tokens 64 --prompt-tokens 32
 """
@@ -39,7 +41,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.harness import ENGINES, Server, make_bursty_trace, make_prompts, make_trace, open_loop, saturate
+from benchmarks.client import (
+    RUNS,
+    Request,
+    RequestOutput,
+    arrivals,
+    ramp_arrivals,
+    requests_at,
+    run_closed_loop,
+    run_open_loop,
+    summarize,
+    write_rows,
+)
+from benchmarks.harness import ENGINES, Server, make_prompts, save_png
 from matta.checkpoint import load_checkpoint
 from router.quality import answer_quality, parse_width_steps, width_quality
 
@@ -68,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default="process", help=f"comma-separated, from {sorted(ENGINES)}; the first one's TA "
                                                   "rate sets the traces and the SLO")
     p.add_argument("--scenarios", default="ramp,bursty,overload", help="comma-separated, from ramp, bursty, overload")
-    p.add_argument("--bursty-cv2", type=float, default=4.0, help="squared CV of the bursty trace's inter-arrivals")
+    p.add_argument("--burstiness", type=float, default=0.25,
+                   help="the bursty trace's gamma shape (vLLM's burstiness: squared CV of the gaps = 1 / this)")
     p.add_argument("--bursty-rate", type=float, default=1.2, help="the bursty trace's mean rate, x the TA's")
     p.add_argument("--overload", type=float, default=10.0, help="the overload trace's rate, x the TA's")
     p.add_argument("--overload-seconds", type=float, default=20.0)
@@ -82,12 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def replay(url: str, model: str, trace: list[tuple[float, list[int]]], max_tokens: int, slo_ms: float,
-                 timeout_s: float) -> list[dict]:
-    """Open loop: send each request of the trace at its arrival time whatever the server is doing."""
-    bodies = [(t, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                   "latency_slo_ms": slo_ms}) for t, prompt in trace]
-    return await open_loop(url, bodies, timeout_s)
+def replay(url: str, model: str, trace: list[Request], slo_ms: float, timeout_s: float) -> list[RequestOutput]:
+    """Open loop: send each request of the trace at its arrival time whatever the server is doing,
+    each with the end-to-end latency target ``slo_ms``."""
+    requests = [Request(r.prompt, r.max_tokens, r.arrival_s, model, {"latency_slo_ms": slo_ms}) for r in trace]
+    return asyncio.run(run_open_loop(url, requests, timeout_s, stream=False))[0]
 
 
 def attainable(arrivals: list[float], capacity_rps: float, duration: float, window_s: float = 5.0) -> float:
@@ -99,31 +113,31 @@ def attainable(arrivals: list[float], capacity_rps: float, duration: float, wind
     return float(np.minimum(windows, cap).sum() / max(1, len(arrivals)))
 
 
-def record_quality(record: dict, quality: dict[str, float]) -> float:
+def record_quality(record: RequestOutput, quality: dict[str, float]) -> float:
     """An answer's quality: its width's, or, when its width changed mid-generation (``x-matta-widths``),
     the mean over its tokens."""
-    if record.get("widths"):
-        return answer_quality(quality, parse_width_steps(record["widths"]), record.get("tokens") or 0)
-    return quality[record["width"]]
+    if record.widths:
+        return answer_quality(quality, parse_width_steps(record.widths), record.output_tokens or 0)
+    return quality[record.width]
 
 
-def summarise(records: list[dict], slo_s: float, quality: dict[str, float], duration: float, bins: int) -> dict:
+def summarise(records: list[RequestOutput], slo_s: float, quality: dict[str, float], duration: float, bins: int) -> dict:
     n = len(records)
-    ok = [r for r in records if r["status"] == 200]
-    met = [r for r in ok if r["latency_s"] <= slo_s]
-    shed = [r for r in records if r["status"] == 429]
-    lat = [r["latency_s"] for r in ok]
-    ratios = [r["latency_s"] / r["predicted_s"] for r in ok if r.get("predicted_s")]
+    ok = [r for r in records if r.status == 200]
+    met = [r for r in ok if r.latency_s <= slo_s]
+    shed = [r for r in records if r.status == 429]
+    lat = [r.latency_s for r in ok]
+    ratios = [r.latency_s / r.predicted_s for r in ok if r.predicted_s]
     edges = np.linspace(0, duration, bins + 1)
     timeline = []
     for lo, hi in itertools.pairwise(edges):
-        window = [r for r in records if lo <= r["t"] < hi]
-        served = [r for r in window if r["status"] == 200]
+        window = [r for r in records if lo <= r.arrival_s < hi]
+        served = [r for r in window if r.status == 200]
         timeline.append({
             "t_mid": float((lo + hi) / 2), "sent": len(window),
-            "attainment": (sum(r["latency_s"] <= slo_s for r in served) / len(window)) if window else None,
-            "p99_s": float(np.percentile([r["latency_s"] for r in served], 99)) if served else None,
-            "width_mix": {w: sum(r["width"] == w for r in served) / len(served) for w in quality} if served else {},
+            "attainment": (sum(r.latency_s <= slo_s for r in served) / len(window)) if window else None,
+            "p99_s": float(np.percentile([r.latency_s for r in served], 99)) if served else None,
+            "width_mix": {w: sum(r.width == w for r in served) / len(served) for w in quality} if served else {},
         })
     return {
         "requests": n, "served": len(ok), "met": len(met), "shed": len(shed),
@@ -133,12 +147,12 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
         "p50_s": statistics.median(lat) if lat else None,
         "p99_s": float(np.percentile(lat, 99)) if lat else None,
         "goodput_requests_per_s": len(met) / duration,
-        "goodput_tokens_per_s": sum(r.get("tokens", 0) for r in met) / duration,
+        "goodput_tokens_per_s": sum((r.output_tokens or 0) for r in met) / duration,
         "effective_quality": sum(record_quality(r, quality) for r in met) / n if n else None,
         "quality_of_met": sum(record_quality(r, quality) for r in met) / len(met) if met else None,
-        "width_mix": {w: sum(r["width"] == w for r in ok) / len(ok) for w in quality} if ok else {},
-        "send_lag_p99_s": float(np.percentile([r.get("send_lag_s", 0.0) for r in records], 99)) if records else None,
-        "late_after_send_lag": sum(r["latency_s"] > slo_s >= r["latency_s"] - r.get("send_lag_s", 0.0) for r in ok),
+        "width_mix": {w: sum(r.width == w for r in ok) / len(ok) for w in quality} if ok else {},
+        "send_lag_p99_s": float(np.percentile([r.send_lag_s for r in records], 99)) if records else None,
+        "late_after_send_lag": sum(r.latency_s > slo_s >= r.latency_s - r.send_lag_s for r in ok),
         "prediction_ratio_median": statistics.median(ratios) if ratios else None,
         "prediction_ratio_p10_p90": [float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))]
         if ratios else None,
@@ -146,9 +160,9 @@ def summarise(records: list[dict], slo_s: float, quality: dict[str, float], dura
     }
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, slo_records: dict[str, list[RequestOutput]]) -> None:
     """Top row: SLO attainment per scenario (policy groups, one bar per engine). Bottom row: the
-    `slo` policy's latencies over the ramp, one panel per engine, refusals in red."""
+    `slo` policy's latencies over the ramp (``slo_records``, per engine), refusals in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,10 +191,10 @@ def plot(results: dict, path: Path) -> None:
     ramp = results["scenarios"].get("ramp") or results["scenarios"][scenarios[0]]
     for j, engine in enumerate(engines):
         ax = axes[1][j]
-        records = ramp["engines"][engine]["policies"]["slo"]["records"]
+        records = slo_records.get(engine, [])
         for status, color, label in ((200, "tab:blue", "served"), (429, "tab:red", "shed (429)")):
-            pts = [r for r in records if r["status"] == status]
-            ax.scatter([r["t"] for r in pts], [r["latency_s"] for r in pts], s=4, color=color, alpha=0.5, label=label)
+            pts = [r for r in records if r.status == status]
+            ax.scatter([r.arrival_s for r in pts], [r.latency_s for r in pts], s=4, color=color, alpha=0.5, label=label)
         ax.axhline(slo, color="black", linestyle="--", label=f"SLO {results['slo_ms']:.0f} ms")
         ax.set_yscale("log")
         s = ramp["engines"][engine]["policies"]["slo"]["summary"]
@@ -192,7 +206,7 @@ def plot(results: dict, path: Path) -> None:
         axes[1][j].axis("off")
     fig.suptitle("slo_router (2 cores shared by the server and the load generator)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -202,8 +216,12 @@ def calibrate(args, ckpt, prompts, work: Path, common: tuple, engine: str, width
                     extra_args=(*ENGINES[engine], *common, "--policy", f"fixed:{width}"), compile=args.compile)
     url = server.start(timeout_s=1800)
     try:
-        asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
-        return asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 15.0))
+        requests = [Request(p, args.max_tokens, 0.0, ckpt.name) for p in prompts]
+        asyncio.run(run_closed_loop(url, requests, args.max_batch, stream=False, duration_s=3.0))
+        outputs, duration = asyncio.run(run_closed_loop(url, requests, args.max_batch, stream=False, duration_s=15.0))
+        s = summarize(outputs, duration)
+        return {"requests_per_s": s["request_throughput"], "tokens_per_s": s["output_throughput"],
+                "p50_s": s["median_e2el_ms"] / 1000, "p99_s": s["p99_e2el_ms"] / 1000, "requests": s["completed"]}
     finally:
         server.stop()
 
@@ -280,17 +298,20 @@ def main(argv=None) -> int:
                     "slo": slo_flags}
     if args.ablate_ceiling:  # the same policy choosing per request only, on the same trace
         every_policy[NO_CEILING] = ("--policy", NO_CEILING, *slo_flags[2:])
+    def at(times: list[float]) -> list[Request]:
+        return requests_at(times, prompts, args.max_tokens, ckpt.name, seed=args.seed)
+
+    bursty, overload = args.bursty_rate * rate, args.overload * rate
     plans = {
         "ramp": (f"Poisson {args.ramp[0]:g}R -> {args.ramp[1]:g}R", args.duration,
-                 make_trace(prompts, args.ramp[0] * rate, args.ramp[1] * rate, args.duration, args.seed),
-                 every_policy),
-        "bursty": (f"gamma CV^2={args.bursty_cv2:g}, mean {args.bursty_rate:g}R", args.duration,
-                   make_bursty_trace(prompts, args.bursty_rate * rate, args.bursty_cv2, args.duration, args.seed),
-                   every_policy),
+                 at(ramp_arrivals(args.ramp[0] * rate, args.ramp[1] * rate, args.duration, args.seed)), every_policy),
+        "bursty": (f"gamma burstiness {args.burstiness:g}, mean {args.bursty_rate:g}R", args.duration,
+                   at(arrivals(round(bursty * args.duration), bursty, args.burstiness, args.seed)), every_policy),
         "overload": (f"Poisson {args.overload:g}R", args.overload_seconds,
-                     make_trace(prompts, args.overload * rate, args.overload * rate, args.overload_seconds, args.seed),
+                     at(arrivals(round(overload * args.overload_seconds), overload, 1.0, args.seed)),
                      {"slo": slo_flags}),
     }
+    slo_records: dict[str, list[RequestOutput]] = {}  # the plot's latency scatter (the ramp, or the first scenario)
     best_student = max(c["student"]["requests_per_s"] for c in capacity.values())
     results = {"checkpoint": str(args.checkpoint), "widths": widths, "quality": quality, "threads": args.threads,
                "max_batch": args.max_batch, "max_tokens": args.max_tokens, "prompts": prompt_info,
@@ -299,10 +320,9 @@ def main(argv=None) -> int:
                "profile_error": profile["meta"]["relative_error"], "scenarios": {}}
     for scenario in scenarios:
         what, duration, trace, policies = plans[scenario]
-        arrivals = [t for t, _ in trace]
         entry = results["scenarios"][scenario] = {
             "what": what, "duration_s": duration, "requests": len(trace),
-            "attainable_bound": attainable(arrivals, best_student, duration), "engines": {}}
+            "attainable_bound": attainable([r.arrival_s for r in trace], best_student, duration), "engines": {}}
         for engine in engines:
             runs = entry["engines"][engine] = {"policies": {}}
             for name, flags in policies.items():
@@ -315,8 +335,7 @@ def main(argv=None) -> int:
                     cpu_before, client_before, wall_before = server.cpu_seconds(), time.process_time(), time.monotonic()
                     # A request still unanswered after --give-up x SLO counts as missed (status 0): a
                     # collapsing policy's backlog would otherwise take minutes to drain.
-                    records = asyncio.run(replay(url, ckpt.name, trace, args.max_tokens, slo_ms,
-                                                 timeout_s=max(5.0, args.give_up * slo_ms / 1000)))
+                    records = replay(url, ckpt.name, trace, slo_ms, timeout_s=max(5.0, args.give_up * slo_ms / 1000))
                     wall = time.monotonic() - wall_before
                     cpu = {k: (v - cpu_before[k]) / wall for k, v in server.cpu_seconds().items()}
                     cpu["client"] = (time.process_time() - client_before) / wall
@@ -329,7 +348,10 @@ def main(argv=None) -> int:
                     line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics_text.splitlines()
                     if line.startswith(("matta_effective_quality", "matta_slo_attainment_ratio",
                                         "matta_latency_correction_ratio"))}
-                runs["policies"][name] = {"summary": summary, "records": records}
+                runs["policies"][name] = {"summary": summary}
+                write_rows(records, RUNS / "bench" / "slo_router" / f"{scenario}_{engine}_{name.replace(':', '_')}.jsonl")
+                if name == "slo" and (scenario == "ramp" or engine not in slo_records):
+                    slo_records[engine] = records
                 p99 = f"{summary['p99_s']:.2f} s" if summary["p99_s"] is not None else "-"
                 print(f"  {100 * summary['slo_attainment']:.1f}% within SLO, goodput "
                       f"{summary['goodput_requests_per_s']:.1f} req/s, p99 {p99}, shed {summary['shed']}, "
@@ -337,7 +359,7 @@ def main(argv=None) -> int:
     results["verdict"] = verdict(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), slo_records)
     print(json.dumps(results["verdict"], indent=2))
     return 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.harness import REPO, Server, descendants
+from benchmarks.harness import REPO, Server, descendants, save_png
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -262,7 +262,7 @@ def plot(samples: list[dict], kill: dict, path: Path) -> None:
     fds.set_xlabel("seconds")
     mem.set_title("matta serve soak: memory and descriptors")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,8 @@
 Real `matta serve` processes of the shipped checkpoint (engine core in its own process, one torch
 thread, eager steps, one latency profile measured once for all), in one run, on the same traces:
 
-1. **Bursty trace** (:func:`benchmarks.harness.make_bursty_trace`, as `benchmarks.slo_router`
-   draws it): gamma inter-arrivals, CV^2 = 4, mean 1.2 R, R the TA's saturated rate; SLO = 2x the
+1. **Bursty trace** (:func:`benchmarks.client.arrivals`, as `benchmarks.slo_router` draws it):
+   gamma inter-arrivals of burstiness 0.25 (CV^2 = 4), mean 1.2 R, R the TA's saturated rate; SLO = 2x the
    TA's median latency at that rate. Policies: ``slo --shed`` with ``--width-changes on`` and
    ``off`` (alternating, ``--repeats`` replays each), ``fixed:s``, ``fixed:ta``. Reported: SLO
    attainment and the mean quality of the answers within the SLO (quality = the checkpoint's
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.engine_v3 import _counts, _solo_ms
-from benchmarks.harness import REPO, Server, make_bursty_trace, make_prompts, open_loop, saturate
+from benchmarks.client import Request, arrivals, requests_at, run_open_loop
+from benchmarks.engine_v3 import _counts, _saturate, _solo_ms
+from benchmarks.harness import REPO, Server, make_prompts, save_png
 from benchmarks.slo_router import summarise
 from matta.checkpoint import load_checkpoint
 from router.quality import width_quality
@@ -91,12 +92,14 @@ def bursty(args, ckpt, prompts, quality, common, work: Path) -> dict:
     quality_ppl = width_quality(ckpt.training, list(quality), metric="inverse_ppl")
     server, url = served(args, work / "calibrate.log", common, "--policy", "fixed:ta")
     try:
-        asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0))
-        capacity = asyncio.run(saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 10.0))
+        _saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 3.0)  # warm-up
+        capacity = _saturate(url, ckpt.name, prompts, args.max_tokens, args.max_batch, 10.0)
     finally:
         server.stop()
-    rate, slo_ms = capacity["requests_per_s"], 2000 * capacity["p50_s"]
-    trace = make_bursty_trace(prompts, args.bursty_rate * rate, 4.0, args.duration, args.seed)
+    rate, slo_ms = capacity["request_throughput"], 2 * capacity["median_e2el_ms"]
+    times = arrivals(round(args.bursty_rate * rate * args.duration), args.bursty_rate * rate, 0.25, args.seed)
+    trace = requests_at(times, prompts, args.max_tokens, ckpt.name, {"latency_slo_ms": slo_ms},
+                        seed=args.seed)
     slo = ("--policy", "slo", "--slo-ms", f"{slo_ms:.1f}", "--shed")
     flags = {"slo": (*slo, "--width-changes", "on"), "slo, changes off": (*slo, "--width-changes", "off"),
              "fixed:s": ("--policy", "fixed:s"), "fixed:ta": ("--policy", "fixed:ta")}
@@ -104,12 +107,10 @@ def bursty(args, ckpt, prompts, quality, common, work: Path) -> dict:
     # drifts between replays more than the variants differ.
     order = [*(["slo", "slo, changes off"] * args.repeats), "fixed:s", "fixed:ta"]
     out = {"rate_R": rate, "slo_ms": slo_ms, "requests": len(trace), "runs": {name: [] for name in flags}}
-    bodies = [(t, {"model": ckpt.name, "prompt": p, "max_tokens": args.max_tokens, "temperature": 0,
-                   "latency_slo_ms": slo_ms}) for t, p in trace]
     for i, name in enumerate(order):
         server, url = served(args, work / f"bursty-{i}.log", common, *flags[name])
         try:
-            records = asyncio.run(open_loop(url, bodies, timeout_s=max(5.0, 5 * slo_ms / 1000)))
+            records, _ = asyncio.run(run_open_loop(url, trace, timeout_s=max(5.0, 5 * slo_ms / 1000), stream=False))
             summary = summarise(records, slo_ms / 1000, quality, args.duration, bins=1)
             # The same answers scored by 1 / test perplexity of each width (cloze accuracy is noisy:
             # on this checkpoint m scores below s).
@@ -139,16 +140,15 @@ def burst(args, ckpt, prompts, quality, common, work: Path) -> dict:
                 out["student_solo_ms"] = _solo_ms(url, f"{ckpt.name}:s", prompts, args.max_tokens)
             for factor in out["slo_factors"]:
                 slo_ms = factor * out["student_solo_ms"]
-                long = [(0.0, {"model": ckpt.name, "prompt": prompts[i % len(prompts)],
-                               "max_tokens": args.long_tokens, "temperature": 0}) for i in range(16)]
-                tight = [(args.burst_after, {"model": ckpt.name, "prompt": prompts[i % len(prompts)],
-                                             "max_tokens": args.max_tokens, "temperature": 0,
-                                             "latency_slo_ms": slo_ms}) for i in range(48)]
+                long = [Request(prompts[i % len(prompts)], args.long_tokens, 0.0, ckpt.name)
+                        for i in range(16)]
+                tight = [Request(prompts[i % len(prompts)], args.max_tokens, args.burst_after, ckpt.name,
+                                 {"latency_slo_ms": slo_ms}) for i in range(48)]
                 before = with_width_metrics(url, {})["width_changes"]
-                records = asyncio.run(open_loop(url, long + tight, timeout_s=60))
+                records, _ = asyncio.run(run_open_loop(url, long + tight, timeout_s=60, stream=False))
                 after = with_width_metrics(url, {})["width_changes"]
                 runs.append({"slo_factor": factor, "slo_ms": round(slo_ms, 1), **_counts(records[16:], slo_ms / 1000),
-                             "long_widths": sorted({r.get("widths") or "" for r in records[:16]}),
+                             "long_widths": sorted({r.widths or "" for r in records[:16]}),
                              "width_changes": {k: v - before.get(k, 0) for k, v in after.items()
                                                if v != before.get(k, 0)}})
                 print(f"burst {name} x{factor:g}: {json.dumps({k: v for k, v in runs[-1].items() if k != 'long_widths'})}",
@@ -203,8 +203,7 @@ def plot(results: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.suptitle("width changes mid-generation (2 shared CPU cores; server and load generator together)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def main(argv=None) -> None:

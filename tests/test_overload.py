@@ -17,7 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.harness import Server, make_trace, open_loop, saturate
+from benchmarks.client import Request, arrivals, requests_at, run_closed_loop, run_open_loop, summarize
+from benchmarks.harness import Server
 from matta.checkpoint import load_checkpoint
 from tests.helpers import REPO
 
@@ -70,13 +71,14 @@ def test_ten_times_capacity_is_shed_with_retry_after_and_the_admitted_meet_their
     try:
         with RssSampler(server.proc.pid) as calm_memory:
             # Capacity: the TA pinned, 16 closed-loop clients (one full batch).
-            capacity = asyncio.run(saturate(url, f"{ckpt.name}:{ta}", prompts, MAX_TOKENS, clients=16, seconds=6))
-        slo_ms = 2000 * capacity["p50_s"]
-        rate = OVERLOAD * capacity["requests_per_s"]
-        trace = [(t, {"model": ckpt.name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                      "latency_slo_ms": slo_ms}) for t, prompt in make_trace(prompts, rate, rate, BURST_S, seed=0)]
+            pinned = [Request(p, MAX_TOKENS, 0.0, f"{ckpt.name}:{ta}") for p in prompts]
+            capacity = summarize(*asyncio.run(run_closed_loop(url, pinned, 16, stream=False, duration_s=6)))
+        slo_ms = 2 * capacity["median_e2el_ms"]
+        rate = OVERLOAD * capacity["request_throughput"]
+        burst = requests_at(arrivals(round(rate * BURST_S), rate, seed=0), prompts, MAX_TOKENS, ckpt.name,
+                            {"latency_slo_ms": slo_ms})
         with RssSampler(server.proc.pid) as burst_memory:
-            records = asyncio.run(open_loop(url, trace, timeout_s=60))
+            records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
         alive_after_burst = server.proc.poll() is None
 
         # Recovery: the backlog drains, then requests at the SLO are served again.
@@ -90,21 +92,21 @@ def test_ten_times_capacity_is_shed_with_retry_after_and_the_admitted_meet_their
     finally:
         server.stop()
 
-    statuses = [r["status"] for r in records]
-    admitted = [r["latency_s"] for r in records if r["status"] == 200]
-    refused = [r for r in records if r["status"] in (429, 503)]
-    summary = {"capacity_req_s": round(capacity["requests_per_s"], 1), "offered_req_s": round(rate, 1),
+    statuses = [r.status for r in records]
+    admitted = [r.latency_s for r in records if r.status == 200]
+    refused = [r for r in records if r.status in (429, 503)]
+    summary = {"capacity_req_s": round(capacity["request_throughput"], 1), "offered_req_s": round(rate, 1),
                "sent": len(records), "admitted": len(admitted), "refused": len(refused),
                "other": sorted({s for s in statuses if s not in (200, 429, 503)}),
                "slo_ms": round(slo_ms), "admitted_p50_ms": _ms(admitted, 50), "admitted_p99_ms": _ms(admitted, 99),
-               "refused_p99_ms": _ms([r["latency_s"] for r in refused], 99),
+               "refused_p99_ms": _ms([r.latency_s for r in refused], 99),
                "rss_calm_mib": round(calm_memory.peak), "rss_burst_mib": round(burst_memory.peak)}
     print("overload:", json.dumps(summary))
     (Path(tmp_path) / "overload.json").write_text(json.dumps(summary))
 
     assert alive_after_burst and server.exit_code == 0
     assert set(statuses) <= {200, 429, 503}, summary  # no crash, no 5xx, no dropped connection
-    assert all(r.get("retry_after") for r in refused), "every refusal says when to retry"
+    assert all(r.retry_after is not None for r in refused), "every refusal says when to retry"
     assert len(refused) >= 0.5 * len(records), summary  # at 10x, most must be refused...
     assert admitted, summary  # ...but not all: the server keeps serving through the burst
     assert summary["admitted_p99_ms"] <= slo_ms, summary

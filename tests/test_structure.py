@@ -57,3 +57,13 @@ def test_the_wheel_holds_only_the_runtime_packages(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if not name.split("/")[0].endswith(
         (".dist-info", ".data"))}
     assert tops == {"matta", "training", "router", "serving", "cli"}, tops
+
+
+def test_committed_benchmark_results_are_summaries_and_plots():
+    """Every file under benchmarks/results/ is at most 100 KB (benchmarks.harness.MAX_RESULT_BYTES):
+    summaries and plots live in the repository, per-request rows under runs/ (ignored by git)."""
+    tracked = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    files = tracked or [str(p.relative_to(REPO)) for p in (REPO / "benchmarks" / "results").rglob("*") if p.is_file()]
+    too_big = {f: (REPO / f).stat().st_size for f in files if (REPO / f).is_file() and (REPO / f).stat().st_size > 100_000}
+    assert files and not too_big, too_big

