@@ -138,7 +138,7 @@ def rewinding(fn, args: tuple):
     length = cache.length
 
     def run():
-        cache.length = length
+        cache.rewind(length)
         return fn(*args)
     return run
 

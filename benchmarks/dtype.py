@@ -93,7 +93,7 @@ def speed(model, label: str, args: argparse.Namespace) -> dict:
 
                 def run(m=m, cache=cache, plans=plans, ids=ids, mask=mask, context=context) -> None:
                     with torch.inference_mode():
-                        cache.length = context
+                        cache.rewind(context)
                         decode_logits(m, ids, mask, cache, plans)
 
                 runs[name, w] = run

@@ -375,7 +375,7 @@ def model_decode_step(model, widths: list[str], batch: int, context: int, repeat
     def runner(variant: str, w: str) -> Callable[[], None]:
         @torch.inference_mode()
         def run() -> None:
-            pasts[w].length = context
+            pasts[w].rewind(context)
             steps[variant](step, mask, pasts[w], plans[w])
         return run
 

@@ -123,6 +123,11 @@ class StaticKVCache:
             buffer[target, :, :n] = buffer[source, :, :n]
         self.slot_lengths[target] = n
 
+    def rewind(self, length: int) -> None:
+        """Every live row back to ``length`` positions (a benchmark timing the same step again)."""
+        self.slot_lengths[: self.batch_size] = length
+        self.length = length
+
     def set_batch_size(self, batch_size: int) -> None:
         """The first ``batch_size`` slots are the live rows (the caller moved them there)."""
         if batch_size > self.slots:

@@ -25,8 +25,9 @@ def reference(model, prompt: list[int], schedule: list[str]) -> list[int]:
     return tokens
 
 
-EVENT = st.one_of(
-    st.tuples(st.just("join"), st.lists(st.integers(1, 319), min_size=1, max_size=9), st.sampled_from(WIDTHS)),
+PROMPT = st.lists(st.integers(1, 319), min_size=1, max_size=9)
+EVENT = st.one_of(  # a join admits one to three sequences in one prefill (mixed lengths and widths)
+    st.tuples(st.just("join"), st.lists(st.tuples(PROMPT, st.sampled_from(WIDTHS)), min_size=1, max_size=3)),
     st.tuples(st.just("leave"), st.integers(0, 99)),
     st.tuples(st.just("width"), st.integers(0, 99), st.sampled_from(WIDTHS)),
     st.tuples(st.just("step")),
@@ -45,10 +46,11 @@ def test_rows_decode_as_alone_through_joins_leaves_and_width_changes_property(ev
         for event in events + [("step",)] * 2:
             live = [r.seq_id for r in runner.rows]
             if event[0] == "join" and len(live) < 8:
-                _, prompt, width = event
-                sampled, _ = runner.prefill([(next_id, prompt, width, GREEDY)])
-                prompts[next_id], schedules[next_id], tokens[next_id] = prompt, [width], [sampled[next_id].token]
-                next_id += 1
+                seqs = [(next_id + j, prompt, width, GREEDY) for j, (prompt, width) in enumerate(event[1])]
+                sampled, _ = runner.prefill(seqs)
+                for seq_id, prompt, width, _ in seqs:
+                    prompts[seq_id], schedules[seq_id], tokens[seq_id] = prompt, [width], [sampled[seq_id].token]
+                next_id += len(seqs)
             elif event[0] == "leave" and live:
                 runner.remove({live[event[1] % len(live)]})
             elif event[0] == "width" and live:

@@ -122,7 +122,7 @@ def decode_step_ms(model: NestedDecoder, profiles: list[Profile], batch: int = 1
     times: dict[Profile, list[float]] = {p: [] for p in profiles}
     for _ in range(repeats):
         for p in profiles:
-            caches[p].length = context
+            caches[p].rewind(context)
             started = time.perf_counter()
             for _ in range(inner):
                 model(step, width=list(p), past_key_values=caches[p], use_cache=True)

@@ -128,12 +128,14 @@ class ModelRunner:
             tokens = self._sample(rows, result.logits.index_select(0, index)[:, -1])
             for row, i, (token, lp) in zip(rows, live, tokens, strict=True):
                 out[row.seq_id] = Sampled(token, lp, prompt_lp[i])
-            new = [(k.index_select(0, index), v.index_select(0, index)) for k, v in result.past_key_values]
             if self._cache is None:
                 longest = max(group[i][3].max_tokens for i in live)
-                self._cache = StaticKVCache.empty_like(new, len(live) + 1, min(self.config.n_ctx, P + longest))
-            self._cache.write_rows(new, torch.tensor([lengths[i] for i in live], device=self.device), left_padded=True)
-            for row, (token, _) in zip(rows, tokens, strict=True):
+                self._cache = StaticKVCache.empty_like(result.past_key_values, len(live) + 1,
+                                                       min(self.config.n_ctx, P + longest))
+            for j, (i, row, (token, _)) in enumerate(zip(live, rows, tokens, strict=True)):
+                # One row at a time: each joins as the last live row, then moves into its group.
+                self._cache.write_rows([(k[i : i + 1], v[i : i + 1]) for k, v in result.past_key_values],
+                                       torch.tensor([lengths[i]], device=self.device), left_padded=True)
                 row.next_id = token
                 self.rows.append(row)
                 self._into_group(len(self.rows) - 1)
@@ -186,6 +188,8 @@ class ModelRunner:
 
     def _spare(self) -> int:
         """A free slot past the live rows (the cache grows when it has none)."""
+        if self._cache.batch_size != len(self.rows):
+            raise RuntimeError(f"{len(self.rows)} rows but {self._cache.batch_size} live cache rows")
         self._cache.reserve(0, 0, len(self.rows) + 1)
         return len(self.rows)
 

@@ -68,11 +68,11 @@ def decode_step_case(model: NestedGPT, widths: dict, batch: int, context: int, g
     step_ids = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
 
     def step(m=model) -> torch.Tensor:
-        # What Engine._decode does per group: the mask grows by a column, the step is written
-        # into the preallocated cache, the next token is picked. Rewind so every run is alike.
-        cache.length = context - 1
-        full = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-        out = m(step_ids, attention_mask=full, past_key_values=cache, use_cache=True, **widths)
+        # What the model runner's decode does: the step is written into the preallocated cache at
+        # each row's length (no mask: rows carry their lengths), the next token is picked. Rewind
+        # so every run is alike.
+        cache.rewind(context - 1)
+        out = m(step_ids, past_key_values=cache, use_cache=True, **widths)
         out.logits[:, -1].float().argmax(dim=-1).tolist()
         return out.logits
 
