@@ -132,7 +132,7 @@ class ModelRunner:
                 longest = max(group[i][3].max_tokens for i in live)
                 self._cache = StaticKVCache.empty_like(result.past_key_values, len(live) + 1,
                                                        min(self.config.n_ctx, P + longest))
-            for j, (i, row, (token, _)) in enumerate(zip(live, rows, tokens, strict=True)):
+            for i, row, (token, _) in zip(live, rows, tokens, strict=True):
                 # One row at a time: each joins as the last live row, then moves into its group.
                 self._cache.write_rows([(k[i : i + 1], v[i : i + 1]) for k, v in result.past_key_values],
                                        torch.tensor([lengths[i]], device=self.device), left_padded=True)
