@@ -42,7 +42,7 @@ import torch
 
 from benchmarks.harness import interleaved, machine_peaks, roofline_ms, save_png, step_bytes, step_flops
 from matta.checkpoint import load_checkpoint
-from matta.model import StaticKVCache
+from matta.kv_cache import StaticKVCache
 from serving.worker.compiled import DecodeSteps, decode_logits, step_inputs
 
 RESULTS = Path(__file__).parent / "results"

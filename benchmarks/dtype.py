@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.harness import SHAPE_BUILDERS, greedy_batch, interleaved, save_png, step_bytes
 from matta.checkpoint import load_checkpoint
-from matta.model import StaticKVCache
+from matta.kv_cache import StaticKVCache
 from serving.worker.compiled import decode_logits
 from training.data import TokenData
 from training.evaluate import perplexity, width_logits_fn

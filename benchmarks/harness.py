@@ -41,8 +41,9 @@ import uvicorn
 from deploy.vllm.launch import vllm_command, vllm_env
 from matta.checkpoint import Checkpoint
 from matta.config import ModelConfig
+from matta.kv_cache import StaticKVCache
 from matta.llama import NestedLlama
-from matta.model import NestedGPT, StaticKVCache
+from matta.model import NestedGPT
 from serving.api.server import uvicorn_config
 
 BENCHMARKS = Path(__file__).resolve().parent

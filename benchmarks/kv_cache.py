@@ -30,7 +30,7 @@ import matplotlib
 import torch
 import torch.nn.functional as F
 
-from matta.model import StaticKVCache
+from matta.kv_cache import StaticKVCache
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

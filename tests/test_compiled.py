@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from benchmarks.harness import ServerThread
 from matta.checkpoint import load_checkpoint, save_checkpoint
-from matta.model import NestedGPT, StaticKVCache
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedGPT
 from serving.app import build_app
 from serving.engine.core import Engine
 from serving.messages import Sampling

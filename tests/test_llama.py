@@ -15,8 +15,9 @@ import transformers
 from matta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from matta.config import ModelConfig
 from matta.hf import LLAMA_FAMILY, export_width, import_hf, llama_as_nested
+from matta.kv_cache import StaticKVCache
 from matta.llama import NestedLlama, build_model
-from matta.model import NestedGPT, StaticKVCache
+from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
 from serving.engine.core import Engine
 from serving.messages import Sampling

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matta.model import NestedGPT, StaticKVCache
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedGPT
 from tests.helpers import tiny_config
 
 TOL = dict(atol=1e-4, rtol=0)

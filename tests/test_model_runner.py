@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matta.model import NestedGPT, StaticKVCache
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedGPT
 from serving.messages import Sampling
 from serving.worker.model_runner import ModelRunner
 from tests.helpers import sharpen, tiny_config

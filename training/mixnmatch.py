@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.config import ModelConfig
-from matta.model import NestedDecoder, StaticKVCache
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedDecoder
 from training.data import TokenData
 
 Profile = tuple[int, ...]

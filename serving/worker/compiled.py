@@ -64,7 +64,8 @@ from pathlib import Path
 import torch
 
 from matta.config import ModelConfig
-from matta.model import FFNBlocks, NestedGPT, StaticKVCache, ffn_plans
+from matta.kv_cache import StaticKVCache
+from matta.model import FFNBlocks, NestedGPT, ffn_plans
 from serving.lifecycle import spawn_options
 from serving.settings import CompileMode
 from serving.worker.compile_cache import (

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from matta.model import NestedGPT, StaticKVCache, ffn_plans
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedGPT, ffn_plans
 from serving.messages import GREEDY_BELOW, Logprob, Sampling
 from serving.worker.compiled import DecodeSteps, rows_signature
 

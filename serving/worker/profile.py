@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from matta.model import NestedGPT, StaticKVCache
+from matta.kv_cache import StaticKVCache
+from matta.model import NestedGPT
 from router.latency import LatencyModel, WidthCost
 
 DEFAULT_BATCHES = (1, 4, 16, 32)
