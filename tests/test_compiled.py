@@ -145,12 +145,15 @@ def test_compiled_steps_match_eager_and_serving_never_compiles(two_widths, token
     assert steps.status.guard_misses == 1 and steps.status.eager_steps == 1 and steps.status.ready == 4
 
     # Whole generations through the engine: every token as eager greedy decoding gives, and no
-    # graph compiled on the serving path whatever the batch, context and width mix.
+    # graph compiled on the serving path whatever the batch, context and width mix; every step of a
+    # loaded signature runs compiled (a batch-1 step once refused the engine's cache of spare slots).
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    misses = steps.status.guard_misses
     engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 3 else "ta")
                                                                  for i, p in enumerate(PROMPTS)])
+    engine = _generations_match_greedy(model, tokenizer, steps, [(PROMPTS[0], "s")])  # alone: batch 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert engine.stats().compiled_steps > 0
+    assert engine.stats().compiled_steps > 0 and steps.status.guard_misses == misses
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def artifact_path(cache_dir: Path, signature: tuple, device: torch.device, dtype
 
 
 ARTIFACT_MAGIC = b"matta-compiled-step\n"
-ARTIFACT_FORMAT = 2  # 2: caches of row slots with per-row lengths
+ARTIFACT_FORMAT = 3  # 3: caches of row slots with per-row lengths (and spare slots when traced)
 MAX_HEADER_BYTES = 4096
 
 

@@ -171,6 +171,9 @@ def step_inputs(model: NestedGPT, rows: Sequence[str], context: int = 8):
     if batch > 1:  # rows of their own lengths, as the engine's are
         cache.slot_lengths[0] -= 1
         cache.set_batch_size(batch)
+    # Free slots past the live rows, as the engine's cache keeps: traced with exactly one slot, a
+    # batch-1 step would be specialised to a one-slot cache and refuse every engine cache.
+    cache.reserve(0, 0, batch + 2)
     step_ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator).to(device)
     return step_ids, None, cache, ffn_plans(config, rows, device)
 
