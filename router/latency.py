@@ -8,9 +8,13 @@ width, two small linear models (least squares on relative error):
 
 Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
 weighted correction factor for prefills per width and for decode steps per *path* (eager or
-compiled: the step that actually runs, sampling and output processing included), so a slower or
-busier machine, and a compiled step swapped in, are tracked without re-profiling. Pure Python
-and JSON: policies and tests use it without torch.
+compiled: the step that actually runs, sampling and output processing included) and batch-size
+bucket (1, 2-3, 4-7, ..., 32+: a compiled step gains more over eager at batch 1 than at batch 16,
+so a factor learned on solo steps priced a burst's batch too fast and every answer admitted on it
+was late), so a slower or busier machine, and a compiled step swapped in, are tracked without
+re-profiling. A bucket not measured yet borrows: a compiled one eager's factor for that batch (a
+compiled step is not slower), an eager one the largest factor eager measured at any batch. Pure
+Python and JSON: policies and tests use it without torch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ STEP_PATHS = ("eager", "compiled")
 # Weight of a decode step slower than its path's factor: a machine that slows down (another process
 # took a core) is followed within a few steps, or every promise made meanwhile is broken.
 STEP_RISE = 0.2  # how the engine may run a decode step (serving/worker/compiled.py)
+BATCH_BUCKETS = 6  # decode-step corrections per batch size bucket: 1, 2-3, 4-7, 8-15, 16-31, 32+
+
+
+def batch_bucket(batch: int) -> int:
+    """The correction bucket of a decode step over ``batch`` rows: floor(log2(batch)), capped."""
+    return min(BATCH_BUCKETS - 1, max(0, int(batch).bit_length() - 1))
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class LatencyModel:
             raise ValueError("a latency model needs at least one width")
         self._lock = threading.Lock()
         self._prefill = {w: _Ewma() for w in self.costs}
-        self._step = {path: _Ewma() for path in STEP_PATHS}
+        self._step = {(path, b): _Ewma() for path in STEP_PATHS for b in range(BATCH_BUCKETS)}
 
     # --- predictions -----------------------------------------------------------------------
 
@@ -112,14 +122,22 @@ class LatencyModel:
 
     def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
         """Predicted seconds of one decode step over ``groups`` run on ``path`` ("eager" or
-        "compiled"): the profile, times what steps of that path measured online (a path with no
-        measurement yet borrows eager's: a compiled step is not slower than the eager one)."""
-        return self.profiled_step_s(groups) * self.step_factor(path)
+        "compiled"): the profile, times what steps of that path and batch size measured online
+        (see the module doc for a bucket not measured yet)."""
+        return self.profiled_step_s(groups) * self.step_factor(path, sum(b for b, _ in groups.values()))
 
-    def step_factor(self, path: str) -> float:
-        """Measured over profiled step time on ``path``, sampling and output processing included."""
-        ewma = self._step[path]
-        return ewma.value if ewma.samples or path == "eager" else self._step["eager"].value
+    def step_factor(self, path: str, batch: int | None = None) -> float:
+        """Measured over profiled step time on ``path`` for steps of ``batch`` rows (sampling and
+        output processing included); without ``batch``, the largest factor measured on ``path``."""
+        if batch is None:
+            seen = [e.value for (p, _), e in self._step.items() if p == path and e.samples]
+            if seen:
+                return max(seen)
+            return self.step_factor("eager") if path != "eager" else 1.0
+        ewma = self._step[path, batch_bucket(batch)]
+        if ewma.samples:
+            return ewma.value
+        return self.step_factor("eager", batch) if path != "eager" else self.step_factor("eager")
 
     # --- online correction ---------------------------------------------------------------------
 
@@ -132,10 +150,11 @@ class LatencyModel:
         """A decode step over ``groups`` ran on ``path`` and took ``seconds`` (forward, sampling and
         output processing: everything a token costs besides its prefill)."""
         raw = self.profiled_step_s(groups)
+        batch = sum(b for b, _ in groups.values())
         with self._lock:
-            ewma = self._step[path]
-            if not ewma.samples and path != "eager":
-                ewma.value = self._step["eager"].value  # start from what it borrowed
+            ewma = self._step[path, batch_bucket(batch)]
+            if not ewma.samples:
+                ewma.value = self.step_factor(path, batch)  # start from what it borrowed
             ewma.update(seconds / raw if raw > 0 else float("nan"), self.alpha, rise=STEP_RISE)
 
     def set_corrections(self, corrections: dict[str, float]) -> None:
@@ -143,14 +162,21 @@ class LatencyModel:
         with self._lock:
             for key, value in corrections.items():
                 kind, _, name = key.partition(":")
-                table = {"step": self._step, "prefill": self._prefill}.get(kind)
-                if table is not None and name in table:
-                    table[name].value = value
-                    table[name].samples = max(1, table[name].samples)
+                path, _, bucket = name.partition(":b")
+                if kind == "step" and bucket.isdigit() and path in STEP_PATHS:
+                    ewma = self._step[path, batch_bucket(int(bucket))]  # "b4": the bucket of batches from 4
+                elif kind == "prefill" and name in self._prefill:
+                    ewma = self._prefill[name]
+                else:
+                    continue  # a summary ("step:eager") or another process's name
+                ewma.value = value
+                ewma.samples = max(1, ewma.samples)
 
     def corrections(self) -> dict[str, float]:
-        """Current correction factors, for metrics and logs."""
+        """Current correction factors, for metrics and logs: per path ("step:compiled", the largest
+        over batch sizes) and per measured batch bucket ("step:compiled:b4": batches of 4-7 rows)."""
         out = {f"step:{path}": self.step_factor(path) for path in STEP_PATHS}
+        out.update({f"step:{path}:b{1 << b}": e.value for (path, b), e in self._step.items() if e.samples})
         out.update({f"prefill:{w}": e.value for w, e in self._prefill.items()})
         return out
 

@@ -222,6 +222,26 @@ def test_online_correction_converges_to_the_observed_speed_per_path_and_is_bound
     assert other.corrections() == pytest.approx(m.corrections())
 
 
+def test_step_corrections_are_per_batch_size_and_an_unmeasured_batch_borrows_the_safe_factor():
+    """Compiled steps measured at batch 1 (where compiling gains most) do not price a batch of 16:
+    that batch borrows eager's factor until compiled steps of its size are measured."""
+    m = model()
+    solo, burst = {"ta": (1, 50)}, {"ta": (16, 50)}
+    for _ in range(100):
+        m.observe_step(solo, "eager", 1.5 * m.profiled_step_s(solo))  # the machine: 1.5x the profile
+        m.observe_step(solo, "compiled", 0.5 * m.profiled_step_s(solo))
+    assert m.step_s(solo, "compiled") == pytest.approx(0.5 * m.profiled_step_s(solo), rel=0.01)
+    # Batch 16 was measured on neither path: eager's largest factor, for both.
+    assert m.step_s(burst, "compiled") == pytest.approx(1.5 * m.profiled_step_s(burst), rel=0.01)
+    assert m.step_s(burst, "eager") == pytest.approx(1.5 * m.profiled_step_s(burst), rel=0.01)
+    for _ in range(100):
+        m.observe_step(burst, "compiled", 0.9 * m.profiled_step_s(burst))
+    assert m.step_s(burst, "compiled") == pytest.approx(0.9 * m.profiled_step_s(burst), rel=0.01)
+    assert m.step_factor("compiled", 20) == m.step_factor("compiled", 31) == m.step_factor("compiled", 16)  # one bucket
+    assert m.corrections()["step:compiled:b16"] == pytest.approx(0.9, rel=0.01)
+    assert m.corrections()["step:compiled:b1"] == pytest.approx(0.5, rel=0.01)
+
+
 def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):
     m = model()
     path = m.save(tmp_path / "profile.json")
