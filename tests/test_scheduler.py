@@ -7,7 +7,7 @@ every expectation below is arithmetic on those coefficients.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from router.latency import LatencyModel, WidthCost
@@ -147,17 +147,26 @@ def workloads(draw):
         lo = draw(st.integers(0, 3))
         hi = draw(st.integers(lo, 3))
         requests.append(dict(
-            at=draw(st.floats(0, 0.5)), widths=WIDTHS[lo:hi + 1], budget=draw(st.integers(1, 40)),
-            prompt=draw(st.integers(1, 30)), shed=draw(st.booleans()),
-            deadline_s=draw(st.one_of(st.none(), st.floats(0.005, 0.5))),
+            at=draw(st.one_of(st.just(0.0), st.floats(0, 0.5))), widths=WIDTHS[lo:hi + 1],
+            budget=draw(st.integers(1, 40)), prompt=draw(st.integers(1, 30)), shed=draw(st.booleans()),
+            # Whole milliseconds too: step costs are whole milliseconds, so a prediction can land
+            # exactly on a deadline (where float rounding once judged a row late and left it unprotected).
+            deadline_s=draw(st.one_of(st.none(), st.floats(0.005, 0.5), st.integers(5, 500).map(lambda ms: ms / 1000))),
             ttft_s=draw(st.one_of(st.none(), st.floats(0.001, 0.2))),
             tpot_s=draw(st.one_of(st.none(), st.floats(0.001, 0.02)))))
     return sorted(requests, key=lambda r: r["at"])
 
 
-# Fixed examples: a random one found a promised row 1 ms past its deadline (budget 33, width s); open.
-@settings(max_examples=150, deadline=None, derandomize=True)
+def _student(budget: int, deadline_s: float | None = None) -> dict:
+    return dict(at=0.0, widths=("s",), budget=budget, prompt=1, shed=deadline_s is not None, deadline_s=deadline_s,
+                ttft_s=None, tpot_s=None)
+
+
+@settings(max_examples=200, deadline=None)
 @given(workloads(), st.integers(1, 8), st.booleans())
+# A promised row predicted exactly on its 0.1 s deadline, judged late by rounding (0.1 + 1e-17), lost
+# admission's protection: a one-token row admitted beside it made it 2 ms late.
+@example([*(_student(b) for b in (1, 1, 1, 33, 1)), _student(33, 0.1)], 5, False)
 def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_made_it(requests, max_batch,
                                                                                       width_changes):
     """Drive the scheduler through a simulated run where every step takes exactly what the model
@@ -202,8 +211,9 @@ def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_mad
         tpot = (end - seq.first_token_at) / (seq.budget - 1) if seq.budget > 1 else 0
         # The prediction prices each row at the middle of its context; steps here are priced at the
         # current one, so they are never slower than predicted.
-        assert end <= seq.aim_end + 1e-9 and seq.first_token_at <= seq.aim_first + 1e-9, seq
-        assert tpot <= seq.aim_tpot + 1e-9, seq
+        # (1 us: the scheduler's own tolerance, pricing.TOLERANCE_S, plus float rounding.)
+        assert end <= seq.aim_end + 1e-6 and seq.first_token_at <= seq.aim_first + 1e-6, seq
+        assert tpot <= seq.aim_tpot + 1e-6, seq
 
 
 def _padded(seqs) -> dict[str, int]:

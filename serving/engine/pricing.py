@@ -17,6 +17,11 @@ from typing import Protocol
 from serving.messages import Slo
 
 INF = float("inf")
+# A prediction this close past its target counts as on time. Predicted ends are sums of many float
+# step times: without it, rounding (1e-17 s) judged a row exactly on its deadline late, and a row
+# already predicted late is not protected by admission (see Scheduler._admissible), so a later
+# admission made it really late (by its prefill: 1-2 ms in tests/test_scheduler.py's simulation).
+TOLERANCE_S = 1e-9
 
 
 class StepLatency(Protocol):
@@ -169,7 +174,7 @@ class Pricing:
             end = ends[s.seq_id]
             first = s.first_token_at if s.first_token_at is not None else first_token
             tpot = (end - first) / (s.budget - 1) if s.budget > 1 else 0.0
-            if end > s.aim_end or first > s.aim_first or tpot > s.aim_tpot:
+            if misses(s, end, first, tpot):
                 late.add(s.seq_id)
         return late
 
@@ -184,6 +189,13 @@ class Pricing:
         for start, s in zip(ends, waiting, strict=False):
             first = start + self.latency.prefill_s(s.widths[0], s.prompt_len)
             end = first + max(0, s.budget - 1) * step
-            if end > s.aim_end or first > s.aim_first:
+            if misses(s, end, first):
                 late.add(s.seq_id)
         return late
+
+
+def misses(seq: SeqState, end: float, first: float, tpot: float = 0.0) -> bool:
+    """Whether a sequence whose last token comes at ``end``, its first at ``first``, ``tpot`` apart,
+    misses one of its targets (by more than :data:`TOLERANCE_S`)."""
+    return (end > seq.aim_end + TOLERANCE_S or first > seq.aim_first + TOLERANCE_S
+            or tpot > seq.aim_tpot + TOLERANCE_S)

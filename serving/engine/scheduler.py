@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from serving.engine import width_changes as changes_rule
-from serving.engine.pricing import NoLatency, Plan, Pricing, SeqState, StepLatency
+from serving.engine.pricing import NoLatency, Plan, Pricing, SeqState, StepLatency, misses
 from serving.messages import Load, Slo
 
 # Aim at 70% of every target: the rest is for time the engine cannot see (a loaded HTTP side parsing
@@ -235,7 +235,7 @@ class Scheduler(Pricing):
             start = now + self.latency.prefill_s(width, seq.prompt_len)
             first, end = start + step, start + max(0, seq.budget - 1) * step
             tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
-            if end > seq.aim_end or first > seq.aim_first or tpot > seq.aim_tpot:
+            if misses(seq, end, first, tpot):
                 hopeless.append(seq)
         for seq in hopeless:
             self.waiting.remove(seq)
