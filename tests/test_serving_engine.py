@@ -288,7 +288,7 @@ def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, toke
 def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
     """sample_rows: one call for the whole batch; each row's empirical distribution is its own
     softmax(logits / T) renormalised over its top-p nucleus, and a seeded row ignores its batch."""
-    from serving.worker.model_runner import sample_rows
+    from serving.worker.sampling import sample_rows
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])

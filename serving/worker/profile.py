@@ -135,7 +135,8 @@ def _relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> l
 @torch.inference_mode()
 def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
                   contexts: Sequence[int] = DEFAULT_CONTEXTS, prefill: Sequence[tuple[int, int]] = DEFAULT_PREFILL,
-                  chunks: Sequence[tuple[int, int]] = DEFAULT_PREFILL_CHUNKS, repeats: int = 5, widths: Sequence[str] | None = None, seed: int = 0) -> LatencyModel:
+                  chunks: Sequence[tuple[int, int]] = DEFAULT_PREFILL_CHUNKS, repeats: int = 5,
+                  widths: Sequence[str] | None = None, seed: int = 0) -> LatencyModel:
     """Measure and fit every width of ``model``; the returned model's ``meta`` holds the samples and errors."""
     model.eval()
     n_ctx = model.config.n_ctx
