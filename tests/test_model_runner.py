@@ -1,6 +1,8 @@
 """The model runner's KV cache of row slots: joins, leaves and width changes move a few rows, never
 the batch, and every row still decodes exactly what the model computes for it alone."""
 
+from itertools import pairwise
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,7 +123,7 @@ MODELS = {"gpt2": lambda: sharpen(NestedGPT(tiny_config()).eval()), "llama": lla
 def split(length: int, cuts: list[int]) -> list[tuple[int, int]]:
     """Chunks (start, tokens) of a prompt of ``length`` tokens cut at ``cuts`` (positions in 1..length-1)."""
     bounds = [0, *sorted({c for c in cuts if 0 < c < length}), length]
-    return [(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [(a, b - a) for a, b in pairwise(bounds)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -140,8 +142,7 @@ def test_a_prompt_prefilled_in_chunks_scores_and_decodes_as_one_prefill_property
             assert not runner.rows  # the row joins the batch only after its last chunk
             sampled, timings = runner.prefill_chunks([(0, prompt, width, sampling, start, tokens)])
             assert [(t[1], t[2]) for t in timings] == [(tokens, start)]
-        [row] = runner.rows
-        assert runner._cache.lengths.tolist() == [len(prompt)]
+        assert len(runner.rows) == 1 and runner._cache.lengths.tolist() == [len(prompt)]
         tokens = [sampled[0].token] + [runner.decode()[0].token for _ in range(6)]
     assert runner.chunks_run == (0 if len(chunks) == 1 else len(chunks))
     expected, got = one_shot[0], sampled[0]

@@ -114,6 +114,11 @@ class ModelRunner:
         self._paths.clear()
 
     @property
+    def row_ids(self) -> list[int]:
+        """The sequences a decode step runs now (the live rows; not those still prefilling)."""
+        return [r.seq_id for r in self.rows]
+
+    @property
     def context(self) -> int:
         return 0 if self._cache is None else self._cache.length
 
