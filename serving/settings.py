@@ -129,7 +129,7 @@ class ServeSettings(FrontendSettings):
                           "passes; a pinned request or one with width_changes false never does)")
     # Chunked prefill's default, measured by benchmarks/chunked_prefill.py (docs/serving.md#chunked-prefill).
     max_num_batched_tokens: int = Field(
-        64, ge=0, description="chunked prefill: tokens one engine iteration may run, a decode step's rows (one each) "
+        128, ge=0, description="chunked prefill: tokens one engine iteration may run, a decode step's rows (one each) "
                               "first, then chunks of prompts; a longer prompt spans iterations instead of stalling "
                               "every running answer for its whole prefill. 0: unchunked, each prompt in one forward "
                               "(otherwise at least max_batch)")
