@@ -95,7 +95,7 @@ def time_split(run, repeats: int) -> dict:
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, width: str, logits_to_keep: int = 1):
-    """The engine's prefill forward (``serving.engine.core.Engine._prefill``): logits and the KV cache."""
+    """The engine's prefill forward (``serving.engine.core.EngineCore._prefill``): logits and the KV cache."""
     out = model(ids, width=width, attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
 

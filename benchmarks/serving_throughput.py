@@ -18,7 +18,7 @@ on one machine, with the same torch thread count on both sides:
 * **HF static batching**: for each c > 1, the same c x requests-per-client prompts as the matta
   c-client run, in batches of c (left padding, pad = eos, attention mask) through ``generate``;
   every request in a batch has the batch's latency. At c = 1 static batching is one-at-a-time.
-* **Decode speed per width vs the FLOP ratio**: the engine (``serving.engine.core.Engine``, in
+* **Decode speed per width vs the FLOP ratio**: the engine (``serving.engine.inproc.Engine``, in
   process, no HTTP) decodes a batch of ``--decode-batch`` (16) prompts submitted together, so
   they prefill in one step and then decode in lock-step; decode tokens/s = tokens after the
   first / (time of the last step - time of the prefill step), from the engine's own event
@@ -77,7 +77,7 @@ from benchmarks.client import RUNS
 from benchmarks.harness import Server, make_prompts, model_decode_step, save_png
 from matta.checkpoint import Checkpoint, load_checkpoint
 from matta.hf import export_width, load_hf_gpt2
-from serving.engine.core import Engine
+from serving.engine.inproc import Engine
 from serving.messages import Sampling
 
 RESULTS = Path(__file__).parent / "results"

@@ -44,9 +44,17 @@ class StaticKVCache:
         """An empty cache (no live row) of ``slots`` rows x ``capacity`` positions, shaped like ``cache``'s layers.
         Zeroed, not just allocated: a decode step multiplies masked positions' values by a zero
         probability, and uninitialised memory may hold NaN (0 x NaN is NaN)."""
-        keys = [k.new_zeros(slots, k.shape[1], capacity, k.shape[3]) for k, _ in cache]
-        values = [v.new_zeros(slots, v.shape[1], capacity, v.shape[3]) for _, v in cache]
-        return cls(keys, values, torch.zeros(slots, dtype=torch.long, device=keys[0].device), 0)
+        k = cache[0][0]
+        return cls.zeros(len(cache), k.shape[1], k.shape[3], slots, capacity, dtype=k.dtype, device=k.device)
+
+    @classmethod
+    def zeros(cls, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int, *, dtype: torch.dtype,
+              device: torch.device | str) -> StaticKVCache:
+        """An empty cache (no live row) of ``slots`` rows x ``capacity`` positions for a model of
+        ``layers`` layers with ``kv_heads`` key/value heads of ``head_dim``, zeroed (see :meth:`empty_like`)."""
+        keys = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        values = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        return cls(keys, values, torch.zeros(slots, dtype=torch.long, device=device), 0)
 
     @classmethod
     def from_list(cls, cache: KVCache, capacity: int) -> StaticKVCache:

@@ -4,7 +4,11 @@ A profile (``matta profile``) measures step times on the machine that will serve
 width, two small linear models (least squares on relative error):
 
     decode_step_s(batch B, context L) = base + per_row * B + per_row_token * B * L
-    prefill_s(tokens T)               = base + per_token * T
+    prefill_s(tokens T, context C)    = base + per_token * T + per_token_context * T * C
+
+``C`` is the context a prefill chunk attends to beyond its own tokens (0 for a whole prompt): a
+chunk of a long prompt reads the keys of every earlier chunk (measured on the shipped checkpoint,
+a 64-token chunk after 192 cached tokens costs 1.25-1.55x a fresh 64-token prefill).
 
 Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
 weighted correction factor for prefills per width and for decode steps per *path* (eager or
@@ -49,12 +53,15 @@ class WidthCost:
     decode_per_row_token: float
     prefill_base: float
     prefill_per_token: float
+    prefill_per_token_context: float = 0.0  # profiles written before chunked prefill: none measured
 
     def decode_s(self, batch: int, context: int) -> float:
         return max(0.0, self.decode_base + self.decode_per_row * batch + self.decode_per_row_token * batch * context)
 
-    def prefill_s(self, tokens: int) -> float:
-        return max(0.0, self.prefill_base + self.prefill_per_token * tokens)
+    def prefill_s(self, tokens: int, context: int = 0) -> float:
+        """Seconds to prefill ``tokens`` tokens attending to ``context`` cached ones beyond their own."""
+        return max(0.0, self.prefill_base + self.prefill_per_token * tokens
+                   + self.prefill_per_token_context * tokens * context)
 
 
 @dataclass
@@ -104,9 +111,10 @@ class LatencyModel:
         """Profiled seconds of one eager decode step of ``batch`` rows of ``width`` at ``context`` tokens."""
         return self.costs[width].decode_s(batch, context)
 
-    def prefill_s(self, width: str, tokens: int) -> float:
-        """Predicted seconds to prefill ``tokens`` prompt tokens (padded batch size) at ``width``."""
-        return self.costs[width].prefill_s(tokens) * self._prefill[width].value
+    def prefill_s(self, width: str, tokens: int, context: int = 0) -> float:
+        """Predicted seconds to prefill ``tokens`` prompt tokens (padded batch size) at ``width``; a
+        chunk of a longer prompt attends to ``context`` tokens cached by the chunks before it."""
+        return self.costs[width].prefill_s(tokens, context) * self._prefill[width].value
 
     def profiled_step_s(self, groups: Mapping[str, tuple[int, int]]) -> float:
         """The profile's seconds of one eager decode forward over rows of several widths, ``groups``
@@ -141,8 +149,10 @@ class LatencyModel:
 
     # --- online correction ---------------------------------------------------------------------
 
-    def observe_prefill(self, width: str, tokens: int, seconds: float) -> None:
-        raw = self.costs[width].prefill_s(tokens)
+    def observe_prefill(self, width: str, tokens: int, seconds: float, context: int = 0) -> None:
+        """A prefill (or a chunk of one, after ``context`` cached tokens) of ``tokens`` at ``width``
+        took ``seconds``."""
+        raw = self.costs[width].prefill_s(tokens, context)
         with self._lock:
             self._prefill[width].update(seconds / raw if raw > 0 else float("nan"), self.alpha)
 

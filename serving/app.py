@@ -21,8 +21,8 @@ from serving.api.chat import install_chat_route
 from serving.api.chat_template import resolve_chat_template
 from serving.api.engine_backend import EngineBackend
 from serving.api.frontend import build_frontend_app, needs_cost_model
-from serving.engine.core import Engine
 from serving.engine.core_client import CORE_DIED_EXIT_CODE, EngineCoreClient
+from serving.engine.inproc import Engine
 from serving.settings import ServeSettings
 from serving.worker.compiled import DecodeSteps
 
@@ -43,7 +43,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   measure_profile=needs_cost_model(settings),
                                   compile=settings.compile, compile_cache=settings.compile_cache,
                                   on_core_death=settings.on_core_death,
-                                  width_changes=settings.width_changes == "on")
+                                  width_changes=settings.width_changes == "on",
+                                  max_num_batched_tokens=settings.max_num_batched_tokens)
         check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device, dtype=settings.dtype)
@@ -51,7 +52,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
         steps = DecodeSteps(ckpt.model, settings.compile, max_batch=settings.max_batch,
                             cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        latency=latency, steps=steps, width_changes=settings.width_changes == "on")
+                        latency=latency, steps=steps, width_changes=settings.width_changes == "on",
+                        max_num_batched_tokens=settings.max_num_batched_tokens)
     backend = EngineBackend(engine, ckpt.tokenizer, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",

@@ -152,6 +152,8 @@ class Load(msgspec.Struct, frozen=True):
     compile_faults: dict[str, int] = {}  # compile-cache faults by kind (serving/worker/compiled.py)
     core_restarts: int = 0  # engine cores started again after one died (counted by the API process's client)
     width_changes: dict[str, int] = {}  # "from->to" -> running sequences whose width the scheduler changed
+    prefilling: int = 0  # running sequences still prefilling their prompt in chunks (chunked prefill)
+    prefill_chunks: int = 0  # prompt chunks run that were not a whole prompt (chunked prefill), since start
 
 
 class StepOutput(msgspec.Struct, tag=True, frozen=True):

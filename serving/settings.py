@@ -127,6 +127,20 @@ class ServeSettings(FrontendSettings):
     width_changes: Literal["on", "off"] = Field(
         "off", description="running sequences may change width mid-generation (narrow under a burst, widen when it "
                           "passes; a pinned request or one with width_changes false never does)")
+    # Chunked prefill's default, measured by benchmarks/chunked_prefill.py (docs/serving.md#chunked-prefill).
+    max_num_batched_tokens: int = Field(
+        128, ge=0, description="chunked prefill: tokens one engine iteration may run, a decode step's rows (one each) "
+                              "first, then chunks of prompts; a longer prompt spans iterations instead of stalling "
+                              "every running answer for its whole prefill. 0: unchunked, each prompt in one forward "
+                              "(otherwise at least max_batch)")
+
+    @model_validator(mode="after")
+    def _token_budget_holds_a_batch(self) -> ServeSettings:
+        if 0 < self.max_num_batched_tokens < self.max_batch:
+            # Every decoding row takes a token first: a smaller budget could leave prompts none.
+            raise ValueError(f"max_num_batched_tokens must be 0 (unchunked) or at least max_batch "
+                             f"({self.max_batch}), got {self.max_num_batched_tokens}")
+        return self
 
 
 class BackendSpec(BaseModel):

@@ -26,7 +26,7 @@ from benchmarks.harness import ServerThread, metric
 from matta.checkpoint import save_checkpoint
 from matta.model import NestedGPT
 from serving.app import build_app
-from serving.engine.core import Engine
+from serving.engine.inproc import Engine
 from serving.messages import Sampling
 from serving.settings import ServeSettings
 from serving.worker.compile_cache import ARTIFACT_MAGIC, artifact_path, cache_dir_for, read_artifact, temporary_path

@@ -23,7 +23,7 @@ from matta.checkpoint import load_checkpoint, save_checkpoint
 from matta.kv_cache import StaticKVCache
 from matta.model import NestedGPT
 from serving.app import build_app
-from serving.engine.core import Engine
+from serving.engine.inproc import Engine
 from serving.messages import Sampling
 from serving.settings import ServeSettings
 from serving.worker.compile_cache import cache_dir_for

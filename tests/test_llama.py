@@ -19,7 +19,7 @@ from matta.kv_cache import StaticKVCache
 from matta.llama import NestedLlama, build_model
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
-from serving.engine.core import Engine
+from serving.engine.inproc import Engine
 from serving.messages import Sampling
 from tests.helpers import CHAT_TEMPLATE, FAMILIES, make_hf_dir, tiny_hf_tokenizer
 from tests.helpers import HF_WIDTHS as WIDTHS

@@ -6,6 +6,8 @@ every expectation below is arithmetic on those coefficients.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -173,10 +175,41 @@ def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_mad
     predicts: every promised sequence it admits finishes within its targets, and every one it
     refuses would have missed a target even started alone at its narrowest width when refused; with
     or without width changes mid-generation."""
-    latency = LatencyModel(dict(COSTS))
+    simulate(requests, LatencyModel(dict(COSTS)), max_batch, width_changes, token_budget=0)
+
+
+# Prefill costs per token (0.1-0.4 ms, and a little more per cached token a chunk attends to), so a
+# long prompt is worth chunking: 120 tokens at ta take 49 ms whole, 10-25 decode steps.
+CHUNK_COSTS = {w: WidthCost(0.001, 0.001 * (i + 1), 0.0, 0.001, 0.0001 * (i + 1), 0.000001)
+               for i, w in enumerate(WIDTHS)}
+
+
+@st.composite
+def long_prompt_workloads(draw):
+    """Workloads whose prompts run from a few tokens to longer than an iteration's budget."""
+    requests = draw(workloads())
+    for r in requests:
+        r["prompt"] = draw(st.integers(1, 120))
+    return requests
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(long_prompt_workloads(), st.integers(1, 8), st.booleans(), st.integers(0, 40))
+def test_with_chunked_prefill_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_made_it(
+        requests, max_batch, width_changes, extra_tokens):
+    """The same promise with chunked prefill (a budget of max_batch to max_batch + 40 tokens an
+    iteration): the simulation runs each iteration's decode step over the rows whose prompts are done,
+    then exactly the chunks the scheduler gives, and checks they follow its rules."""
+    simulate(requests, LatencyModel(dict(CHUNK_COSTS)), max_batch, width_changes,
+             token_budget=max_batch + extra_tokens)
+
+
+def simulate(requests, latency: LatencyModel, max_batch: int, width_changes: bool, token_budget: int) -> None:
+    """Run ``requests`` through the scheduler, every iteration taking exactly what the latency model
+    says of what runs in it, and check the scheduler's promise (see the tests above)."""
     sched = Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=latency, margin=1.0,
-                      width_changes=width_changes)
-    now, pending, finished = 0.0, list(requests), {}
+                      width_changes=width_changes, token_budget=token_budget)
+    now, pending, finished, prefilled = 0.0, list(requests), {}, {}
     while pending or sched.waiting or sched.running:
         while pending and pending[0]["at"] <= now:
             r = pending.pop(0)
@@ -185,6 +218,8 @@ def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_mad
         if not sched.waiting and not sched.running:
             now = pending[0]["at"]
             continue
+        # The rows that decode this iteration: chunked, those whose first token came in an earlier one.
+        decoding = [s for s in sched.running if not token_budget or s.first_token_at is not None]
         out = sched.schedule(now)
         for seq in out.shed:
             # Started now beside the rows running, at its narrowest, it could not have made it.
@@ -192,16 +227,42 @@ def test_no_promised_sequence_is_admitted_late_and_no_refused_one_could_have_mad
             seq.width = seq.widths[0]
             start = now + latency.prefill_s(seq.widths[0], seq.prompt_len)
             step = latency.step_s(sched.shapes([*sched.running, seq]))
-            first, end = start + step, start + max(0, seq.budget - 1) * step
+            if token_budget:  # its prompt in chunks of what the decoding rows leave, a decode step each
+                done = [s for s in sched.running if not s.prefill_left]
+                iterations = math.ceil(seq.prompt_len / max(1, token_budget - len(done)))
+                first = start + iterations * (latency.step_s(sched.shapes(done)) if done else 0.0)
+                end = first + max(0, seq.budget - 1) * step
+            else:
+                first, end = start + step, start + max(0, seq.budget - 1) * step
             tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0
             assert end > seq.aim_end or first > seq.aim_first or tpot > seq.aim_tpot, seq
-        # One iteration, exactly as predicted: prefills, then one decode step over every running row.
-        prefill = sum(latency.prefill_s(w, n) for w, n in _padded(out.admitted).items())
-        step = latency.step_s(sched.shapes(sched.running, midpoint=False))
-        now += prefill + step
+        if token_budget:
+            # One iteration, exactly as predicted: a decode step over the decoding rows, then the chunks
+            # the scheduler gave (whole prompts in one batch per width, other chunks alone).
+            assert not out.chunks or len(decoding) + sum(n for _, _, n in out.chunks) <= token_budget
+            assert [s.edf_key for s, _, _ in out.chunks] == sorted(s.edf_key for s, _, _ in out.chunks)
+            whole, chunks_s = [], 0.0
+            for seq, start, tokens in out.chunks:
+                assert start == prefilled.get(seq.seq_id, 0) and tokens > 0 and seq.running, (seq, start, tokens)
+                prefilled[seq.seq_id] = start + tokens
+                if start == 0 and tokens == seq.prompt_len:
+                    whole.append(seq)
+                else:
+                    chunks_s += latency.prefill_s(seq.width, tokens, start)
+            chunks_s += sum(latency.prefill_s(w, n) for w, n in _padded(whole).items())
+            step = latency.step_s(sched.shapes(decoding, midpoint=False)) if decoding else 0.0
+            now += step + chunks_s
+            made = {s.seq_id: 1 for s in decoding}
+            made.update({s.seq_id: 1 for s, start, n in out.chunks if start + n == s.prompt_len})
+        else:
+            # One iteration, exactly as predicted: prefills, then one decode step over every running row.
+            prefill = sum(latency.prefill_s(w, n) for w, n in _padded(out.admitted).items())
+            step = latency.step_s(sched.shapes(sched.running, midpoint=False))
+            now += prefill + step
+            made = {s.seq_id: 2 if s in out.admitted and s.budget > 1 else 1 for s in sched.running}
         for seq in list(sched.running):
-            tokens = 2 if seq in out.admitted and seq.budget > 1 else 1
-            sched.update(seq, min(tokens, seq.remaining), now)
+            if seq.seq_id in made:
+                sched.update(seq, min(made[seq.seq_id], seq.remaining), now)
             if seq.remaining == 0:
                 finished[seq.seq_id] = (seq, now)
                 sched.remove(seq)
@@ -221,3 +282,53 @@ def _padded(seqs) -> dict[str, int]:
     for s in seqs:
         by_width.setdefault(s.width, []).append(s.prompt_len)
     return {w: len(n) * max(n) for w, n in by_width.items()}
+
+
+# --- chunked prefill ------------------------------------------------------------------------------
+
+
+def chunked(token_budget: int, max_batch: int = 4, costs=CHUNK_COSTS) -> Scheduler:
+    return Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=LatencyModel(dict(costs)),
+                     margin=1.0, token_budget=token_budget)
+
+
+def test_an_iteration_decodes_every_row_first_then_gives_prompts_chunks_earliest_deadline_first():
+    sched = chunked(16)
+    running = add(sched, widths=("s",), prompt=4)
+    sched.schedule(0.0)
+    sched.update(running, 1, 0.01)  # its whole prompt ran: it decodes from now on
+    late = add(sched, widths=("s",), prompt=20, deadline_s=9.0, shed=False)
+    early = add(sched, widths=("s",), prompt=20, deadline_s=5.0, shed=False)
+    out = sched.schedule(0.02)
+    # 15 tokens left after the decoding row's one: all to the earlier deadline; the other waits.
+    assert out.admitted == [early] and out.chunks == [(early, 0, 15)] and late in sched.waiting
+    out = sched.schedule(0.03)
+    assert out.chunks == [(early, 15, 5), (late, 0, 10)] and out.admitted == [late]
+    out = sched.schedule(0.04)  # early decodes now: 14 tokens left for prompts
+    assert out.chunks == [(late, 10, 10)] and sched.load().prefilling == 0
+
+
+def test_a_budget_below_the_batch_is_refused_and_zero_schedules_whole_prompts():
+    with pytest.raises(ValueError, match="at least max_batch"):
+        chunked(3, max_batch=4)
+    sched = chunked(0)
+    seq = add(sched, widths=("s",), prompt=200)
+    out = sched.schedule(0.0)
+    assert out.admitted == [seq] and out.chunks == [] and seq.prefill_left == 0
+
+
+def test_running_rows_pay_a_long_prompt_only_one_chunk_an_iteration():
+    """A promised running row 3 tokens from its end, with 15 ms to spare: the 200-token prompt whole
+    (21 ms at s) would make it late, so unchunked the prompt waits; in chunks of 32 tokens it pays at
+    most the chunks of the 3 iterations it still runs (about 13 ms), so the prompt starts now."""
+    admitted = {}
+    for budget in (0, 32):
+        sched = chunked(budget)
+        promised = add(sched, widths=("s",), prompt=4, budget=4)
+        sched.schedule(0.0)
+        sched.update(promised, 1, 0.0)
+        step = sched.latency.step_s(sched.shapes([promised, promised]))  # itself and the newcomer
+        promised.aim_end = 3 * step + 0.015
+        newcomer = add(sched, widths=("s",), prompt=200, shed=False)
+        admitted[budget] = sched.schedule(0.0).admitted == [newcomer]
+    assert admitted == {0: False, 32: True}

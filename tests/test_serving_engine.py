@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.engine.core import Engine, EngineCore, EngineStoppedError
+from serving.engine.core import EngineCore
 from serving.engine.detokenize import IncrementalDetokenizer
+from serving.engine.inproc import Engine, EngineStoppedError
 from serving.messages import Add, Sampling, Slo
 from tests.helpers import sharpen
 
@@ -22,9 +23,11 @@ def model(model):
     return sharpen(model)
 
 
-@pytest.fixture
-def engine(model, tokenizer):
-    e = Engine(model, tokenizer, max_batch=8, max_queue=16)
+@pytest.fixture(params=[0, 8], ids=["unchunked", "chunked"])
+def engine(model, tokenizer, request):
+    """The engine unchunked, and with chunked prefill at the smallest budget its batch allows (8 tokens
+    an iteration: every prompt longer than what the decoding rows leave spans iterations)."""
+    e = Engine(model, tokenizer, max_batch=8, max_queue=16, max_num_batched_tokens=request.param)
     e.start()
     yield e
     e.stop()
@@ -288,7 +291,7 @@ def test_mixed_widths_share_one_forward_per_step_and_decode_as_alone(model, toke
 def test_batched_sampling_draws_from_the_tempered_nucleus_of_each_row():
     """sample_rows: one call for the whole batch; each row's empirical distribution is its own
     softmax(logits / T) renormalised over its top-p nucleus, and a seeded row ignores its batch."""
-    from serving.worker.model_runner import sample_rows
+    from serving.worker.sampling import sample_rows
 
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
@@ -349,3 +352,31 @@ def test_a_bfloat16_engine_decodes_mixed_widths_as_the_bfloat16_model_alone(mode
         engine.stop()
     for (text, width), result in zip(prompts, outputs, strict=True):
         assert result[0][0] == half.generate_greedy(tokenizer.encode(text), 16, width=width), (text, width)
+
+
+def test_with_chunked_prefill_a_long_prompt_never_stalls_a_running_answer(model, tokenizer):
+    """The core loop, an iteration at a time, with 10 tokens an iteration: a running answer gets a
+    token in every iteration while a 45-token prompt prefills beside it, 9 tokens a chunk (the decode
+    step took one), so the prompt's first token comes in the 5th iteration; both answers are the
+    model's alone."""
+    core = EngineCore(model, tokenizer, max_batch=4, max_num_batched_tokens=10)
+    running = tokenizer.encode("Now is the winter")
+    long_prompt = [random.Random(7).randrange(1, model.config.vocab_size) for _ in range(45)]
+    tokens = {0: [], 1: []}
+    with torch.inference_mode():
+        assert core.add(Add(0, [running], ("s",), Sampling(max_tokens=30, temperature=0.0))) == []
+        for out in core.step() + core.step():
+            tokens[out.request_id] += out.token_ids
+        assert core.add(Add(1, [long_prompt], ("ta",), Sampling(max_tokens=15, temperature=0.0))) == []
+        for iteration in range(1, 6):
+            outs = core.step()
+            assert [o.request_id for o in outs if o.token_ids] == ([0, 1] if iteration == 5 else [0]), iteration
+            assert core.load().prefilling == (0 if iteration == 5 else 1)
+            for out in outs:
+                tokens[out.request_id] += out.token_ids
+        while core.has_work():
+            for out in core.step():
+                tokens[out.request_id] += out.token_ids
+    assert core.load().prefill_chunks == 5
+    assert tokens[0] == model.generate_greedy(running, 30, width="s")
+    assert tokens[1] == model.generate_greedy(long_prompt, 15, width="ta")

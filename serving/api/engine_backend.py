@@ -18,7 +18,7 @@ from serving import messages as msg
 from serving.api.backend import Delta, LogprobEntry, PreparedPrompts
 from serving.api.http import APIError
 from serving.api.protocol import CompletionRequest
-from serving.engine.core import EngineStoppedError, RequestStream
+from serving.engine.inproc import EngineStoppedError, RequestStream
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class EngineStream:
 
 class EngineBackend:
     """The engine of one checkpoint: every width from one copy of the weights. ``engine`` is the
-    in-process :class:`~serving.engine.core.Engine` or the :class:`~serving.engine.core_client.EngineCoreClient`
+    in-process :class:`~serving.engine.inproc.Engine` or the :class:`~serving.engine.core_client.EngineCoreClient`
     of an engine-core process; both have the same interface."""
 
     cost = None  # the engine's scheduler prices every request itself: the front end predicts nothing

@@ -91,6 +91,10 @@ class _EngineCountersCollector(Collector):
         for kind, count in load.compile_faults.items():
             faults.add_metric([kind], count)
         yield faults
+        yield GaugeMetricFamily("matta_requests_prefilling", "running sequences still prefilling their prompt in "
+                                "chunks (--max-num-batched-tokens)", value=load.prefilling)
+        yield CounterMetricFamily("matta_prefill_chunks", "prompt chunks run that were not a whole prompt "
+                                  "(--max-num-batched-tokens)", value=load.prefill_chunks)
         yield CounterMetricFamily("matta_engine_core_restarts", "engine-core processes started again after one "
                                   "died (--on-core-death restart)", value=load.core_restarts)
 

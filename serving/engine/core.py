@@ -1,29 +1,26 @@
 """The engine: one loop, on one thread, over the scheduler, the model runner and the output processor.
 
 :class:`EngineCore` is one iteration at a time, as vLLM V1's core: **schedule** (the scheduler
-decides refusals, admissions with their widths, width changes of running sequences and swap-ins,
-:mod:`serving.engine.scheduler`) -> **run** (the model runner prefills and decodes,
-:mod:`serving.worker.model_runner`) -> **update** (tokens become text and finish reasons,
+decides refusals, admissions with their widths, width changes of running sequences, prompt chunks
+and swap-ins, :mod:`serving.engine.scheduler`) -> **run** (the model runner prefills and decodes,
+:mod:`serving.worker.model_runner`: unchunked, the admitted prompts whole and then a decode step
+over every row; with chunked prefill, a decode step over the rows whose prompts are done and then
+the scheduler's chunks, so a long prompt never stalls them for more than a chunk) -> **update**
+(tokens become text and finish reasons,
 :mod:`serving.engine.output_processor`; the latency model learns what the step cost on the path
 it ran) -> **send** (the caller ships the outputs and the one load view).
 
 The engine-core process (:mod:`serving.engine.core_process`) runs that loop on its main thread between reads of
-its socket; :class:`Engine` runs the same loop on a thread of the server process (``--engine
-inproc``, tests), handing outputs to asyncio streams. Requests, outputs and the load view are the
+its socket; :class:`serving.engine.inproc.Engine` runs the same loop on a thread of the server process
+(``--engine inproc``, tests), handing outputs to asyncio streams. Requests, outputs and the load view are the
 message structs of :mod:`serving.messages` in both.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Sequence
 
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
@@ -37,19 +34,16 @@ from serving.worker.model_runner import ModelRunner
 log = logging.getLogger(__name__)
 
 
-class EngineStoppedError(RuntimeError):
-    """The engine is stopping or stopped and takes no new requests."""
-
-
 class EngineCore:
     """Scheduler + model runner + output processor, driven one iteration at a time by one thread."""
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, max_num_batched_tokens: int = 0) -> None:
         """``latency``, when given, prices every decision (admission, width, refusal, swap-in) and is
         told what every step cost; without it the engine admits first come, first served.
-        ``width_changes``: running sequences may change width (``--width-changes``)."""
+        ``width_changes``: running sequences may change width (``--width-changes``).
+        ``max_num_batched_tokens``: chunked prefill's tokens per iteration, 0 for unchunked."""
         self.config = model.config
         self.runner = ModelRunner(model, steps)
         self.steps = self.runner.steps
@@ -57,7 +51,7 @@ class EngineCore:
         sizes = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
         self.scheduler = Scheduler(self.config.served_widths, sizes, max_batch=max_batch, max_queue=max_queue,
                                    latency=latency, path_of=self.runner.path_of, margin=margin,
-                                   width_changes=width_changes)
+                                   width_changes=width_changes, token_budget=max_num_batched_tokens)
         self.output = OutputProcessor(tokenizer, self.config.eos_token_id, self.config.n_ctx)
         self._seqs: dict[int, SeqState] = {}
         self._prompts: dict[int, tuple[list[int], msg.Sampling]] = {}
@@ -156,20 +150,28 @@ class EngineCore:
                 self.scheduler.observe_swap(swap_s / loaded)
         try:
             prefilling = time.perf_counter()
-            if plan.admitted:
+            if plan.admitted and not self.scheduler.chunked:
                 outputs += self._prefill(plan.admitted)
             decoding = time.perf_counter()
             decoded = self._decode(outputs)
             done = time.perf_counter()
+            prefill_s, decode_s = decoding - prefilling, done - decoding
+            if plan.chunks:
+                # Chunked: after the decode step, whose budget counted one token per row decoding now;
+                # a row whose last chunk runs now decodes from the next iteration.
+                chunking = done
+                outputs += self._run_chunks(plan.chunks)
+                done = time.perf_counter()
+                prefill_s += done - chunking
         except Exception:  # a bug or out-of-memory: fail the affected requests, keep serving
             log.exception("engine step failed; aborting the running sequences")
             self._busy_since = None
             return [o for o in outputs if o is not None] + self.abort_all(running_only=True)
-        self._busy_s["prefill"] += decoding - prefilling
-        self._busy_s["decode"] += done - decoding
+        self._busy_s["prefill"] += prefill_s
+        self._busy_s["decode"] += decode_s
         if decoded is not None and self.latency is not None:
             shapes, path = decoded
-            self.latency.observe_step(shapes, path, (done - begun) - swap_s - (decoding - prefilling))
+            self.latency.observe_step(shapes, path, (done - begun) - swap_s - prefill_s)
         elapsed = done - started
         if plan.predicted_s > 0:
             self._iterations += 1
@@ -186,9 +188,20 @@ class EngineCore:
                 self.latency.observe_prefill(width, tokens, seconds)
         return self._update(admitted, sampled, first=True)
 
+    def _run_chunks(self, chunks: list[tuple[SeqState, int, int]]) -> list[msg.SequenceOutput]:
+        """The scheduler's prompt chunks; a sequence whose last chunk ran has its first token."""
+        work = [(s.seq_id, *self._prompts[s.seq_id][:1], s.width, self._prompts[s.seq_id][1], start, tokens)
+                for s, start, tokens in chunks]
+        sampled, timings = self.runner.prefill_chunks(work)
+        if self.latency is not None:
+            for width, tokens, context, seconds in timings:
+                self.latency.observe_prefill(width, tokens, seconds, context)
+        return self._update([s for s, _, _ in chunks if s.seq_id in sampled], sampled, first=True)
+
     def _decode(self, outputs: list[msg.SequenceOutput]) -> tuple[dict, str] | None:
-        """One decode step; appends its outputs; returns the step's (shapes, path), None when idle."""
-        running = list(self.scheduler.running)
+        """One decode step over the model runner's rows (not a row still prefilling); appends its
+        outputs; returns the step's (shapes, path), None when idle."""
+        running = [self._seqs[seq_id] for seq_id in self.runner.row_ids]
         if not running:
             return None
         shapes = self.scheduler.shapes(running, midpoint=False)
@@ -238,155 +251,4 @@ class EngineCore:
             compiled_steps=status.compiled_steps, eager_steps=status.eager_steps, compile_ready=status.ready,
             compile_signatures=status.signatures, busy_s=dict(self._busy_s), iterations=self._iterations,
             overrun_s=self._overrun_s, overruns_2x=self._overruns_2x,
-            compile_faults=dict(status.faults))
-
-
-class RequestStream:
-    """Outputs of one request's sequences for an asyncio consumer: ``async for index, output in stream``.
-
-    Iteration ends after every sequence's final output. :meth:`cancel` (idempotent) frees the
-    request's sequences in the engine at its next iteration boundary.
-    """
-
-    def __init__(self, sequences: int, cancel: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
-        self.queue: asyncio.Queue[tuple[int, msg.SequenceOutput]] = asyncio.Queue()
-        self._open = sequences
-        self._cancel, self._on_done = cancel, on_done
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> tuple[int, msg.SequenceOutput]:
-        if self._open == 0:
-            raise StopAsyncIteration
-        index, out = await self.queue.get()
-        if out.finish_reason is not None:
-            self._open -= 1
-            if self._open == 0 and self._on_done is not None:
-                self._on_done()
-        return index, out
-
-    @property
-    def done(self) -> bool:
-        return self._open == 0
-
-    def cancel(self) -> None:
-        self._cancel()
-
-
-class Engine:
-    """The engine in the server's own process: :class:`EngineCore`'s loop on one thread."""
-
-    def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
-                 latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
-        self.core = EngineCore(model, tokenizer, max_batch=max_batch, max_queue=max_queue, latency=latency,
-                               steps=steps, margin=margin, width_changes=width_changes)
-        self.config, self.tokenizer, self.latency, self.steps = model.config, tokenizer, latency, self.core.steps
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self._cond = threading.Condition()
-        self._inbox: deque[msg.CoreInput] = deque()
-        self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
-        self._ids = itertools.count()
-        self._load = self.core.load()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.steps.on_report = self._wake
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Load the compiled steps already cached, then start the loop's thread (idempotent)."""
-        if self._thread is None:
-            self.steps.start()
-            self._thread = threading.Thread(target=self._run, name="matta-engine", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop taking requests, abort what is left, and join the loop's thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self.steps.stop()
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def accepting(self) -> bool:
-        return not self._stopping
-
-    # --- requests ----------------------------------------------------------------------------
-
-    def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
-               slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True,
-               width_changes: bool = True) -> RequestStream:
-        """Queue one sequence per prompt (all or none) at one of ``widths`` (narrowest first; a
-        string pins it); call from the asyncio loop that consumes the stream. ValueError for input
-        the model cannot take, :class:`EngineStoppedError` when stopping; a full queue or a shed
-        request ends its stream with that finish reason. ``width_changes``: the scheduler may
-        change its width while it runs."""
-        widths = (widths,) if isinstance(widths, str) else tuple(widths)
-        self.core.validate(prompts, widths)
-        if self._stopping:
-            raise EngineStoppedError("the server is shutting down")
-        request_id = next(self._ids)
-        events = RequestStream(len(prompts), lambda: self._send(msg.Cancel(request_id)),
-                               lambda: self._streams.pop(request_id, None))
-        self._streams[request_id] = (events, asyncio.get_running_loop())
-        self._send(msg.Add(request_id, [list(p) for p in prompts], widths, params, slo,
-                           arrival if arrival is not None else time.monotonic(), stream, width_changes))
-        return events
-
-    def _send(self, message: msg.CoreInput) -> None:
-        with self._cond:
-            self._inbox.append(message)
-            self._cond.notify_all()
-
-    def stats(self) -> msg.Load:
-        """The load view the loop published after its last iteration."""
-        return self._load
-
-    # --- the loop's thread ---------------------------------------------------------------------
-
-    def _run(self) -> None:
-        core = self.core
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._inbox and not core.has_work():
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    inbox, self._inbox = self._inbox, deque()
-                outputs = []
-                for message in inbox:
-                    if isinstance(message, msg.Add):
-                        outputs += core.add(message)
-                    elif isinstance(message, msg.Cancel):
-                        core.cancel(message.request_id)
-                if core.has_work():
-                    outputs += core.step()
-                self._load = core.load()
-                self._deliver(outputs)
-        outputs = core.abort_all()
-        for message in self._inbox:  # requests that never reached the core
-            if isinstance(message, msg.Add):
-                outputs += [msg.SequenceOutput(message.request_id, i, [], "", time.monotonic(), finish_reason="abort")
-                            for i in range(len(message.prompts))]
-        self._load = core.load()
-        self._deliver(outputs)
-
-    def _deliver(self, outputs: list[msg.SequenceOutput]) -> None:
-        for out in outputs:
-            entry = self._streams.get(out.request_id)
-            if entry is None:
-                continue
-            stream, loop = entry
-            try:
-                loop.call_soon_threadsafe(stream.queue.put_nowait, (out.index, out))
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-                self._streams.pop(out.request_id, None)
+            compile_faults=dict(status.faults), prefill_chunks=self.runner.chunks_run)

@@ -3,7 +3,7 @@
 :class:`EngineCoreClient` has the in-process engine's interface (``submit`` -> an async stream
 of :class:`~serving.messages.SequenceOutput`, ``stats`` -> the core's
 :class:`~serving.messages.Load`, ``start``/``stop``), so the engine backend serves through
-it exactly as through :class:`serving.engine.core.Engine` (``--engine inproc``). It decides nothing:
+it exactly as through :class:`serving.engine.inproc.Engine` (``--engine inproc``). It decides nothing:
 the core's scheduler admits, refuses and chooses widths, and its load view is the only one.
 It starts the core as a subprocess (``python -m serving.engine.core_process``: no multiprocessing, so nothing is
 pickled on the way), talks to it over two ZMQ IPC sockets with msgspec MessagePack, and reads one
@@ -38,7 +38,7 @@ import zmq
 from matta.config import ModelConfig
 from router.latency import LatencyModel
 from serving import messages as msg
-from serving.engine.core import EngineStoppedError, RequestStream
+from serving.engine.inproc import EngineStoppedError, RequestStream
 from serving.lifecycle import spawn_options
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class EngineCoreClient:
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
                  threads: int, dtype: str = "float32", profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning",
-                 on_core_death: str = "restart", width_changes: bool = False) -> None:
+                 on_core_death: str = "restart", width_changes: bool = False, max_num_batched_tokens: int = 0) -> None:
         """``on_core_death``: what a core that dies while serving leads to (``ServeSettings.on_core_death``):
         ``"restart"`` a new core, with back-off, or ``"exit"`` of this process (SIGTERM to itself: the
         server drains what is left, and ``matta serve`` exits with :data:`CORE_DIED_EXIT_CODE`)."""
@@ -76,7 +76,8 @@ class EngineCoreClient:
         self._context = zmq.Context()
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--device", device, "--threads", str(threads),
                "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", log_level]
-        cmd += ["--compile", compile, "--width-changes", "on" if width_changes else "off"]
+        cmd += ["--compile", compile, "--width-changes", "on" if width_changes else "off",
+                "--max-num-batched-tokens", str(max_num_batched_tokens)]
         if compile_cache is not None:
             cmd += ["--compile-cache", str(compile_cache)]
         self._cmd, self._profile_args = cmd, []
@@ -207,7 +208,7 @@ class EngineCoreClient:
     def submit(self, prompts: Sequence[Sequence[int]], widths: str | Sequence[str], params: msg.Sampling,
                slo: msg.Slo = msg.NO_SLO, arrival: float | None = None, stream: bool = True,
                width_changes: bool = True) -> RequestStream:
-        """Send one request's prompts to the core; raises like :meth:`serving.engine.core.Engine.submit`."""
+        """Send one request's prompts to the core; raises like :meth:`serving.engine.inproc.Engine.submit`."""
         widths = (widths,) if isinstance(widths, str) else tuple(widths)
         unknown = [w for w in widths if w not in self.config.served_widths]
         if not widths or unknown:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
     p.add_argument("--width-changes", choices=("on", "off"), default="off",
                    help="running sequences may change width (serving.engine.width_changes)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="chunked prefill's tokens per iteration; 0: unchunked (serving.engine.scheduler)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = DecodeSteps(ckpt.model, args.compile, max_batch=args.max_batch, cache_dir=args.compile_cache,
                             checkpoint=args.checkpoint)
         core = EngineCore(ckpt.model, ckpt.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                          latency=latency, steps=steps, width_changes=args.width_changes == "on")
+                          latency=latency, steps=steps, width_changes=args.width_changes == "on",
+                          max_num_batched_tokens=args.max_num_batched_tokens)
         steps.start()  # the cached compiled steps load before Ready: none is swapped in under load
     except Exception as exc:  # told to the API process, which refuses to start with this message
         push.send(msg.encoder.encode(msg.Failed(f"{type(exc).__name__}: {exc}")))

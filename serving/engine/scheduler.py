@@ -27,7 +27,15 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    the running rows at the narrowest they may reach. With no one waiting, running sequences widen
    one rung, earliest deadline first, while every promised target holds with headroom; pinned
    and opted-out requests never change.
-5. **Compiled steps.** A compiled decode step waiting to be swapped in is loaded only in an
+5. **Chunked prefill** (``token_budget`` > 0, the server's ``--max-num-batched-tokens``). An
+   iteration's forwards hold at most that many tokens: one per decoding row first, then prompt
+   chunks of the rows still prefilling (admitted earlier or now), earliest deadline first; a
+   waiting sequence is admitted only while tokens are left for its first chunk. A prompt longer
+   than what is left spans iterations, and the running rows decode in each of them instead of
+   stalling for the whole prompt. Its row takes a batch slot at admission and decodes from the
+   iteration after its last chunk (which makes its first token); it never changes width while it
+   prefills. Pricing covers both (:mod:`serving.engine.pricing`).
+6. **Compiled steps.** A compiled decode step waiting to be swapped in is loaded only in an
    iteration whose promised deadlines survive the pause it costs (measured, online); otherwise it
    waits. An idle engine loads everything waiting.
 
@@ -41,6 +49,7 @@ HTTP side, the event loop, sending the answer).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -63,9 +72,12 @@ class QueueFullError(RuntimeError):
 class SchedulerOutput:
     """What one iteration runs: the sequences admitted (with ``width`` set), the ones refused, the
     running ones whose width changes (sequence, from, to), and how many compiled steps to swap in
-    before running."""
+    before running. With chunked prefill, ``chunks`` are the prompt chunks to run after the decode
+    step, in budget order (an admitted sequence's prompt runs only as its chunks); without it, each
+    admitted prompt is prefilled whole before the decode step."""
 
     admitted: list[SeqState] = field(default_factory=list)
+    chunks: list[tuple[SeqState, int, int]] = field(default_factory=list)  # chunked: (sequence, start, tokens)
     shed: list[SeqState] = field(default_factory=list)
     changes: list[tuple[SeqState, str, str]] = field(default_factory=list)
     swap_in: int = 0
@@ -77,14 +89,20 @@ class Scheduler(Pricing):
 
     def __init__(self, widths: Sequence[str], ffn_size: Mapping[str, int], *, max_batch: int, max_queue: int,
                  latency: StepLatency | None = None, path_of: Callable[[Sequence[str]], str] | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = False) -> None:
-        """``width_changes``: whether running sequences may change width (``--width-changes``)."""
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, token_budget: int = 0) -> None:
+        """``width_changes``: whether running sequences may change width (``--width-changes``);
+        ``token_budget``: tokens per iteration with chunked prefill, 0 for none
+        (``--max-num-batched-tokens``)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if not 0 < margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {margin}")
+        if token_budget < 0 or 0 < token_budget < max_batch:
+            # Every decoding row takes a token first: a smaller budget could leave a prefill none.
+            raise ValueError(f"max_num_batched_tokens must be 0 (unchunked) or at least max_batch ({max_batch}), "
+                             f"got {token_budget}")
         self.widths = list(widths)
         self.ffn_size = dict(ffn_size)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -92,6 +110,7 @@ class Scheduler(Pricing):
         self.path_of = path_of or (lambda rows: "eager")
         self.margin = margin
         self.width_changes = width_changes
+        self.token_budget = token_budget
         self.changes_by_pair: dict[str, int] = {}  # "from->to" -> width changes made
         self.waiting: list[SeqState] = []
         self.running: list[SeqState] = []
@@ -157,7 +176,7 @@ class Scheduler(Pricing):
         """Decide this iteration (see the module doc); the admitted sequences move to ``running``."""
         out = SchedulerOutput(shed=self._shed_hopeless(now))
         changed: changes_rule.Changes = {}
-        running = list(self.running)
+        running = [s for s in self.running if not s.prefill_left]  # a row still prefilling keeps its width
         if self.width_changes:
             # A promised running row predicted late: narrow as far as brings them all back on time
             # (else not at all: a lost deadline is not bought with quality).
@@ -172,6 +191,8 @@ class Scheduler(Pricing):
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
                 break
+            if self.chunked and self.chunk_tokens_left(plan.rows) <= 0:
+                break  # no token left for its first chunk this iteration
             tried += 1
             seq.width = seq.widths[0]
             if not self._admissible(plan, seq, now) and not (
@@ -189,7 +210,8 @@ class Scheduler(Pricing):
             # Widen with headroom and the free slots taken by narrowest rows (as at dispatch).
             plan.reserve, plan.step_scale = max(0, free), 1 + changes_rule.WIDEN_HEADROOM
             promised = {s.seq_id for s in plan.rows if s.promised}
-            changes_rule.widen(plan.rows, lambda s: not self._late(plan, now, promised | {s.seq_id}), changed)
+            changes_rule.widen([s for s in plan.rows if not s.prefill_left],
+                               lambda s: not self._late(plan, now, promised | {s.seq_id}), changed)
             plan.reserve, plan.step_scale = 0, 1.0
         for seq in plan.prefills:
             self.waiting.remove(seq)
@@ -205,6 +227,15 @@ class Scheduler(Pricing):
         out.swap_in = self._swaps(plan, now, swaps_pending)
         plan.extra_s = out.swap_in * self.swap_s
         out.predicted_s = self._iteration_s(plan) if self.priced else 0.0
+        # The prompt tokens run this iteration count as cached from now on (as vLLM's scheduler
+        # advances num_computed_tokens): the next iteration prices and schedules what is left.
+        if self.chunked:
+            out.chunks = [(seq, seq.prefilled, tokens) for seq, tokens in self.chunks(plan.rows)]
+            for seq, _, tokens in out.chunks:
+                seq.prefilled += tokens
+        else:
+            for seq in plan.prefills:
+                seq.prefilled = seq.prompt_len
         return out
 
     @property
@@ -216,7 +247,9 @@ class Scheduler(Pricing):
         """Refuse the promised waiting sequences that miss a target even started now at their narrowest.
 
         Each is priced alone beside the running rows (what :meth:`_late` computes for such a plan),
-        with the running rows' shapes built once: this runs every iteration over the whole queue."""
+        with the running rows' shapes built once: this runs every iteration over the whole queue.
+        Chunked, its prompt is priced first in line: one forward, over as many iterations as the
+        budget left by the decoding rows takes, each with their decode step."""
         promised = [s for s in self.waiting if s.promised]
         if not promised:
             return []
@@ -225,6 +258,11 @@ class Scheduler(Pricing):
         floor = (lambda s: changes_rule.floor_width(s, self.ffn_size)) if self.width_changes else None
         base = self.shapes(self.running, width_of=floor)
         widths = [floor(s) if floor else s.width for s in self.running]
+        decoding = [s for s in self.running if not s.prefill_left]
+        decode_step = 0.0
+        if self.chunked and decoding:
+            decode_step = self.latency.step_s(self.shapes(decoding, width_of=floor),
+                                              self.path_of([floor(s) if floor else s.width for s in decoding]))
         hopeless = []
         for seq in promised:
             width = seq.widths[0]
@@ -233,7 +271,12 @@ class Scheduler(Pricing):
             shapes[width] = (rows + 1, max(context, seq.context + seq.remaining // 2))
             step = self.latency.step_s(shapes, self.path_of([*widths, width]))
             start = now + self.latency.prefill_s(width, seq.prompt_len)
-            first, end = start + step, start + max(0, seq.budget - 1) * step
+            if self.chunked:  # its first token at the end of its last chunk's iteration, then a token a step
+                iterations = math.ceil(seq.prompt_len / max(1, self.token_budget - len(decoding)))
+                first = start + iterations * decode_step
+                end = first + max(0, seq.budget - 1) * step
+            else:
+                first, end = start + step, start + max(0, seq.budget - 1) * step
             tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
             if misses(seq, end, first, tpot):
                 hopeless.append(seq)
@@ -315,4 +358,5 @@ class Scheduler(Pricing):
                     finished=self.finished, cancelled=self.cancelled, shed=self.shed_count,
                     groups=self.shapes(self.running, midpoint=False),
                     remaining_tokens=sorted(s.remaining for s in self.running),
-                    swap_ins_deferred=self.swaps_deferred, width_changes=dict(self.changes_by_pair), **engine)
+                    swap_ins_deferred=self.swaps_deferred, width_changes=dict(self.changes_by_pair),
+                    prefilling=sum(1 for s in self.running if s.prefill_left), **engine)

@@ -18,6 +18,14 @@ hole takes the last row of its group, whose slot takes the last row of the next 
 and so on; a width change is a leave and a join of that row. A move copies one row's filled
 part, so an event costs (rows moved <= number of widths) x their length, whatever the batch
 size (``benchmarks/kv_cache.py``).
+
+Chunked prefill (:meth:`ModelRunner.prefill_chunks`): a prompt too long for one iteration's token
+budget runs as chunks over several iterations. The live rows must stay packed and grouped at the
+front of the cache (each decode step runs over exactly them), so a row still prefilling keeps its
+own one-row cache: each chunk writes its keys and values there in place, after the earlier
+chunks', and attends to them (no other row is copied, nor its own earlier chunks). Its last chunk
+samples its first token and the row joins the batch as a whole prompt's prefill does (one copy of
+its filled part); it decodes from the next step.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from matta.kv_cache import StaticKVCache
 from matta.model import NestedGPT, ffn_plans
 from serving.messages import GREEDY_BELOW, Logprob, Sampling
 from serving.worker.compiled import DecodeSteps, rows_signature
+from serving.worker.sampling import generator_for, prompt_logprobs, sample_rows, token_logprob
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,23 @@ class _Row:
     next_id: int = 0  # the token this row feeds to the next decode step
 
 
+@dataclass(eq=False)
+class _Prefilling:
+    """A sequence whose prompt runs in chunks: its row (not live yet) and its own one-row cache."""
+
+    row: _Row
+    prompt: list[int]
+    cache: StaticKVCache
+    prompt_logprobs: list[Logprob] | None  # gathered chunk by chunk, when the sequence asks for them
+
+
+Chunk = tuple[int, list[int], str, Sampling, int, int]
+"""A prompt chunk to run: (seq_id, prompt, width, sampling, start, tokens): ``prompt[start:start + tokens]``."""
+
+ChunkTiming = tuple[str, int, int, float]
+"""How long a prefill forward took: (width, tokens run (padding included), context cached before them, seconds)."""
+
+
 class ModelRunner:
     """Prefill and decode for the scheduler's sequences (see the module doc). One thread only."""
 
@@ -64,6 +90,8 @@ class ModelRunner:
         self._ffn_size = {w: sum(self.config.resolve_width(w)) for w in self.config.served_widths}
         self.rows: list[_Row] = []  # row i lives in cache slot i: grouped by width, widest first
         self._cache: StaticKVCache | None = None
+        self._prefilling: dict[int, _Prefilling] = {}  # seq_id -> a prompt part-way through its chunks
+        self.chunks_run = 0  # prompt chunks run that were not a whole prompt
         self.decode_steps = 0
         self._paths: dict[tuple, str] = {}
 
@@ -84,6 +112,11 @@ class ModelRunner:
     def forget_paths(self) -> None:
         """A compiled step was swapped in: the paths known so far may have changed."""
         self._paths.clear()
+
+    @property
+    def row_ids(self) -> list[int]:
+        """The sequences a decode step runs now (the live rows; not those still prefilling)."""
+        return [r.seq_id for r in self.rows]
 
     @property
     def context(self) -> int:
@@ -116,7 +149,7 @@ class ModelRunner:
             # otherwise the LM head runs for the last position alone (logits (B, 1, V)).
             keep = 0 if any(s.prompt_logprobs for _, _, _, s in group) else 1
             result = self.model(ids, width=width, attention_mask=mask, use_cache=True, logits_to_keep=keep)
-            prompt_lp = [_prompt_logprobs(result.logits[i, P - n:], prompt, s) if s.prompt_logprobs else None
+            prompt_lp = [prompt_logprobs(result.logits[i, P - n:], prompt, s) if s.prompt_logprobs else None
                          for i, ((_, prompt, _, s), n) in enumerate(zip(group, lengths, strict=True))]
             live = [i for i, (_, _, _, s) in enumerate(group) if s.max_tokens > 0]
             for i, (seq_id, _, _, s) in enumerate(group):
@@ -125,7 +158,7 @@ class ModelRunner:
             if not live:
                 continue
             index = torch.tensor(live, device=self.device)
-            rows = [_Row(group[i][0], width, group[i][3], _generator(group[i][3], self.device)) for i in live]
+            rows = [_Row(group[i][0], width, group[i][3], generator_for(group[i][3], self.device)) for i in live]
             tokens = self._sample(rows, result.logits.index_select(0, index)[:, -1])
             for row, i, (token, lp) in zip(rows, live, tokens, strict=True):
                 out[row.seq_id] = Sampled(token, lp, prompt_lp[i])
@@ -134,14 +167,67 @@ class ModelRunner:
                 self._cache = StaticKVCache.empty_like(result.past_key_values, len(live) + 1,
                                                        min(self.config.n_ctx, P + longest))
             for i, row, (token, _) in zip(live, rows, tokens, strict=True):
-                # One row at a time: each joins as the last live row, then moves into its group.
-                self._cache.write_rows([(k[i : i + 1], v[i : i + 1]) for k, v in result.past_key_values],
-                                       torch.tensor([lengths[i]], device=self.device), left_padded=True)
-                row.next_id = token
-                self.rows.append(row)
-                self._into_group(len(self.rows) - 1)
+                self._join(row, token, [(k[i : i + 1], v[i : i + 1]) for k, v in result.past_key_values],
+                           lengths[i], left_padded=True)
             timings[width] = (ids.numel(), time.perf_counter() - started)
         return out, timings
+
+    def prefill_chunks(self, chunks: Sequence[Chunk]) -> tuple[dict[int, Sampled], list[ChunkTiming]]:
+        """Run this iteration's prompt chunks (see the module doc): whole prompts as :meth:`prefill`
+        does (one left-padded batch per width), every other chunk alone, in place in its sequence's
+        own cache after its earlier chunks. A sequence whose last chunk ran has its first token in
+        the result and has joined the batch (``max_tokens == 0``: token -1, it joins nothing).
+        Also returns every forward's :data:`ChunkTiming`."""
+        whole = [c for c in chunks if c[4] == 0 and c[5] == len(c[1])]
+        out, by_width = self.prefill([c[:4] for c in whole])
+        timings = [(width, tokens, 0, seconds) for width, (tokens, seconds) in by_width.items()]
+        for seq_id, prompt, width, sampling, start, tokens in chunks:
+            if start == 0 and tokens == len(prompt):
+                continue
+            started = time.perf_counter()
+            sampled = self._chunk(seq_id, prompt, width, sampling, start, tokens)
+            timings.append((width, tokens, start, time.perf_counter() - started))
+            if sampled is not None:
+                out[seq_id] = sampled
+        return out, timings
+
+    def _chunk(self, seq_id: int, prompt: list[int], width: str, sampling: Sampling, start: int,
+               tokens: int) -> Sampled | None:
+        """``prompt[start:start + tokens]`` of one sequence into its own cache; its first token after
+        the last chunk."""
+        state = self._prefilling.get(seq_id)
+        if state is None:
+            if start != 0:
+                raise RuntimeError(f"sequence {seq_id}: a first chunk must start at 0, got {start}")
+            weight = self.model.wte.weight
+            cache = StaticKVCache.zeros(self.config.n_layer, self.config.kv_heads, self.config.head_dim, 1,
+                                        len(prompt), dtype=weight.dtype, device=self.device)
+            cache.set_batch_size(1)
+            row = _Row(seq_id, width, sampling, generator_for(sampling, self.device))
+            state = self._prefilling[seq_id] = _Prefilling(row, list(prompt), cache,
+                                                           [] if sampling.prompt_logprobs else None)
+        if start != state.cache.length or start + tokens > len(prompt):
+            raise RuntimeError(f"sequence {seq_id}: chunk [{start}, {start + tokens}) does not follow its "
+                               f"{state.cache.length} cached of {len(prompt)} prompt tokens")
+        ids = torch.tensor([prompt[start : start + tokens]], device=self.device)
+        # The LM head for the last position only, unless the sequence asked for its prompt's logprobs.
+        keep = 0 if state.prompt_logprobs is not None else 1
+        result = self.model(ids, width=state.row.width, past_key_values=state.cache, use_cache=True,
+                            logits_to_keep=keep)  # writes the chunk's keys and values in place
+        self.chunks_run += 1
+        if state.prompt_logprobs is not None:
+            state.prompt_logprobs += prompt_logprobs(result.logits[0], prompt, sampling, start)
+        if start + tokens < len(prompt):
+            return None
+        del self._prefilling[seq_id]
+        if sampling.max_tokens == 0:
+            return Sampled(-1, None, state.prompt_logprobs)
+        [(token, lp)] = self._sample([state.row], result.logits[:, -1])
+        if self._cache is None:
+            self._cache = StaticKVCache.empty_like(state.cache.as_list(), 2,
+                                                   min(self.config.n_ctx, len(prompt) + sampling.max_tokens))
+        self._join(state.row, token, state.cache.as_list(), len(prompt))
+        return Sampled(token, lp, state.prompt_logprobs)
 
     def decode(self) -> dict[int, Sampled]:
         """One decode step for every running row: feed its last token, sample the next."""
@@ -160,11 +246,14 @@ class ModelRunner:
     # --- rows ----------------------------------------------------------------------------------
 
     def remove(self, seq_ids: set[int]) -> None:
-        """Drop rows (finished, cancelled): each one's hole is filled by moving a row per group."""
+        """Drop rows (finished, cancelled; or still prefilling): each one's hole is filled by moving a
+        row per group."""
+        for seq_id in seq_ids:
+            self._prefilling.pop(seq_id, None)
         for index in sorted((i for i, r in enumerate(self.rows) if r.seq_id in seq_ids), reverse=True):
             self._leave(index)
         if not self.rows:
-            self.clear()
+            self.rows, self._cache = [], None
 
     def set_widths(self, widths: dict[int, str]) -> None:
         """Running rows continue at other widths ({seq_id: width}) on the caches they have: only the
@@ -185,7 +274,18 @@ class ModelRunner:
             self._into_group(len(self.rows) - 1)
 
     def clear(self) -> None:
-        self.rows, self._cache = [], None
+        """Drop every row, prefilling ones included."""
+        self.rows, self._cache, self._prefilling = [], None, {}
+
+    def _join(self, row: _Row, token: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int,
+              left_padded: bool = False) -> None:
+        """A prefilled row joins the batch: its cache (``kv``, per layer (1, n_kv, T, hs) holding
+        ``length`` tokens, its last ones when ``left_padded``) is copied in as the last live row, which
+        then moves into its width's group; it feeds ``token`` to the next decode step."""
+        self._cache.write_rows(kv, torch.tensor([length], device=self.device), left_padded=left_padded)
+        row.next_id = token
+        self.rows.append(row)
+        self._into_group(len(self.rows) - 1)
 
     def _spare(self) -> int:
         """A free slot past the live rows (the cache grows when it has none)."""
@@ -244,58 +344,5 @@ class ModelRunner:
         if not any(r.sampling.logprobs is not None for r in rows):
             return [(t, None) for t in tokens]
         logprobs = F.log_softmax(logits, dim=-1)
-        return [(t, _token_logprob(logprobs[i], t, r.sampling.logprobs) if r.sampling.logprobs is not None else None)
+        return [(t, token_logprob(logprobs[i], t, r.sampling.logprobs) if r.sampling.logprobs is not None else None)
                 for i, (t, r) in enumerate(zip(tokens, rows, strict=True))]
-
-
-def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-
-
-def sample_rows(logits: torch.Tensor, params: Sequence[Sampling],
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of ``logits`` (B, V) from softmax(logits / temperature) restricted to the
-    row's top-p nucleus, for the whole batch in tensor ops.
-
-    Draws use the exponential race (argmax of p / E with E ~ Exp(1) is a draw from p): unseeded
-    rows take their noise in one call, a seeded row from its own generator, so its tokens do not
-    depend on what else is in the batch.
-    """
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-    if bool((top_p < 1.0).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
-        outside[:, 0] = False  # a top_p below float32's resolution (5e-324) would otherwise drop every token
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            noise[i].exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
-
-
-def _token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> Logprob:
-    top: list[tuple[int, float]] = []
-    if k > 0:
-        values, ids = logprobs.topk(k)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return token_id, float(logprobs[token_id]), top
-
-
-def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], sampling: Sampling) -> list[Logprob]:
-    """Logprob of every prompt token given the ones before it (the first has none)."""
-    lp = F.log_softmax(logits[:-1].float(), dim=-1)  # (P-1, V): position t predicts token t+1
-    targets = torch.tensor(prompt[1:], device=lp.device)
-    chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
-    k = sampling.logprobs or 0
-    tops: list[list] = [[]] * len(chosen)
-    if k > 0:
-        values, ids = lp.topk(k, dim=-1)
-        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-    return [(prompt[0], None, [])] + [(t, c, top) for t, c, top in zip(prompt[1:], chosen, tops, strict=True)]

@@ -1,8 +1,9 @@
 """Measure the engine's step times on this machine and fit a :class:`~router.latency.LatencyModel`.
 
 ``matta profile CKPT`` times, for every width, decode steps over a grid of batch sizes and
-context lengths and prefills over a grid of prompt sizes, using the same forward calls the
-engine makes (left-padded batches, KV cache, greedy pick of the next token), then fits the
+context lengths, prefills over a grid of prompt sizes and prefill chunks after cached context,
+using the same forward calls the engine makes (left-padded batches, KV cache, chunks written in
+place, greedy pick of the next token), then fits the
 linear models of :mod:`router.latency` by least squares on *relative* error (a 1 ms step
 mispredicted by 1 ms matters as much as a 100 ms step mispredicted by 100 ms). The profile
 records the fit's error on the measured points and on held-out points between them.
@@ -25,6 +26,9 @@ from router.latency import LatencyModel, WidthCost
 DEFAULT_BATCHES = (1, 4, 16, 32)
 DEFAULT_CONTEXTS = (16, 64, 160)
 DEFAULT_PREFILL = ((1, 16), (1, 64), (4, 32), (8, 64), (1, 160))  # (batch, prompt length)
+# Chunks of a longer prompt (tokens, context cached before them), as chunked prefill runs them:
+# they fit the prefill's per token x context coefficient.
+DEFAULT_PREFILL_CHUNKS = ((64, 64), (64, 160), (32, 192))
 HELD_OUT_DECODE = ((2, 32), (8, 100), (24, 48))  # (batch, context) not in the grid
 # Mixed-width decode steps (batch, context): half narrowest and half widest rows, and every width
 # in turn. The median of measured/predicted over the first is the profile's mixed_factor; the
@@ -98,6 +102,25 @@ def _prefill_case(model: NestedGPT, width: str, batch: int, length: int, generat
     return step
 
 
+def _chunk_case(model: NestedGPT, width: str, tokens: int, context: int, generator: torch.Generator):
+    """A prefill chunk of ``tokens`` after ``context`` cached tokens of the same row, written in place
+    into a one-row cache as the model runner's chunked prefill does."""
+    config = model.config
+    weight = model.wte.weight
+    ids = torch.randint(0, config.vocab_size, (1, context + tokens), generator=generator).to(weight.device)
+    cache = StaticKVCache.zeros(config.n_layer, config.kv_heads, config.head_dim, 1, context + tokens,
+                                dtype=weight.dtype, device=weight.device)
+    cache.set_batch_size(1)
+    model(ids[:, :context], width=width, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def step():
+        cache.rewind(context)
+        out = model(ids[:, context:], width=width, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].float().argmax(dim=-1).tolist()
+
+    return step
+
+
 def _fit_relative(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     """Least squares minimising sum(((X @ c) - y) / y)^2, coefficients clipped at 0 (costs are not negative)."""
     weights = 1.0 / seconds
@@ -112,27 +135,32 @@ def _relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> l
 @torch.inference_mode()
 def profile_model(model: NestedGPT, *, batches: Sequence[int] = DEFAULT_BATCHES,
                   contexts: Sequence[int] = DEFAULT_CONTEXTS, prefill: Sequence[tuple[int, int]] = DEFAULT_PREFILL,
-                  repeats: int = 5, widths: Sequence[str] | None = None, seed: int = 0) -> LatencyModel:
+                  chunks: Sequence[tuple[int, int]] = DEFAULT_PREFILL_CHUNKS, repeats: int = 5,
+                  widths: Sequence[str] | None = None, seed: int = 0) -> LatencyModel:
     """Measure and fit every width of ``model``; the returned model's ``meta`` holds the samples and errors."""
     model.eval()
     n_ctx = model.config.n_ctx
     contexts = [c for c in contexts if 2 <= c <= n_ctx]
     prefill = [(b, p) for b, p in prefill if 1 <= p <= n_ctx]
+    chunks = [(t, c) for t, c in chunks if t >= 1 and c >= 1 and t + c <= n_ctx]
     held_out = [(b, c) for b, c in HELD_OUT_DECODE if c <= n_ctx]
     generator = torch.Generator().manual_seed(seed)
     costs, samples, errors = {}, {}, {}
     for width in widths or model.config.served_widths:
         decode = [(b, c, median_time(_decode_case(model, width, b, c, generator), repeats))
                   for b in batches for c in contexts]
-        pre = [(b, p, median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]
+        # (tokens, context, seconds): whole prompts (batch x length tokens, no context), then chunks.
+        pre = [(b * p, 0, median_time(_prefill_case(model, width, b, p, generator), repeats)) for b, p in prefill]
+        pre += [(t, c, median_time(_chunk_case(model, width, t, c, generator), repeats)) for t, c in chunks]
         d = _fit_relative(np.array([[1.0, b, b * c] for b, c, _ in decode]), np.array([t for *_, t in decode]))
-        f = _fit_relative(np.array([[1.0, b * p] for b, p, _ in pre]), np.array([t for *_, t in pre]))
+        f = _fit_relative(np.array([[1.0, t, t * c] for t, c, _ in pre]), np.array([s for *_, s in pre]))
         cost = WidthCost(decode_base=float(d[0]), decode_per_row=float(d[1]), decode_per_row_token=float(d[2]),
-                         prefill_base=float(f[0]), prefill_per_token=float(f[1]))
+                         prefill_base=float(f[0]), prefill_per_token=float(f[1]),
+                         prefill_per_token_context=float(f[2]))
         costs[width] = cost
         held = [(b, c, median_time(_decode_case(model, width, b, c, generator), repeats)) for b, c in held_out]
         fit_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in decode], [t for *_, t in decode])
-        fit_err += _relative_errors([cost.prefill_s(b * p) for b, p, _ in pre], [t for *_, t in pre])
+        fit_err += _relative_errors([cost.prefill_s(t, c) for t, c, _ in pre], [s for *_, s in pre])
         held_err = _relative_errors([cost.decode_s(b, c) for b, c, _ in held], [t for *_, t in held])
         errors[width] = {"fit_median": statistics.median(fit_err), "fit_max": max(fit_err),
                          "held_out_median": statistics.median(held_err) if held_err else None,
