@@ -240,14 +240,15 @@ class Pricing:
         return times
 
     def _chunked_times(self, plan: Plan, now: float) -> dict[int, tuple[float, float]]:
-        """Chunked: every iteration is a decode step (at most the whole batch's, with its reserve)
-        plus chunks. This iteration's chunks are priced as they will run; after it, row j of the
-        prefilling rows in deadline order (the order chunks take the budget) has its first token
-        once the rows up to it have prefilled, in at most ceil(tokens left up to j / the chunk
-        floor) more iterations whose chunks are those rows' (bounded by :meth:`_later_chunks_s`)
-        and, in its last one, at most one iteration's worth of the rows after it. Only the rows
-        after j prefill after j's first token; a decoding row pays at most one iteration's chunks
-        per iteration it still runs."""
+        """Chunked: every iteration is a decode step (at most the whole batch's, with its reserve; a
+        row still prefilling is not in it) plus chunks. This iteration's chunks are priced as they
+        will run; after it, row j of the prefilling rows in deadline order (the order chunks take
+        the budget) has its first token once the rows up to it have prefilled, in at most
+        ceil(tokens left up to j / the chunk floor) more iterations whose chunks are those rows'
+        (bounded by :meth:`_later_chunks_s`) and, in its last one, at most one iteration's worth of
+        the rows after it. Only the rows after j prefill after j's first token; a decoding row pays
+        at most one iteration's chunks per iteration it still runs, each attending to at most what
+        is cached by then."""
         start = now + plan.extra_s
         step = self._step_s(plan.rows, plan.reserve) * plan.step_scale
         now_chunks = self.chunks(plan.rows)
@@ -266,23 +267,51 @@ class Pricing:
             per_iteration = (max(self.latency.prefill_s(s.width, self.token_budget, context) for s in unfinished)
                              + (len(unfinished) - 1) * max(self.latency.prefill_s(s.width, 0) for s in unfinished))
         total_later = sum(later)
+        # A decoding row pays the chunks of each iteration it still runs. Iteration k after this one
+        # gives at most token_budget tokens, attending to at most (most cached now) + (k-1) budgets:
+        # the bound grows with the prompts as they fill, not at the longest prompt's end from the start.
+        cached = max((s.prefilled + given.get(s.seq_id, 0) for s in unfinished), default=0)
+        per_chunk, per_cached = self._chunk_cost_line(unfinished, self.token_budget,
+                                                      max((s.prompt_len for s in unfinished), default=0))
         times = {}
         ahead_tokens, ahead_s = 0, 0.0
+        decoding = [s for s in plan.rows if not s.prefill_left]
         for j, s in enumerate(prefilling):
             ahead_tokens += left[j]
             ahead_s += later[j]
             after_s = total_later - ahead_s
+            # Until its first token a row is not decoded: the iterations before it decode the rows
+            # decoding now and those ahead of it in the chunks' order (they finish their prompts first).
+            step_before = self._step_s([*decoding, *prefilling[:j]], plan.reserve) * plan.step_scale
             if ahead_tokens == 0:  # its last chunk runs this iteration
-                first = start + step + first_iteration
+                first = start + step_before + first_iteration
             else:
                 iterations = 1 + math.ceil(ahead_tokens / self.chunk_floor(slots, len(prefilling) - j))
-                first = start + iterations * step + first_iteration + ahead_s + min(after_s, per_iteration)
+                first = start + iterations * step_before + first_iteration + ahead_s + min(after_s, per_iteration)
             times[s.seq_id] = (first, first + max(0, s.budget - 1) * step + after_s)
         for s in plan.rows:
             if not s.prefill_left:
-                chunks_s = first_iteration + min(total_later, max(0, s.remaining - 1) * per_iteration)
+                iterations = max(0, s.remaining - 1)
+                contexts = _capped_sum(cached, self.token_budget, max((u.prompt_len for u in unfinished), default=0),
+                                       iterations)
+                chunks_s = first_iteration + min(total_later, iterations * per_chunk + per_cached * contexts)
                 times[s.seq_id] = (s.first_token_at, start + s.remaining * step + chunks_s)
         return times
+
+    def _chunk_cost_line(self, unfinished: Sequence[SeqState], tokens: int, longest: int) -> tuple[float, float]:
+        """(seconds, seconds per cached token) bounding one iteration's chunks of ``unfinished`` rows:
+        ``tokens`` tokens in all, attending to at most ``longest`` cached ones (the slowest of their
+        widths, and the fixed cost of one forward per row that gets a chunk). Chunk costs are affine
+        in the context, so the line bounds them at every context up to ``longest``."""
+        if not unfinished:
+            return 0.0, 0.0
+        fixed = (max(self.latency.prefill_s(s.width, tokens) for s in unfinished)
+                 + (len(unfinished) - 1) * max(self.latency.prefill_s(s.width, 0) for s in unfinished))
+        if longest <= 0:
+            return fixed, 0.0
+        slope = max((self.latency.prefill_s(s.width, tokens, longest) - self.latency.prefill_s(s.width, tokens))
+                    / longest for s in unfinished)
+        return fixed, max(0.0, slope)
 
     def _ends(self, plan: Plan, now: float) -> dict[int, float]:
         """Predicted time of every row's last token."""
@@ -328,3 +357,13 @@ def misses(seq: SeqState, end: float, first: float, tpot: float = 0.0) -> bool:
     misses one of its targets (by more than :data:`TOLERANCE_S`)."""
     return (end > seq.aim_end + TOLERANCE_S or first > seq.aim_first + TOLERANCE_S
             or tpot > seq.aim_tpot + TOLERANCE_S)
+
+
+def _capped_sum(first: int, step: int, cap: int, count: int) -> int:
+    """sum(min(cap, first + k * step) for k in range(count)), in O(1)."""
+    if count <= 0:
+        return 0
+    if first >= cap:
+        return cap * count
+    below = min(count, -(-(cap - first) // step))  # the terms still under the cap
+    return below * first + step * below * (below - 1) // 2 + (count - below) * cap
