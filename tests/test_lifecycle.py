@@ -164,12 +164,17 @@ def test_a_draining_core_dies_with_the_api_process(checkpoint, spawn):
     url = serve.listening()
     core = _wait_for(lambda: serve.child("serving.engine.core_process"), 10, "the core process")
     body = {"model": "tiny", "prompt": "To be", "max_tokens": 500, "stream": True, "temperature": 0}
-    for _ in range(4):
-        threading.Thread(target=lambda: _drain_stream(url, body), daemon=True).start()
+    # 16 streams of 500 tokens through 4 slots: four rounds of ~0.5 s each, so the drain outlasts the
+    # check below (4 streams alone ended 0.05 s after SIGTERM, and the core with them).
+    streams = [threading.Thread(target=lambda: _drain_stream(url, body), daemon=True) for _ in range(16)]
+    for stream in streams:
+        stream.start()
     time.sleep(0.5)
     serve.proc.send_signal(signal.SIGTERM)  # drains the streams in flight; the core keeps running meanwhile
     time.sleep(0.3)
-    assert serve.proc.poll() is None and _alive(core)  # still draining
+    open_streams = sum(stream.is_alive() for stream in streams)
+    assert open_streams, "every stream ended before the check: nothing was draining"
+    assert serve.proc.poll() is None and _alive(core), f"{open_streams} streams still open"  # still draining
     serve.kill_and_check_children_die()
 
 
