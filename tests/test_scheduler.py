@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from router.latency import LatencyModel, WidthCost
+from serving.engine.pricing import Plan
 from serving.engine.scheduler import QueueFullError, Scheduler
 from serving.messages import Slo
 
@@ -81,6 +82,22 @@ def test_an_admission_that_would_make_a_running_promise_late_waits():
     promised = add(sched, deadline_s=20 * 0.005 + 0.002, widths=("ta",), budget=20)
     sched.schedule(0.0)
     assert promised.running
+    newcomer = add(sched, widths=("s",))
+    assert sched.schedule(0.001).admitted == []
+    sched.remove(promised)
+    assert sched.schedule(0.2).admitted == [newcomer]
+
+
+def test_a_promise_already_predicted_late_is_not_made_later_by_an_admission():
+    """The engine ran slower than priced after a TA row was admitted: it is now predicted past its
+    deadline. A newcomer that would slow its steps further waits (before, the row counted as late
+    both before and after the admission, so it was not protected: a burst's later admissions piled
+    onto such rows and every answer came late); one that costs it nothing is still admitted."""
+    sched = scheduler()
+    promised = add(sched, deadline_s=20 * 0.005 + 0.002, widths=("ta",), budget=20)
+    sched.schedule(0.0)
+    sched.latency.set_corrections({"step:eager:b1": 2.0, "step:eager:b2": 2.0})  # steps twice as slow as profiled
+    assert sched._late(Plan(list(sched.running), []), 0.001, {promised.seq_id})
     newcomer = add(sched, widths=("s",))
     assert sched.schedule(0.001).admitted == []
     sched.remove(promised)

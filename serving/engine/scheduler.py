@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from serving.engine import width_changes as changes_rule
-from serving.engine.pricing import NoLatency, Plan, Pricing, SeqState, StepLatency, misses
+from serving.engine.pricing import TOLERANCE_S, NoLatency, Plan, Pricing, SeqState, StepLatency, misses
 from serving.messages import Load, Slo
 
 # Aim at 70% of every target: the rest is for time the engine cannot see (a loaded HTTP side parsing
@@ -292,8 +292,16 @@ class Scheduler(Pricing):
         if not promised:
             return True
         before = self._late(plan, now, promised)
-        after = self._late(Plan([*plan.rows, seq], [*plan.prefills, seq]), now, promised)
-        return not (after - before)
+        with_seq = Plan([*plan.rows, seq], [*plan.prefills, seq])
+        if self._late(with_seq, now, promised) - before:
+            return False
+        if not before:
+            return True
+        # A promised row already predicted late (the engine ran slower than priced since it was
+        # admitted) is not made later still: without this, a burst's later admissions piled onto
+        # rows they no longer counted, and every answer of the burst came late.
+        old, new = self._times(plan, now), self._times(with_seq, now)
+        return all(new[i][0] <= old[i][0] + TOLERANCE_S and new[i][1] <= old[i][1] + TOLERANCE_S for i in before)
 
     def _widen(self, plan: Plan, now: float, free: int) -> None:
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
