@@ -250,8 +250,9 @@ def test_compiled_steps_of_a_nested_llama_match_eager(tokenizer, tmp_path):
         ids, mask, cache_a, plans = step_inputs(model, rows, context=20)
         _, _, cache_b, _ = step_inputs(model, rows, context=20)
         with torch.inference_mode():
+            # rtol: inductor's fused reductions round differently per CPU (2.6e-5 relative on AVX2)
             torch.testing.assert_close(steps(ids, mask, cache_b, plans), decode_logits(model, ids, mask, cache_a, plans),
-                                       atol=1e-5, rtol=0)
+                                       atol=1e-5, rtol=1e-4)
     assert steps.status.compiled_steps == 3 and steps.status.eager_steps == 0
     engine = _generations_match_greedy(model, tokenizer, steps, [(p, "s" if i % 2 else "ta")
                                                                  for i, p in enumerate(PROMPTS)])
