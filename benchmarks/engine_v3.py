@@ -16,7 +16,11 @@ in its own process, one torch thread), each mode in the same run:
    capacity, every request with a TTFT and a TPOT target; a request is good only if it meets
    both (vLLM's goodput, :mod:`benchmarks.client`). ``--policy slo --shed`` vs ``fixed:s`` vs ``fixed:ta``.
 
-    python -m benchmarks.engine_v3 [--cache DIR] [--only burst,startup,goodput]
+4. **Bursts on fresh servers** (``--only bursts``, not in the default run: 36 servers): the burst
+   of 1. on ``--repeats`` fresh servers per mode, with ``--calibrate off`` and ``on`` interleaved;
+   counted: bursts with any late answer.
+
+    python -m benchmarks.engine_v3 [--cache DIR] [--only burst,bursts,startup,goodput] [--repeats N]
 
 Writes ``benchmarks/results/engine_v3.json`` and ``.png``. Run it on an otherwise idle machine.
 """
@@ -125,6 +129,41 @@ def burst(ckpt, cache: Path, tmp: Path) -> dict:
     return out
 
 
+def bursts(ckpt, cache: Path, tmp: Path, repeats: int = 6) -> dict:
+    """The tight-SLO burst on many fresh servers, with and without start-up calibration
+    (``--calibrate``), interleaved: whether a burst is late depends on what its process's steps cost,
+    so one burst per mode says little. A burst is late if any of its answers is. The SLO is 4x the
+    Student's solo latency on the first (eager, uncalibrated) server, kept for every server."""
+    prompts = _prompts(ckpt)
+    runs, slo_ms = [], None
+    for repeat in range(repeats):
+        for mode in ("off", "require", "background"):
+            for calibrate in ("off", "on"):
+                server, url = _server(mode, cache, tmp / f"bursts-{mode}-{calibrate}-{repeat}.log", "--policy", "slo",
+                                      "--shed", "--calibrate", calibrate)
+                try:
+                    solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
+                    slo_ms = slo_ms or 4 * solo
+                    burst = [Request(prompts[i % len(prompts)], 32, 0.0, ckpt.name, {"latency_slo_ms": slo_ms})
+                             for i in range(48)]
+                    records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
+                    run = {"mode": mode, "calibrate": calibrate, "repeat": repeat, "student_solo_ms": round(solo, 1),
+                           **_counts(records, slo_ms / 1000), "engine": _engine_counters(url)}
+                finally:
+                    server.stop()
+                runs.append(run)
+                print("bursts", json.dumps(run))
+    summary: dict = {}
+    for run in runs:
+        entry = summary.setdefault(run["mode"], {}).setdefault(f"calibrate_{run['calibrate']}", {
+            "bursts": 0, "late_bursts": 0, "within_slo": 0, "late": 0, "refused": 0})
+        entry["bursts"] += 1
+        entry["late_bursts"] += run["late"] > 0
+        for key in ("within_slo", "late", "refused"):
+            entry[key] += run[key]
+    return {"slo_ms": round(slo_ms, 1), "repeats": repeats, "summary": summary, "runs": runs}
+
+
 def startup(ckpt, cache: Path, tmp: Path) -> dict:
     prompts = _prompts(ckpt)
     out = {}
@@ -180,7 +219,7 @@ def goodput(ckpt, cache: Path, tmp: Path, seconds: float = 20.0, ttft_ms: float 
 
 
 def plot(results: dict, path: Path) -> None:
-    panels = [k for k in ("burst", "startup", "goodput") if k in results]
+    panels = [k for k in ("burst", "bursts", "startup", "goodput") if k in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
         data = results[name]
@@ -192,6 +231,17 @@ def plot(results: dict, path: Path) -> None:
             ax.set_xlabel("--compile")
             ax.set_title("48-request burst, SLO 4x Student solo, --shed")
             ax.set_ylabel("requests")
+        elif name == "bursts":
+            modes = list(data["summary"])
+            for k, calibrate in enumerate(("calibrate_off", "calibrate_on")):
+                late = [data["summary"][m][calibrate]["late_bursts"] for m in modes]
+                total = [data["summary"][m][calibrate]["bursts"] for m in modes]
+                bars = ax.bar(np.arange(len(modes)) + 0.4 * (k - 0.5), late, 0.4, label=calibrate.replace("_", " "))
+                ax.bar_label(bars, [f"{n}/{t}" for n, t in zip(late, total, strict=True)], fontsize=8)
+            ax.set_xticks(range(len(modes)), modes)
+            ax.set_xlabel("--compile")
+            ax.set_ylabel("bursts with a late answer")
+            ax.set_title(f"fresh servers, SLO {data['slo_ms']:g} ms, --shed")
         elif name == "startup":
             runs = list(data)
             ax.bar(np.arange(len(runs)) - 0.2, [data[r]["first"]["p99_e2el_ms"] for r in runs], 0.4, label="first run")
@@ -214,14 +264,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "matta" / "compile",
                    help="compile cache the compiled modes share (filled by the require run)")
-    p.add_argument("--only", default="burst,startup,goodput")
+    p.add_argument("--only", default="burst,startup,goodput", help="any of burst,bursts,startup,goodput")
+    p.add_argument("--repeats", type=int, default=6, help="bursts: fresh servers per mode and --calibrate setting")
     p.add_argument("--out", type=Path, default=RESULTS / "engine_v3")
     args = p.parse_args()
     ckpt = load_checkpoint(CHECKPOINT)
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="matta-engine-v3-") as tmp:
         for name in args.only.split(","):
-            results[name] = {"burst": burst, "startup": startup, "goodput": goodput}[name](ckpt, args.cache, Path(tmp))
+            run = {"burst": burst, "bursts": lambda *a: bursts(*a, repeats=args.repeats), "startup": startup,
+                   "goodput": goodput}[name]
+            results[name] = run(ckpt, args.cache, Path(tmp))
             args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in results.items() if k != "started"}, indent=1)[:4000])

@@ -16,9 +16,11 @@ compiled: the step that actually runs, sampling and output processing included) 
 bucket (1, 2-3, 4-7, ..., 32+: a compiled step gains more over eager at batch 1 than at batch 16,
 so a factor learned on solo steps priced a burst's batch too fast and every answer admitted on it
 was late), so a slower or busier machine, and a compiled step swapped in, are tracked without
-re-profiling. A bucket not measured yet borrows: a compiled one eager's factor for that batch (a
-compiled step is not slower), an eager one the largest factor eager measured at any batch. Pure
-Python and JSON: policies and tests use it without torch.
+re-profiling. The engine measures every bucket it can reach before serving
+(:meth:`serving.engine.core.EngineCore.calibrate`); a bucket not measured yet borrows: a compiled
+one eager's factor for that batch (a compiled step is not slower: a step compiled after start-up
+starts from it), an eager one the largest factor eager measured at any batch. Pure Python and JSON:
+policies and tests use it without torch.
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ class LatencyModel:
         self._lock = threading.Lock()
         self._prefill = {w: _Ewma() for w in self.costs}
         self._step = {(path, b): _Ewma() for path in STEP_PATHS for b in range(BATCH_BUCKETS)}
+
+    def check_widths(self, widths: list[str], source: object) -> None:
+        """ValueError naming the ``widths`` (a checkpoint's served widths) this profile has no costs for."""
+        missing = [w for w in widths if w not in self.costs]
+        if missing:
+            raise ValueError(f"{source}: the profile has no costs for width(s) {missing} of this checkpoint")
 
     # --- predictions -----------------------------------------------------------------------
 

@@ -44,8 +44,10 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   compile=settings.compile, compile_cache=settings.compile_cache,
                                   on_core_death=settings.on_core_death,
                                   width_changes=settings.width_changes == "on",
+                                  calibrate=settings.calibrate == "on",
                                   max_num_batched_tokens=settings.max_num_batched_tokens)
-        check_profile_widths(engine.latency, ckpt.config.served_widths, settings.profile)
+        if engine.latency is not None:
+            engine.latency.check_widths(ckpt.config.served_widths, settings.profile)
     else:
         ckpt = load_checkpoint(settings.checkpoint, device=device, dtype=settings.dtype)
         latency = load_or_measure_profile(settings, ckpt.model)
@@ -53,7 +55,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                             cache_dir=settings.compile_cache, checkpoint=settings.checkpoint)
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                         latency=latency, steps=steps, width_changes=settings.width_changes == "on",
-                        max_num_batched_tokens=settings.max_num_batched_tokens)
+                        max_num_batched_tokens=settings.max_num_batched_tokens, calibrate=settings.calibrate == "on")
     backend = EngineBackend(engine, ckpt.tokenizer, retry_after_s=settings.retry_after_s)
     app = build_frontend_app(backend, settings, title="matta",
                              description="OpenAI-compatible completions at every nested width",
@@ -72,19 +74,13 @@ def server_chat_template(ckpt, settings: ServeSettings):
     return resolve_chat_template(settings.chat_template, ckpt.chat_template, specials, str(ckpt.path))
 
 
-def check_profile_widths(latency: LatencyModel | None, widths: list[str], source) -> None:
-    missing = [w for w in widths if latency is not None and w not in latency.costs]
-    if missing:
-        raise ValueError(f"{source}: the profile has no costs for width(s) {missing} of this checkpoint")
-
-
 def load_or_measure_profile(settings: ServeSettings, model) -> LatencyModel | None:
     """The latency model for this server: the given profile, or one measured now when the policy
     or an experiment arm needs predictions (a few seconds on CPU), or None."""
     widths = model.config.served_widths  # Mix'n'Match profiles are operating points too
     if settings.profile is not None:
         latency = LatencyModel.load(settings.profile)
-        check_profile_widths(latency, widths, settings.profile)
+        latency.check_widths(widths, settings.profile)
         return latency
     if not needs_cost_model(settings):
         return None

@@ -121,6 +121,10 @@ class ServeSettings(FrontendSettings):
                                                         "the HTTP loop)")
     profile: Path | None = Field(None, description="latency profile from `matta profile` (default: measured at "
                                                    "start-up when a policy needs one)")
+    calibrate: Literal["on", "off"] = Field(
+        "on", description="with a latency profile, run every batch-size bucket once before the first request (about "
+                         "a second) so the first burst is priced on this process's measured steps; off: buckets are "
+                         "learnt from traffic, an unseen one borrowing another's correction")
     # Off by default: measured on the shipped checkpoint, changes did not raise SLO attainment, cost
     # 1-2% of the in-SLO answers' quality, and the answers a burst admitted by narrowing came late
     # (docs/width_changes.md).

@@ -9,13 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.latency import LatencyModel, WidthCost
 from serving.engine.core import EngineCore
 from serving.engine.detokenize import IncrementalDetokenizer
 from serving.engine.inproc import Engine, EngineStoppedError
 from serving.messages import Add, Sampling, Slo
-from tests.helpers import sharpen
+from tests.helpers import assert_greedy_up_to_rounding, sharpen
 
 GREEDY = Sampling(max_tokens=12, temperature=0.0)
+BF16_LOGIT_TOLERANCE = 0.05  # about 6 bf16 ulps at this tiny model's logits (|logit| < 2); measured gaps <= 0.008
 
 
 @pytest.fixture
@@ -331,8 +333,10 @@ def test_a_plain_answer_comes_as_its_first_token_and_one_final_output_with_the_s
 
 
 def test_a_bfloat16_engine_decodes_mixed_widths_as_the_bfloat16_model_alone(model, tokenizer):
-    """``--dtype bfloat16``: weights and KV cache in bf16; batched, mixed-width decoding still
-    gives each row exactly the tokens the same bf16 model gives it alone."""
+    """``--dtype bfloat16``: weights and KV cache in bf16; batched, mixed-width decoding gives each
+    row the bf16 model's own greedy tokens at its width, up to bf16 rounding: a CPU without native
+    bf16 matmuls rounds a batch of rows differently from one row, and a near-tie may then break the
+    other way (exact text equality held on AVX-512 BF16 and failed on AVX2)."""
     import copy
 
     half = copy.deepcopy(model).to(torch.bfloat16)
@@ -351,7 +355,8 @@ def test_a_bfloat16_engine_decodes_mixed_widths_as_the_bfloat16_model_alone(mode
     finally:
         engine.stop()
     for (text, width), result in zip(prompts, outputs, strict=True):
-        assert result[0][0] == half.generate_greedy(tokenizer.encode(text), 16, width=width), (text, width)
+        assert len(result[0][0]) == 16 or result[0][0][-1] == model.config.eos_token_id
+        assert_greedy_up_to_rounding(half, tokenizer.encode(text), result[0][0], width, BF16_LOGIT_TOLERANCE)
 
 
 def test_with_chunked_prefill_a_long_prompt_never_stalls_a_running_answer(model, tokenizer):
@@ -380,3 +385,28 @@ def test_with_chunked_prefill_a_long_prompt_never_stalls_a_running_answer(model,
     assert core.load().prefill_chunks == 5
     assert tokens[0] == model.generate_greedy(running, 30, width="s")
     assert tokens[1] == model.generate_greedy(long_prompt, 15, width="ta")
+
+
+@pytest.mark.parametrize("budget", [0, 16], ids=["unchunked", "chunked"])
+def test_calibration_measures_every_batch_bucket_and_leaves_the_engine_as_it_found_it(model, tokenizer, budget):
+    """Before serving, the core runs every batch-size bucket it can reach through its own loop: each
+    bucket's correction is measured (none borrowed), and afterwards nothing of it is left: no row,
+    no queued sequence, no iteration or finished request counted, and a request decodes as the model
+    alone."""
+    latency = LatencyModel({w: WidthCost(1e-3, 1e-4, 0.0, 1e-3, 1e-5) for w in model.config.served_widths})
+    core = EngineCore(model, tokenizer, max_batch=8, latency=latency, max_num_batched_tokens=budget)
+    assert not [k for k in latency.corrections() if k.count(":") == 2]  # nothing measured yet
+    with torch.inference_mode():
+        assert core.calibrate() > 0
+        measured = {k for k in latency.corrections() if k.startswith("step:eager:b")}
+        assert measured == {"step:eager:b1", "step:eager:b2", "step:eager:b4", "step:eager:b8"}
+        assert all(latency.corrections()[f"prefill:{w}"] != 1.0 for w in model.config.served_widths)
+        load = core.load()
+        assert (load.running, load.waiting, load.iterations, load.finished, load.overruns_2x) == (0, 0, 0, 0, 0)
+        assert core.runner.row_ids == [] and not core.has_work()
+        prompt = tokenizer.encode("Now is the winter")
+        tokens = core.add(Add(0, [prompt], ("m",), GREEDY))
+        while core.has_work():
+            tokens += core.step()
+    assert [t for out in tokens for t in out.token_ids] == model.generate_greedy(prompt, 12, width="m")
+    assert core.load().finished == 1

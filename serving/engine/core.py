@@ -18,13 +18,15 @@ message structs of :mod:`serving.messages` in both.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 
 from matta.model import NestedGPT
 from matta.tokenizer import Tokenizer
-from router.latency import LatencyModel
+from router.latency import BATCH_BUCKETS, LatencyModel
 from serving import messages as msg
 from serving.engine.output_processor import OutputProcessor
 from serving.engine.scheduler import DEFAULT_MARGIN, QueueFullError, Scheduler, SeqState
@@ -32,6 +34,9 @@ from serving.worker.compiled import DecodeSteps
 from serving.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_TOKENS = 4  # per calibration sequence: its prefill and three decode steps at the round's batch
+CALIBRATION_PROMPT = 16  # tokens per calibration prompt (a chat turn's order, and one chunk)
 
 
 class EngineCore:
@@ -121,6 +126,47 @@ class EngineCore:
         requests = self._requests.get(seq.request_id)
         if requests is not None and all(s.seq_id not in self._seqs for s in requests):
             self._requests.pop(seq.request_id, None)
+
+    # --- start-up calibration ----------------------------------------------------------------------
+
+    def calibrate(self) -> float:
+        """Before serving: run every batch-size bucket of the latency model through this loop, at each
+        width alone and at all widths mixed, on the path each step will run; returns the seconds it took.
+
+        Why: online, the model learns a bucket only when traffic reaches it, and a bucket not yet seen
+        borrows another's factor. A burst's first batch of 15 rows was priced on what solo requests had
+        measured, ran at twice that, and every answer admitted on it was late; the same batch in
+        another process ran 1.6-2.6x faster (docs/benchmarks.md, "Late bursts"). What a process's
+        steps cost is a property of the process, so it is measured in it before the first request.
+        The rounds go through :meth:`step` (schedule, prefill, decode, output processing), so what is
+        learnt is what serving costs; their steps count in the decode-step counters, not as iterations,
+        overruns or finished requests."""
+        if self.latency is None:
+            return 0.0
+        started = time.perf_counter()
+        widths = self.config.served_widths
+        sizes = sorted({min(self.scheduler.max_batch, (2 << b) - 1 if b < BATCH_BUCKETS - 1 else 1 << 30)
+                        for b in range(BATCH_BUCKETS)})
+        prompt = [t % self.config.vocab_size for t in range(1, CALIBRATION_PROMPT + 1)]
+        ids = itertools.count(-1, -1)  # never a client's request id
+        overruns = self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished
+        budget = self.scheduler.token_budget
+        for rows in sizes:
+            # Chunked, the prompts of a round take several iterations: the first rows decode on until
+            # the last is in, so the round still runs steps over all of its rows.
+            filling = math.ceil(rows * CALIBRATION_PROMPT / max(1, budget - rows)) if budget else 0
+            sampling = msg.Sampling(max_tokens=CALIBRATION_TOKENS + filling, temperature=0.0)
+            for mix in [[w] for w in widths] + [widths]:
+                for i in range(rows):  # one request per row, as clients send them
+                    self.add(msg.Add(next(ids), [prompt], (mix[i % len(mix)],), sampling, msg.NO_SLO,
+                                     time.monotonic(), stream=False))
+                while self.scheduler.waiting or self.scheduler.running:
+                    self.step()
+        self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished = overruns
+        self._busy_since = None
+        seconds = time.perf_counter() - started
+        log.info("calibrated the latency model on %s rows in %.2f s: %s", sizes, seconds, self.latency.corrections())
+        return seconds
 
     # --- one iteration ---------------------------------------------------------------------------
 

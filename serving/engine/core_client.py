@@ -64,10 +64,13 @@ class EngineCoreClient:
     def __init__(self, checkpoint: Path, config: ModelConfig, *, max_batch: int, max_queue: int, device: str,
                  threads: int, dtype: str = "float32", profile: Path | None = None, measure_profile: bool = False,
                  compile: str = "off", compile_cache: Path | None = None, log_level: str = "warning",
-                 on_core_death: str = "restart", width_changes: bool = False, max_num_batched_tokens: int = 0) -> None:
-        """``on_core_death``: what a core that dies while serving leads to (``ServeSettings.on_core_death``):
-        ``"restart"`` a new core, with back-off, or ``"exit"`` of this process (SIGTERM to itself: the
-        server drains what is left, and ``matta serve`` exits with :data:`CORE_DIED_EXIT_CODE`)."""
+                 on_core_death: str = "restart", width_changes: bool = False, max_num_batched_tokens: int = 0,
+                 calibrate: bool = True) -> None:
+        """``calibrate``: the core measures every batch-size bucket before its first request
+        (:meth:`serving.engine.core.EngineCore.calibrate`). ``on_core_death``: what a core that dies
+        while serving leads to (``ServeSettings.on_core_death``): ``"restart"`` a new core, with
+        back-off, or ``"exit"`` of this process (SIGTERM to itself: the server drains what is left,
+        and ``matta serve`` exits with :data:`CORE_DIED_EXIT_CODE`)."""
         if on_core_death not in CORE_DEATH_POLICIES:
             raise ValueError(f"on_core_death must be one of {CORE_DEATH_POLICIES}, got {on_core_death!r}")
         self.config, self.max_batch, self.max_queue = config, max_batch, max_queue
@@ -77,7 +80,7 @@ class EngineCoreClient:
         cmd = [*CORE_COMMAND, "--checkpoint", str(checkpoint), "--device", device, "--threads", str(threads),
                "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", log_level]
         cmd += ["--compile", compile, "--width-changes", "on" if width_changes else "off",
-                "--max-num-batched-tokens", str(max_num_batched_tokens)]
+                "--max-num-batched-tokens", str(max_num_batched_tokens), "--calibrate", "on" if calibrate else "off"]
         if compile_cache is not None:
             cmd += ["--compile-cache", str(compile_cache)]
         self._cmd, self._profile_args = cmd, []

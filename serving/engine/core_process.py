@@ -2,7 +2,8 @@
 
 ``python -m serving.engine.core_process --checkpoint DIR --input ADDR --output ADDR ...`` is started by
 :class:`serving.engine.core_client.EngineCoreClient` (never by hand). It loads the checkpoint, measures
-or loads the latency profile, loads the compiled steps already cached, answers
+or loads the latency profile, loads the compiled steps already cached, calibrates the profile on
+every batch-size bucket (:meth:`~serving.engine.core.EngineCore.calibrate`), answers
 :class:`~serving.messages.Ready` (or ``Failed``), then runs :class:`serving.engine.core.EngineCore`'s
 loop on its main thread: read whatever requests arrived, run one iteration, send one
 :class:`~serving.messages.StepOutput` (every sequence's new text and the load view). One
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-profile", action="store_true", help="measure a latency profile at start-up")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="compiled decode steps (serving.worker.compiled)")
     p.add_argument("--compile-cache", type=Path, help="directory of compiled decode graphs")
+    p.add_argument("--calibrate", choices=("on", "off"), default="on",
+                   help="measure every batch-size bucket before the first request (EngineCore.calibrate)")
     p.add_argument("--width-changes", choices=("on", "off"), default="off",
                    help="running sequences may change width (serving.engine.width_changes)")
     p.add_argument("--max-num-batched-tokens", type=int, default=0,
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         latency = None
         if args.profile is not None:
             latency = LatencyModel.load(args.profile)
+            latency.check_widths(ckpt.config.served_widths, args.profile)  # before calibrate prices them
         elif args.measure_profile:
             from serving.worker.profile import profile_model
 
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                           latency=latency, steps=steps, width_changes=args.width_changes == "on",
                           max_num_batched_tokens=args.max_num_batched_tokens)
         steps.start()  # the cached compiled steps load before Ready: none is swapped in under load
+        if args.calibrate == "on":
+            with torch.inference_mode():
+                core.calibrate()  # every batch bucket measured on the path it runs before the first request
     except Exception as exc:  # told to the API process, which refuses to start with this message
         push.send(msg.encoder.encode(msg.Failed(f"{type(exc).__name__}: {exc}")))
         push.close(linger=2000)

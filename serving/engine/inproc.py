@@ -68,7 +68,10 @@ class Engine:
 
     def __init__(self, model: NestedGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  latency: LatencyModel | None = None, steps: DecodeSteps | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, max_num_batched_tokens: int = 0) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, max_num_batched_tokens: int = 0,
+                 calibrate: bool = True) -> None:
+        """``calibrate``: measure every batch-size bucket before the first request (:meth:`EngineCore.calibrate`)."""
+        self.calibrate = calibrate
         self.core = EngineCore(model, tokenizer, max_batch=max_batch, max_queue=max_queue, latency=latency,
                                steps=steps, margin=margin, width_changes=width_changes,
                                max_num_batched_tokens=max_num_batched_tokens)
@@ -145,6 +148,8 @@ class Engine:
     def _run(self) -> None:
         core = self.core
         with torch.inference_mode():
+            if self.calibrate:
+                core.calibrate()  # before the first request (which waits in the inbox meanwhile)
             while True:
                 with self._cond:
                     while not self._stopping and not self._inbox and not core.has_work():
