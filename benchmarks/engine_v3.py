@@ -233,15 +233,19 @@ def plot(results: dict, path: Path) -> None:
             ax.set_ylabel("requests")
         elif name == "bursts":
             modes = list(data["summary"])
-            for k, calibrate in enumerate(("calibrate_off", "calibrate_on")):
-                late = [data["summary"][m][calibrate]["late_bursts"] for m in modes]
-                total = [data["summary"][m][calibrate]["bursts"] for m in modes]
-                bars = ax.bar(np.arange(len(modes)) + 0.4 * (k - 0.5), late, 0.4, label=calibrate.replace("_", " "))
-                ax.bar_label(bars, [f"{n}/{t}" for n, t in zip(late, total, strict=True)], fontsize=8)
+            for k, calibrate in enumerate(("off", "on")):
+                x = np.arange(len(modes)) + 0.4 * (k - 0.5)
+                runs = [[r for r in data["runs"] if r["mode"] == m and r["calibrate"] == calibrate] for m in modes]
+                bars = ax.bar(x, [np.mean([r["within_slo"] for r in rs]) for rs in runs], 0.4, alpha=0.6,
+                              label=f"--calibrate {calibrate}: mean within SLO")
+                for xi, rs in zip(x, runs, strict=True):
+                    ax.plot([xi] * len(rs), [r["within_slo"] for r in rs], "k.", ms=4)
+                late = [data["summary"][m][f"calibrate_{calibrate}"] for m in modes]
+                ax.bar_label(bars, [f"late {e['late_bursts']}/{e['bursts']}" for e in late], fontsize=7)
             ax.set_xticks(range(len(modes)), modes)
             ax.set_xlabel("--compile")
-            ax.set_ylabel("bursts with a late answer")
-            ax.set_title(f"fresh servers, SLO {data['slo_ms']:g} ms, --shed")
+            ax.set_ylabel("answers within the SLO per burst (dots: bursts)")
+            ax.set_title(f"48-request burst on fresh servers, SLO {data['slo_ms']:g} ms")
         elif name == "startup":
             runs = list(data)
             ax.bar(np.arange(len(runs)) - 0.2, [data[r]["first"]["p99_e2el_ms"] for r in runs], 0.4, label="first run")

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     freeze_startup_heap()
     push.send(msg.encoder.encode(msg.Ready(latency.to_json() if latency is not None else None)))
+    push.send(msg.encoder.encode(msg.StepOutput([], core.load())))  # the calibrated corrections, before any request
     serve_forever(core, push, pull)
     push.close(linger=2000)
     pull.close(linger=0)
