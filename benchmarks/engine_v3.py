@@ -105,6 +105,16 @@ def _engine_counters(url: str) -> dict:
     return out
 
 
+def _solo_then_burst(url: str, ckpt, prompts, slo_ms: float | None) -> tuple[float, float, dict]:
+    """The Student's solo latency for 32 tokens on the server at ``url``, then the 48-request burst
+    under ``slo_ms`` (4x that solo latency when None): (solo ms, SLO ms, the burst's counts)."""
+    solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
+    slo_ms = slo_ms or 4 * solo
+    burst = [Request(prompts[i % len(prompts)], 32, 0.0, ckpt.name, {"latency_slo_ms": slo_ms}) for i in range(48)]
+    records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
+    return solo, slo_ms, {**_counts(records, slo_ms / 1000), "engine": _engine_counters(url)}
+
+
 def burst(ckpt, cache: Path, tmp: Path) -> dict:
     """The tight-SLO burst per compile mode, every mode under one SLO in milliseconds: 4x the
     Student's solo latency on the eager (``off``) server, measured first (each server still serves
@@ -115,13 +125,8 @@ def burst(ckpt, cache: Path, tmp: Path) -> dict:
     for mode in ("off", "require", "background"):  # require before background: it fills the cache
         server, url = _server(mode, cache, tmp / f"burst-{mode}.log", "--policy", "slo", "--shed")
         try:
-            solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
-            slo_ms = slo_ms or 4 * solo
-            burst = [Request(prompts[i % len(prompts)], 32, 0.0, ckpt.name, {"latency_slo_ms": slo_ms})
-                     for i in range(48)]
-            records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
-            out[mode] = {"student_solo_ms": round(solo, 1), "slo_ms": round(slo_ms, 1), **_counts(records, slo_ms / 1000),
-                         "engine": _engine_counters(url),
+            solo, slo_ms, counts = _solo_then_burst(url, ckpt, prompts, slo_ms)
+            out[mode] = {"student_solo_ms": round(solo, 1), "slo_ms": round(slo_ms, 1), **counts,
                          "compiled": httpx.get(f"{url}/health").json().get("compiled")}
         finally:
             server.stop()
@@ -142,13 +147,9 @@ def bursts(ckpt, cache: Path, tmp: Path, repeats: int = 6) -> dict:
                 server, url = _server(mode, cache, tmp / f"bursts-{mode}-{calibrate}-{repeat}.log", "--policy", "slo",
                                       "--shed", "--calibrate", calibrate)
                 try:
-                    solo = _solo_ms(url, f"{ckpt.name}:s", prompts, 32)
-                    slo_ms = slo_ms or 4 * solo
-                    burst = [Request(prompts[i % len(prompts)], 32, 0.0, ckpt.name, {"latency_slo_ms": slo_ms})
-                             for i in range(48)]
-                    records, _ = asyncio.run(run_open_loop(url, burst, timeout_s=60, stream=False))
+                    solo, slo_ms, counts = _solo_then_burst(url, ckpt, prompts, slo_ms)
                     run = {"mode": mode, "calibrate": calibrate, "repeat": repeat, "student_solo_ms": round(solo, 1),
-                           **_counts(records, slo_ms / 1000), "engine": _engine_counters(url)}
+                           **counts}
                 finally:
                     server.stop()
                 runs.append(run)
