@@ -149,7 +149,7 @@ class EngineCore:
                         for b in range(BATCH_BUCKETS)})
         prompt = [t % self.config.vocab_size for t in range(1, CALIBRATION_PROMPT + 1)]
         ids = itertools.count(-1, -1)  # never a client's request id
-        overruns = self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished
+        counters = self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished
         budget = self.scheduler.token_budget
         for rows in sizes:
             # Chunked, the prompts of a round take several iterations: the first rows decode on until
@@ -162,7 +162,7 @@ class EngineCore:
                                      time.monotonic(), stream=False))
                 while self.scheduler.waiting or self.scheduler.running:
                     self.step()
-        self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished = overruns
+        self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished = counters
         self._busy_since = None
         seconds = time.perf_counter() - started
         log.info("calibrated the latency model on %s rows in %.2f s: %s", sizes, seconds, self.latency.corrections())
