@@ -123,7 +123,7 @@ def record_quality(record: RequestOutput, quality: dict[str, float]) -> float:
 
 def summarise(records: list[RequestOutput], slo_s: float, quality: dict[str, float], duration: float, bins: int) -> dict:
     n = len(records)
-    ok = [r for r in records if r.status == 200]
+    ok = [r for r in records if r.success]
     met = [r for r in ok if r.latency_s <= slo_s]
     shed = [r for r in records if r.status == 429]
     lat = [r.latency_s for r in ok]
@@ -132,7 +132,7 @@ def summarise(records: list[RequestOutput], slo_s: float, quality: dict[str, flo
     timeline = []
     for lo, hi in itertools.pairwise(edges):
         window = [r for r in records if lo <= r.arrival_s < hi]
-        served = [r for r in window if r.status == 200]
+        served = [r for r in window if r.success]
         timeline.append({
             "t_mid": float((lo + hi) / 2), "sent": len(window),
             "attainment": (sum(r.latency_s <= slo_s for r in served) / len(window)) if window else None,

@@ -70,6 +70,44 @@ class ArrivalRate:
         return self._mass / self.window_s
 
 
+class LoadCeiling:
+    """The widest width whose full-batch capacity covers the arrival rate: sustained load narrows the
+    whole batch, as a per-request choice alone does not (see the module doc).
+
+    The rate is an :class:`ArrivalRate` (rows per second); the ceiling drops at once when the rate
+    passes ``utilization`` of its width's capacity, and rises one width when the rate fits the wider
+    width's capacity with ``headroom`` to spare. Used by :class:`SloPolicy` (``matta route``) and by
+    the engine's scheduler at dispatch (:mod:`serving.engine.scheduler`).
+    """
+
+    def __init__(self, n_widths: int, utilization: float = 0.9, headroom: float = 0.2, window_s: float = 2.0) -> None:
+        if not 0 <= utilization <= 1:
+            raise ValueError(f"load ceiling: utilization must be in [0, 1] (0 turns it off), got {utilization}")
+        if not 0 <= headroom < 1:
+            raise ValueError(f"load ceiling: headroom must be in [0, 1), got {headroom}")
+        self.utilization, self.headroom = utilization, headroom
+        self.arrivals = ArrivalRate(window_s)
+        self.top = n_widths - 1
+        self.level = self.top  # index of the current ceiling, narrowest first
+
+    def arrive(self, now: float, count: int = 1) -> float:
+        """Record ``count`` arriving rows; returns the rate including them."""
+        return self.arrivals.arrive(now, count)
+
+    def ceiling(self, now: float, capacity: Sequence[float]) -> int:
+        """Index of the ceiling given each width's capacity (rows per second, narrowest first)."""
+        if self.utilization == 0:
+            return self.top
+        rate = self.arrivals.rate(now)
+        level = self.level
+        while level > 0 and rate > self.utilization * capacity[level]:
+            level -= 1
+        while level < self.top and rate <= (1 - self.headroom) * self.utilization * capacity[level + 1]:
+            level += 1
+        self.level = level
+        return level
+
+
 class SloPolicy:
     """Widest width predicted to meet the request's latency SLO, with hysteresis, floor and shedding."""
 
@@ -85,9 +123,6 @@ class SloPolicy:
             raise ValueError(f"slo policy: unknown min_width {min_width!r}; known: {list(widths)}")
         if not 0 <= headroom < 1:
             raise ValueError(f"slo policy: headroom must be in [0, 1), got {headroom}")
-        if not 0 <= utilization <= 1:
-            raise ValueError(f"slo policy: utilization must be in [0, 1] (0 turns the load ceiling off), "
-                             f"got {utilization}")
         self.widths = list(widths)
         self.predictor = predictor
         self.default_slo_ms = default_slo_ms
@@ -100,25 +135,17 @@ class SloPolicy:
         self.width_changes = width_changes
         self.name = "slo"
         self._classes: dict[float, _ClassState] = {}
-        self._arrivals = ArrivalRate(rate_window_s)
-        self._ceiling = len(self.widths) - 1
+        self._load = LoadCeiling(len(self.widths), utilization, headroom, rate_window_s)
         # Only predictors that know a width's throughput (the engine's) support a ceiling; a
         # proxy's backends each serve one width in parallel, so there the load spreads instead.
         self._capacity = getattr(predictor, "capacity_rps", None) if utilization > 0 else None
 
     def load_ceiling(self, request: RequestInfo, load: LoadSnapshot, now: float) -> int:
         """Index of the widest width whose capacity covers the arrival rate (with hysteresis)."""
-        rate = self._arrivals.arrive(now, max(1, request.n_prompts))
+        self._load.arrive(now, max(1, request.n_prompts))
         if self._capacity is None:
             return len(self.widths) - 1
-        capacity = [self._capacity(w, request, load) for w in self.widths]
-        ceiling = self._ceiling
-        while ceiling > 0 and rate > self.utilization * capacity[ceiling]:
-            ceiling -= 1
-        while ceiling < len(self.widths) - 1 and rate <= (1 - self.headroom) * self.utilization * capacity[ceiling + 1]:
-            ceiling += 1
-        self._ceiling = ceiling
-        return ceiling
+        return self._load.ceiling(now, [self._capacity(w, request, load) for w in self.widths])
 
     def choose(self, request: RequestInfo, load: LoadSnapshot, now: float) -> WidthDecision:
         if self.dispatch:

@@ -122,6 +122,40 @@ def dispatched_with(max_batch: int, **targets) -> str | None:
     return seq.width if seq in out.admitted else None
 
 
+def widths_at_rate(sched: Scheduler, rate: float, seconds: float, start: float = 0.0, widths=WIDTHS) -> list[str]:
+    """Requests with a loose deadline arriving ``rate`` per second, each scheduled as it comes and
+    finished at once (the batch never fills): the widths they were dispatched at."""
+    out = []
+    for i in range(round(rate * seconds)):
+        now = start + i / rate
+        seq = add(sched, deadline_s=10.0, widths=widths, now=now)
+        sched.schedule(now)
+        out.append(seq.width)
+        sched.remove(seq)
+    return out
+
+
+def test_sustained_arrivals_past_a_widths_capacity_narrow_the_batch_and_a_calm_rate_widens_it_back():
+    """Each request alone, with 10 s of slack, fits at the TA; but 8 rows of 20 tokens at the TA sustain
+    1 / (20 x 33 ms / 8 + 1 ms) = 12.0 requests/s, at l 15.7, at m 23.0, at s 42.6. At 30 requests/s
+    the width at dispatch stops at the Student (90% of its capacity covers 30, of m's does not);
+    back at 2 requests/s it rises to the TA again; a pinned request keeps its width throughout.
+    Without the ceiling (utilization 0) the same stream is all TA, which the engine could not keep up
+    with: the next arrivals would queue and miss."""
+    sched = scheduler()
+    busy = widths_at_rate(sched, rate=30.0, seconds=8.0)  # the rate estimate's window is 2 s
+    assert busy[0] == "ta" and set(busy[-90:]) == {"s"}
+    assert widths_at_rate(sched, rate=30.0, seconds=0.5, start=8.0, widths=("ta",)) == ["ta"] * 15
+    calm = widths_at_rate(sched, rate=2.0, seconds=10.0, start=8.5)
+    assert calm[-5:] == ["ta"] * 5
+    assert set(widths_at_rate(scheduler_without_ceiling(), rate=30.0, seconds=8.0)) == {"ta"}
+
+
+def scheduler_without_ceiling() -> Scheduler:
+    return Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=64, latency=LatencyModel(dict(COSTS)), margin=1.0,
+                     utilization=0.0)
+
+
 def test_a_full_queue_refuses_all_prompts_or_none():
     sched = scheduler(max_queue=2)
     sched.add(0, [3], [5], ("s",), Slo(), 0.0)

@@ -24,8 +24,10 @@ from tests.test_scheduler import COSTS, SIZES, WIDTHS
 
 
 def scheduler(width_changes: bool = True, max_batch: int = 8) -> Scheduler:
+    # No load ceiling: these tests start a handful of 200-token rows at once, which its 2 s arrival
+    # window reads as a rate past the TA's capacity (tests/test_scheduler.py tests the ceiling).
     return Scheduler(WIDTHS, SIZES, max_batch=max_batch, max_queue=64, latency=LatencyModel(dict(COSTS)), margin=1.0,
-                     width_changes=width_changes)
+                     width_changes=width_changes, utilization=0.0)
 
 
 def add(sched: Scheduler, now: float, deadline_s: float | None = None, widths=WIDTHS, budget: int = 20,
@@ -76,7 +78,7 @@ def test_a_narrowing_goes_no_further_than_it_needs_nor_below_an_eighth_of_the_ca
     nothing narrows (quality is not spent on a deadline that is lost anyway)."""
     sizes = {"s": 4, "m": 32, "l": 48, "ta": 64}  # s keeps 1/16 of the TA: out of reach
     sched = Scheduler(WIDTHS, sizes, max_batch=8, max_queue=64, latency=LatencyModel(dict(COSTS)), margin=1.0,
-                      width_changes=True)
+                      width_changes=True, utilization=0.0)
     rows = long_rows(sched)
     # At m (the floor) a step is 1 + 4 x 2 + 1 = 10 ms: 0.19 s for 19 steps and a prefill; 0.15 s is too short.
     newcomer = add(sched, 0.01, deadline_s=0.15)
@@ -89,7 +91,8 @@ def test_a_running_promise_predicted_late_narrows_the_batch():
     tokens to go and 0.2 s left would end at 18 x 2 x 9 ms = 0.324 s. The widest rows narrow, rung
     by rung, until it is on time: both to l (0.252 s), the other to m (0.216 s), to s (0.18 s)."""
     latency = LatencyModel(dict(COSTS))
-    sched = Scheduler(WIDTHS, SIZES, max_batch=2, max_queue=8, latency=latency, margin=1.0, width_changes=True)
+    sched = Scheduler(WIDTHS, SIZES, max_batch=2, max_queue=8, latency=latency, margin=1.0, width_changes=True,
+                      utilization=0.0)
     promised = add(sched, 0.0, deadline_s=0.2, widths=("l", "ta"))
     other = add(sched, 0.0, budget=200)
     sched.schedule(0.0)

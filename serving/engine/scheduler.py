@@ -19,7 +19,10 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    one width at a time, earliest deadline first, while every promised deadline still holds with
    the batch's free slots taken by narrowest rows (a burst reaches the engine a few requests per
    iteration; the first ones must not take the width the rest of it needs) and the waiting
-   sequences can still start in time at their narrowest.
+   sequences can still start in time at their narrowest; and never past the **load ceiling**,
+   the widest width whose full-batch capacity covers the recent arrival rate
+   (:class:`router.slo.LoadCeiling`): a width that fits the deadlines of a momentarily short queue
+   is the one that makes the next arrivals miss, so sustained load narrows the whole batch.
 4. **Width changes mid-generation** (:mod:`serving.engine.width_changes`, when the server runs
    ``--width-changes on``). Running sequences narrow, widest first and one rung at a time, when
    a promised one among them is predicted late, or when a promised waiting sequence could then
@@ -53,6 +56,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from router.slo import LoadCeiling
 from serving.engine import width_changes as changes_rule
 from serving.engine.pricing import TOLERANCE_S, NoLatency, Plan, Pricing, SeqState, StepLatency, misses
 from serving.messages import Load, Slo
@@ -89,10 +93,11 @@ class Scheduler(Pricing):
 
     def __init__(self, widths: Sequence[str], ffn_size: Mapping[str, int], *, max_batch: int, max_queue: int,
                  latency: StepLatency | None = None, path_of: Callable[[Sequence[str]], str] | None = None,
-                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, token_budget: int = 0) -> None:
+                 margin: float = DEFAULT_MARGIN, width_changes: bool = False, token_budget: int = 0,
+                 utilization: float = 0.9) -> None:
         """``width_changes``: whether running sequences may change width (``--width-changes``);
         ``token_budget``: tokens per iteration with chunked prefill, 0 for none
-        (``--max-num-batched-tokens``)."""
+        (``--max-num-batched-tokens``); ``utilization``: the load ceiling's (0 turns it off)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -112,6 +117,7 @@ class Scheduler(Pricing):
         self.width_changes = width_changes
         self.token_budget = token_budget
         self.changes_by_pair: dict[str, int] = {}  # "from->to" -> width changes made
+        self.load_ceiling = LoadCeiling(len(self.widths), utilization)  # widening stops at what the arrival rate allows
         self.waiting: list[SeqState] = []
         self.running: list[SeqState] = []
         self._ids = itertools.count()
@@ -129,6 +135,7 @@ class Scheduler(Pricing):
         unknown = [w for w in widths if w not in self.ffn_size]
         if not widths or unknown:
             raise ValueError(f"unknown width(s) {unknown or list(widths)!r}; known: {self.widths}")
+        self.load_ceiling.arrive(arrival, len(prompt_lens))  # demand, whether or not it fits
         if len(self.waiting) + len(prompt_lens) > self.max_queue:
             raise QueueFullError(f"the queue is full ({len(self.waiting)} waiting, limit {self.max_queue}); "
                                  "retry later")
@@ -210,8 +217,10 @@ class Scheduler(Pricing):
             # Widen with headroom and the free slots taken by narrowest rows (as at dispatch).
             plan.reserve, plan.step_scale = max(0, free), 1 + changes_rule.WIDEN_HEADROOM
             promised = {s.seq_id for s in plan.rows if s.promised}
+            limit = self._ceiling_ffn(plan.rows, now)
             changes_rule.widen([s for s in plan.rows if not s.prefill_left],
-                               lambda s: not self._late(plan, now, promised | {s.seq_id}), changed)
+                               lambda s: self.ffn_size[s.width] <= limit
+                               and not self._late(plan, now, promised | {s.seq_id}), changed)
             plan.reserve, plan.step_scale = 0, 1.0
         for seq in plan.prefills:
             self.waiting.remove(seq)
@@ -307,6 +316,7 @@ class Scheduler(Pricing):
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
         (nor the widened sequence's own) becomes late, with the free slots filled by narrowest rows."""
         plan.reserve = max(0, free)
+        limit = self._ceiling_ffn(plan.prefills, now)
         waiting = [s for s in sorted(self.waiting, key=lambda s: s.edf_key)
                    if s not in plan.prefills and s.promised][: self.max_batch]
         for seq in sorted(plan.prefills, key=lambda s: s.edf_key):
@@ -318,11 +328,30 @@ class Scheduler(Pricing):
                 # at the narrowest widths, so nothing is widened.
                 break
             for wider in seq.widths[1:]:
+                if self.ffn_size[wider] > limit:
+                    break
                 narrower, seq.width = seq.width, wider
                 if self._late(plan, now, watched) or self._late_waiting(plan, now, waiting):
                     seq.width = narrower
                     break
         plan.reserve = 0
+
+    def _ceiling_ffn(self, seqs: Sequence[SeqState], now: float) -> int:
+        """FFN size of the load ceiling: the widest width whose full-batch capacity, for sequences
+        shaped as ``seqs``, covers the recent arrival rate (:class:`router.slo.LoadCeiling`). A
+        sequence occupies a slot for its budget of decode steps and pays its prefill:
+        capacity = 1 / (budget x step(max_batch rows) / max_batch + prefill) sequences per second."""
+        if not self.priced or not seqs:
+            return max(self.ffn_size.values())
+        budget = max(1, round(sum(s.budget for s in seqs) / len(seqs)))
+        prompt = max(1, round(sum(s.prompt_len for s in seqs) / len(seqs)))
+        capacity = []
+        for width in self.widths:
+            step = self.latency.step_s({width: (self.max_batch, prompt + budget // 2)},
+                                       self.path_of([width] * self.max_batch))
+            seconds = budget * step / self.max_batch + self.latency.prefill_s(width, prompt)
+            capacity.append(1 / seconds if seconds > 0 else math.inf)
+        return self.ffn_size[self.widths[self.load_ceiling.ceiling(now, capacity)]]
 
     def _swaps(self, plan: Plan, now: float, pending: int) -> int:
         """How many compiled steps to swap in this iteration: all when idle, one when the promised
