@@ -123,15 +123,17 @@ def dispatched_with(max_batch: int, **targets) -> str | None:
 
 
 def widths_at_rate(sched: Scheduler, rate: float, seconds: float, start: float = 0.0, widths=WIDTHS) -> list[str]:
-    """Requests with a loose deadline arriving ``rate`` per second, each scheduled as it comes and
-    finished at once (the batch never fills): the widths they were dispatched at."""
+    """Requests with a loose deadline arriving ``rate`` per second, each scheduled as it comes; the
+    oldest running one finishes as each arrives once the batch is all but full (one slot stays
+    free, so the ceiling and not a full batch decides): the widths they were dispatched at."""
     out = []
     for i in range(round(rate * seconds)):
         now = start + i / rate
         seq = add(sched, deadline_s=10.0, widths=widths, now=now)
         sched.schedule(now)
         out.append(seq.width)
-        sched.remove(seq)
+        while len(sched.running) >= sched.max_batch:
+            sched.remove(sched.running[0])
     return out
 
 
@@ -149,6 +151,12 @@ def test_sustained_arrivals_past_a_widths_capacity_narrow_the_batch_and_a_calm_r
     calm = widths_at_rate(sched, rate=2.0, seconds=10.0, start=8.5)
     assert calm[-5:] == ["ta"] * 5
     assert set(widths_at_rate(scheduler_without_ceiling(), rate=30.0, seconds=8.0)) == {"ta"}
+    # Below half a batch there is no ceiling: a lone 2,000-token answer goes to the TA although a full
+    # batch of them would sustain only 0.12 requests/s, less than one per 2 s window.
+    sched = scheduler()
+    lone = add(sched, deadline_s=1000.0, budget=2000)
+    sched.schedule(0.0)
+    assert lone.width == "ta"
 
 
 def scheduler_without_ceiling() -> Scheduler:

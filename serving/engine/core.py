@@ -18,6 +18,7 @@ message structs of :mod:`serving.messages` in both.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -150,6 +151,7 @@ class EngineCore:
         prompt = [t % self.config.vocab_size for t in range(1, CALIBRATION_PROMPT + 1)]
         ids = itertools.count(-1, -1)  # never a client's request id
         counters = self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished
+        load_ceiling = copy.deepcopy(self.scheduler.load_ceiling)  # its rows are no clients' arrivals
         budget = self.scheduler.token_budget
         for rows in sizes:
             # Chunked, the prompts of a round take several iterations: the first rows decode on until
@@ -163,6 +165,7 @@ class EngineCore:
                 while self.scheduler.waiting or self.scheduler.running:
                     self.step()
         self._iterations, self._overrun_s, self._overruns_2x, self.scheduler.finished = counters
+        self.scheduler.load_ceiling = load_ceiling
         self._busy_since = None
         seconds = time.perf_counter() - started
         log.info("calibrated the latency model on %s rows in %.2f s: %s", sizes, seconds, self.latency.corrections())

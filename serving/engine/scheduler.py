@@ -338,10 +338,14 @@ class Scheduler(Pricing):
 
     def _ceiling_ffn(self, seqs: Sequence[SeqState], now: float) -> int:
         """FFN size of the load ceiling: the widest width whose full-batch capacity, for sequences
-        shaped as ``seqs``, covers the recent arrival rate (:class:`router.slo.LoadCeiling`). A
+        shaped as ``seqs``, covers the recent arrival rate (:class:`router.slo.LoadCeiling`), once
+        at least half the batch is taken (running or waiting). A
         sequence occupies a slot for its budget of decode steps and pays its prefill:
         capacity = 1 / (budget x step(max_batch rows) / max_batch + prefill) sequences per second."""
-        if not self.priced or not seqs:
+        if not self.priced or not seqs or len(self.running) + len(self.waiting) < self.max_batch / 2:
+            # Below half a batch, arrivals take free slots as they come; and a rate estimated from a
+            # handful of them is no evidence of sustained load (one request after a quiet spell reads
+            # as 1 / window rows a second, which a width whose rows take minutes does not "cover").
             return max(self.ffn_size.values())
         budget = max(1, round(sum(s.budget for s in seqs) / len(seqs)))
         prompt = max(1, round(sum(s.prompt_len for s in seqs) / len(seqs)))
