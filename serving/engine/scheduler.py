@@ -21,8 +21,9 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    iteration; the first ones must not take the width the rest of it needs) and the waiting
    sequences can still start in time at their narrowest; and never past the **load ceiling**,
    the widest width whose full-batch capacity covers the recent arrival rate
-   (:class:`router.slo.LoadCeiling`): a width that fits the deadlines of a momentarily short queue
-   is the one that makes the next arrivals miss, so sustained load narrows the whole batch.
+   (:class:`router.slo.LoadCeiling`), once half the batch is taken: a width that fits the
+   deadlines of a momentarily short queue is the one that makes the next arrivals miss, so
+   sustained load narrows the whole batch.
 4. **Width changes mid-generation** (:mod:`serving.engine.width_changes`, when the server runs
    ``--width-changes on``). Running sequences narrow, widest first and one rung at a time, when
    a promised one among them is predicted late, or when a promised waiting sequence could then
@@ -339,9 +340,9 @@ class Scheduler(Pricing):
     def _ceiling_ffn(self, seqs: Sequence[SeqState], now: float) -> int:
         """FFN size of the load ceiling: the widest width whose full-batch capacity, for sequences
         shaped as ``seqs``, covers the recent arrival rate (:class:`router.slo.LoadCeiling`), once
-        at least half the batch is taken (running or waiting). A
-        sequence occupies a slot for its budget of decode steps and pays its prefill:
-        capacity = 1 / (budget x step(max_batch rows) / max_batch + prefill) sequences per second."""
+        at least half the batch is taken (running or waiting). A sequence occupies a slot for its
+        budget of decode steps and pays its prefill, so a width's capacity is
+        1 / (budget x step(max_batch rows) / max_batch + prefill) sequences per second."""
         if not self.priced or not seqs or len(self.running) + len(self.waiting) < self.max_batch / 2:
             # Below half a batch, arrivals take free slots as they come; and a rate estimated from a
             # handful of them is no evidence of sustained load (one request after a quiet spell reads
