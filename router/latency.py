@@ -12,15 +12,19 @@ a 64-token chunk after 192 cached tokens costs 1.25-1.55x a fresh 64-token prefi
 
 Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
 weighted correction factor for prefills per width and for decode steps per *path* (eager or
-compiled: the step that actually runs, sampling and output processing included) and batch-size
+compiled: the step that actually runs, sampling and output processing included), batch-size
 bucket (1, 2-3, 4-7, ..., 32+: a compiled step gains more over eager at batch 1 than at batch 16,
 so a factor learned on solo steps priced a burst's batch too fast and every answer admitted on it
-was late), so a slower or busier machine, and a compiled step swapped in, are tracked without
-re-profiling. The engine measures every bucket it can reach before serving
-(:meth:`serving.engine.core.EngineCore.calibrate`); a bucket not measured yet borrows: a compiled
-one eager's factor for that batch (a compiled step is not slower: a step compiled after start-up
-starts from it), an eager one the largest factor eager measured at any batch. Pure Python and JSON:
-policies and tests use it without torch.
+was late) and *width class* (the one width of the step's rows, or "mixed": compiled, a Student
+step ran at 0.38-0.51 of the eager profile and a TA or mixed step at 0.86-1.18, so one factor per
+bucket priced whichever ran less recently up to 2x wrong; `docs/benchmarks.md`, "Step
+corrections per width class"), so a slower or busier machine, and a compiled step swapped in, are
+tracked without re-profiling. The engine measures every bucket and class it can reach before
+serving (:meth:`serving.engine.core.EngineCore.calibrate`); one not measured yet borrows: a
+compiled one eager's factor for that batch and class (a compiled step is not slower: a step
+compiled after start-up starts from it), an eager one the largest factor eager measured for that
+class at any batch, else for any class. Pure Python and JSON: policies and tests use it without
+torch.
 """
 
 from __future__ import annotations
@@ -39,11 +43,19 @@ STEP_PATHS = ("eager", "compiled")
 # took a core) is followed within a few steps, or every promise made meanwhile is broken.
 STEP_RISE = 0.2  # how the engine may run a decode step (serving/worker/compiled.py)
 BATCH_BUCKETS = 6  # decode-step corrections per batch size bucket: 1, 2-3, 4-7, 8-15, 16-31, 32+
+MIXED = "mixed"  # the width class of a step over rows of several widths
 
 
 def batch_bucket(batch: int) -> int:
     """The correction bucket of a decode step over ``batch`` rows: floor(log2(batch)), capped."""
     return min(BATCH_BUCKETS - 1, max(0, int(batch).bit_length() - 1))
+
+
+def width_class(groups: Mapping[str, tuple[int, int]]) -> str:
+    """The correction class of a decode step over ``groups`` {width: (rows, context)}: its rows'
+    one width, or :data:`MIXED`."""
+    present = [w for w, (rows, _) in groups.items() if rows > 0]
+    return present[0] if len(present) == 1 else MIXED
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,12 @@ class LatencyModel:
     def __post_init__(self) -> None:
         if not self.costs:
             raise ValueError("a latency model needs at least one width")
+        if MIXED in self.costs:
+            raise ValueError(f"a width may not be named {MIXED!r}: it names the steps over several widths")
         self._lock = threading.Lock()
         self._prefill = {w: _Ewma() for w in self.costs}
-        self._step = {(path, b): _Ewma() for path in STEP_PATHS for b in range(BATCH_BUCKETS)}
+        self._classes = [*self.costs, MIXED]
+        self._step = {(path, b, c): _Ewma() for path in STEP_PATHS for b in range(BATCH_BUCKETS) for c in self._classes}
 
     def check_widths(self, widths: list[str], source: object) -> None:
         """ValueError naming the ``widths`` (a checkpoint's served widths) this profile has no costs for."""
@@ -138,22 +153,26 @@ class LatencyModel:
 
     def step_s(self, groups: Mapping[str, tuple[int, int]], path: str = "eager") -> float:
         """Predicted seconds of one decode step over ``groups`` run on ``path`` ("eager" or
-        "compiled"): the profile, times what steps of that path and batch size measured online
-        (see the module doc for a bucket not measured yet)."""
-        return self.profiled_step_s(groups) * self.step_factor(path, sum(b for b, _ in groups.values()))
+        "compiled"): the profile, times what steps of that path, batch size and width class
+        measured online (see the module doc for one not measured yet)."""
+        return self.profiled_step_s(groups) * self.step_factor(path, sum(b for b, _ in groups.values()),
+                                                               width_class(groups))
 
-    def step_factor(self, path: str, batch: int | None = None) -> float:
-        """Measured over profiled step time on ``path`` for steps of ``batch`` rows (sampling and
-        output processing included); without ``batch``, the largest factor measured on ``path``."""
+    def step_factor(self, path: str, batch: int | None = None, cls: str | None = None) -> float:
+        """Measured over profiled step time on ``path`` for steps of ``batch`` rows of width class
+        ``cls`` (sampling and output processing included); without ``batch``, the largest factor
+        measured on ``path`` for ``cls`` (without ``cls``: for any class)."""
         if batch is None:
-            seen = [e.value for (p, _), e in self._step.items() if p == path and e.samples]
+            seen = [e.value for (p, _, c), e in self._step.items() if p == path and e.samples and cls in (None, c)]
             if seen:
                 return max(seen)
-            return self.step_factor("eager") if path != "eager" else 1.0
-        ewma = self._step[path, batch_bucket(batch)]
+            if path != "eager":
+                return self.step_factor("eager", cls=cls)
+            return self.step_factor("eager") if cls is not None else 1.0
+        ewma = self._step[path, batch_bucket(batch), MIXED if cls is None else cls]
         if ewma.samples:
             return ewma.value
-        return self.step_factor("eager", batch) if path != "eager" else self.step_factor("eager")
+        return self.step_factor("eager", batch, cls) if path != "eager" else self.step_factor("eager", cls=cls)
 
     # --- online correction ---------------------------------------------------------------------
 
@@ -168,33 +187,38 @@ class LatencyModel:
         """A decode step over ``groups`` ran on ``path`` and took ``seconds`` (forward, sampling and
         output processing: everything a token costs besides its prefill)."""
         raw = self.profiled_step_s(groups)
-        batch = sum(b for b, _ in groups.values())
+        batch, cls = sum(b for b, _ in groups.values()), width_class(groups)
         with self._lock:
-            ewma = self._step[path, batch_bucket(batch)]
+            ewma = self._step[path, batch_bucket(batch), cls]
             if not ewma.samples:
-                ewma.value = self.step_factor(path, batch)  # start from what it borrowed
+                ewma.value = self.step_factor(path, batch, cls)  # start from what it borrowed
             ewma.update(seconds / raw if raw > 0 else float("nan"), self.alpha, rise=STEP_RISE)
 
     def set_corrections(self, corrections: dict[str, float]) -> None:
-        """Take correction factors measured elsewhere (the engine-core process), as :meth:`corrections` names them."""
+        """Take correction factors measured elsewhere (the engine-core process), as :meth:`corrections`
+        names them; a step factor named without a width class ("step:eager:b4") sets every class."""
         with self._lock:
             for key, value in corrections.items():
                 kind, _, name = key.partition(":")
-                path, _, bucket = name.partition(":b")
-                if kind == "step" and bucket.isdigit() and path in STEP_PATHS:
-                    ewma = self._step[path, batch_bucket(int(bucket))]  # "b4": the bucket of batches from 4
+                path, _, rest = name.partition(":b")
+                bucket, _, cls = rest.partition(":")
+                if kind == "step" and bucket.isdigit() and path in STEP_PATHS and cls in ("", *self._classes):
+                    b = batch_bucket(int(bucket))  # "b4": the bucket of batches from 4
+                    ewmas = [self._step[path, b, c] for c in ([cls] if cls else self._classes)]
                 elif kind == "prefill" and name in self._prefill:
-                    ewma = self._prefill[name]
+                    ewmas = [self._prefill[name]]
                 else:
                     continue  # a summary ("step:eager") or another process's name
-                ewma.value = value
-                ewma.samples = max(1, ewma.samples)
+                for ewma in ewmas:
+                    ewma.value = value
+                    ewma.samples = max(1, ewma.samples)
 
     def corrections(self) -> dict[str, float]:
         """Current correction factors, for metrics and logs: per path ("step:compiled", the largest
-        over batch sizes) and per measured batch bucket ("step:compiled:b4": batches of 4-7 rows)."""
+        over batch sizes and classes) and per measured batch bucket and width class
+        ("step:compiled:b4:s": batches of 4-7 rows all at ``s``; ":mixed": of several widths)."""
         out = {f"step:{path}": self.step_factor(path) for path in STEP_PATHS}
-        out.update({f"step:{path}:b{1 << b}": e.value for (path, b), e in self._step.items() if e.samples})
+        out.update({f"step:{path}:b{1 << b}:{c}": e.value for (path, b, c), e in self._step.items() if e.samples})
         out.update({f"prefill:{w}": e.value for w, e in self._prefill.items()})
         return out
 

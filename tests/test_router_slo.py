@@ -237,9 +237,37 @@ def test_step_corrections_are_per_batch_size_and_an_unmeasured_batch_borrows_the
     for _ in range(100):
         m.observe_step(burst, "compiled", 0.9 * m.profiled_step_s(burst))
     assert m.step_s(burst, "compiled") == pytest.approx(0.9 * m.profiled_step_s(burst), rel=0.01)
-    assert m.step_factor("compiled", 20) == m.step_factor("compiled", 31) == m.step_factor("compiled", 16)  # one bucket
-    assert m.corrections()["step:compiled:b16"] == pytest.approx(0.9, rel=0.01)
-    assert m.corrections()["step:compiled:b1"] == pytest.approx(0.5, rel=0.01)
+    assert m.step_factor("compiled", 20, "ta") == m.step_factor("compiled", 31, "ta") == m.step_factor(
+        "compiled", 16, "ta")  # one bucket
+    assert m.corrections()["step:compiled:b16:ta"] == pytest.approx(0.9, rel=0.01)
+    assert m.corrections()["step:compiled:b1:ta"] == pytest.approx(0.5, rel=0.01)
+
+
+def test_step_corrections_are_per_width_class_so_one_class_does_not_price_another():
+    """Measured on the shipped checkpoint, compiled: a Student step at 0.4x its eager profile, a TA
+    or mixed step at 1.0x. Learned in one factor, whichever ran last priced the other up to 2x
+    wrong (Student rows priced twice as slow were refused); each class keeps its own, and a class
+    not measured yet at a batch borrows eager's for that class, not another class's."""
+    m = model()
+    student, ta, mixed = {"s": (16, 50)}, {"ta": (16, 50)}, {"s": (8, 50), "ta": (8, 50)}
+    for _ in range(100):
+        for groups in (student, ta, mixed):
+            m.observe_step(groups, "eager", 1.2 * m.profiled_step_s(groups))
+        m.observe_step(ta, "compiled", 1.0 * m.profiled_step_s(ta))
+        m.observe_step(student, "compiled", 0.4 * m.profiled_step_s(student))
+    assert m.step_s(student, "compiled") == pytest.approx(0.4 * m.profiled_step_s(student), rel=0.01)
+    assert m.step_s(ta, "compiled") == pytest.approx(1.0 * m.profiled_step_s(ta), rel=0.01)
+    assert m.step_s(mixed, "compiled") == pytest.approx(1.2 * m.profiled_step_s(mixed), rel=0.01)  # eager's, borrowed
+    assert m.step_s({"s": (16, 50), "m": (0, 0)}, "compiled") == m.step_s(student, "compiled")  # an empty group is no width
+    # Measured elsewhere and read here, class by class; a name without a class sets them all.
+    other = model()
+    other.set_corrections(m.corrections())
+    assert other.corrections() == pytest.approx(m.corrections())
+    other.set_corrections({"step:eager:b16": 3.0})
+    assert other.step_s(mixed) == pytest.approx(3.0 * m.profiled_step_s(mixed))
+    assert other.step_s(student) == pytest.approx(3.0 * m.profiled_step_s(student))
+    with pytest.raises(ValueError, match="mixed"):
+        LatencyModel({"mixed": cost(1.0)})
 
 
 def test_a_profile_round_trips_through_json_and_bad_files_are_refused(tmp_path):

@@ -187,7 +187,8 @@ def test_the_latency_model_prices_the_path_each_step_will_run():
     """A compiled step measured twice as fast lets the scheduler widen where the eager step could not."""
     latency = LatencyModel(dict(COSTS))
     for _ in range(50):
-        latency.observe_step({"ta": (1, 10)}, "compiled", 0.5 * latency.profiled_step_s({"ta": (1, 10)}))
+        for width in WIDTHS:  # each width class is measured on its own (router/latency.py)
+            latency.observe_step({width: (1, 10)}, "compiled", 0.5 * latency.profiled_step_s({width: (1, 10)}))
     assert latency.step_s({"ta": (1, 10)}, "compiled") == pytest.approx(0.5 * latency.step_s({"ta": (1, 10)}),
                                                                         rel=0.05)
     widths = {}
@@ -405,3 +406,36 @@ def test_running_rows_pay_a_long_prompt_only_one_chunk_an_iteration():
         newcomer = add(sched, widths=("s",), prompt=200, shed=False)
         admitted[budget] = sched.schedule(0.0).admitted == [newcomer]
     assert admitted == {0: False, 32: True}
+
+
+class CountingLatency(LatencyModel):
+    """The table latency model, counting its step predictions."""
+
+    calls = 0
+
+    def step_s(self, groups, path="eager"):
+        self.calls += 1
+        return super().step_s(groups, path)
+
+
+def test_a_long_queue_of_one_shape_is_priced_once_per_shape_not_once_per_sequence():
+    """Under load the queue is long and mostly one shape. Refusing and admitting once cost a
+    prediction per waiting sequence (64 admission tries, and a refusal check over all of them):
+    9-19 ms an iteration at 64-256 waiting, longer than the step it scheduled. A shape that would make
+    a running promise late is priced once; the others of its shape wait, none is refused for it, and
+    they are admitted as soon as the running rows are gone."""
+    latency = CountingLatency(dict(COSTS))
+    sched = Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=256, latency=latency, margin=1.0)
+    running = [add(sched, deadline_s=10.0, widths=("s",)) for _ in range(4)]
+    sched.schedule(0.0)
+    ends = sched._ends(Plan(list(sched.running), []), 0.0)
+    for seq in running:  # promised exactly at their predicted ends: no room for another row
+        seq.aim_end = ends[seq.seq_id]
+    waiting = [add(sched, deadline_s=100.0) for _ in range(200)]
+    latency.calls = 0
+    out = sched.schedule(0.0)
+    assert out.admitted == [] and out.shed == []
+    assert latency.calls < 20, latency.calls
+    for seq in running:
+        sched.remove(seq)
+    assert sched.schedule(0.1).admitted == waiting[:8]

@@ -395,11 +395,12 @@ def test_calibration_measures_every_batch_bucket_and_leaves_the_engine_as_it_fou
     alone."""
     latency = LatencyModel({w: WidthCost(1e-3, 1e-4, 0.0, 1e-3, 1e-5) for w in model.config.served_widths})
     core = EngineCore(model, tokenizer, max_batch=8, latency=latency, max_num_batched_tokens=budget)
-    assert not [k for k in latency.corrections() if k.count(":") == 2]  # nothing measured yet
+    assert not [k for k in latency.corrections() if k.count(":") == 3]  # nothing measured yet
     with torch.inference_mode():
         assert core.calibrate() > 0
         measured = {k for k in latency.corrections() if k.startswith("step:eager:b")}
-        assert measured == {"step:eager:b1", "step:eager:b2", "step:eager:b4", "step:eager:b8"}
+        classes = [*model.config.served_widths, "mixed"]  # one row is never of several widths
+        assert measured == {f"step:eager:b{b}:{c}" for b in (1, 2, 4, 8) for c in classes} - {"step:eager:b1:mixed"}
         assert all(latency.corrections()[f"prefill:{w}"] != 1.0 for w in model.config.served_widths)
         load = core.load()
         assert (load.running, load.waiting, load.iterations, load.finished, load.overruns_2x) == (0, 0, 0, 0, 0)

@@ -196,14 +196,23 @@ class Scheduler(Pricing):
         free = self.max_batch - len(self.running)
         plan = Plan(list(self.running), [])
         tried = 0
+        # Shapes whose admission would make a promised row of this plan late: a later sequence of the
+        # same shape would too, so it is not priced again until the plan changes. Only where a
+        # sequence's cost to the others is its shape alone (unchunked: chunks go in deadline order;
+        # without width changes: a narrowing may still admit one whose own deadline is later).
+        # Under load this was most of an iteration: 64 tries priced the same plan 64 times (9-19 ms
+        # with 64-256 waiting, against a 2-5 ms step; docs/benchmarks.md, "Scheduling cost").
+        blocked: set[tuple[str, int, int]] | None = None if self.chunked or self.width_changes else set()
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
                 break
             if self.chunked and self.chunk_tokens_left(plan.rows) <= 0:
                 break  # no token left for its first chunk this iteration
+            if blocked and _shape(seq) in blocked:
+                continue
             tried += 1
             seq.width = seq.widths[0]
-            if not self._admissible(plan, seq, now) and not (
+            if not self._admissible(plan, seq, now, blocked) and not (
                     seq.promised and self.width_changes
                     and changes_rule.narrow_until(running, self.ffn_size, lambda s=seq: self._admissible(plan, s, now),
                                                   changed)):
@@ -212,6 +221,8 @@ class Scheduler(Pricing):
             plan.rows.append(seq)
             plan.prefills.append(seq)
             free -= 1
+            if blocked:
+                blocked.clear()
         if plan.prefills:
             self._widen(plan, now, free)
         elif self.width_changes and not self.waiting:
@@ -274,36 +285,45 @@ class Scheduler(Pricing):
             decode_step = self.latency.step_s(self.shapes(decoding, width_of=floor),
                                               self.path_of([floor(s) if floor else s.width for s in decoding]))
         hopeless = []
+        # A waiting sequence's prediction depends on its shape alone: priced once per shape, not once
+        # per sequence (24 us each: 6 ms an iteration with 256 waiting, more than a batch's step).
+        times: dict[tuple[str, int, int], tuple[float, float, float]] = {}
         for seq in promised:
-            width = seq.widths[0]
-            shapes = dict(base)
-            rows, context = shapes.get(width, (0, 0))
-            shapes[width] = (rows + 1, max(context, seq.context + seq.remaining // 2))
-            step = self.latency.step_s(shapes, self.path_of([*widths, width]))
-            start = now + self.latency.prefill_s(width, seq.prompt_len)
-            if self.chunked:  # its first token at the end of its last chunk's iteration, then a token a step
-                iterations = math.ceil(seq.prompt_len / max(1, self.token_budget - len(decoding)))
-                first = start + iterations * decode_step
-                end = first + max(0, seq.budget - 1) * step
-            else:
-                first, end = start + step, start + max(0, seq.budget - 1) * step
-            tpot = (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
-            if misses(seq, end, first, tpot):
+            shape = _shape(seq)
+            if shape not in times:
+                width = seq.widths[0]
+                shapes = dict(base)
+                rows, context = shapes.get(width, (0, 0))
+                shapes[width] = (rows + 1, max(context, seq.context + seq.remaining // 2))
+                step = self.latency.step_s(shapes, self.path_of([*widths, width]))
+                start = now + self.latency.prefill_s(width, seq.prompt_len)
+                if self.chunked:  # its first token at the end of its last chunk's iteration, then a token a step
+                    iterations = math.ceil(seq.prompt_len / max(1, self.token_budget - len(decoding)))
+                    first = start + iterations * decode_step
+                    end = first + max(0, seq.budget - 1) * step
+                else:
+                    first, end = start + step, start + max(0, seq.budget - 1) * step
+                times[shape] = first, end, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+            if misses(seq, times[shape][1], times[shape][0], times[shape][2]):
                 hopeless.append(seq)
         for seq in hopeless:
             self.waiting.remove(seq)
         self.shed_count += len(hopeless)
         return hopeless
 
-    def _admissible(self, plan: Plan, seq: SeqState, now: float) -> bool:
+    def _admissible(self, plan: Plan, seq: SeqState, now: float, blocked: set | None = None) -> bool:
         """Whether ``seq`` at its narrowest keeps every promised sequence on time (itself included;
-        a best-effort sequence may itself be late)."""
+        a best-effort sequence may itself be late). When it would make another row late, its shape
+        goes into ``blocked`` (see :meth:`schedule`)."""
         promised = {s.seq_id for s in plan.rows if s.promised} | ({seq.seq_id} if seq.promised else set())
         if not promised:
             return True
         before = self._late(plan, now, promised)
         with_seq = Plan([*plan.rows, seq], [*plan.prefills, seq])
-        if self._late(with_seq, now, promised) - before:
+        made_late = self._late(with_seq, now, promised) - before
+        if made_late:
+            if blocked is not None and made_late - {seq.seq_id}:
+                blocked.add(_shape(seq))
             return False
         if not before:
             return True
@@ -311,7 +331,11 @@ class Scheduler(Pricing):
         # admitted) is not made later still: without this, a burst's later admissions piled onto
         # rows they no longer counted, and every answer of the burst came late.
         old, new = self._times(plan, now), self._times(with_seq, now)
-        return all(new[i][0] <= old[i][0] + TOLERANCE_S and new[i][1] <= old[i][1] + TOLERANCE_S for i in before)
+        if all(new[i][0] <= old[i][0] + TOLERANCE_S and new[i][1] <= old[i][1] + TOLERANCE_S for i in before):
+            return True
+        if blocked is not None:
+            blocked.add(_shape(seq))
+        return False
 
     def _widen(self, plan: Plan, now: float, free: int) -> None:
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
@@ -402,3 +426,9 @@ class Scheduler(Pricing):
                     remaining_tokens=sorted(s.remaining for s in self.running),
                     swap_ins_deferred=self.swaps_deferred, width_changes=dict(self.changes_by_pair),
                     prefilling=sum(1 for s in self.running if s.prefill_left), **engine)
+
+
+def _shape(seq: SeqState) -> tuple[str, int, int]:
+    """What a waiting sequence's predictions depend on besides its targets: its narrowest width,
+    prompt and token budget."""
+    return seq.widths[0], seq.prompt_len, seq.budget
