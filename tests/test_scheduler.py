@@ -418,16 +418,20 @@ class CountingLatency(LatencyModel):
         return super().step_s(groups, path)
 
 
-def test_a_long_queue_of_one_shape_is_priced_once_per_shape_not_once_per_sequence():
+@pytest.mark.parametrize("token_budget", [0, 64], ids=["unchunked", "chunked"])
+def test_a_long_queue_of_one_shape_is_priced_once_per_shape_not_once_per_sequence(token_budget):
     """Under load the queue is long and mostly one shape. Refusing and admitting once cost a
     prediction per waiting sequence (64 admission tries, and a refusal check over all of them):
     9-19 ms an iteration at 64-256 waiting, longer than the step it scheduled. A shape that would make
     a running promise late is priced once; the others of its shape wait, none is refused for it, and
     they are admitted as soon as the running rows are gone."""
     latency = CountingLatency(dict(COSTS))
-    sched = Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=256, latency=latency, margin=1.0)
+    sched = Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=256, latency=latency, margin=1.0,
+                      token_budget=token_budget)
     running = [add(sched, deadline_s=10.0, widths=("s",)) for _ in range(4)]
     sched.schedule(0.0)
+    for seq in running:  # their prompts ran: each has its first token
+        sched.update(seq, 1, 0.0)
     ends = sched._ends(Plan(list(sched.running), []), 0.0)
     for seq in running:  # promised exactly at their predicted ends: no room for another row
         seq.aim_end = ends[seq.seq_id]

@@ -321,9 +321,13 @@ class Pricing:
         """The watched rows of ``plan`` predicted to miss a target (end, first token, time per token)."""
         if not watched:
             return set()
-        times = self._times(plan, now)
+        return self._late_in(plan.rows, self._times(plan, now), watched)
+
+    @staticmethod
+    def _late_in(rows: Sequence[SeqState], times: Mapping[int, tuple[float, float]], watched: set[int]) -> set[int]:
+        """The watched ``rows`` that miss a target at their predicted ``times`` (see :meth:`_times`)."""
         late = set()
-        for s in plan.rows:
+        for s in rows:
             if s.seq_id not in watched:
                 continue
             first, end = times[s.seq_id]

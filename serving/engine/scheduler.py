@@ -197,22 +197,27 @@ class Scheduler(Pricing):
         plan = Plan(list(self.running), [])
         tried = 0
         # Shapes whose admission would make a promised row of this plan late: a later sequence of the
-        # same shape would too, so it is not priced again until the plan changes. Only where a
-        # sequence's cost to the others is its shape alone (unchunked: chunks go in deadline order;
-        # without width changes: a narrowing may still admit one whose own deadline is later).
-        # Under load this was most of an iteration: 64 tries priced the same plan 64 times (9-19 ms
-        # with 64-256 waiting, against a 2-5 ms step; docs/benchmarks.md, "Scheduling cost").
-        blocked: set[tuple[str, int, int]] | None = None if self.chunked or self.width_changes else set()
+        # same shape would too, and so would one as wide with a prompt and a budget at least as long
+        # (it costs every other row at least as much), so it is not priced until the plan changes.
+        # Unchunked that is exact (a sequence's cost to the others is its shape alone); chunked, a later deadline takes
+        # its chunks later and may cost some rows less, so at worst such a sequence waits one more
+        # iteration. Not with width changes: a narrowing may still admit one whose own deadline is
+        # later. Under load this repricing was a quarter of the engine's time (64 tries pricing the
+        # same plan: 9-19 ms an iteration with 64-256 waiting, against a 2-5 ms step;
+        # docs/benchmarks.md, "Scheduling cost").
+        blocked: set[tuple[str, int, int]] | None = None if self.width_changes else set()
+        tokens_left = self.chunk_tokens_left(plan.rows) if self.chunked else 0
+        times = self._times(plan, now) if self.priced and self.waiting else None  # the plan's, until it changes
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
                 break
-            if self.chunked and self.chunk_tokens_left(plan.rows) <= 0:
+            if self.chunked and tokens_left <= 0:
                 break  # no token left for its first chunk this iteration
-            if blocked and _shape(seq) in blocked:
+            if blocked and _dominated(_shape(seq), blocked):
                 continue
             tried += 1
             seq.width = seq.widths[0]
-            if not self._admissible(plan, seq, now, blocked) and not (
+            if not self._admissible(plan, seq, now, blocked, times) and not (
                     seq.promised and self.width_changes
                     and changes_rule.narrow_until(running, self.ffn_size, lambda s=seq: self._admissible(plan, s, now),
                                                   changed)):
@@ -221,6 +226,10 @@ class Scheduler(Pricing):
             plan.rows.append(seq)
             plan.prefills.append(seq)
             free -= 1
+            if self.chunked:
+                tokens_left = self.chunk_tokens_left(plan.rows)
+            if times is not None:
+                times = self._times(plan, now)
             if blocked:
                 blocked.clear()
         if plan.prefills:
@@ -311,16 +320,19 @@ class Scheduler(Pricing):
         self.shed_count += len(hopeless)
         return hopeless
 
-    def _admissible(self, plan: Plan, seq: SeqState, now: float, blocked: set | None = None) -> bool:
+    def _admissible(self, plan: Plan, seq: SeqState, now: float, blocked: set | None = None,
+                    old: Mapping[int, tuple[float, float]] | None = None) -> bool:
         """Whether ``seq`` at its narrowest keeps every promised sequence on time (itself included;
         a best-effort sequence may itself be late). When it would make another row late, its shape
-        goes into ``blocked`` (see :meth:`schedule`)."""
+        goes into ``blocked`` (see :meth:`schedule`); ``old``: ``plan``'s times, when known."""
         promised = {s.seq_id for s in plan.rows if s.promised} | ({seq.seq_id} if seq.promised else set())
         if not promised:
             return True
-        before = self._late(plan, now, promised)
+        old = old if old is not None else self._times(plan, now)
         with_seq = Plan([*plan.rows, seq], [*plan.prefills, seq])
-        made_late = self._late(with_seq, now, promised) - before
+        new = self._times(with_seq, now)
+        before = self._late_in(plan.rows, old, promised)
+        made_late = self._late_in(with_seq.rows, new, promised) - before
         if made_late:
             if blocked is not None and made_late - {seq.seq_id}:
                 blocked.add(_shape(seq))
@@ -330,7 +342,6 @@ class Scheduler(Pricing):
         # A promised row already predicted late (the engine ran slower than priced since it was
         # admitted) is not made later still: without this, a burst's later admissions piled onto
         # rows they no longer counted, and every answer of the burst came late.
-        old, new = self._times(plan, now), self._times(with_seq, now)
         if all(new[i][0] <= old[i][0] + TOLERANCE_S and new[i][1] <= old[i][1] + TOLERANCE_S for i in before):
             return True
         if blocked is not None:
@@ -432,3 +443,10 @@ def _shape(seq: SeqState) -> tuple[str, int, int]:
     """What a waiting sequence's predictions depend on besides its targets: its narrowest width,
     prompt and token budget."""
     return seq.widths[0], seq.prompt_len, seq.budget
+
+
+def _dominated(shape: tuple[str, int, int], blocked: set[tuple[str, int, int]]) -> bool:
+    """Whether a sequence of ``shape`` costs the other rows at least what one of the ``blocked``
+    shapes does: the same narrowest width, and a prompt and a token budget at least as long."""
+    width, prompt, budget = shape
+    return any(w == width and prompt >= p and budget >= b for w, p, b in blocked)
