@@ -11,7 +11,8 @@ profile (measured at the start of the run) and the same observations, calibratio
   by every width class.
 
 For every decode step, each model's prediction is taken before the step is observed; the report is
-measured / predicted per (class, bucket) and its spread per model: the median absolute log error
+measured / predicted per (class, bucket) (and measured / the eager profile: what a class's
+correction must learn) and its spread per model: the median absolute log error
 and the 10th-90th percentiles. A ratio under 1 means the step was priced slower than it ran (the
 scheduler refuses what it could serve); over 1, faster (it promises what it then serves late).
 
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
         batch = sum(b for b, _ in groups.values())
         pooled_pred = pooled.profiled_step_s(groups) * pooled.step_factor(path, batch, MIXED)
         records.append({"class": width_class(groups), "batch": batch, "path": path, "seconds": seconds,
+                        "over_profile": seconds / shipped.profiled_step_s(groups),
                         "per_class": seconds / shipped.step_s(groups, path), "pooled": seconds / pooled_pred,
                         "calibrating": calibrating})
         observe(groups, path, seconds)
@@ -107,10 +109,10 @@ def main(argv=None) -> None:
                     while core.scheduler.waiting or core.scheduler.running:
                         core.step()
     served = [r for r in records if not r["calibrating"]]
-    table = collections.defaultdict(lambda: {"per_class": [], "pooled": []})
+    table = collections.defaultdict(lambda: {"per_class": [], "pooled": [], "over_profile": []})
     for r in served:
         key = f"{r['path']}:{r['class']}:b{1 << batch_bucket(r['batch'])}"
-        for model in ("per_class", "pooled"):
+        for model in ("per_class", "pooled", "over_profile"):
             table[key][model].append(r[model])
     summary = {}
     for model in ("per_class", "pooled"):
@@ -122,7 +124,8 @@ def main(argv=None) -> None:
               f"{summary[model]['p10_p90'][1]:.2f}, median |log error| {summary[model]['median_abs_log_error']:.3f}")
     cells = {k: {m: statistics.median(v[m]) for m in v} | {"steps": len(v["per_class"])} for k, v in sorted(table.items())}
     for k, v in cells.items():
-        print(f"  {k:22s} {v['steps']:3d} steps: measured/predicted per class {v['per_class']:.2f}, pooled {v['pooled']:.2f}")
+        print(f"  {k:22s} {v['steps']:3d} steps: measured/profiled {v['over_profile']:.2f}; "
+              f"measured/predicted per class {v['per_class']:.2f}, pooled {v['pooled']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"compile": args.compile, "rounds": args.rounds, "tokens": args.tokens, "widths": widths,

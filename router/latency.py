@@ -163,7 +163,8 @@ class LatencyModel:
         ``cls`` (sampling and output processing included); without ``batch``, the largest factor
         measured on ``path`` for ``cls`` (without ``cls``: for any class)."""
         if batch is None:
-            seen = [e.value for (p, _, c), e in self._step.items() if p == path and e.samples and cls in (None, c)]
+            classes = self._classes if cls is None else [cls]
+            seen = [e.value for c in classes for b in range(BATCH_BUCKETS) if (e := self._step[path, b, c]).samples]
             if seen:
                 return max(seen)
             if path != "eager":
