@@ -38,10 +38,10 @@ from pathlib import Path
 
 PROFILE_FORMAT = "matta-latency-profile/1"
 CORRECTION_BOUNDS = (0.1, 20.0)  # a correction outside this means the profile is for another machine
-STEP_PATHS = ("eager", "compiled")
+STEP_PATHS = ("eager", "compiled")  # how the engine may run a decode step (serving/worker/compiled.py)
 # Weight of a decode step slower than its path's factor: a machine that slows down (another process
 # took a core) is followed within a few steps, or every promise made meanwhile is broken.
-STEP_RISE = 0.2  # how the engine may run a decode step (serving/worker/compiled.py)
+STEP_RISE = 0.2
 BATCH_BUCKETS = 6  # decode-step corrections per batch size bucket: 1, 2-3, 4-7, 8-15, 16-31, 32+
 MIXED = "mixed"  # the width class of a step over rows of several widths
 
