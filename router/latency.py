@@ -10,21 +10,20 @@ width, two small linear models (least squares on relative error):
 chunk of a long prompt reads the keys of every earlier chunk (measured on the shipped checkpoint,
 a 64-token chunk after 192 cached tokens costs 1.25-1.55x a fresh 64-token prefill).
 
-Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially
-weighted correction factor for prefills per width and for decode steps per *path* (eager or
-compiled: the step that actually runs, sampling and output processing included), batch-size
-bucket (1, 2-3, 4-7, ..., 32+: a compiled step gains more over eager at batch 1 than at batch 16,
-so a factor learned on solo steps priced a burst's batch too fast and every answer admitted on it
-was late) and *width class* (the one width of the step's rows, or "mixed": compiled, a Student
-step ran at 0.38-0.51 of the eager profile and a TA or mixed step at 0.86-1.18, so one factor per
-bucket priced whichever ran less recently up to 2x wrong; `docs/benchmarks.md`, "Step
-corrections per width class"), so a slower or busier machine, and a compiled step swapped in, are
-tracked without re-profiling. The engine measures every bucket and class it can reach before
-serving (:meth:`serving.engine.core.EngineCore.calibrate`); one not measured yet borrows: a
-compiled one eager's factor for that batch and class (a compiled step is not slower: a step
-compiled after start-up starts from it), an eager one the largest factor eager measured for that
-class at any batch, else for any class. Pure Python and JSON: policies and tests use it without
-torch.
+Online, the engine reports every step it runs; :class:`LatencyModel` keeps an exponentially weighted
+correction factor for prefills per width and for decode steps per *path* (eager or compiled: the
+step that actually runs, sampling and output processing included), batch-size bucket (1, 2-3, 4-7,
+..., 32+: a compiled step gains more over eager at batch 1 than at batch 16, so a factor learned on
+solo steps priced a burst's batch too fast and every answer admitted on it was late) and *width
+class* (the one width of the step's rows, or "mixed": compiled, a Student step ran at 0.38-0.51 of
+the eager profile and a TA or mixed step at 0.86-1.18, so one factor per bucket priced whichever ran
+less recently up to 2x wrong; `benchmarks/step_corrections.py`), so a slower or busier machine, and
+a compiled step swapped in, are tracked without re-profiling. The engine measures every bucket and
+class it can reach before serving (:meth:`serving.engine.core.EngineCore.calibrate`); one not
+measured yet borrows: a compiled one eager's factor for that batch and class (a compiled step is not
+slower: a step compiled after start-up starts from it), an eager one the largest factor eager
+measured for that class at any batch, else for any class. Pure Python and JSON: policies and tests
+use it without torch.
 """
 
 from __future__ import annotations

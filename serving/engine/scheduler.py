@@ -207,7 +207,7 @@ class Scheduler(Pricing):
         # docs/benchmarks.md, "Scheduling cost").
         blocked: set[tuple[str, int, int]] | None = None if self.width_changes else set()
         tokens_left = self.chunk_tokens_left(plan.rows) if self.chunked else 0
-        times = self._times(plan, now) if self.priced and self.waiting else None  # the plan's, until it changes
+        times = self._times(plan, now) if self.priced and self.waiting and free > 0 else None  # the plan's, until it changes
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
                 break
@@ -228,7 +228,7 @@ class Scheduler(Pricing):
             free -= 1
             if self.chunked:
                 tokens_left = self.chunk_tokens_left(plan.rows)
-            if times is not None:
+            if times is not None and free > 0:
                 times = self._times(plan, now)
             if blocked:
                 blocked.clear()
