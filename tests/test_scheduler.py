@@ -443,3 +443,26 @@ def test_a_long_queue_of_one_shape_is_priced_once_per_shape_not_once_per_sequenc
     for seq in running:
         sched.remove(seq)
     assert sched.schedule(0.1).admitted == waiting[:8]
+
+
+@pytest.mark.parametrize("token_budget", [0, 128], ids=["unchunked", "chunked"])
+def test_under_a_queue_a_sequence_is_admitted_only_if_it_is_on_time_in_the_batch_the_queue_fills(token_budget):
+    """Earliest deadline first alone admits the oldest sequence, the one with the least slack: under
+    load each row admitted that way leaves no room for another, the batch stays small and the queue
+    grows (an overloaded engine served 0.6 of its capacity). With more waiting than free slots, a
+    sequence that is on time only in a small batch waits (and is refused once hopeless); without
+    such a queue it is admitted as before."""
+    def queue(newer: int) -> tuple[Scheduler, object, list]:
+        sched = Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=64, latency=LatencyModel(dict(COSTS)), margin=1.0,
+                          token_budget=token_budget)
+        # 19 Student steps of 1 ms + 1 ms a row: 4 rows end by ~0.1 s, 8 rows (0.17 s) do not.
+        old = add(sched, deadline_s=0.12, widths=("s",))
+        return sched, old, [add(sched, deadline_s=1.0, widths=("s",)) for _ in range(newer)]
+
+    sched, old, newer = queue(3)
+    assert sched.schedule(0.0).admitted == [old, *newer]
+
+    sched, old, newer = queue(10)
+    out = sched.schedule(0.0)
+    assert out.admitted == newer[:8] and out.shed == [] and old in sched.waiting
+    assert sched.schedule(0.0).shed == [old]  # beside 8 running rows it can no longer make it

@@ -15,6 +15,9 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    narrowest width if no *promised* sequence (one with ``shed``: it would have been refused
    rather than served late) becomes predicted late by it, itself included. A request without
    ``shed`` is served best effort: admitted when a slot frees up, never at a promised one's cost.
+   With more sequences waiting than free slots, a promised one is admitted only if it is also on
+   time with the free slots taken: under load the oldest sequences have the least slack, and
+   admitting them first kept the batch too small to drain the queue.
 3. **Width at dispatch (SlackFit).** Each admitted sequence with a choice of widths is widened
    one width at a time, earliest deadline first, while every promised deadline still holds with
    the batch's free slots taken by narrowest rows (a burst reaches the engine a few requests per
@@ -206,6 +209,13 @@ class Scheduler(Pricing):
         # same plan: 9-19 ms an iteration with 64-256 waiting, against a 2-5 ms step;
         # docs/benchmarks.md, "Scheduling cost").
         blocked: set[tuple[str, int, int]] | None = None if self.width_changes else set()
+        # With more sequences waiting than free slots the batch will fill: a sequence is admitted only
+        # if it is on time with the free slots taken (by narrowest rows), so the rows admitted under
+        # load leave room for the next ones. Without this, earliest-deadline-first admitted the oldest
+        # sequences, those with the least slack left, and a single row more would make them late: on the
+        # slo_router ramp the batch shrank from ~28 rows to ~10 as the queue grew past 100.
+        # {shape: (end, first token, time per token) in a full plan}, as ``blocked``: for this plan only.
+        full: dict[tuple[str, int, int], tuple[float, float, float]] = {}
         tokens_left = self.chunk_tokens_left(plan.rows) if self.chunked else 0
         times = self._times(plan, now) if self.priced and self.waiting and free > 0 else None  # the plan's, until it changes
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
@@ -215,8 +225,14 @@ class Scheduler(Pricing):
                 break  # no token left for its first chunk this iteration
             if blocked and _dominated(_shape(seq), blocked):
                 continue
-            tried += 1
             seq.width = seq.widths[0]
+            reserve = min(free - 1, len(self.waiting) - len(plan.prefills) - 1)
+            if self.priced and seq.promised and reserve > 0:
+                tried += _shape(seq) not in full  # a try is a pricing: a shape already priced costs none
+                if self._late_in_full(plan, seq, now, reserve, full):
+                    seq.width = None
+                    continue
+            tried += 1
             if not self._admissible(plan, seq, now, blocked, times) and not (
                     seq.promised and self.width_changes
                     and changes_rule.narrow_until(running, self.ffn_size, lambda s=seq: self._admissible(plan, s, now),
@@ -232,6 +248,7 @@ class Scheduler(Pricing):
                 times = self._times(plan, now)
             if blocked:
                 blocked.clear()
+            full.clear()
         if plan.prefills:
             self._widen(plan, now, free)
         elif self.width_changes and not self.waiting:
@@ -347,6 +364,16 @@ class Scheduler(Pricing):
         if blocked is not None:
             blocked.add(_shape(seq))
         return False
+
+    def _late_in_full(self, plan: Plan, seq: SeqState, now: float, reserve: int,
+                      full: dict[tuple[str, int, int], tuple[float, float, float]]) -> bool:
+        """Whether ``seq``, admitted at its narrowest, misses a target of its own once ``reserve`` more
+        narrowest rows join ``plan``; its times are priced once per shape (in ``full``)."""
+        shape = _shape(seq)
+        if shape not in full:
+            first, end = self._times(Plan([*plan.rows, seq], [*plan.prefills, seq], reserve=reserve), now)[seq.seq_id]
+            full[shape] = end, first, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+        return misses(seq, *full[shape])
 
     def _widen(self, plan: Plan, now: float, free: int) -> None:
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
