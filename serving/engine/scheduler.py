@@ -69,6 +69,7 @@ from serving.messages import Load, Slo
 # and answering, the event loop, the client): tests/test_overload.py's 10x burst.
 DEFAULT_MARGIN = 0.7
 SWAP_PATIENCE_S = 10.0  # without a latency model, how long a compiled step may wait for an idle engine
+JOINS_ALPHA = 0.02  # the EWMA of joins_s: iterations run a few hundred a second, so about a second of them
 MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per iteration (keeps an iteration O(batch))
 
 
@@ -128,6 +129,7 @@ class Scheduler(Pricing):
         self.finished = self.cancelled = self.shed_count = 0
         self.swap_s = 0.5  # seconds a compiled step's swap-in holds the engine (measured online)
         self.swaps_deferred = 0
+        self.joins_s = 0.0  # seconds of prompts an iteration has carried lately (EWMA; see _late_in_full)
         self._pending_since: float | None = None  # since when a compiled step waits to be swapped in
 
     # --- requests ----------------------------------------------------------------------------
@@ -209,13 +211,15 @@ class Scheduler(Pricing):
         # same plan: 9-19 ms an iteration with 64-256 waiting, against a 2-5 ms step;
         # docs/benchmarks.md, "Scheduling cost").
         blocked: set[tuple[str, int, int]] | None = None if self.width_changes else set()
-        # With more sequences waiting than free slots the batch will fill: a sequence is admitted only
-        # if it is on time with the free slots taken (by narrowest rows), so the rows admitted under
-        # load leave room for the next ones. Without this, earliest-deadline-first admitted the oldest
-        # sequences, those with the least slack left, and a single row more would make them late: on the
-        # slo_router ramp the batch shrank from ~28 rows to ~10 as the queue grew past 100.
-        # {shape: (end, first token, time per token) in a full plan}, as ``blocked``: for this plan only.
-        full: dict[tuple[str, int, int], tuple[float, float, float]] = {}
+        # With more sequences waiting than free slots, and enough of them on time in a full batch to
+        # fill it, a sequence is admitted only if it is on time in that batch too (see
+        # :meth:`_full_reserve`), so the rows admitted under load leave room for the next ones.
+        # Without this, earliest-deadline-first admitted the oldest sequences, those with the least
+        # slack left, and a single row more would make them late: on the slo_router ramp the batch
+        # shrank from ~28 rows to ~10 as the queue grew past 100.
+        # {(shape, reserve): (end, first token, time per token)}, as ``blocked``: for this plan only.
+        full: dict[tuple[tuple[str, int, int], int], tuple[float, float, float]] = {}
+        reserve: int | None = None  # this plan's, when first needed
         tokens_left = self.chunk_tokens_left(plan.rows) if self.chunked else 0
         times = self._times(plan, now) if self.priced and self.waiting and free > 0 else None  # the plan's, until it changes
         for seq in sorted(self.waiting, key=lambda s: s.edf_key):
@@ -226,10 +230,10 @@ class Scheduler(Pricing):
             if blocked and _dominated(_shape(seq), blocked):
                 continue
             seq.width = seq.widths[0]
-            reserve = min(free - 1, len(self.waiting) - len(plan.prefills) - 1)
-            if self.priced and seq.promised and reserve > 0:
-                tried += _shape(seq) not in full  # a try is a pricing: a shape already priced costs none
-                if self._late_in_full(plan, seq, now, reserve, full):
+            if self.priced and seq.promised and free > 1:
+                if reserve is None:
+                    reserve = self._full_reserve(plan, now, free, full)
+                if reserve > 0 and self._late_in_full(plan, seq, now, reserve, full):
                     seq.width = None
                     continue
             tried += 1
@@ -249,6 +253,7 @@ class Scheduler(Pricing):
             if blocked:
                 blocked.clear()
             full.clear()
+            reserve = None
         if plan.prefills:
             self._widen(plan, now, free)
         elif self.width_changes and not self.waiting:
@@ -273,7 +278,10 @@ class Scheduler(Pricing):
         out.admitted = plan.prefills
         out.swap_in = self._swaps(plan, now, swaps_pending)
         plan.extra_s = out.swap_in * self.swap_s
-        out.predicted_s = self._iteration_s(plan) if self.priced else 0.0
+        if self.priced:
+            out.predicted_s = self._iteration_s(plan)
+            prompts_s = self.chunks_s(self.chunks(plan.rows)) if self.chunked else self._prefill_s(plan)
+            self.joins_s += JOINS_ALPHA * (prompts_s - self.joins_s)
         # The prompt tokens run this iteration count as cached from now on (as vLLM's scheduler
         # advances num_computed_tokens): the next iteration prices and schedules what is left.
         if self.chunked:
@@ -365,15 +373,39 @@ class Scheduler(Pricing):
             blocked.add(_shape(seq))
         return False
 
-    def _late_in_full(self, plan: Plan, seq: SeqState, now: float, reserve: int,
-                      full: dict[tuple[str, int, int], tuple[float, float, float]]) -> bool:
-        """Whether ``seq``, admitted at its narrowest, misses a target of its own once ``reserve`` more
-        narrowest rows join ``plan``; its times are priced once per shape (in ``full``)."""
-        shape = _shape(seq)
-        if shape not in full:
+    def _full_reserve(self, plan: Plan, now: float, free: int, full: dict) -> int:
+        """How many of the free slots (besides one newcomer's) the queue will fill with sequences on
+        time in that batch: the most ``r`` < ``free`` such that at least r + 1 waiting promised
+        sequences are on time with r more rows beside them. 0 when the batch will not fill, as in a
+        burst that only a small batch can serve in time: then admission is earliest deadline first."""
+        # Latest deadline first (the likeliest to be on time), and at most MAX_TRIES_PER_ITERATION of
+        # them: a queue of many shapes would otherwise cost a prediction per shape per admission.
+        waiting = sorted((s for s in self.waiting if s.promised and s not in plan.prefills),
+                         key=lambda s: s.edf_key, reverse=True)[:MAX_TRIES_PER_ITERATION]
+        reserve = min(free - 1, len(waiting) - 1)
+        while reserve > 0:
+            on_time = 0
+            for s in waiting:
+                on_time += not self._late_in_full(plan, s, now, reserve, full)
+                if on_time > reserve:
+                    return reserve
+            reserve = on_time - 1  # fewer fill it: fewer rows beside each, so maybe more are on time
+        return max(0, reserve)
+
+    def _late_in_full(self, plan: Plan, seq: SeqState, now: float, reserve: int, full: dict) -> bool:
+        """Whether ``seq``, admitted now at its narrowest, misses a target of its own once ``reserve``
+        more narrowest rows join ``plan``, and while it runs the prompts of the rows that replace
+        the ones leaving cost what recent iterations' prompts did (``joins_s`` an iteration: a row
+        admitted under load otherwise ends later than priced, and blocks the admissions after it).
+        Priced once per shape and reserve (in ``full``)."""
+        key = _shape(seq), reserve
+        if key not in full:
+            width, seq.width = seq.width, seq.widths[0]
             first, end = self._times(Plan([*plan.rows, seq], [*plan.prefills, seq], reserve=reserve), now)[seq.seq_id]
-            full[shape] = end, first, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
-        return misses(seq, *full[shape])
+            seq.width = width
+            end += max(0, seq.budget - 1) * self.joins_s
+            full[key] = end, first, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+        return misses(seq, *full[key])
 
     def _widen(self, plan: Plan, now: float, free: int) -> None:
         """SlackFit: widen the admitted sequences, earliest deadline first, while no promised deadline
