@@ -28,7 +28,7 @@ from serving.messages import Slo
 INF = float("inf")
 # A prediction this close past its target counts as on time. Predicted ends are sums of many float
 # step times: without it, rounding (1e-17 s) judged a row exactly on its deadline late, and a row
-# already predicted late is not protected by admission (see Scheduler._admissible), so a later
+# already predicted late is not protected by admission (see Admission._admissible), so a later
 # admission made it really late (by its prefill: 1-2 ms in tests/test_scheduler.py's simulation).
 TOLERANCE_S = 1e-9
 
