@@ -474,25 +474,3 @@ def test_under_a_queue_a_sequence_is_admitted_only_if_it_is_on_time_in_the_batch
     burst = [add(sched, deadline_s=0.12, widths=("s",)) for _ in range(12)]
     admitted = sched.schedule(0.0).admitted
     assert 3 <= len(admitted) < 8 and admitted == burst[:len(admitted)], len(admitted)
-
-
-def test_the_prompts_an_iteration_carries_are_measured_and_priced_into_a_full_batch():
-    """Under load rows join all the time, and each join's prompt runs in an iteration every running
-    row waits for: ``joins_s`` follows what recent iterations carried, and a sequence admitted under
-    a queue must be on time with it added to each of its steps."""
-    sched = Scheduler(WIDTHS, SIZES, max_batch=8, max_queue=64, latency=LatencyModel(dict(COSTS)), margin=1.0,
-                      token_budget=64)
-    assert sched.joins_s == 0.0
-    first = [add(sched, deadline_s=10.0, widths=("s",)) for _ in range(4)]
-    sched.schedule(0.0)  # their prompts run now: 1 ms of prefill
-    carried = sched.joins_s
-    assert carried > 0
-    for seq in first:
-        sched.update(seq, 1, 0.0)
-    sched.schedule(0.0)  # nothing joins
-    assert 0 < sched.joins_s < carried
-    # 19 steps of 5 + 4 Student rows (9 ms) end by 0.18 s; with 5 ms of prompts a step, by 0.27 s.
-    sched.joins_s = 0.005
-    late = add(sched, deadline_s=0.2, widths=("s",))
-    fresh = [add(sched, deadline_s=1.0, widths=("s",)) for _ in range(4)]
-    assert sched.schedule(0.0).admitted == fresh and late in sched.waiting

@@ -18,13 +18,12 @@ MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per i
 
 class Admission(Pricing):
     """The refusal check, the admission check and the full-batch check (the scheduler sets
-    ``waiting``, ``running``, ``max_batch``, ``width_changes``, ``joins_s`` and ``shed_count``)."""
+    ``waiting``, ``running``, ``max_batch``, ``width_changes`` and ``shed_count``)."""
 
     waiting: list[SeqState]
     running: list[SeqState]
     max_batch: int
     width_changes: bool
-    joins_s: float
     shed_count: int
 
     def _shed_hopeless(self, now: float) -> list[SeqState]:
@@ -123,16 +122,12 @@ class Admission(Pricing):
 
     def _late_in_full(self, plan: Plan, seq: SeqState, now: float, reserve: int, full: dict) -> bool:
         """Whether ``seq``, admitted now at its narrowest, misses a target of its own once ``reserve``
-        more narrowest rows join ``plan``, and while it runs the prompts of the rows that replace
-        the ones leaving cost what recent iterations' prompts did (``joins_s`` an iteration: a row
-        admitted under load otherwise ends later than priced, and blocks the admissions after it).
-        Priced once per shape and reserve (in ``full``)."""
+        more narrowest rows join ``plan``; priced once per shape and reserve (in ``full``)."""
         key = shape_of(seq), reserve
         if key not in full:
             width, seq.width = seq.width, seq.widths[0]
             first, end = self._times(Plan([*plan.rows, seq], [*plan.prefills, seq], reserve=reserve), now)[seq.seq_id]
             seq.width = width
-            end += max(0, seq.budget - 1) * self.joins_s
             full[key] = end, first, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
         return misses(seq, *full[key])
 

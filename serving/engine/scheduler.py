@@ -70,7 +70,6 @@ from serving.messages import Load, Slo
 # and answering, the event loop, the client): tests/test_overload.py's 10x burst.
 DEFAULT_MARGIN = 0.7
 SWAP_PATIENCE_S = 10.0  # without a latency model, how long a compiled step may wait for an idle engine
-JOINS_ALPHA = 0.02  # the EWMA of joins_s: iterations run a few hundred a second, so about a second of them
 
 
 class QueueFullError(RuntimeError):
@@ -129,7 +128,6 @@ class Scheduler(Admission):
         self.finished = self.cancelled = self.shed_count = 0
         self.swap_s = 0.5  # seconds a compiled step's swap-in holds the engine (measured online)
         self.swaps_deferred = 0
-        self.joins_s = 0.0  # seconds of prompts an iteration has carried lately (EWMA; see Admission._late_in_full)
         self._pending_since: float | None = None  # since when a compiled step waits to be swapped in
 
     # --- requests ----------------------------------------------------------------------------
@@ -278,10 +276,7 @@ class Scheduler(Admission):
         out.admitted = plan.prefills
         out.swap_in = self._swaps(plan, now, swaps_pending)
         plan.extra_s = out.swap_in * self.swap_s
-        if self.priced:
-            out.predicted_s = self._iteration_s(plan)
-            prompts_s = self.chunks_s(self.chunks(plan.rows)) if self.chunked else self._prefill_s(plan)
-            self.joins_s += JOINS_ALPHA * (prompts_s - self.joins_s)
+        out.predicted_s = self._iteration_s(plan) if self.priced else 0.0
         # The prompt tokens run this iteration count as cached from now on (as vLLM's scheduler
         # advances num_computed_tokens): the next iteration prices and schedules what is left.
         if self.chunked:
