@@ -35,7 +35,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import psutil
 
 from benchmarks.client import Request, arrivals, run_closed_loop, run_open_loop, summarize
 from benchmarks.harness import Server, make_prompts, save_png
@@ -118,7 +117,6 @@ def main(argv=None) -> int:
     server = Server(args.checkpoint, 1, args.max_batch, log,
                     extra_args=("--policy", "slo", "--slo-ms", f"{args.slo_ms:.1f}", "--shed"), compile="background")
     url = server.start(timeout_s=1800)
-    me = psutil.Process()
     served = [Request(p, args.max_tokens, 0.0, f"{ckpt.name}:{student}") for p in prompts]
     rows = []
     try:
@@ -130,10 +128,10 @@ def main(argv=None) -> int:
                 refused = [Request(prompts[i % len(prompts)], args.max_tokens, t, ckpt.name, {"latency_slo_ms": 1})
                            for i, t in enumerate(times)]
             asyncio.run(run_closed_loop(url, served, args.max_batch, stream=False, duration_s=3.0))
-            cpu0, client0, t0 = server.cpu_seconds(), sum(me.cpu_times()[:2]), time.perf_counter()
+            cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
             outputs, duration, refusals = asyncio.run(_measure(url, served, refused, args.max_batch, args.seconds))
             wall = time.perf_counter() - t0
-            cpu1, client1 = server.cpu_seconds(), sum(me.cpu_times()[:2])
+            cpu1, client1 = server.cpu_seconds(), time.process_time()
             s = summarize(outputs, duration)
             statuses = {}
             for r in refusals:

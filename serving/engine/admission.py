@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 
 from serving.engine import width_changes as changes_rule
-from serving.engine.pricing import TOLERANCE_S, Plan, Pricing, SeqState, misses
+from serving.engine.pricing import TOLERANCE_S, Plan, Pricing, SeqState, misses, per_token_s
 
 MAX_TRIES_PER_ITERATION = 64  # waiting sequences considered for admission per iteration (keeps an iteration O(batch))
 
@@ -65,7 +65,7 @@ class Admission(Pricing):
                     end = first + max(0, seq.budget - 1) * step
                 else:
                     first, end = start + step, start + max(0, seq.budget - 1) * step
-                times[shape] = first, end, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+                times[shape] = first, end, per_token_s(seq, first, end)
             if misses(seq, times[shape][1], times[shape][0], times[shape][2]):
                 hopeless.append(seq)
         for seq in hopeless:
@@ -101,15 +101,17 @@ class Admission(Pricing):
             blocked.add(shape_of(seq))
         return False
 
-    def _full_reserve(self, plan: Plan, now: float, free: int, full: dict) -> int:
+    def _full_reserve(self, plan: Plan, now: float, free: int, full: dict, by_deadline: list[SeqState]) -> int:
         """How many of the free slots (besides one newcomer's) the queue will fill with sequences on
         time in that batch: the most ``r`` < ``free`` such that at least r + 1 waiting promised
         sequences are on time with r more rows beside them. 0 when the batch will not fill, as in a
-        burst that only a small batch can serve in time: then admission is earliest deadline first."""
+        burst that only a small batch can serve in time: then admission is earliest deadline first.
+        ``by_deadline``: the waiting sequences, earliest deadline first."""
         # Latest deadline first (the likeliest to be on time), and at most MAX_TRIES_PER_ITERATION of
         # them: a queue of many shapes would otherwise cost a prediction per shape per admission.
-        waiting = sorted((s for s in self.waiting if s.promised and s not in plan.prefills),
-                         key=lambda s: s.edf_key, reverse=True)[:MAX_TRIES_PER_ITERATION]
+        admitted = {s.seq_id for s in plan.prefills}
+        waiting = [s for s in reversed(by_deadline) if s.promised and s.seq_id not in admitted]
+        waiting = waiting[:MAX_TRIES_PER_ITERATION]
         reserve = min(free - 1, len(waiting) - 1)
         while reserve > 0:
             on_time = 0
@@ -128,7 +130,7 @@ class Admission(Pricing):
             width, seq.width = seq.width, seq.widths[0]
             first, end = self._times(Plan([*plan.rows, seq], [*plan.prefills, seq], reserve=reserve), now)[seq.seq_id]
             seq.width = width
-            full[key] = end, first, (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
+            full[key] = end, first, per_token_s(seq, first, end)
         return misses(seq, *full[key])
 
 

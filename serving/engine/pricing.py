@@ -331,8 +331,7 @@ class Pricing:
             if s.seq_id not in watched:
                 continue
             first, end = times[s.seq_id]
-            tpot = (end - first) / (s.budget - 1) if s.budget > 1 else 0.0
-            if misses(s, end, first, tpot):
+            if misses(s, end, first, per_token_s(s, first, end)):
                 late.add(s.seq_id)
         return late
 
@@ -354,6 +353,12 @@ class Pricing:
             if misses(s, end, first):
                 late.add(s.seq_id)
         return late
+
+
+def per_token_s(seq: SeqState, first: float, end: float) -> float:
+    """Seconds per output token after the first, for a sequence whose first token comes at ``first``
+    and its last at ``end`` (0 for a one-token budget)."""
+    return (end - first) / (seq.budget - 1) if seq.budget > 1 else 0.0
 
 
 def misses(seq: SeqState, end: float, first: float, tpot: float = 0.0) -> bool:

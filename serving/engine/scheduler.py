@@ -15,9 +15,11 @@ Each iteration :meth:`Scheduler.schedule` decides, in this order:
    narrowest width if no *promised* sequence (one with ``shed``: it would have been refused
    rather than served late) becomes predicted late by it, itself included. A request without
    ``shed`` is served best effort: admitted when a slot frees up, never at a promised one's cost.
-   With more sequences waiting than free slots, a promised one is admitted only if it is also on
-   time with the free slots taken: under load the oldest sequences have the least slack, and
-   admitting them first kept the batch too small to drain the queue.
+   With more sequences waiting than free slots, and enough of them on time in a full batch to fill
+   it, a promised one is admitted only if it is on time in that batch too: under load the oldest
+   sequences have the least slack, and admitting them first kept the batch small while the queue
+   grew. When the batch will not fill so (a burst only a small batch serves in time), admission
+   stays earliest deadline first.
 3. **Width at dispatch (SlackFit).** Each admitted sequence with a choice of widths is widened
    one width at a time, earliest deadline first, while every promised deadline still holds with
    the batch's free slots taken by narrowest rows (a burst reaches the engine a few requests per
@@ -220,7 +222,8 @@ class Scheduler(Admission):
         reserve: int | None = None  # this plan's, when first needed
         tokens_left = self.chunk_tokens_left(plan.rows) if self.chunked else 0
         times = self._times(plan, now) if self.priced and self.waiting and free > 0 else None  # the plan's, until it changes
-        for seq in sorted(self.waiting, key=lambda s: s.edf_key):
+        by_deadline = sorted(self.waiting, key=lambda s: s.edf_key)
+        for seq in by_deadline:
             if free <= 0 or tried >= MAX_TRIES_PER_ITERATION:
                 break
             if self.chunked and tokens_left <= 0:
@@ -230,7 +233,7 @@ class Scheduler(Admission):
             seq.width = seq.widths[0]
             if self.priced and seq.promised and free > 1:
                 if reserve is None:
-                    reserve = self._full_reserve(plan, now, free, full)
+                    reserve = self._full_reserve(plan, now, free, full, by_deadline)
                 if reserve > 0 and self._late_in_full(plan, seq, now, reserve, full):
                     seq.width = None
                     continue
